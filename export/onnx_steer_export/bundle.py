@@ -1,0 +1,220 @@
+"""Write a self-contained bundle: one ONNX graph per segment, tokenizer, chat template, manifest.
+
+manifest.json is the contract with the Rust runtime (src/bundle.rs mirrors it).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable
+
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from . import FORMAT_VERSION
+from .segments import EmbedSegment, FullModel, HeadSegment, LayerSegment, decoder_layers
+from .source import LoadedModel
+
+OPSET = 17
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16}
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """One graph input or output; string dims are dynamic (symbolic), ints are fixed."""
+
+    name: str
+    dtype: str
+    shape: tuple[str | int, ...]
+
+    def manifest(self) -> dict:
+        return {"name": self.name, "dtype": self.dtype, "shape": list(self.shape)}
+
+    def dynamic_axes(self) -> dict[int, str]:
+        return {i: dim for i, dim in enumerate(self.shape) if isinstance(dim, str)}
+
+
+@dataclass(frozen=True)
+class ModelDims:
+    hidden: int
+    layers: int
+    kv_heads: int
+    head_dim: int
+    vocab: int
+
+    @classmethod
+    def of(cls, model: nn.Module) -> "ModelDims":
+        config = model.config
+        heads = config.num_attention_heads
+        return cls(
+            hidden=config.hidden_size,
+            layers=len(decoder_layers(model)),
+            kv_heads=getattr(config, "num_key_value_heads", None) or heads,
+            head_dim=getattr(config, "head_dim", None) or config.hidden_size // heads,
+            vocab=config.vocab_size,
+        )
+
+
+def kv_spec(name: str, dims: ModelDims, dtype: str, length: str) -> TensorSpec:
+    return TensorSpec(name, dtype, ("batch", dims.kv_heads, length, dims.head_dim))
+
+
+def layer_io(dims: ModelDims, dtype: str) -> tuple[list[TensorSpec], list[TensorSpec]]:
+    hidden = ("batch", "tokens", dims.hidden)
+    inputs = [
+        TensorSpec("hidden_in", dtype, hidden),
+        TensorSpec("position_ids", "int64", ("batch", "tokens")),
+        TensorSpec("attention_mask", "int64", ("batch", "total")),
+        kv_spec("past_key", dims, dtype, "past"),
+        kv_spec("past_value", dims, dtype, "past"),
+    ]
+    outputs = [
+        TensorSpec("hidden_out", dtype, hidden),
+        kv_spec("present_key", dims, dtype, "total"),
+        kv_spec("present_value", dims, dtype, "total"),
+    ]
+    return inputs, outputs
+
+
+def full_io(dims: ModelDims, dtype: str) -> tuple[list[TensorSpec], list[TensorSpec]]:
+    past = [kv_spec(f"past_{kind}.{i}", dims, dtype, "past") for i in range(dims.layers) for kind in ("key", "value")]
+    present = [
+        kv_spec(f"present_{kind}.{i}", dims, dtype, "total") for i in range(dims.layers) for kind in ("key", "value")
+    ]
+    inputs = [
+        TensorSpec("input_ids", "int64", ("batch", "tokens")),
+        TensorSpec("position_ids", "int64", ("batch", "tokens")),
+        TensorSpec("attention_mask", "int64", ("batch", "total")),
+        *past,
+    ]
+    return inputs, [TensorSpec("logits", "float32", ("batch", dims.vocab)), *present]
+
+
+TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "int64": torch.int64}
+DUMMY_SIZES = {"batch": 2, "tokens": 3, "past": 4, "total": 7}
+
+
+def dummy(spec: TensorSpec) -> torch.Tensor:
+    shape = [DUMMY_SIZES[d] if isinstance(d, str) else d for d in spec.shape]
+    if spec.name == "attention_mask":
+        return torch.ones(shape, dtype=torch.int64)
+    if spec.dtype == "int64":
+        return torch.arange(shape[-1], dtype=torch.int64).expand(shape).contiguous() + DUMMY_SIZES["past"]
+    return torch.randn(shape).to(TORCH_DTYPES[spec.dtype])
+
+
+def export_graph(module: nn.Module, path: Path, inputs: list[TensorSpec], outputs: list[TensorSpec]) -> None:
+    args = tuple(dummy(spec) for spec in inputs)
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(
+            module,
+            args,
+            str(path),
+            input_names=[s.name for s in inputs],
+            output_names=[s.name for s in outputs],
+            dynamic_axes={s.name: s.dynamic_axes() for s in (*inputs, *outputs) if s.dynamic_axes()},
+            opset_version=OPSET,
+            dynamo=False,
+            do_constant_folding=True,
+        )
+
+
+def sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def eos_token_ids(loaded: LoadedModel) -> list[int]:
+    ids: Iterable = loaded.model.generation_config.eos_token_id or loaded.tokenizer.eos_token_id or []
+    ids = [ids] if isinstance(ids, int) else list(ids)
+    return sorted(set(int(i) for i in ids))
+
+
+def model_section(loaded: LoadedModel, dims: ModelDims) -> dict:
+    config = loaded.model.config
+    rope = getattr(config, "rope_parameters", None) or {}
+    return {
+        "architecture": config.model_type,
+        "hidden_size": dims.hidden,
+        "num_layers": dims.layers,
+        "num_attention_heads": config.num_attention_heads,
+        "num_key_value_heads": dims.kv_heads,
+        "head_dim": dims.head_dim,
+        "vocab_size": dims.vocab,
+        "max_position_embeddings": config.max_position_embeddings,
+        "rope_theta": rope.get("rope_theta", getattr(config, "rope_theta", None)),
+        "rope_type": rope.get("rope_type", "default"),
+        "bos_token_id": config.bos_token_id,
+        "eos_token_ids": eos_token_ids(loaded),
+        "pad_token_id": loaded.tokenizer.pad_token_id,
+    }
+
+
+def write_tokenizer(loaded: LoadedModel, out: Path) -> dict:
+    tokenizer = loaded.tokenizer
+    tokenizer.backend_tokenizer.save(str(out / "tokenizer.json"))
+    section = {"file": "tokenizer.json", "chat_template": None, "bos_token": tokenizer.bos_token,
+               "eos_token": tokenizer.eos_token}
+    template = tokenizer.chat_template
+    if isinstance(template, dict):
+        template = template.get("default")
+    if template:
+        (out / "chat_template.jinja").write_text(template)
+        section["chat_template"] = "chat_template.jinja"
+    return section
+
+
+def export_bundle(loaded: LoadedModel, out: Path, dtype: str = "fp32", monolithic: bool = False) -> dict:
+    """Export every segment of `loaded` into `out` and return the manifest that was written."""
+    if dtype not in DTYPES:
+        raise ValueError(f"--dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
+    model = loaded.model.to(DTYPES[dtype])
+    dims = ModelDims.of(model)
+    float_type = "float32" if dtype == "fp32" else "float16"
+    out.mkdir(parents=True, exist_ok=True)
+
+    hidden = ("batch", "tokens", dims.hidden)
+    lin, lout = layer_io(dims, float_type)
+    jobs: list[tuple[dict, nn.Module, list[TensorSpec], list[TensorSpec]]] = [
+        ({"kind": "embed", "file": "embed.onnx"}, EmbedSegment(model),
+         [TensorSpec("input_ids", "int64", ("batch", "tokens"))], [TensorSpec("hidden", float_type, hidden)]),
+        *(({"kind": "layer", "index": i, "file": f"layer_{i:02d}.onnx"}, LayerSegment(model, i), lin, lout)
+          for i in range(dims.layers)),
+        ({"kind": "head", "file": "head.onnx"}, HeadSegment(model),
+         [TensorSpec("hidden_in", float_type, hidden)], [TensorSpec("logits", "float32", ("batch", dims.vocab))]),
+    ]
+    if monolithic:
+        fin, fout = full_io(dims, float_type)
+        jobs.append(({"kind": "full", "file": "full.onnx"}, FullModel(model), fin, fout))
+
+    segments = []
+    for entry, module, inputs, outputs in tqdm(jobs, desc=f"exporting {out.name}", unit="segment"):
+        export_graph(module, out / entry["file"], inputs, outputs)
+        segments.append({**entry, "inputs": [s.manifest() for s in inputs], "outputs": [s.manifest() for s in outputs]})
+
+    tokenizer = write_tokenizer(loaded, out)
+    files = [s["file"] for s in segments] + [tokenizer["file"]] + [tokenizer["chat_template"]] * bool(
+        tokenizer["chat_template"])
+    manifest = {
+        "format_version": FORMAT_VERSION,
+        "name": out.name,
+        "source": loaded.source,
+        "dtype": dtype,
+        "opset": OPSET,
+        "model": model_section(loaded, dims),
+        "tokenizer": tokenizer,
+        "segments": [s for s in segments if s["kind"] != "full"],
+        "monolithic": next((s for s in segments if s["kind"] == "full"), None),
+        "files": {name: {"sha256": sha256(out / name), "bytes": (out / name).stat().st_size} for name in files},
+    }
+    (out / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
+    return manifest

@@ -1,0 +1,131 @@
+"""Torch modules that wrap one HF causal LM as exportable segments.
+
+Each wrapper reuses the HF submodules (norms, projections, MLP, rotary embedding) so
+architecture quirks (Qwen2 biases, Gemma's scaled embedding and (1+w) norm) come from
+transformers itself. Only the KV cache and the attention mask are made explicit, so the
+ONNX graphs have a plain tensor interface:
+
+  embed:  input_ids [B,T]                                   -> hidden [B,T,d]
+  layer:  hidden_in [B,T,d], position_ids [B,T], attention_mask [B,P+T],
+          past_key/past_value [B,kv,P,hd]                   -> hidden_out, present_key/present_value [B,kv,P+T,hd]
+  head:   hidden_in [B,T,d]                                 -> logits [B,V] (last position, fp32)
+  full:   the same chain in one graph (the benchmark baseline)
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from transformers import PreTrainedModel
+
+
+class ExplicitKvCache:
+    """Stands in for an HF `Cache` for one layer: concatenates the given past and keeps the present."""
+
+    def __init__(self, past_key: torch.Tensor, past_value: torch.Tensor) -> None:
+        self.past_key = past_key
+        self.past_value = past_value
+        self.present_key: torch.Tensor | None = None
+        self.present_value: torch.Tensor | None = None
+
+    def update(self, key: torch.Tensor, value: torch.Tensor, layer_idx: int, *args: object, **kwargs: object):
+        self.present_key = torch.cat([self.past_key, key], dim=2)
+        self.present_value = torch.cat([self.past_value, value], dim=2)
+        return self.present_key, self.present_value
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        return self.past_key.shape[2]
+
+
+def additive_causal_mask(attention_mask: torch.Tensor, query_len: int, dtype: torch.dtype) -> torch.Tensor:
+    """[B,P+T] padding mask -> [B,1,T,P+T] additive mask: 0 where a query may attend, dtype min elsewhere.
+
+    A finite minimum (not -inf) keeps fully padded query rows free of NaN.
+    """
+    total = attention_mask.shape[1]
+    past = total - query_len
+    key_pos = torch.arange(total, device=attention_mask.device)
+    query_pos = torch.arange(query_len, device=attention_mask.device) + past
+    causal = key_pos[None, :] <= query_pos[:, None]
+    allowed = causal[None, None, :, :] & attention_mask[:, None, None, :].bool()
+    zero = torch.zeros((), dtype=dtype)
+    minimum = torch.tensor(torch.finfo(dtype).min, dtype=dtype)
+    return torch.where(allowed, zero, minimum)
+
+
+def decoder_layers(model: PreTrainedModel) -> nn.ModuleList:
+    return model.model.layers
+
+
+class EmbedSegment(nn.Module):
+    def __init__(self, model: PreTrainedModel) -> None:
+        super().__init__()
+        self.embed_tokens = model.model.embed_tokens
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.embed_tokens(input_ids)
+
+
+class LayerSegment(nn.Module):
+    def __init__(self, model: PreTrainedModel, index: int) -> None:
+        super().__init__()
+        self.layer = decoder_layers(model)[index]
+        self.rotary_emb = model.model.rotary_emb
+
+    def forward(
+        self,
+        hidden_in: torch.Tensor,
+        position_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        past_key: torch.Tensor,
+        past_value: torch.Tensor,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        cache = ExplicitKvCache(past_key, past_value)
+        mask = additive_causal_mask(attention_mask, hidden_in.shape[1], hidden_in.dtype)
+        position_embeddings = self.rotary_emb(hidden_in, position_ids)
+        hidden_out = self.layer(
+            hidden_in,
+            attention_mask=mask,
+            position_ids=position_ids,
+            past_key_values=cache,
+            use_cache=True,
+            position_embeddings=position_embeddings,
+        )
+        assert cache.present_key is not None and cache.present_value is not None
+        return hidden_out, cache.present_key, cache.present_value
+
+
+class HeadSegment(nn.Module):
+    """Final norm plus LM head on the last position; logits always leave as fp32."""
+
+    def __init__(self, model: PreTrainedModel) -> None:
+        super().__init__()
+        self.norm = model.model.norm
+        self.lm_head = model.lm_head
+        self.softcap = getattr(model.config, "final_logit_softcapping", None)
+
+    def forward(self, hidden_in: torch.Tensor) -> torch.Tensor:
+        logits = self.lm_head(self.norm(hidden_in[:, -1, :])).float()
+        if self.softcap:
+            logits = torch.tanh(logits / self.softcap) * self.softcap
+        return logits
+
+
+class FullModel(nn.Module):
+    """Embed, every layer and the head in one graph, with the same KV interface per layer."""
+
+    def __init__(self, model: PreTrainedModel) -> None:
+        super().__init__()
+        self.embed = EmbedSegment(model)
+        self.layers = nn.ModuleList(LayerSegment(model, i) for i in range(len(decoder_layers(model))))
+        self.head = HeadSegment(model)
+
+    def forward(
+        self, input_ids: torch.Tensor, position_ids: torch.Tensor, attention_mask: torch.Tensor, *past: torch.Tensor
+    ) -> tuple[torch.Tensor, ...]:
+        hidden = self.embed(input_ids)
+        presents: list[torch.Tensor] = []
+        for i, layer in enumerate(self.layers):
+            hidden, key, value = layer(hidden, position_ids, attention_mask, past[2 * i], past[2 * i + 1])
+            presents += [key, value]
+        return (self.head(hidden), *presents)

@@ -1,0 +1,332 @@
+//! The `onnx-steer` command line: inspect bundles and generate through the segment chain.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use clap::{Args, Parser, Subcommand};
+use indicatif::{ProgressBar, ProgressStyle};
+use onnx_steer::generate::{generate, Generated, GenerationConfig, Sampling};
+use onnx_steer::model::{CausalLm, Monolithic, SegmentChain};
+use onnx_steer::runtime::{ExecutionProvider, Runtime, RuntimeOptions};
+use onnx_steer::text::{StreamDecoder, TextCodec};
+use onnx_steer::{Bundle, Error};
+
+#[derive(Parser)]
+#[command(
+    name = "onnx-steer",
+    version,
+    about = "Per-layer ONNX inference with steering between segments"
+)]
+struct Cli {
+    /// More log output on stderr (-v info, -vv debug); RUST_LOG overrides.
+    #[arg(short, long, action = clap::ArgAction::Count, global = true)]
+    verbose: u8,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Validate a bundle (manifest, files, sha256) and print a summary.
+    Inspect {
+        /// Bundle directory written by `python -m onnx_steer_export export`.
+        #[arg(long)]
+        bundle: PathBuf,
+        /// Print the summary as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Generate text for one prompt or a batch of prompts.
+    Generate(GenerateArgs),
+}
+
+#[derive(Args)]
+struct RuntimeArgs {
+    /// Execution provider for every segment.
+    #[arg(long, default_value = "cpu", value_parser = ["cpu", "cuda", "tensorrt"])]
+    ep: String,
+    /// Provider to fall back to (with a warning) when --ep cannot be registered.
+    #[arg(long, value_parser = ["cpu"])]
+    ep_fallback: Option<String>,
+    /// Threads in the global ONNX Runtime pool (default: all cores).
+    #[arg(long)]
+    threads: Option<usize>,
+}
+
+impl RuntimeArgs {
+    fn runtime(&self) -> Result<Runtime, Error> {
+        let provider: ExecutionProvider = self.ep.parse()?;
+        let mut options = RuntimeOptions::default()
+            .with_provider(provider)
+            .with_cpu_fallback(self.ep_fallback.is_some());
+        if let Some(threads) = self.threads {
+            options = options.with_intra_threads(threads);
+        }
+        Ok(Runtime::new(options)?)
+    }
+}
+
+#[derive(Args)]
+#[command(group = clap::ArgGroup::new("input").required(true).args(["prompt", "prompts_file"]))]
+struct GenerateArgs {
+    /// Bundle directory written by `python -m onnx_steer_export export`.
+    #[arg(long)]
+    bundle: PathBuf,
+    /// The prompt text.
+    #[arg(long)]
+    prompt: Option<String>,
+    /// A file with one prompt per line, run together as one batch.
+    #[arg(long)]
+    prompts_file: Option<PathBuf>,
+    /// Wrap each prompt as a user turn of the bundle's chat template.
+    #[arg(long)]
+    chat: bool,
+    /// Stop after this many new tokens.
+    #[arg(long, default_value_t = 128)]
+    max_new_tokens: usize,
+    /// Always take the most likely token (the default unless --temperature is given).
+    #[arg(long, conflicts_with_all = ["temperature", "top_p", "top_k"])]
+    greedy: bool,
+    /// Sample with this temperature instead of greedy decoding.
+    #[arg(long)]
+    temperature: Option<f32>,
+    /// Nucleus sampling: keep the smallest set of tokens with this much probability.
+    #[arg(long, default_value_t = 1.0, requires = "temperature")]
+    top_p: f32,
+    /// Keep only the K most likely tokens (0 = all).
+    #[arg(long, default_value_t = 0, requires = "temperature")]
+    top_k: usize,
+    /// Seed of the sampler; the same seed gives the same text.
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Print text as it is generated (prompts then run one at a time).
+    #[arg(long, conflicts_with = "json")]
+    stream: bool,
+    /// Print one JSON object per prompt instead of text.
+    #[arg(long)]
+    json: bool,
+    /// Run the monolithic full.onnx instead of the segment chain (baseline).
+    #[arg(long)]
+    monolithic: bool,
+    #[command(flatten)]
+    runtime: RuntimeArgs,
+}
+
+fn read_prompts(args: &GenerateArgs) -> Result<Vec<String>, String> {
+    if let Some(prompt) = &args.prompt {
+        return Ok(vec![prompt.clone()]);
+    }
+    let path = args
+        .prompts_file
+        .as_deref()
+        .ok_or("give --prompt or --prompts-file")?;
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| format!("could not read prompts file {}: {e}", path.display()))?;
+    let prompts: Vec<String> = text
+        .lines()
+        .filter(|l| !l.trim().is_empty())
+        .map(str::to_string)
+        .collect();
+    if prompts.is_empty() {
+        return Err(format!(
+            "prompts file {} has no prompts; put one prompt per line",
+            path.display()
+        ));
+    }
+    Ok(prompts)
+}
+
+fn sampling(args: &GenerateArgs) -> Sampling {
+    match args.temperature {
+        Some(temperature) if !args.greedy => Sampling::Random {
+            temperature,
+            top_p: args.top_p,
+            top_k: args.top_k,
+            seed: args.seed,
+        },
+        _ => Sampling::Greedy,
+    }
+}
+
+fn load_model(
+    bundle: &Bundle,
+    runtime: &Runtime,
+    monolithic: bool,
+) -> Result<Box<dyn CausalLm>, Error> {
+    let spinner = ProgressBar::new_spinner().with_style(
+        ProgressStyle::with_template("{spinner} {msg} ({elapsed})").expect("static template"),
+    );
+    spinner.set_message(format!(
+        "loading {} on {}",
+        bundle.manifest().name,
+        runtime.provider()
+    ));
+    spinner.enable_steady_tick(std::time::Duration::from_millis(120));
+    let model: Box<dyn CausalLm> = if monolithic {
+        Box::new(Monolithic::load(bundle, runtime)?)
+    } else {
+        Box::new(SegmentChain::load(bundle, runtime)?)
+    };
+    spinner.finish_and_clear();
+    Ok(model)
+}
+
+fn run_generate(args: GenerateArgs) -> Result<(), String> {
+    let prompts = read_prompts(&args)?;
+    let bundle = Bundle::open(&args.bundle).map_err(|e| e.to_string())?;
+    let runtime = args.runtime.runtime().map_err(|e| e.to_string())?;
+    let codec = TextCodec::load(&bundle).map_err(|e| e.to_string())?;
+    let mut model = load_model(&bundle, &runtime, args.monolithic).map_err(|e| e.to_string())?;
+    let encoded = prompts
+        .iter()
+        .map(|p| codec.encode_prompt(p, args.chat))
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| e.to_string())?;
+    let config = bundle.config();
+    let generation = GenerationConfig {
+        max_new_tokens: args.max_new_tokens,
+        sampling: sampling(&args),
+        stop_ids: config.eos_token_ids.clone(),
+        pad_id: config.pad_token_id.unwrap_or(config.eos_token_ids[0]),
+    };
+
+    let stdout = std::io::stdout();
+    if args.stream {
+        for ids in &encoded {
+            let mut decoder = StreamDecoder::default();
+            let mut out = stdout.lock();
+            let mut failure = None;
+            generate(
+                model.as_mut(),
+                std::slice::from_ref(ids),
+                &generation,
+                &mut |_, id| match decoder.push(&codec, id) {
+                    Ok(delta) => {
+                        let _ = out.write_all(delta.as_bytes());
+                        let _ = out.flush();
+                    }
+                    Err(e) => failure = Some(e.to_string()),
+                },
+            )
+            .map_err(|e| e.to_string())?;
+            let _ = writeln!(out);
+            if let Some(e) = failure {
+                return Err(e);
+            }
+        }
+        return Ok(());
+    }
+
+    let results = generate(model.as_mut(), &encoded, &generation, &mut |_, _| {})
+        .map_err(|e| e.to_string())?;
+    let mut out = stdout.lock();
+    for (prompt, result) in prompts.iter().zip(&results) {
+        let text = codec.decode(&result.token_ids).map_err(|e| e.to_string())?;
+        let line = if args.json {
+            serde_json::to_string(&json_record(prompt, &text, result)).map_err(|e| e.to_string())?
+        } else if results.len() > 1 {
+            format!("### {prompt}\n{text}\n")
+        } else {
+            text
+        };
+        writeln!(out, "{line}").map_err(|e| e.to_string())?;
+    }
+    Ok(())
+}
+
+fn json_record(prompt: &str, text: &str, result: &Generated) -> serde_json::Value {
+    serde_json::json!({
+        "prompt": prompt,
+        "text": text,
+        "token_ids": result.token_ids,
+        "prompt_tokens": result.prompt_tokens,
+        "finish_reason": result.finish_reason,
+        "prefill_ms": result.prefill_ms,
+        "decode_ms": result.decode_ms,
+        "decode_tokens_per_s": result.decode_tokens_per_s(),
+    })
+}
+
+fn run_inspect(bundle_dir: &Path, json: bool) -> Result<(), String> {
+    let bundle = Bundle::open(bundle_dir).map_err(|e| e.to_string())?;
+    let manifest = bundle.manifest();
+    let total: u64 = manifest.files.values().map(|f| f.bytes).sum();
+    let bar = ProgressBar::new(total).with_style(
+        ProgressStyle::with_template("verifying sha256 {bar:30} {bytes}/{total_bytes} {msg}")
+            .expect("static template"),
+    );
+    for (name, entry) in &manifest.files {
+        bar.set_message(name.clone());
+        bundle.read_verified(name).map_err(|e| e.to_string())?;
+        bar.inc(entry.bytes);
+    }
+    bar.finish_and_clear();
+    let m = &manifest.model;
+    if json {
+        let summary = serde_json::json!({
+            "name": manifest.name, "dir": bundle.dir(), "valid": true, "dtype": manifest.dtype,
+            "model": m, "segments": manifest.segments.len(), "monolithic": manifest.monolithic.is_some(),
+            "files": manifest.files.len(), "bytes": total,
+        });
+        println!("{summary}");
+    } else {
+        println!("bundle     {} ({})", manifest.name, bundle.dir().display());
+        println!("source     {}", manifest.source);
+        println!(
+            "model      {} · {} layers · d={} · {} heads / {} kv · head_dim {} · vocab {} · ctx {}",
+            m.architecture,
+            m.num_layers,
+            m.hidden_size,
+            m.num_attention_heads,
+            m.num_key_value_heads,
+            m.head_dim,
+            m.vocab_size,
+            m.max_position_embeddings
+        );
+        println!(
+            "segments   embed + {} layers + head{} · {:?}",
+            bundle.layers().len(),
+            if manifest.monolithic.is_some() {
+                " (+ full.onnx)"
+            } else {
+                ""
+            },
+            manifest.dtype
+        );
+        println!(
+            "files      {} · {:.1} MiB · sha256 verified",
+            manifest.files.len(),
+            total as f64 / (1 << 20) as f64
+        );
+        println!("eos ids    {:?}", m.eos_token_ids);
+    }
+    Ok(())
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let default_level = match cli.verbose {
+        0 => "warn",
+        1 => "info",
+        _ => "debug",
+    };
+    tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_level)),
+        )
+        .init();
+    let result = match cli.command {
+        Command::Inspect { bundle, json } => run_inspect(&bundle, json),
+        Command::Generate(args) => run_generate(args),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(message) => {
+            eprintln!("error: {message}");
+            ExitCode::FAILURE
+        }
+    }
+}

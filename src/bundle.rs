@@ -1,0 +1,405 @@
+//! The bundle directory written by `export/`: `manifest.json` plus the files it lists.
+//!
+//! [`Manifest`] mirrors the JSON that `onnx_steer_export.bundle` writes; [`Bundle::open`] parses and
+//! validates it so that everything after it can trust the shapes and file names.
+
+use std::collections::BTreeMap;
+use std::io::Read;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+/// The manifest format this runtime reads.
+pub const FORMAT_VERSION: u32 = 1;
+
+/// Why a bundle could not be opened or one of its files could not be read.
+#[derive(Debug, thiserror::Error)]
+pub enum BundleError {
+    #[error("bundle directory {0} does not exist; export one with `python -m onnx_steer_export export --source default --out {0}`")]
+    MissingDir(PathBuf),
+    #[error(
+        "{0} has no manifest.json; is it a bundle directory written by `onnx_steer_export export`?"
+    )]
+    MissingManifest(PathBuf),
+    #[error("manifest {path} is not valid: {source}")]
+    ManifestSyntax {
+        path: PathBuf,
+        #[source]
+        source: serde_json::Error,
+    },
+    #[error("manifest {path}: {problem}")]
+    Invalid { path: PathBuf, problem: String },
+    #[error("bundle file {0} is missing; re-export the bundle")]
+    MissingFile(PathBuf),
+    #[error("bundle file {path} is corrupt: sha256 is {actual}, manifest says {expected}; re-export the bundle")]
+    Sha256Mismatch {
+        path: PathBuf,
+        expected: String,
+        actual: String,
+    },
+    #[error("could not read {path}: {source}")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// Weight and activation precision of a bundle.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Dtype {
+    Fp32,
+    Fp16,
+}
+
+/// Model hyper-parameters, named as in HF `config.json`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ModelConfig {
+    pub architecture: String,
+    pub hidden_size: usize,
+    pub num_layers: usize,
+    pub num_attention_heads: usize,
+    pub num_key_value_heads: usize,
+    pub head_dim: usize,
+    pub vocab_size: usize,
+    pub max_position_embeddings: usize,
+    #[serde(default)]
+    pub rope_theta: Option<f64>,
+    #[serde(default)]
+    pub rope_type: Option<String>,
+    #[serde(default)]
+    pub bos_token_id: Option<u32>,
+    pub eos_token_ids: Vec<u32>,
+    #[serde(default)]
+    pub pad_token_id: Option<u32>,
+}
+
+/// Where the tokenizer and chat template live inside the bundle.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct TokenizerFiles {
+    pub file: String,
+    #[serde(default)]
+    pub chat_template: Option<String>,
+    #[serde(default)]
+    pub bos_token: Option<String>,
+    #[serde(default)]
+    pub eos_token: Option<String>,
+}
+
+/// What a segment graph computes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SegmentKind {
+    Embed,
+    Layer,
+    Head,
+    Full,
+    Vision,
+    Projector,
+}
+
+/// A graph input or output: symbolic dims are strings, fixed dims are numbers.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct TensorSpec {
+    pub name: String,
+    pub dtype: String,
+    pub shape: Vec<serde_json::Value>,
+}
+
+/// One ONNX graph of the chain.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Segment {
+    pub kind: SegmentKind,
+    #[serde(default)]
+    pub index: Option<usize>,
+    pub file: String,
+    pub inputs: Vec<TensorSpec>,
+    pub outputs: Vec<TensorSpec>,
+}
+
+/// Size and digest of one bundle file.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct FileEntry {
+    pub sha256: String,
+    pub bytes: u64,
+}
+
+/// The parsed `manifest.json`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Manifest {
+    pub format_version: u32,
+    pub name: String,
+    #[serde(default)]
+    pub source: String,
+    pub dtype: Dtype,
+    #[serde(default)]
+    pub opset: Option<u32>,
+    pub model: ModelConfig,
+    pub tokenizer: TokenizerFiles,
+    pub segments: Vec<Segment>,
+    #[serde(default)]
+    pub monolithic: Option<Segment>,
+    pub files: BTreeMap<String, FileEntry>,
+}
+
+/// An opened, validated bundle directory.
+///
+/// Use [`Bundle::open`] before anything else touches a bundle; [`Bundle::read_verified`] is how
+/// the runtime reads a file, so a corrupt file is reported before ONNX Runtime sees it.
+#[derive(Debug, Clone)]
+pub struct Bundle {
+    dir: PathBuf,
+    manifest: Manifest,
+}
+
+impl Bundle {
+    /// Parse `DIR/manifest.json` and check that it is complete and consistent.
+    ///
+    /// File contents are hashed later, when they are read ([`Bundle::read_verified`]).
+    pub fn open(dir: impl AsRef<Path>) -> Result<Self, BundleError> {
+        let dir = dir.as_ref().to_path_buf();
+        if !dir.is_dir() {
+            return Err(BundleError::MissingDir(dir));
+        }
+        let path = dir.join("manifest.json");
+        if !path.is_file() {
+            return Err(BundleError::MissingManifest(dir));
+        }
+        let text = std::fs::read_to_string(&path).map_err(|source| BundleError::Io {
+            path: path.clone(),
+            source,
+        })?;
+        let manifest: Manifest =
+            serde_json::from_str(&text).map_err(|source| BundleError::ManifestSyntax {
+                path: path.clone(),
+                source,
+            })?;
+        manifest
+            .validate()
+            .map_err(|problem| BundleError::Invalid { path, problem })?;
+        let bundle = Self { dir, manifest };
+        for name in bundle.manifest.files.keys() {
+            let file = bundle.dir.join(name);
+            if !file.is_file() {
+                return Err(BundleError::MissingFile(file));
+            }
+        }
+        Ok(bundle)
+    }
+
+    /// The bundle directory.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// The parsed manifest.
+    pub fn manifest(&self) -> &Manifest {
+        &self.manifest
+    }
+
+    /// Model hyper-parameters.
+    pub fn config(&self) -> &ModelConfig {
+        &self.manifest.model
+    }
+
+    /// Absolute path of a file named in the manifest.
+    pub fn path(&self, file: &str) -> PathBuf {
+        self.dir.join(file)
+    }
+
+    /// The segment of `kind` (the first one, for kinds that occur once).
+    pub fn segment(&self, kind: SegmentKind) -> Option<&Segment> {
+        self.manifest.segments.iter().find(|s| s.kind == kind)
+    }
+
+    /// Decoder layer segments, ordered by index.
+    pub fn layers(&self) -> Vec<&Segment> {
+        let mut layers: Vec<&Segment> = self
+            .manifest
+            .segments
+            .iter()
+            .filter(|s| s.kind == SegmentKind::Layer)
+            .collect();
+        layers.sort_by_key(|s| s.index);
+        layers
+    }
+
+    /// Read a manifest-listed file and check its sha256; the bytes go straight to ONNX Runtime.
+    pub fn read_verified(&self, file: &str) -> Result<Vec<u8>, BundleError> {
+        let path = self.path(file);
+        let entry = self
+            .manifest
+            .files
+            .get(file)
+            .ok_or_else(|| BundleError::Invalid {
+                path: self.dir.join("manifest.json"),
+                problem: format!("{file} is used but not listed under \"files\""),
+            })?;
+        let mut bytes = Vec::with_capacity(entry.bytes as usize);
+        std::fs::File::open(&path)
+            .and_then(|mut f| f.read_to_end(&mut bytes))
+            .map_err(|source| match source.kind() {
+                std::io::ErrorKind::NotFound => BundleError::MissingFile(path.clone()),
+                _ => BundleError::Io {
+                    path: path.clone(),
+                    source,
+                },
+            })?;
+        let actual = hex::encode(Sha256::digest(&bytes));
+        if !actual.eq_ignore_ascii_case(&entry.sha256) {
+            return Err(BundleError::Sha256Mismatch {
+                path,
+                expected: entry.sha256.clone(),
+                actual,
+            });
+        }
+        Ok(bytes)
+    }
+}
+
+impl Manifest {
+    /// Structural checks; returns the first problem in words a user can act on.
+    pub fn validate(&self) -> Result<(), String> {
+        if self.format_version != FORMAT_VERSION {
+            return Err(format!(
+                "format_version {} is not supported (this runtime reads {FORMAT_VERSION}); re-export the bundle",
+                self.format_version
+            ));
+        }
+        let m = &self.model;
+        if m.hidden_size == 0 || m.num_layers == 0 || m.head_dim == 0 || m.vocab_size == 0 {
+            return Err(
+                "model sizes (hidden_size, num_layers, head_dim, vocab_size) must be positive"
+                    .into(),
+            );
+        }
+        if m.num_key_value_heads == 0 || m.num_attention_heads % m.num_key_value_heads != 0 {
+            return Err(format!(
+                "num_attention_heads {} must be a multiple of num_key_value_heads {}",
+                m.num_attention_heads, m.num_key_value_heads
+            ));
+        }
+        if m.eos_token_ids.is_empty() {
+            return Err("model.eos_token_ids is empty".into());
+        }
+        for kind in [SegmentKind::Embed, SegmentKind::Head] {
+            let count = self.segments.iter().filter(|s| s.kind == kind).count();
+            if count != 1 {
+                return Err(format!(
+                    "expected exactly one {kind:?} segment, found {count}"
+                ));
+            }
+        }
+        let mut indices: Vec<usize> = Vec::new();
+        for segment in self
+            .segments
+            .iter()
+            .filter(|s| s.kind == SegmentKind::Layer)
+        {
+            indices.push(
+                segment
+                    .index
+                    .ok_or_else(|| format!("layer segment {} has no index", segment.file))?,
+            );
+        }
+        indices.sort_unstable();
+        if indices != (0..m.num_layers).collect::<Vec<_>>() {
+            return Err(format!(
+                "layer segments must be numbered 0..{} once each, found {indices:?}",
+                m.num_layers
+            ));
+        }
+        let listed = self.segments.iter().chain(self.monolithic.iter());
+        for segment in listed {
+            if !self.files.contains_key(&segment.file) {
+                return Err(format!(
+                    "segment file {} is not listed under \"files\"",
+                    segment.file
+                ));
+            }
+        }
+        if !self.files.contains_key(&self.tokenizer.file) {
+            return Err(format!(
+                "tokenizer file {} is not listed under \"files\"",
+                self.tokenizer.file
+            ));
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn manifest_json(layers: usize) -> serde_json::Value {
+        let io = serde_json::json!([]);
+        let mut segments = vec![
+            serde_json::json!({"kind": "embed", "file": "embed.onnx", "inputs": io, "outputs": io}),
+        ];
+        let mut files = serde_json::json!({
+            "embed.onnx": {"sha256": "00", "bytes": 1},
+            "head.onnx": {"sha256": "00", "bytes": 1},
+            "tokenizer.json": {"sha256": "00", "bytes": 1},
+        });
+        for i in 0..layers {
+            let file = format!("layer_{i:02}.onnx");
+            segments.push(serde_json::json!({"kind": "layer", "index": i, "file": file, "inputs": io, "outputs": io}));
+            files[file] = serde_json::json!({"sha256": "00", "bytes": 1});
+        }
+        segments.push(
+            serde_json::json!({"kind": "head", "file": "head.onnx", "inputs": io, "outputs": io}),
+        );
+        serde_json::json!({
+            "format_version": 1, "name": "t", "dtype": "fp32",
+            "model": {"architecture": "llama", "hidden_size": 8, "num_layers": layers, "num_attention_heads": 2,
+                      "num_key_value_heads": 1, "head_dim": 4, "vocab_size": 10, "max_position_embeddings": 16,
+                      "eos_token_ids": [2]},
+            "tokenizer": {"file": "tokenizer.json"},
+            "segments": segments, "files": files,
+        })
+    }
+
+    fn parse(value: serde_json::Value) -> Manifest {
+        serde_json::from_value(value).expect("test manifest parses")
+    }
+
+    #[test]
+    fn valid_manifest_passes() {
+        assert_eq!(parse(manifest_json(2)).validate(), Ok(()));
+    }
+
+    #[test]
+    fn missing_layer_is_reported() {
+        let mut value = manifest_json(3);
+        value["model"]["num_layers"] = 4.into();
+        let err = parse(value).validate().unwrap_err();
+        assert!(err.contains("numbered 0..4"), "{err}");
+    }
+
+    #[test]
+    fn unsupported_format_version_is_reported() {
+        let mut value = manifest_json(1);
+        value["format_version"] = 99.into();
+        assert!(parse(value)
+            .validate()
+            .unwrap_err()
+            .contains("format_version 99"));
+    }
+
+    #[test]
+    fn unlisted_segment_file_is_reported() {
+        let mut value = manifest_json(1);
+        value["files"].as_object_mut().unwrap().remove("head.onnx");
+        assert!(parse(value).validate().unwrap_err().contains("head.onnx"));
+    }
+
+    #[test]
+    fn bad_head_grouping_is_reported() {
+        let mut value = manifest_json(1);
+        value["model"]["num_key_value_heads"] = 3.into();
+        assert!(parse(value).validate().unwrap_err().contains("multiple"));
+    }
+}

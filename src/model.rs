@@ -1,0 +1,429 @@
+//! The model as a chain of segment sessions (embed → layer 0 … layer N-1 → head), its KV cache,
+//! and the monolithic `full.onnx` baseline behind the same [`CausalLm`] interface.
+//!
+//! Activations and caches stay as ONNX Runtime values between segments, so their element type
+//! (fp32 or fp16) and their device are whatever the provider produced.
+
+use std::borrow::Cow;
+
+use ndarray::{Array2, ArrayView2};
+use ort::session::{Session, SessionInputValue};
+use ort::value::{DynValue, Tensor, TensorRef};
+
+use crate::bundle::{Bundle, BundleError, Dtype, ModelConfig, Segment, SegmentKind};
+use crate::runtime::{Runtime, RuntimeError};
+
+/// Why a model could not be loaded or run.
+#[derive(Debug, thiserror::Error)]
+pub enum ModelError {
+    #[error(transparent)]
+    Bundle(#[from] BundleError),
+    #[error(transparent)]
+    Runtime(#[from] RuntimeError),
+    #[error("segment {file} does not have the interface the manifest promises: {problem}; re-export the bundle")]
+    Interface { file: String, problem: String },
+    #[error("bundle has no monolithic full.onnx; export it with --monolithic")]
+    NoMonolithic,
+    #[error("{segment} failed: {source}")]
+    Run {
+        segment: String,
+        #[source]
+        source: ort::Error,
+    },
+    #[error("step inputs disagree: {0}")]
+    Shape(String),
+}
+
+fn run_error(segment: &str) -> impl FnOnce(ort::Error) -> ModelError + '_ {
+    move |source| ModelError::Run {
+        segment: segment.to_string(),
+        source,
+    }
+}
+
+/// The tensors of one forward step: `T` new tokens for each of `B` rows.
+///
+/// `attention_mask` covers the cached tokens plus the new ones (`[B, P+T]`); zeros mark padding.
+#[derive(Debug, Clone)]
+pub struct Step {
+    pub input_ids: Array2<i64>,
+    pub position_ids: Array2<i64>,
+    pub attention_mask: Array2<i64>,
+}
+
+impl Step {
+    fn check(&self, cache: &KvCache) -> Result<(), ModelError> {
+        let (batch, tokens) = self.input_ids.dim();
+        if self.position_ids.dim() != (batch, tokens) {
+            return Err(ModelError::Shape(format!(
+                "position_ids is {:?}, input_ids is {:?}",
+                self.position_ids.dim(),
+                (batch, tokens)
+            )));
+        }
+        if self.attention_mask.dim() != (batch, cache.len + tokens) {
+            return Err(ModelError::Shape(format!(
+                "attention_mask is {:?}, expected ({batch}, {} cached + {tokens} new)",
+                self.attention_mask.dim(),
+                cache.len
+            )));
+        }
+        if cache.batch != batch {
+            return Err(ModelError::Shape(format!(
+                "cache holds {} rows, step has {batch}",
+                cache.batch
+            )));
+        }
+        Ok(())
+    }
+}
+
+/// Per-layer key and value tensors `[B, kv_heads, P, head_dim]` kept between steps.
+#[derive(Debug)]
+pub struct KvCache {
+    keys: Vec<DynValue>,
+    values: Vec<DynValue>,
+    batch: usize,
+    len: usize,
+}
+
+impl KvCache {
+    /// An empty cache (P = 0) for `batch` rows.
+    pub fn empty(config: &ModelConfig, dtype: Dtype, batch: usize) -> Result<Self, ModelError> {
+        let shape = [batch, config.num_key_value_heads, 0, config.head_dim];
+        let empty = || -> Result<DynValue, ort::Error> {
+            Ok(match dtype {
+                Dtype::Fp32 => Tensor::<f32>::from_array((shape, Vec::<f32>::new()))?.into_dyn(),
+                Dtype::Fp16 => {
+                    Tensor::<half::f16>::from_array((shape, Vec::<half::f16>::new()))?.into_dyn()
+                }
+            })
+        };
+        let make = || {
+            (0..config.num_layers)
+                .map(|_| empty())
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(run_error("empty KV cache"))
+        };
+        Ok(Self {
+            keys: make()?,
+            values: make()?,
+            batch,
+            len: 0,
+        })
+    }
+
+    /// Number of cached positions P.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    /// True before the first step.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+}
+
+/// A causal LM that maps a step to last-position logits `[B, vocab]` and updates its cache.
+///
+/// Implemented by the segmented [`SegmentChain`] and the monolithic [`Monolithic`] baseline, so
+/// generation and benchmarks drive both the same way.
+pub trait CausalLm {
+    /// Hyper-parameters of the model.
+    fn config(&self) -> &ModelConfig;
+    /// An empty KV cache for `batch` rows.
+    fn new_cache(&self, batch: usize) -> Result<KvCache, ModelError>;
+    /// Run one step and return fp32 logits of each row's last position.
+    fn forward(&mut self, step: &Step, cache: &mut KvCache) -> Result<Array2<f32>, ModelError>;
+}
+
+fn expect_io(session: &Session, segment: &Segment) -> Result<(), ModelError> {
+    let names = |outlets: &[ort::value::Outlet]| -> Vec<String> {
+        outlets.iter().map(|o| o.name().to_string()).collect()
+    };
+    let promised = |specs: &[crate::bundle::TensorSpec]| -> Vec<String> {
+        specs.iter().map(|s| s.name.clone()).collect()
+    };
+    let (got_in, got_out) = (names(session.inputs()), names(session.outputs()));
+    let (want_in, want_out) = (promised(&segment.inputs), promised(&segment.outputs));
+    if got_in != want_in || got_out != want_out {
+        return Err(ModelError::Interface {
+            file: segment.file.clone(),
+            problem: format!(
+                "graph has inputs {got_in:?} and outputs {got_out:?}, manifest lists {want_in:?} and {want_out:?}"
+            ),
+        });
+    }
+    Ok(())
+}
+
+fn require_names(segment: &Segment, inputs: &[&str], outputs: &[&str]) -> Result<(), ModelError> {
+    let has =
+        |specs: &[crate::bundle::TensorSpec], name: &str| specs.iter().any(|s| s.name == name);
+    for name in inputs {
+        if !has(&segment.inputs, name) {
+            return Err(ModelError::Interface {
+                file: segment.file.clone(),
+                problem: format!("no input named {name}"),
+            });
+        }
+    }
+    for name in outputs {
+        if !has(&segment.outputs, name) {
+            return Err(ModelError::Interface {
+                file: segment.file.clone(),
+                problem: format!("no output named {name}"),
+            });
+        }
+    }
+    Ok(())
+}
+
+/// A session together with the manifest entry it was built from.
+struct LoadedSegment {
+    session: Session,
+    name: String,
+}
+
+fn load_segment(
+    bundle: &Bundle,
+    runtime: &Runtime,
+    segment: &Segment,
+    inputs: &[&str],
+    outputs: &[&str],
+) -> Result<LoadedSegment, ModelError> {
+    require_names(segment, inputs, outputs)?;
+    let bytes = bundle.read_verified(&segment.file)?;
+    let session = runtime.session(&bytes, &segment.file)?;
+    expect_io(&session, segment)?;
+    Ok(LoadedSegment {
+        session,
+        name: segment.file.clone(),
+    })
+}
+
+fn take(
+    outputs: &mut ort::session::SessionOutputs<'_>,
+    name: &str,
+    segment: &str,
+) -> Result<DynValue, ModelError> {
+    outputs.remove(name).ok_or_else(|| ModelError::Interface {
+        file: segment.to_string(),
+        problem: format!("output {name} missing at run time"),
+    })
+}
+
+fn logits_of(value: &DynValue, segment: &str) -> Result<Array2<f32>, ModelError> {
+    let view = value
+        .try_extract_array::<f32>()
+        .map_err(run_error(segment))?;
+    view.into_dimensionality::<ndarray::Ix2>()
+        .map(|v| v.to_owned())
+        .map_err(|e| ModelError::Interface {
+            file: segment.to_string(),
+            problem: format!("logits are not [batch, vocab]: {e}"),
+        })
+}
+
+fn view_input<'a>(
+    array: ArrayView2<'a, i64>,
+    what: &str,
+) -> Result<SessionInputValue<'a>, ModelError> {
+    Ok(TensorRef::from_array_view(array)
+        .map_err(run_error(what))?
+        .into())
+}
+
+/// The segmented model: one ONNX Runtime session per embed, decoder layer and head.
+///
+/// This is the production path; steering interventions run at its layer boundaries.
+pub struct SegmentChain {
+    config: ModelConfig,
+    dtype: Dtype,
+    embed: LoadedSegment,
+    layers: Vec<LoadedSegment>,
+    head: LoadedSegment,
+}
+
+/// Inputs and outputs every layer segment has (the manifest contract).
+pub const LAYER_INPUTS: [&str; 5] = [
+    "hidden_in",
+    "position_ids",
+    "attention_mask",
+    "past_key",
+    "past_value",
+];
+/// Outputs every layer segment has.
+pub const LAYER_OUTPUTS: [&str; 3] = ["hidden_out", "present_key", "present_value"];
+
+impl SegmentChain {
+    /// Build one session per segment, verifying each file's sha256 as it is read.
+    pub fn load(bundle: &Bundle, runtime: &Runtime) -> Result<Self, ModelError> {
+        let find = |kind| {
+            bundle.segment(kind).ok_or_else(|| ModelError::Interface {
+                file: "manifest.json".into(),
+                problem: format!("no {kind:?} segment"),
+            })
+        };
+        let embed = load_segment(
+            bundle,
+            runtime,
+            find(SegmentKind::Embed)?,
+            &["input_ids"],
+            &["hidden"],
+        )?;
+        let layers = bundle
+            .layers()
+            .into_iter()
+            .map(|segment| load_segment(bundle, runtime, segment, &LAYER_INPUTS, &LAYER_OUTPUTS))
+            .collect::<Result<Vec<_>, _>>()?;
+        let head = load_segment(
+            bundle,
+            runtime,
+            find(SegmentKind::Head)?,
+            &["hidden_in"],
+            &["logits"],
+        )?;
+        Ok(Self {
+            config: bundle.config().clone(),
+            dtype: bundle.manifest().dtype,
+            embed,
+            layers,
+            head,
+        })
+    }
+}
+
+impl CausalLm for SegmentChain {
+    fn config(&self) -> &ModelConfig {
+        &self.config
+    }
+
+    fn new_cache(&self, batch: usize) -> Result<KvCache, ModelError> {
+        KvCache::empty(&self.config, self.dtype, batch)
+    }
+
+    fn forward(&mut self, step: &Step, cache: &mut KvCache) -> Result<Array2<f32>, ModelError> {
+        step.check(cache)?;
+        let embed = &mut self.embed;
+        let mut outputs = embed
+            .session
+            .run(vec![(
+                Cow::Borrowed("input_ids"),
+                view_input(step.input_ids.view(), &embed.name)?,
+            )])
+            .map_err(run_error(&embed.name))?;
+        let mut hidden = take(&mut outputs, "hidden", &embed.name)?;
+        drop(outputs);
+
+        for (index, layer) in self.layers.iter_mut().enumerate() {
+            let inputs: Vec<(Cow<'_, str>, SessionInputValue<'_>)> = vec![
+                (Cow::Borrowed("hidden_in"), (&hidden).into()),
+                (
+                    Cow::Borrowed("position_ids"),
+                    view_input(step.position_ids.view(), &layer.name)?,
+                ),
+                (
+                    Cow::Borrowed("attention_mask"),
+                    view_input(step.attention_mask.view(), &layer.name)?,
+                ),
+                (Cow::Borrowed("past_key"), (&cache.keys[index]).into()),
+                (Cow::Borrowed("past_value"), (&cache.values[index]).into()),
+            ];
+            let mut outputs = layer.session.run(inputs).map_err(run_error(&layer.name))?;
+            let next = take(&mut outputs, "hidden_out", &layer.name)?;
+            cache.keys[index] = take(&mut outputs, "present_key", &layer.name)?;
+            cache.values[index] = take(&mut outputs, "present_value", &layer.name)?;
+            drop(outputs);
+            hidden = next;
+        }
+        cache.len += step.input_ids.ncols();
+
+        let head = &mut self.head;
+        let outputs = head
+            .session
+            .run(vec![(
+                Cow::Borrowed("hidden_in"),
+                SessionInputValue::from(&hidden),
+            )])
+            .map_err(run_error(&head.name))?;
+        logits_of(&outputs["logits"], &head.name)
+    }
+}
+
+/// The whole model as one graph (`full.onnx`): the baseline the chain is benchmarked against.
+pub struct Monolithic {
+    config: ModelConfig,
+    dtype: Dtype,
+    full: LoadedSegment,
+}
+
+impl Monolithic {
+    /// Load `full.onnx`; fails with [`ModelError::NoMonolithic`] if the bundle was exported without it.
+    pub fn load(bundle: &Bundle, runtime: &Runtime) -> Result<Self, ModelError> {
+        let segment = bundle
+            .manifest()
+            .monolithic
+            .as_ref()
+            .ok_or(ModelError::NoMonolithic)?;
+        let full = load_segment(
+            bundle,
+            runtime,
+            segment,
+            &["input_ids", "position_ids", "attention_mask"],
+            &["logits"],
+        )?;
+        Ok(Self {
+            config: bundle.config().clone(),
+            dtype: bundle.manifest().dtype,
+            full,
+        })
+    }
+}
+
+impl CausalLm for Monolithic {
+    fn config(&self) -> &ModelConfig {
+        &self.config
+    }
+
+    fn new_cache(&self, batch: usize) -> Result<KvCache, ModelError> {
+        KvCache::empty(&self.config, self.dtype, batch)
+    }
+
+    fn forward(&mut self, step: &Step, cache: &mut KvCache) -> Result<Array2<f32>, ModelError> {
+        step.check(cache)?;
+        let full = &mut self.full;
+        let mut inputs: Vec<(Cow<'_, str>, SessionInputValue<'_>)> = vec![
+            (
+                "input_ids".into(),
+                view_input(step.input_ids.view(), &full.name)?,
+            ),
+            (
+                "position_ids".into(),
+                view_input(step.position_ids.view(), &full.name)?,
+            ),
+            (
+                "attention_mask".into(),
+                view_input(step.attention_mask.view(), &full.name)?,
+            ),
+        ];
+        for index in 0..self.config.num_layers {
+            inputs.push((
+                format!("past_key.{index}").into(),
+                (&cache.keys[index]).into(),
+            ));
+            inputs.push((
+                format!("past_value.{index}").into(),
+                (&cache.values[index]).into(),
+            ));
+        }
+        let mut outputs = full.session.run(inputs).map_err(run_error(&full.name))?;
+        for index in 0..self.config.num_layers {
+            cache.keys[index] = take(&mut outputs, &format!("present_key.{index}"), &full.name)?;
+            cache.values[index] =
+                take(&mut outputs, &format!("present_value.{index}"), &full.name)?;
+        }
+        cache.len += step.input_ids.ncols();
+        logits_of(&outputs["logits"], &full.name)
+    }
+}

@@ -1,0 +1,176 @@
+//! Text in and out: the bundle's HF tokenizer and its Jinja chat template.
+
+use minijinja::{context, Environment};
+use tokenizers::Tokenizer;
+
+use crate::bundle::Bundle;
+
+/// Why text could not be turned into tokens or back.
+#[derive(Debug, thiserror::Error)]
+pub enum TextError {
+    #[error("could not load tokenizer {path}: {message}")]
+    Load { path: String, message: String },
+    #[error("tokenizer failed: {0}")]
+    Tokenizer(String),
+    #[error("--chat needs a chat template, but this bundle has none")]
+    NoChatTemplate,
+    #[error("chat template failed to render: {0}")]
+    Template(#[from] minijinja::Error),
+}
+
+/// Tokenizer plus chat template, loaded from a bundle.
+///
+/// [`TextCodec::encode_prompt`] is the one way prompts become token ids, so chat and plain
+/// prompts are tokenized exactly as HF `apply_chat_template` / `tokenizer(text)` do.
+pub struct TextCodec {
+    tokenizer: Tokenizer,
+    chat: Option<Environment<'static>>,
+    bos_token: String,
+    eos_token: String,
+}
+
+const CHAT_TEMPLATE: &str = "chat";
+
+impl TextCodec {
+    /// Load `tokenizer.json` and the chat template named in the manifest.
+    pub fn load(bundle: &Bundle) -> Result<Self, TextError> {
+        let files = &bundle.manifest().tokenizer;
+        let path = bundle.path(&files.file);
+        let tokenizer = Tokenizer::from_file(&path).map_err(|e| TextError::Load {
+            path: path.display().to_string(),
+            message: e.to_string(),
+        })?;
+        let chat = match &files.chat_template {
+            Some(file) => {
+                let path = bundle.path(file);
+                let source = std::fs::read_to_string(&path).map_err(|e| TextError::Load {
+                    path: path.display().to_string(),
+                    message: e.to_string(),
+                })?;
+                Some(chat_environment(source)?)
+            }
+            None => None,
+        };
+        Ok(Self {
+            tokenizer,
+            chat,
+            bos_token: files.bos_token.clone().unwrap_or_default(),
+            eos_token: files.eos_token.clone().unwrap_or_default(),
+        })
+    }
+
+    /// Render a single user turn with the chat template, ending with the assistant prompt.
+    pub fn render_chat(&self, user: &str) -> Result<String, TextError> {
+        let env = self.chat.as_ref().ok_or(TextError::NoChatTemplate)?;
+        let template = env.get_template(CHAT_TEMPLATE)?;
+        Ok(template.render(context! {
+            messages => vec![context! { role => "user", content => user }],
+            add_generation_prompt => true,
+            bos_token => self.bos_token,
+            eos_token => self.eos_token,
+        })?)
+    }
+
+    /// Token ids for a prompt: through the chat template (no extra special tokens, as
+    /// `apply_chat_template` does) or as plain text with the tokenizer's own special tokens.
+    pub fn encode_prompt(&self, prompt: &str, chat: bool) -> Result<Vec<u32>, TextError> {
+        if chat {
+            self.encode(&self.render_chat(prompt)?, false)
+        } else {
+            self.encode(prompt, true)
+        }
+    }
+
+    /// Raw tokenizer encode.
+    pub fn encode(&self, text: &str, add_special_tokens: bool) -> Result<Vec<u32>, TextError> {
+        self.tokenizer
+            .encode(text, add_special_tokens)
+            .map(|e| e.get_ids().to_vec())
+            .map_err(|e| TextError::Tokenizer(e.to_string()))
+    }
+
+    /// Decode ids to text, dropping special tokens.
+    pub fn decode(&self, ids: &[u32]) -> Result<String, TextError> {
+        self.tokenizer
+            .decode(ids, true)
+            .map_err(|e| TextError::Tokenizer(e.to_string()))
+    }
+}
+
+fn chat_environment(source: String) -> Result<Environment<'static>, TextError> {
+    let mut env = Environment::new();
+    // HF templates call Python string methods (.strip(), .startswith()) and raise_exception().
+    env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
+    env.add_function(
+        "raise_exception",
+        |message: String| -> Result<String, minijinja::Error> {
+            Err(minijinja::Error::new(
+                minijinja::ErrorKind::InvalidOperation,
+                message,
+            ))
+        },
+    );
+    env.add_template_owned(CHAT_TEMPLATE, source)?;
+    Ok(env)
+}
+
+/// Turns a growing list of token ids into text deltas for streaming, never splitting a
+/// multi-byte character (decoding the whole tail and emitting only what became stable).
+#[derive(Debug, Default)]
+pub struct StreamDecoder {
+    ids: Vec<u32>,
+    emitted: usize,
+}
+
+impl StreamDecoder {
+    /// Add a token and return the new text it completes (possibly empty).
+    pub fn push(&mut self, codec: &TextCodec, id: u32) -> Result<String, TextError> {
+        self.ids.push(id);
+        let text = codec.decode(&self.ids)?;
+        if text.ends_with('\u{FFFD}') {
+            return Ok(String::new());
+        }
+        match text.get(self.emitted..) {
+            Some(delta) => {
+                let delta = delta.to_string();
+                self.emitted = text.len();
+                Ok(delta)
+            }
+            None => Ok(String::new()),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn chat_template_with_python_methods_renders() {
+        let env = chat_environment(
+            "{% for m in messages %}<{{ m.role }}>{{ m.content.strip() }}{% endfor %}{% if add_generation_prompt %}<assistant>{% endif %}"
+                .to_string(),
+        )
+        .unwrap();
+        let out = env
+            .get_template(CHAT_TEMPLATE)
+            .unwrap()
+            .render(context! {
+                messages => vec![context! { role => "user", content => "  hi  " }],
+                add_generation_prompt => true,
+            })
+            .unwrap();
+        assert_eq!(out, "<user>hi<assistant>");
+    }
+
+    #[test]
+    fn raise_exception_surfaces_as_error() {
+        let env = chat_environment("{{ raise_exception('roles must alternate') }}".into()).unwrap();
+        let err = env
+            .get_template(CHAT_TEMPLATE)
+            .unwrap()
+            .render(context! {})
+            .unwrap_err();
+        assert!(err.to_string().contains("roles must alternate"));
+    }
+}
