@@ -275,7 +275,9 @@ impl Manifest {
                     .into(),
             );
         }
-        if m.num_key_value_heads == 0 || m.num_attention_heads % m.num_key_value_heads != 0 {
+        if m.num_key_value_heads == 0
+            || !m.num_attention_heads.is_multiple_of(m.num_key_value_heads)
+        {
             return Err(format!(
                 "num_attention_heads {} must be a multiple of num_key_value_heads {}",
                 m.num_attention_heads, m.num_key_value_heads

@@ -261,9 +261,14 @@ pub fn generate(
         step.position_ids = Array2::from_shape_vec((batch, 1), positions)
             .map_err(|e| ModelError::Shape(e.to_string()))?;
         step.input_ids = next_ids;
-        step.attention_mask
-            .push_column(ndarray::Array1::ones(batch).view())
-            .map_err(|e| ModelError::Shape(e.to_string()))?;
+        let seen = step.attention_mask.ncols();
+        step.attention_mask = Array2::from_shape_fn((batch, seen + 1), |(r, c)| {
+            if c < seen {
+                step.attention_mask[[r, c]]
+            } else {
+                1
+            }
+        });
         let started = Instant::now();
         logits = model.forward(&step, &mut cache)?;
         let elapsed = started.elapsed().as_secs_f64() * 1e3;

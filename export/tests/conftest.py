@@ -1,0 +1,61 @@
+"""Shared fixtures: the default bundle (exported by `make bundle`), the release binary, HF models."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+from pathlib import Path
+
+import pytest
+import torch
+
+from onnx_steer_export.source import LoadedModel, load
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(scope="session")
+def bundle_dir() -> Path:
+    path = Path(os.environ.get("ONNX_STEER_BUNDLE", REPO / "onnx" / "smollm2-135m-instruct"))
+    assert (path / "manifest.json").is_file(), f"default bundle missing at {path}; run `make bundle`"
+    return path
+
+
+@pytest.fixture(scope="session")
+def binary() -> Path:
+    path = Path(os.environ.get("ONNX_STEER_BIN", REPO / "target" / "release" / "onnx-steer"))
+    assert path.is_file(), f"onnx-steer binary missing at {path}; run `make build`"
+    return path
+
+
+@pytest.fixture(scope="session")
+def default_model() -> LoadedModel:
+    torch.manual_seed(0)
+    return load("default")
+
+
+def run_generate(binary: Path, bundle: Path, *args: str) -> list[dict]:
+    """Run `onnx-steer generate --json` and return one record per prompt."""
+    done = subprocess.run(
+        [str(binary), "generate", "--bundle", str(bundle), "--json", *args],
+        capture_output=True, text=True, check=False, cwd=REPO,
+    )
+    assert done.returncode == 0, done.stderr
+    return [json.loads(line) for line in done.stdout.splitlines() if line.strip()]
+
+
+def hf_greedy(loaded: LoadedModel, input_ids: list[int], max_new_tokens: int) -> list[int]:
+    """HF `generate(do_sample=False)` new tokens, without the trailing EOS (the runtime drops it too)."""
+    model = loaded.model
+    ids = torch.tensor([input_ids])
+    with torch.no_grad():
+        out = model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False,
+                             max_new_tokens=max_new_tokens, pad_token_id=loaded.tokenizer.pad_token_id)
+    new = out[0, ids.shape[1]:].tolist()
+    eos = model.generation_config.eos_token_id
+    eos = {eos} if isinstance(eos, int) else set(eos or [])
+    for i, token in enumerate(new):
+        if token in eos:
+            return new[:i]
+    return new
