@@ -160,20 +160,11 @@ struct Row {
     decode_ms: f64,
 }
 
-/// Generate for a batch of tokenized prompts; each row's output equals what it gives alone.
-///
-/// `on_token(row, id)` fires for every kept token as soon as it is chosen (for streaming).
-pub fn generate(
-    model: &mut dyn CausalLm,
-    prompts: &[Vec<u32>],
-    config: &GenerationConfig,
-    on_token: &mut dyn FnMut(usize, u32),
-) -> Result<Vec<Generated>, GenerateError> {
-    config.sampling.validate()?;
+/// Check a batch before any model work: non-empty, and every prompt fits the context.
+pub fn validate_prompts(prompts: &[Vec<u32>], context: usize) -> Result<(), GenerateError> {
     if prompts.is_empty() {
         return Err(GenerateError::EmptyBatch);
     }
-    let context = model.config().max_position_embeddings;
     for (row, prompt) in prompts.iter().enumerate() {
         if prompt.is_empty() {
             return Err(GenerateError::EmptyPrompt { row });
@@ -186,6 +177,21 @@ pub fn generate(
             });
         }
     }
+    Ok(())
+}
+
+/// Generate for a batch of tokenized prompts; each row's output equals what it gives alone.
+///
+/// `on_token(row, id)` fires for every kept token as soon as it is chosen (for streaming).
+pub fn generate(
+    model: &mut dyn CausalLm,
+    prompts: &[Vec<u32>],
+    config: &GenerationConfig,
+    on_token: &mut dyn FnMut(usize, u32),
+) -> Result<Vec<Generated>, GenerateError> {
+    config.sampling.validate()?;
+    let context = model.config().max_position_embeddings;
+    validate_prompts(prompts, context)?;
     let batch = prompts.len();
     let width = prompts.iter().map(Vec::len).max().unwrap_or(0);
     let mut input_ids = Array2::<i64>::from_elem((batch, width), config.pad_id as i64);

@@ -6,11 +6,39 @@ use std::process::ExitCode;
 
 use clap::{Args, Parser, Subcommand};
 use indicatif::{ProgressBar, ProgressStyle};
-use onnx_steer::generate::{generate, Generated, GenerationConfig, Sampling};
+use onnx_steer::generate::{generate, validate_prompts, Generated, GenerationConfig, Sampling};
 use onnx_steer::model::{CausalLm, Monolithic, SegmentChain};
 use onnx_steer::runtime::{ExecutionProvider, Runtime, RuntimeOptions};
 use onnx_steer::text::{StreamDecoder, TextCodec};
-use onnx_steer::{Bundle, Error};
+use onnx_steer::{Bundle, BundleError, Error, GenerateError, ModelError, RuntimeError, TextError};
+
+/// What the CLI reports: a library error, or a problem with the command line's own input.
+#[derive(Debug, thiserror::Error)]
+enum CliError {
+    #[error(transparent)]
+    Library(#[from] Error),
+    #[error("{0}")]
+    Input(String),
+    #[error("could not write output: {0}")]
+    Output(#[from] std::io::Error),
+}
+
+macro_rules! cli_error_from_library {
+    ($($error:ty),*) => {$(
+        impl From<$error> for CliError {
+            fn from(error: $error) -> Self {
+                Self::Library(error.into())
+            }
+        }
+    )*};
+}
+cli_error_from_library!(
+    BundleError,
+    RuntimeError,
+    ModelError,
+    TextError,
+    GenerateError
+);
 
 #[derive(Parser)]
 #[command(
@@ -113,26 +141,30 @@ struct GenerateArgs {
     runtime: RuntimeArgs,
 }
 
-fn read_prompts(args: &GenerateArgs) -> Result<Vec<String>, String> {
+fn read_prompts(args: &GenerateArgs) -> Result<Vec<String>, CliError> {
     if let Some(prompt) = &args.prompt {
         return Ok(vec![prompt.clone()]);
     }
     let path = args
         .prompts_file
         .as_deref()
-        .ok_or("give --prompt or --prompts-file")?;
-    let text = std::fs::read_to_string(path)
-        .map_err(|e| format!("could not read prompts file {}: {e}", path.display()))?;
+        .ok_or_else(|| CliError::Input("give --prompt or --prompts-file".into()))?;
+    let text = std::fs::read_to_string(path).map_err(|e| {
+        CliError::Input(format!(
+            "could not read prompts file {}: {e}",
+            path.display()
+        ))
+    })?;
     let prompts: Vec<String> = text
         .lines()
         .filter(|l| !l.trim().is_empty())
         .map(str::to_string)
         .collect();
     if prompts.is_empty() {
-        return Err(format!(
+        return Err(CliError::Input(format!(
             "prompts file {} has no prompts; put one prompt per line",
             path.display()
-        ));
+        )));
     }
     Ok(prompts)
 }
@@ -172,18 +204,18 @@ fn load_model(
     Ok(model)
 }
 
-fn run_generate(args: GenerateArgs) -> Result<(), String> {
+fn run_generate(args: GenerateArgs) -> Result<(), CliError> {
     let prompts = read_prompts(&args)?;
-    let bundle = Bundle::open(&args.bundle).map_err(|e| e.to_string())?;
-    let runtime = args.runtime.runtime().map_err(|e| e.to_string())?;
-    let codec = TextCodec::load(&bundle).map_err(|e| e.to_string())?;
-    let mut model = load_model(&bundle, &runtime, args.monolithic).map_err(|e| e.to_string())?;
+    let bundle = Bundle::open(&args.bundle)?;
+    let codec = TextCodec::load(&bundle)?;
     let encoded = prompts
         .iter()
         .map(|p| codec.encode_prompt(p, args.chat))
-        .collect::<Result<Vec<_>, _>>()
-        .map_err(|e| e.to_string())?;
+        .collect::<Result<Vec<_>, _>>()?;
     let config = bundle.config();
+    validate_prompts(&encoded, config.max_position_embeddings)?;
+    let runtime = args.runtime.runtime()?;
+    let mut model = load_model(&bundle, &runtime, args.monolithic)?;
     let generation = GenerationConfig {
         max_new_tokens: args.max_new_tokens,
         sampling: sampling(&args),
@@ -206,31 +238,29 @@ fn run_generate(args: GenerateArgs) -> Result<(), String> {
                         let _ = out.write_all(delta.as_bytes());
                         let _ = out.flush();
                     }
-                    Err(e) => failure = Some(e.to_string()),
+                    Err(e) => failure = Some(e),
                 },
-            )
-            .map_err(|e| e.to_string())?;
+            )?;
             let _ = writeln!(out);
             if let Some(e) = failure {
-                return Err(e);
+                return Err(e.into());
             }
         }
         return Ok(());
     }
 
-    let results = generate(model.as_mut(), &encoded, &generation, &mut |_, _| {})
-        .map_err(|e| e.to_string())?;
+    let results = generate(model.as_mut(), &encoded, &generation, &mut |_, _| {})?;
     let mut out = stdout.lock();
     for (prompt, result) in prompts.iter().zip(&results) {
-        let text = codec.decode(&result.token_ids).map_err(|e| e.to_string())?;
+        let text = codec.decode(&result.token_ids)?;
         let line = if args.json {
-            serde_json::to_string(&json_record(prompt, &text, result)).map_err(|e| e.to_string())?
+            json_record(prompt, &text, result).to_string()
         } else if results.len() > 1 {
             format!("### {prompt}\n{text}\n")
         } else {
             text
         };
-        writeln!(out, "{line}").map_err(|e| e.to_string())?;
+        writeln!(out, "{line}")?;
     }
     Ok(())
 }
@@ -248,8 +278,8 @@ fn json_record(prompt: &str, text: &str, result: &Generated) -> serde_json::Valu
     })
 }
 
-fn run_inspect(bundle_dir: &Path, json: bool) -> Result<(), String> {
-    let bundle = Bundle::open(bundle_dir).map_err(|e| e.to_string())?;
+fn run_inspect(bundle_dir: &Path, json: bool) -> Result<(), CliError> {
+    let bundle = Bundle::open(bundle_dir)?;
     let manifest = bundle.manifest();
     let total: u64 = manifest.files.values().map(|f| f.bytes).sum();
     let bar = ProgressBar::new(total).with_style(
@@ -258,7 +288,7 @@ fn run_inspect(bundle_dir: &Path, json: bool) -> Result<(), String> {
     );
     for (name, entry) in &manifest.files {
         bar.set_message(name.clone());
-        bundle.read_verified(name).map_err(|e| e.to_string())?;
+        bundle.read_verified(name)?;
         bar.inc(entry.bytes);
     }
     bar.finish_and_clear();
@@ -324,8 +354,8 @@ fn main() -> ExitCode {
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
-        Err(message) => {
-            eprintln!("error: {message}");
+        Err(error) => {
+            eprintln!("error: {error}");
             ExitCode::FAILURE
         }
     }

@@ -1,0 +1,223 @@
+//! Bad input through the real CLI: each case must end in a one-line error that says what to fix,
+//! with exit code 1 (never a panic). Uses the default bundle that `make bundle` exports.
+
+use std::path::{Path, PathBuf};
+
+use assert_cmd::Command;
+use predicates::prelude::*;
+
+fn bundle_dir() -> PathBuf {
+    let dir = std::env::var_os("ONNX_STEER_BUNDLE")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| {
+            Path::new(env!("CARGO_MANIFEST_DIR")).join("onnx/smollm2-135m-instruct")
+        });
+    assert!(
+        dir.join("manifest.json").is_file(),
+        "default bundle missing at {}; run `make bundle`",
+        dir.display()
+    );
+    dir
+}
+
+fn onnx_steer() -> Command {
+    let mut cmd = Command::cargo_bin("onnx-steer").expect("binary builds");
+    cmd.current_dir(env!("CARGO_MANIFEST_DIR"));
+    cmd
+}
+
+/// A copy of the default bundle (files symlinked) with an edited manifest and some files left out.
+fn altered_bundle(
+    edit: impl FnOnce(&mut serde_json::Value),
+    leave_out: &[&str],
+) -> tempfile::TempDir {
+    let source = bundle_dir();
+    let dir = tempfile::tempdir().expect("temp dir");
+    let text = std::fs::read_to_string(source.join("manifest.json")).expect("manifest readable");
+    let mut manifest: serde_json::Value = serde_json::from_str(&text).expect("manifest parses");
+    for name in manifest["files"].as_object().expect("files map").keys() {
+        if !leave_out.contains(&name.as_str()) {
+            std::os::unix::fs::symlink(source.join(name), dir.path().join(name)).expect("symlink");
+        }
+    }
+    edit(&mut manifest);
+    std::fs::write(dir.path().join("manifest.json"), manifest.to_string()).expect("write manifest");
+    dir
+}
+
+/// Runs generate and returns stderr, asserting exit code 1 and a single `error:` line.
+fn generate_error(cmd: &mut Command) -> String {
+    let output = cmd.output().expect("runs");
+    let stderr = String::from_utf8_lossy(&output.stderr).to_string();
+    assert_eq!(output.status.code(), Some(1), "stderr: {stderr}");
+    let errors: Vec<&str> = stderr.lines().filter(|l| l.starts_with("error:")).collect();
+    assert_eq!(errors.len(), 1, "expected one error line, got: {stderr}");
+    stderr
+}
+
+fn generate_in(bundle: &Path) -> Command {
+    let mut cmd = onnx_steer();
+    cmd.args([
+        "generate",
+        "--max-new-tokens",
+        "2",
+        "--prompt",
+        "Hello",
+        "--bundle",
+    ])
+    .arg(bundle);
+    cmd
+}
+
+#[test]
+fn missing_bundle_dir() {
+    let stderr = generate_error(&mut generate_in(Path::new("/nonexistent/bundle")));
+    assert!(
+        stderr.contains("does not exist") && stderr.contains("onnx_steer_export export"),
+        "{stderr}"
+    );
+}
+
+#[test]
+fn corrupt_manifest() {
+    let bundle = altered_bundle(|_| {}, &[]);
+    std::fs::write(
+        bundle.path().join("manifest.json"),
+        "{\"format_version\": 1, \"name\": ",
+    )
+    .unwrap();
+    let stderr = generate_error(&mut generate_in(bundle.path()));
+    assert!(
+        stderr.contains("manifest") && stderr.contains("not valid"),
+        "{stderr}"
+    );
+}
+
+#[test]
+fn manifest_with_missing_layer_entry() {
+    let bundle = altered_bundle(
+        |m| {
+            let segments = m["segments"].as_array_mut().unwrap();
+            segments.retain(|s| s["index"] != 7);
+        },
+        &[],
+    );
+    let stderr = generate_error(&mut generate_in(bundle.path()));
+    assert!(stderr.contains("numbered 0..30"), "{stderr}");
+}
+
+#[test]
+fn sha256_mismatch() {
+    let bundle = altered_bundle(
+        |m| m["files"]["layer_03.onnx"]["sha256"] = "0".repeat(64).into(),
+        &[],
+    );
+    let stderr = generate_error(&mut generate_in(bundle.path()));
+    assert!(
+        stderr.contains("layer_03.onnx is corrupt") && stderr.contains("sha256"),
+        "{stderr}"
+    );
+    let inspect = onnx_steer()
+        .args(["inspect", "--bundle"])
+        .arg(bundle.path())
+        .output()
+        .unwrap();
+    assert_eq!(inspect.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&inspect.stderr).contains("sha256"));
+}
+
+#[test]
+fn missing_onnx_file() {
+    let bundle = altered_bundle(|_| {}, &["layer_05.onnx"]);
+    let stderr = generate_error(&mut generate_in(bundle.path()));
+    assert!(stderr.contains("layer_05.onnx is missing"), "{stderr}");
+}
+
+#[test]
+fn missing_onnx_runtime_library() {
+    let stderr = generate_error(
+        generate_in(&bundle_dir()).env("ORT_DYLIB_PATH", "/nonexistent/libonnxruntime.so"),
+    );
+    assert!(
+        stderr.contains("ONNX Runtime library not found") && stderr.contains("ORT_DYLIB_PATH"),
+        "{stderr}"
+    );
+}
+
+#[test]
+fn unknown_provider_is_rejected_by_the_parser() {
+    onnx_steer()
+        .args(["generate", "--ep", "rocm", "--prompt", "x", "--bundle"])
+        .arg(bundle_dir())
+        .assert()
+        .code(2)
+        .stderr(
+            predicate::str::contains("invalid value 'rocm'").and(predicate::str::contains("cpu")),
+        );
+}
+
+#[test]
+fn unavailable_provider_fails_clearly_or_falls_back() {
+    // The venv's onnxruntime wheel is the CPU build, so CUDA cannot be registered here.
+    let stderr = generate_error(generate_in(&bundle_dir()).args(["--ep", "cuda"]));
+    assert!(
+        stderr.contains("cuda is not available") && stderr.contains("--ep-fallback cpu"),
+        "{stderr}"
+    );
+    onnx_steer()
+        .args([
+            "generate",
+            "--max-new-tokens",
+            "2",
+            "--prompt",
+            "Hello",
+            "--ep",
+            "tensorrt",
+            "--ep-fallback",
+            "cpu",
+            "--bundle",
+        ])
+        .arg(bundle_dir())
+        .assert()
+        .success()
+        .stderr(predicate::str::contains("falling back to cpu"));
+}
+
+#[test]
+fn prompt_longer_than_context() {
+    let long = "hello ".repeat(9000);
+    let mut cmd = onnx_steer();
+    cmd.args(["generate", "--prompt", &long, "--bundle"])
+        .arg(bundle_dir());
+    let stderr = generate_error(&mut cmd);
+    assert!(
+        stderr.contains("context is 8192") && stderr.contains("shorten"),
+        "{stderr}"
+    );
+}
+
+#[test]
+fn empty_prompts_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("prompts.txt");
+    std::fs::write(&file, "\n  \n").unwrap();
+    let mut cmd = onnx_steer();
+    cmd.args(["generate", "--bundle"])
+        .arg(bundle_dir())
+        .arg("--prompts-file")
+        .arg(&file);
+    let stderr = generate_error(&mut cmd);
+    assert!(stderr.contains("has no prompts"), "{stderr}");
+}
+
+#[test]
+fn inspect_prints_a_summary() {
+    onnx_steer()
+        .args(["inspect", "--bundle"])
+        .arg(bundle_dir())
+        .assert()
+        .success()
+        .stdout(
+            predicate::str::contains("30 layers").and(predicate::str::contains("sha256 verified")),
+        );
+}
