@@ -8,6 +8,7 @@ use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
 use crate::model::{CausalLm, ModelError, Step};
+use crate::steer::{BatchSteering, Phase};
 
 /// Why a generation request was refused or failed.
 #[derive(Debug, thiserror::Error)]
@@ -182,30 +183,22 @@ pub fn validate_prompts(prompts: &[Vec<u32>], context: usize) -> Result<(), Gene
 
 /// Generate for a batch of tokenized prompts; each row's output equals what it gives alone.
 ///
-/// `on_token(row, id)` fires for every kept token as soon as it is chosen (for streaming).
+/// `steering` gives each row its own interventions (or none). `on_token(row, id)` fires for
+/// every kept token as soon as it is chosen (for streaming).
 pub fn generate(
     model: &mut dyn CausalLm,
     prompts: &[Vec<u32>],
     config: &GenerationConfig,
+    steering: &BatchSteering,
     on_token: &mut dyn FnMut(usize, u32),
 ) -> Result<Vec<Generated>, GenerateError> {
     config.sampling.validate()?;
     let context = model.config().max_position_embeddings;
     validate_prompts(prompts, context)?;
     let batch = prompts.len();
-    let width = prompts.iter().map(Vec::len).max().unwrap_or(0);
-    let mut input_ids = Array2::<i64>::from_elem((batch, width), config.pad_id as i64);
-    let mut attention_mask = Array2::<i64>::zeros((batch, width));
-    let mut position_ids = Array2::<i64>::zeros((batch, width));
-    let mut rows = Vec::with_capacity(batch);
-    for (r, prompt) in prompts.iter().enumerate() {
-        let offset = width - prompt.len();
-        for (t, &id) in prompt.iter().enumerate() {
-            input_ids[[r, offset + t]] = id as i64;
-            attention_mask[[r, offset + t]] = 1;
-            position_ids[[r, offset + t]] = t as i64;
-        }
-        rows.push(Row {
+    let mut rows: Vec<Row> = prompts
+        .iter()
+        .map(|prompt| Row {
             prompt_len: prompt.len(),
             next_position: prompt.len() as i64,
             tokens: Vec::new(),
@@ -215,17 +208,15 @@ pub fn generate(
                 Sampling::Random { seed, .. } => Some(StdRng::seed_from_u64(seed)),
             },
             decode_ms: 0.0,
-        });
-    }
-
+        })
+        .collect();
+    let (layers, hidden) = (model.config().num_layers, model.config().hidden_size);
+    let prefill_deltas = steering.deltas(layers, hidden, Phase::Prefill);
+    let decode_deltas = steering.deltas(layers, hidden, Phase::Decode);
     let mut cache = model.new_cache(batch)?;
-    let mut step = Step {
-        input_ids,
-        position_ids,
-        attention_mask,
-    };
+    let mut step = Step::left_padded(prompts, config.pad_id);
     let started = Instant::now();
-    let mut logits = model.forward(&step, &mut cache)?;
+    let mut logits = model.forward(&step, &mut cache, &prefill_deltas)?;
     let prefill_ms = started.elapsed().as_secs_f64() * 1e3;
 
     loop {
@@ -276,7 +267,7 @@ pub fn generate(
             }
         });
         let started = Instant::now();
-        logits = model.forward(&step, &mut cache)?;
+        logits = model.forward(&step, &mut cache, &decode_deltas)?;
         let elapsed = started.elapsed().as_secs_f64() * 1e3;
         for row in rows.iter_mut() {
             if row.finish.is_none() {

@@ -9,12 +9,14 @@ pub mod bundle;
 pub mod generate;
 pub mod model;
 pub mod runtime;
+pub mod steer;
 pub mod text;
 
 pub use bundle::{Bundle, BundleError};
 pub use generate::{generate, GenerateError, Generated, GenerationConfig, Sampling};
 pub use model::{CausalLm, ModelError, Monolithic, SegmentChain};
 pub use runtime::{ExecutionProvider, Runtime, RuntimeError, RuntimeOptions};
+pub use steer::{SteerError, SteerSpec};
 pub use text::{TextCodec, TextError};
 
 /// Any error of the library, one variant per layer of the system.
@@ -30,4 +32,6 @@ pub enum Error {
     Text(#[from] TextError),
     #[error(transparent)]
     Generate(#[from] GenerateError),
+    #[error(transparent)]
+    Steer(#[from] SteerError),
 }

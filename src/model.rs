@@ -6,7 +6,7 @@
 
 use std::borrow::Cow;
 
-use ndarray::{Array2, ArrayView2};
+use ndarray::{Array2, Array3, ArrayView2};
 use ort::session::{Session, SessionInputValue};
 use ort::value::{DynValue, Tensor, TensorRef};
 
@@ -32,6 +32,8 @@ pub enum ModelError {
     },
     #[error("step inputs disagree: {0}")]
     Shape(String),
+    #[error("the monolithic full.onnx has no steering inputs; steer the segment chain instead")]
+    SteeringUnsupported,
 }
 
 fn run_error(segment: &str) -> impl FnOnce(ort::Error) -> ModelError + '_ {
@@ -52,6 +54,29 @@ pub struct Step {
 }
 
 impl Step {
+    /// The prefill step of a batch: prompts left-padded with `pad_id` to the longest, positions
+    /// counted from each prompt's first real token, padding masked out.
+    pub fn left_padded(prompts: &[Vec<u32>], pad_id: u32) -> Self {
+        let batch = prompts.len();
+        let width = prompts.iter().map(Vec::len).max().unwrap_or(0);
+        let mut input_ids = Array2::<i64>::from_elem((batch, width), pad_id as i64);
+        let mut attention_mask = Array2::<i64>::zeros((batch, width));
+        let mut position_ids = Array2::<i64>::zeros((batch, width));
+        for (r, prompt) in prompts.iter().enumerate() {
+            let offset = width - prompt.len();
+            for (t, &id) in prompt.iter().enumerate() {
+                input_ids[[r, offset + t]] = id as i64;
+                attention_mask[[r, offset + t]] = 1;
+                position_ids[[r, offset + t]] = t as i64;
+            }
+        }
+        Self {
+            input_ids,
+            position_ids,
+            attention_mask,
+        }
+    }
+
     fn check(&self, cache: &KvCache) -> Result<(), ModelError> {
         let (batch, tokens) = self.input_ids.dim();
         if self.position_ids.dim() != (batch, tokens) {
@@ -134,7 +159,15 @@ pub trait CausalLm {
     /// An empty KV cache for `batch` rows.
     fn new_cache(&self, batch: usize) -> Result<KvCache, ModelError>;
     /// Run one step and return fp32 logits of each row's last position.
-    fn forward(&mut self, step: &Step, cache: &mut KvCache) -> Result<Array2<f32>, ModelError>;
+    ///
+    /// `deltas[L]`, when present, is a `[B, d]` vector per row added to layer L's output at
+    /// every position of this step (see [`crate::steer::BatchSteering::deltas`]).
+    fn forward(
+        &mut self,
+        step: &Step,
+        cache: &mut KvCache,
+        deltas: &[Option<Array2<f32>>],
+    ) -> Result<Array2<f32>, ModelError>;
 }
 
 fn expect_io(session: &Session, segment: &Segment) -> Result<(), ModelError> {
@@ -234,6 +267,19 @@ fn view_input<'a>(
         .into())
 }
 
+/// A `[B, d]` delta as the layer graph's `steer_delta` input `[B, 1, d]` in the bundle's dtype.
+fn steer_value(delta: Array2<f32>, dtype: Dtype) -> Result<DynValue, ModelError> {
+    let (batch, hidden) = delta.dim();
+    let delta = delta
+        .into_shape_with_order((batch, 1, hidden))
+        .map_err(|e| ModelError::Shape(e.to_string()))?;
+    let value = match dtype {
+        Dtype::Fp32 => Tensor::from_array(delta).map(Tensor::into_dyn),
+        Dtype::Fp16 => Tensor::from_array(delta.mapv(half::f16::from_f32)).map(Tensor::into_dyn),
+    };
+    value.map_err(run_error("steer_delta"))
+}
+
 /// The segmented model: one ONNX Runtime session per embed, decoder layer and head.
 ///
 /// This is the production path; steering interventions run at its layer boundaries.
@@ -246,12 +292,13 @@ pub struct SegmentChain {
 }
 
 /// Inputs and outputs every layer segment has (the manifest contract).
-pub const LAYER_INPUTS: [&str; 5] = [
+pub const LAYER_INPUTS: [&str; 6] = [
     "hidden_in",
     "position_ids",
     "attention_mask",
     "past_key",
     "past_value",
+    "steer_delta",
 ];
 /// Outputs every layer segment has.
 pub const LAYER_OUTPUTS: [&str; 3] = ["hidden_out", "present_key", "present_value"];
@@ -294,17 +341,19 @@ impl SegmentChain {
     }
 }
 
-impl CausalLm for SegmentChain {
-    fn config(&self) -> &ModelConfig {
-        &self.config
-    }
-
-    fn new_cache(&self, batch: usize) -> Result<KvCache, ModelError> {
-        KvCache::empty(&self.config, self.dtype, batch)
-    }
-
-    fn forward(&mut self, step: &Step, cache: &mut KvCache) -> Result<Array2<f32>, ModelError> {
+impl SegmentChain {
+    /// Embed and run every layer, calling `observe(layer, output)` after each layer's steering;
+    /// returns the last layer's output.
+    fn run_layers(
+        &mut self,
+        step: &Step,
+        cache: &mut KvCache,
+        deltas: &[Option<Array2<f32>>],
+        observe: &mut dyn FnMut(usize, &DynValue) -> Result<(), ModelError>,
+    ) -> Result<DynValue, ModelError> {
         step.check(cache)?;
+        let batch = step.input_ids.nrows();
+        let unsteered = steer_value(Array2::zeros((batch, self.config.hidden_size)), self.dtype)?;
         let embed = &mut self.embed;
         let mut outputs = embed
             .session
@@ -317,6 +366,10 @@ impl CausalLm for SegmentChain {
         drop(outputs);
 
         for (index, layer) in self.layers.iter_mut().enumerate() {
+            let steered = match deltas.get(index) {
+                Some(Some(delta)) => Some(steer_value(delta.clone(), self.dtype)?),
+                _ => None,
+            };
             let inputs: Vec<(Cow<'_, str>, SessionInputValue<'_>)> = vec![
                 (Cow::Borrowed("hidden_in"), (&hidden).into()),
                 (
@@ -329,6 +382,10 @@ impl CausalLm for SegmentChain {
                 ),
                 (Cow::Borrowed("past_key"), (&cache.keys[index]).into()),
                 (Cow::Borrowed("past_value"), (&cache.values[index]).into()),
+                (
+                    Cow::Borrowed("steer_delta"),
+                    steered.as_ref().unwrap_or(&unsteered).into(),
+                ),
             ];
             let mut outputs = layer.session.run(inputs).map_err(run_error(&layer.name))?;
             let next = take(&mut outputs, "hidden_out", &layer.name)?;
@@ -336,9 +393,67 @@ impl CausalLm for SegmentChain {
             cache.values[index] = take(&mut outputs, "present_value", &layer.name)?;
             drop(outputs);
             hidden = next;
+            observe(index, &hidden)?;
         }
         cache.len += step.input_ids.ncols();
+        Ok(hidden)
+    }
 
+    /// One unsteered prefill of `step` that returns the outputs of `layers` (`[B, T, d]`, fp32).
+    ///
+    /// This is how `onnx-steer capture` reads the residual stream for training steering methods.
+    pub fn capture(
+        &mut self,
+        step: &Step,
+        layers: &[usize],
+    ) -> Result<Vec<Array3<f32>>, ModelError> {
+        let mut cache = self.new_cache(step.input_ids.nrows())?;
+        let mut captured: Vec<Option<Array3<f32>>> = vec![None; layers.len()];
+        self.run_layers(step, &mut cache, &[], &mut |index, hidden| {
+            for (slot, _) in layers.iter().enumerate().filter(|(_, &l)| l == index) {
+                captured[slot] = Some(hidden_to_f32(hidden)?);
+            }
+            Ok(())
+        })?;
+        captured
+            .into_iter()
+            .zip(layers)
+            .map(|(array, layer)| {
+                array.ok_or_else(|| ModelError::Shape(format!("layer {layer} is out of range")))
+            })
+            .collect()
+    }
+}
+
+fn hidden_to_f32(value: &DynValue) -> Result<Array3<f32>, ModelError> {
+    let array = match value.try_extract_array::<f32>() {
+        Ok(view) => view.to_owned(),
+        Err(_) => value
+            .try_extract_array::<half::f16>()
+            .map_err(run_error("captured hidden state"))?
+            .mapv(half::f16::to_f32),
+    };
+    array
+        .into_dimensionality::<ndarray::Ix3>()
+        .map_err(|e| ModelError::Shape(format!("hidden state is not [B, T, d]: {e}")))
+}
+
+impl CausalLm for SegmentChain {
+    fn config(&self) -> &ModelConfig {
+        &self.config
+    }
+
+    fn new_cache(&self, batch: usize) -> Result<KvCache, ModelError> {
+        KvCache::empty(&self.config, self.dtype, batch)
+    }
+
+    fn forward(
+        &mut self,
+        step: &Step,
+        cache: &mut KvCache,
+        deltas: &[Option<Array2<f32>>],
+    ) -> Result<Array2<f32>, ModelError> {
+        let hidden = self.run_layers(step, cache, deltas, &mut |_, _| Ok(()))?;
         let head = &mut self.head;
         let outputs = head
             .session
@@ -390,7 +505,15 @@ impl CausalLm for Monolithic {
         KvCache::empty(&self.config, self.dtype, batch)
     }
 
-    fn forward(&mut self, step: &Step, cache: &mut KvCache) -> Result<Array2<f32>, ModelError> {
+    fn forward(
+        &mut self,
+        step: &Step,
+        cache: &mut KvCache,
+        deltas: &[Option<Array2<f32>>],
+    ) -> Result<Array2<f32>, ModelError> {
+        if deltas.iter().any(Option::is_some) {
+            return Err(ModelError::SteeringUnsupported);
+        }
         step.check(cache)?;
         let full = &mut self.full;
         let mut inputs: Vec<(Cow<'_, str>, SessionInputValue<'_>)> = vec![

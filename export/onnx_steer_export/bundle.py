@@ -72,6 +72,7 @@ def layer_io(dims: ModelDims, dtype: str) -> tuple[list[TensorSpec], list[Tensor
         TensorSpec("attention_mask", "int64", ("batch", "total")),
         kv_spec("past_key", dims, dtype, "past"),
         kv_spec("past_value", dims, dtype, "past"),
+        TensorSpec("steer_delta", dtype, ("batch", "steer_tokens", dims.hidden)),
     ]
     outputs = [
         TensorSpec("hidden_out", dtype, hidden),
@@ -96,7 +97,7 @@ def full_io(dims: ModelDims, dtype: str) -> tuple[list[TensorSpec], list[TensorS
 
 
 TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "int64": torch.int64}
-DUMMY_SIZES = {"batch": 2, "tokens": 3, "past": 4, "total": 7}
+DUMMY_SIZES = {"batch": 2, "tokens": 3, "past": 4, "total": 7, "steer_tokens": 1}
 
 
 def dummy(spec: TensorSpec) -> torch.Tensor:

@@ -69,6 +69,7 @@ def segment_parity(bundle: Path, model: PreTrainedModel, input_ids: torch.Tensor
         got = _session(bundle / f"layer_{index:02d}.onnx").run(None, {
             "hidden_in": hidden_in, "position_ids": position_ids.numpy(), "attention_mask": mask,
             "past_key": empty, "past_value": empty,
+            "steer_delta": np.zeros((mask.shape[0], 1, embedded.shape[-1]), dtype=embedded.dtype),
         })[0]
         results.append(_errors(f"layer_{index:02d}", got, reference.numpy(), valid))
         hidden_in = reference.numpy()

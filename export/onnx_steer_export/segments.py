@@ -7,7 +7,8 @@ ONNX graphs have a plain tensor interface:
 
   embed:  input_ids [B,T]                                   -> hidden [B,T,d]
   layer:  hidden_in [B,T,d], position_ids [B,T], attention_mask [B,P+T],
-          past_key/past_value [B,kv,P,hd]                   -> hidden_out, present_key/present_value [B,kv,P+T,hd]
+          past_key/past_value [B,kv,P,hd], steer_delta [B,1|T,d]
+                                                            -> hidden_out, present_key/present_value [B,kv,P+T,hd]
   head:   hidden_in [B,T,d]                                 -> logits [B,V] (last position, fp32)
   full:   the same chain in one graph (the benchmark baseline)
 """
@@ -79,7 +80,10 @@ class LayerSegment(nn.Module):
         attention_mask: torch.Tensor,
         past_key: torch.Tensor,
         past_value: torch.Tensor,
+        steer_delta: torch.Tensor,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """`steer_delta` is added to the layer output on the provider, so steering a static or
+        predicted vector costs one Add and never moves activations to the host; zeros leave it unsteered."""
         cache = ExplicitKvCache(past_key, past_value)
         mask = additive_causal_mask(attention_mask, hidden_in.shape[1], hidden_in.dtype)
         position_embeddings = self.rotary_emb(hidden_in, position_ids)
@@ -92,7 +96,7 @@ class LayerSegment(nn.Module):
             position_embeddings=position_embeddings,
         )
         assert cache.present_key is not None and cache.present_value is not None
-        return hidden_out, cache.present_key, cache.present_value
+        return hidden_out + steer_delta, cache.present_key, cache.present_value
 
 
 class HeadSegment(nn.Module):
@@ -126,6 +130,7 @@ class FullModel(nn.Module):
         hidden = self.embed(input_ids)
         presents: list[torch.Tensor] = []
         for i, layer in enumerate(self.layers):
-            hidden, key, value = layer(hidden, position_ids, attention_mask, past[2 * i], past[2 * i + 1])
+            no_steer = torch.zeros_like(hidden[:, :1, :])
+            hidden, key, value = layer(hidden, position_ids, attention_mask, past[2 * i], past[2 * i + 1], no_steer)
             presents += [key, value]
         return (self.head(hidden), *presents)

@@ -1,16 +1,22 @@
 //! The `onnx-steer` command line: inspect bundles and generate through the segment chain.
 
+use std::collections::HashMap;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
+use std::sync::Arc;
 
 use clap::{Args, Parser, Subcommand};
 use indicatif::{ProgressBar, ProgressStyle};
+use onnx_steer::bundle::ModelConfig;
 use onnx_steer::generate::{generate, validate_prompts, Generated, GenerationConfig, Sampling};
 use onnx_steer::model::{CausalLm, Monolithic, SegmentChain};
 use onnx_steer::runtime::{ExecutionProvider, Runtime, RuntimeOptions};
+use onnx_steer::steer::{vector, BatchSteering, ResolvedSteering, SteerSpec};
 use onnx_steer::text::{StreamDecoder, TextCodec};
-use onnx_steer::{Bundle, BundleError, Error, GenerateError, ModelError, RuntimeError, TextError};
+use onnx_steer::{
+    Bundle, BundleError, Error, GenerateError, ModelError, RuntimeError, SteerError, TextError,
+};
 
 /// What the CLI reports: a library error, or a problem with the command line's own input.
 #[derive(Debug, thiserror::Error)]
@@ -37,7 +43,8 @@ cli_error_from_library!(
     RuntimeError,
     ModelError,
     TextError,
-    GenerateError
+    GenerateError,
+    SteerError
 );
 
 #[derive(Parser)]
@@ -67,6 +74,194 @@ enum Command {
     },
     /// Generate text for one prompt or a batch of prompts.
     Generate(GenerateArgs),
+    /// Steering-vector files.
+    #[command(subcommand)]
+    Vector(VectorCommand),
+    /// Record residual-stream states (layer outputs) for training steering methods.
+    Capture(CaptureArgs),
+}
+
+#[derive(Args)]
+struct CaptureArgs {
+    /// Bundle directory.
+    #[arg(long)]
+    bundle: PathBuf,
+    /// One prompt per line, or a .jsonl file of {"prompt": TEXT} or {"input_ids": [...]} objects.
+    #[arg(long)]
+    prompts_file: PathBuf,
+    /// Wrap text prompts in the chat template.
+    #[arg(long)]
+    chat: bool,
+    /// Layers to record: `A-B`, `A,B,C` or `A` (layer L = output of decoder block L).
+    #[arg(long)]
+    layers: String,
+    /// `last`: each prompt's last token ([N, d] per layer); `all`: every real token
+    /// ([total, d] per layer, plus `lengths` [N]).
+    #[arg(long, default_value = "last", value_parser = ["last", "all"])]
+    tokens: String,
+    /// Prompts per forward pass.
+    #[arg(long, default_value_t = 16)]
+    batch_size: usize,
+    /// Output .safetensors: tensors `layer.{L}`.
+    #[arg(long)]
+    out: PathBuf,
+    #[command(flatten)]
+    runtime: RuntimeArgs,
+}
+
+fn parse_layers(text: &str, num_layers: usize) -> Result<Vec<usize>, CliError> {
+    let bad = || {
+        CliError::Input(format!(
+            "--layers {text:?}: use A-B, A,B,C or A with layers 0..{}",
+            num_layers - 1
+        ))
+    };
+    let layers: Vec<usize> = match text.split_once('-') {
+        Some((a, b)) => {
+            let (a, b): (usize, usize) = (
+                a.trim().parse().map_err(|_| bad())?,
+                b.trim().parse().map_err(|_| bad())?,
+            );
+            (a..=b).collect()
+        }
+        None => text
+            .split(',')
+            .map(|l| l.trim().parse().map_err(|_| bad()))
+            .collect::<Result<_, _>>()?,
+    };
+    if layers.is_empty() || layers.iter().any(|&l| l >= num_layers) {
+        return Err(bad());
+    }
+    Ok(layers)
+}
+
+fn read_capture_prompts(args: &CaptureArgs, codec: &TextCodec) -> Result<Vec<Vec<u32>>, CliError> {
+    let path = &args.prompts_file;
+    let text = std::fs::read_to_string(path).map_err(|e| {
+        CliError::Input(format!(
+            "could not read prompts file {}: {e}",
+            path.display()
+        ))
+    })?;
+    let jsonl = path.extension().is_some_and(|e| e == "jsonl");
+    let mut prompts = Vec::new();
+    for (number, line) in text
+        .lines()
+        .enumerate()
+        .filter(|(_, l)| !l.trim().is_empty())
+    {
+        let ids = if jsonl {
+            let record: serde_json::Value = serde_json::from_str(line).map_err(|e| {
+                CliError::Input(format!("{}:{}: not JSON: {e}", path.display(), number + 1))
+            })?;
+            if let Some(ids) = record.get("input_ids").and_then(|v| v.as_array()) {
+                ids.iter()
+                    .map(|id| id.as_u64().and_then(|id| u32::try_from(id).ok()))
+                    .collect::<Option<Vec<u32>>>()
+                    .ok_or_else(|| {
+                        CliError::Input(format!(
+                            "{}:{}: input_ids must be token ids",
+                            path.display(),
+                            number + 1
+                        ))
+                    })?
+            } else if let Some(prompt) = record.get("prompt").and_then(|v| v.as_str()) {
+                codec.encode_prompt(prompt, args.chat)?
+            } else {
+                return Err(CliError::Input(format!(
+                    "{}:{}: needs \"prompt\" or \"input_ids\"",
+                    path.display(),
+                    number + 1
+                )));
+            }
+        } else {
+            codec.encode_prompt(line, args.chat)?
+        };
+        prompts.push(ids);
+    }
+    if prompts.is_empty() {
+        return Err(CliError::Input(format!(
+            "prompts file {} has no prompts",
+            path.display()
+        )));
+    }
+    Ok(prompts)
+}
+
+fn run_capture(args: CaptureArgs) -> Result<(), CliError> {
+    let bundle = Bundle::open(&args.bundle)?;
+    let config = bundle.config().clone();
+    let layers = parse_layers(&args.layers, config.num_layers)?;
+    let codec = TextCodec::load(&bundle)?;
+    let prompts = read_capture_prompts(&args, &codec)?;
+    validate_prompts(&prompts, config.max_position_embeddings)?;
+    let runtime = args.runtime.runtime()?;
+    let mut chain = SegmentChain::load(&bundle, &runtime)?;
+    let pad = config.pad_token_id.unwrap_or(config.eos_token_ids[0]);
+    let last_only = args.tokens == "last";
+    let mut collected: Vec<Vec<f32>> = vec![Vec::new(); layers.len()];
+    let mut rows = 0usize;
+    let bar = ProgressBar::new(prompts.len() as u64).with_style(
+        ProgressStyle::with_template("capturing {bar:30} {pos}/{len} prompts ({eta})")
+            .expect("static template"),
+    );
+    for chunk in prompts.chunks(args.batch_size.max(1)) {
+        let step = onnx_steer::model::Step::left_padded(chunk, pad);
+        let captured = chain.capture(&step, &layers)?;
+        for (slot, states) in captured.iter().enumerate() {
+            let width = states.dim().1;
+            for (r, prompt) in chunk.iter().enumerate() {
+                let first = if last_only {
+                    width - 1
+                } else {
+                    width - prompt.len()
+                };
+                for t in first..width {
+                    collected[slot].extend(states.slice(ndarray::s![r, t, ..]).iter());
+                }
+            }
+        }
+        rows += chunk.len();
+        bar.inc(chunk.len() as u64);
+    }
+    bar.finish_and_clear();
+    let d = config.hidden_size;
+    let lengths: Vec<f32> = prompts.iter().map(|p| p.len() as f32).collect();
+    let mut tensors: Vec<(String, Vec<usize>, &[f32])> = layers
+        .iter()
+        .zip(&collected)
+        .map(|(layer, data)| {
+            (
+                format!("layer.{layer}"),
+                vec![data.len() / d, d],
+                data.as_slice(),
+            )
+        })
+        .collect();
+    if !last_only {
+        tensors.push(("lengths".into(), vec![rows], lengths.as_slice()));
+    }
+    vector::write_f32_tensors(&args.out, &tensors)?;
+    eprintln!(
+        "captured {rows} prompts x {} layers into {}",
+        layers.len(),
+        args.out.display()
+    );
+    Ok(())
+}
+
+#[derive(Subcommand)]
+enum VectorCommand {
+    /// Convert between .safetensors and .gguf control vectors (repeng / llama.cpp layout), exactly.
+    Convert {
+        /// Input vector file (.safetensors or .gguf).
+        input: PathBuf,
+        /// Output file; the extension picks the format.
+        output: PathBuf,
+        /// `controlvector.model_hint` written into GGUF output.
+        #[arg(long, default_value = "llama")]
+        model_hint: String,
+    },
 }
 
 #[derive(Args)]
@@ -134,16 +329,31 @@ struct GenerateArgs {
     /// Print one JSON object per prompt instead of text.
     #[arg(long)]
     json: bool,
-    /// Run the monolithic full.onnx instead of the segment chain (baseline).
+    /// Run the monolithic full.onnx instead of the segment chain (baseline; cannot steer).
     #[arg(long)]
     monolithic: bool,
+    /// Steer spec JSON applied to every prompt.
+    #[arg(long, conflicts_with = "steer_per_line")]
+    steer: Option<PathBuf>,
+    /// With --prompts-file: each line is `PROMPT<TAB>SPEC.json` (spec optional), so one batch mixes specs.
+    #[arg(long, requires = "prompts_file")]
+    steer_per_line: bool,
     #[command(flatten)]
     runtime: RuntimeArgs,
 }
 
-fn read_prompts(args: &GenerateArgs) -> Result<Vec<String>, CliError> {
+/// A prompt and the steer spec its line names (with --steer-per-line).
+struct PromptLine {
+    prompt: String,
+    spec: Option<PathBuf>,
+}
+
+fn read_prompts(args: &GenerateArgs) -> Result<Vec<PromptLine>, CliError> {
     if let Some(prompt) = &args.prompt {
-        return Ok(vec![prompt.clone()]);
+        return Ok(vec![PromptLine {
+            prompt: prompt.clone(),
+            spec: None,
+        }]);
     }
     let path = args
         .prompts_file
@@ -155,10 +365,22 @@ fn read_prompts(args: &GenerateArgs) -> Result<Vec<String>, CliError> {
             path.display()
         ))
     })?;
-    let prompts: Vec<String> = text
+    let base = path.parent().unwrap_or(Path::new("."));
+    let prompts: Vec<PromptLine> = text
         .lines()
         .filter(|l| !l.trim().is_empty())
-        .map(str::to_string)
+        .map(|line| match line.split_once('\t') {
+            Some((prompt, spec)) if args.steer_per_line => PromptLine {
+                prompt: prompt.to_string(),
+                spec: Some(spec.trim())
+                    .filter(|s| !s.is_empty())
+                    .map(|s| base.join(s)),
+            },
+            _ => PromptLine {
+                prompt: line.to_string(),
+                spec: None,
+            },
+        })
         .collect();
     if prompts.is_empty() {
         return Err(CliError::Input(format!(
@@ -204,16 +426,40 @@ fn load_model(
     Ok(model)
 }
 
+/// Resolve each row's spec once per distinct file.
+fn row_steering(
+    lines: &[PromptLine],
+    shared: Option<&Path>,
+    config: &ModelConfig,
+) -> Result<Vec<Option<Arc<ResolvedSteering>>>, CliError> {
+    let mut resolved: HashMap<PathBuf, Arc<ResolvedSteering>> = HashMap::new();
+    lines
+        .iter()
+        .map(|line| {
+            let Some(path) = line.spec.as_deref().or(shared) else {
+                return Ok(None);
+            };
+            if let Some(done) = resolved.get(path) {
+                return Ok(Some(done.clone()));
+            }
+            let steering = Arc::new(SteerSpec::load(path)?.resolve(config)?);
+            resolved.insert(path.to_path_buf(), steering.clone());
+            Ok(Some(steering))
+        })
+        .collect()
+}
+
 fn run_generate(args: GenerateArgs) -> Result<(), CliError> {
-    let prompts = read_prompts(&args)?;
+    let lines = read_prompts(&args)?;
     let bundle = Bundle::open(&args.bundle)?;
     let codec = TextCodec::load(&bundle)?;
-    let encoded = prompts
+    let encoded = lines
         .iter()
-        .map(|p| codec.encode_prompt(p, args.chat))
+        .map(|line| codec.encode_prompt(&line.prompt, args.chat))
         .collect::<Result<Vec<_>, _>>()?;
     let config = bundle.config();
     validate_prompts(&encoded, config.max_position_embeddings)?;
+    let steering = row_steering(&lines, args.steer.as_deref(), config)?;
     let runtime = args.runtime.runtime()?;
     let mut model = load_model(&bundle, &runtime, args.monolithic)?;
     let generation = GenerationConfig {
@@ -225,7 +471,7 @@ fn run_generate(args: GenerateArgs) -> Result<(), CliError> {
 
     let stdout = std::io::stdout();
     if args.stream {
-        for ids in &encoded {
+        for (ids, row_steering) in encoded.iter().zip(&steering) {
             let mut decoder = StreamDecoder::default();
             let mut out = stdout.lock();
             let mut failure = None;
@@ -233,6 +479,7 @@ fn run_generate(args: GenerateArgs) -> Result<(), CliError> {
                 model.as_mut(),
                 std::slice::from_ref(ids),
                 &generation,
+                &BatchSteering::uniform(row_steering.clone(), 1),
                 &mut |_, id| match decoder.push(&codec, id) {
                     Ok(delta) => {
                         let _ = out.write_all(delta.as_bytes());
@@ -249,9 +496,16 @@ fn run_generate(args: GenerateArgs) -> Result<(), CliError> {
         return Ok(());
     }
 
-    let results = generate(model.as_mut(), &encoded, &generation, &mut |_, _| {})?;
+    let results = generate(
+        model.as_mut(),
+        &encoded,
+        &generation,
+        &BatchSteering::new(steering),
+        &mut |_, _| {},
+    )?;
     let mut out = stdout.lock();
-    for (prompt, result) in prompts.iter().zip(&results) {
+    for (line, result) in lines.iter().zip(&results) {
+        let prompt = &line.prompt;
         let text = codec.decode(&result.token_ids)?;
         let line = if args.json {
             json_record(prompt, &text, result).to_string()
@@ -351,6 +605,12 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Inspect { bundle, json } => run_inspect(&bundle, json),
         Command::Generate(args) => run_generate(args),
+        Command::Capture(args) => run_capture(args),
+        Command::Vector(VectorCommand::Convert {
+            input,
+            output,
+            model_hint,
+        }) => vector::convert(&input, &output, &model_hint).map_err(CliError::from),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

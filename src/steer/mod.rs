@@ -1,0 +1,428 @@
+//! Steering: the steer spec (JSON), loading and validating what it names, and turning it into
+//! per-layer additions for a batch whose rows may each carry a different spec.
+//!
+//! Layer L means the output of decoder block L (HF `hidden_states[L+1]`), as in repeng and
+//! llama.cpp. The runtime adds each layer's summed delta inside that layer's graph
+//! (`steer_delta` input), so activations never leave the execution provider to be steered.
+
+pub mod gguf;
+pub mod vector;
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use ndarray::Array2;
+use serde::{Deserialize, Serialize};
+
+use crate::bundle::ModelConfig;
+pub use vector::Directions;
+
+/// Why a steer spec or a file it names is unusable.
+#[derive(Debug, thiserror::Error)]
+pub enum SteerError {
+    #[error("steer spec {path} not found")]
+    MissingSpec { path: PathBuf },
+    #[error("steer spec {path}: {message}")]
+    Syntax { path: PathBuf, message: String },
+    #[error("steer spec {spec}: intervention {index}: {problem}")]
+    Invalid {
+        spec: String,
+        index: usize,
+        problem: String,
+    },
+    #[error("vector file {path} not found (paths are relative to the spec file)")]
+    MissingVector { path: PathBuf },
+    #[error("vector file {path}: {message}")]
+    VectorFile { path: PathBuf, message: String },
+}
+
+/// Which token positions an intervention touches.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Positions {
+    /// Prompt tokens and generated tokens.
+    #[default]
+    All,
+    /// Only the prompt (the prefill step).
+    Prompt,
+    /// Only generated tokens (decode steps).
+    Generated,
+}
+
+impl Positions {
+    fn covers(self, phase: Phase) -> bool {
+        matches!(
+            (self, phase),
+            (Positions::All, _)
+                | (Positions::Prompt, Phase::Prefill)
+                | (Positions::Generated, Phase::Decode)
+        )
+    }
+}
+
+/// The step kind a delta is built for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Phase {
+    /// The prompt, all at once.
+    Prefill,
+    /// One generated token per row.
+    Decode,
+}
+
+fn default_scale() -> f32 {
+    1.0
+}
+
+/// Add `scale * direction` at the given layers (a static steering vector).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VectorIntervention {
+    /// A `.safetensors` or `.gguf` file of `direction.{layer}` tensors (relative to the spec file).
+    pub path: PathBuf,
+    /// Strength; negative values steer the other way.
+    #[serde(default = "default_scale")]
+    pub scale: f32,
+    /// Layers to steer; default: every layer the file has a direction for.
+    #[serde(default)]
+    pub layers: Option<Vec<usize>>,
+    #[serde(default)]
+    pub positions: Positions,
+    /// Rescale each direction to unit L2 norm before applying `scale`.
+    #[serde(default)]
+    pub normalize: bool,
+}
+
+/// One entry of a steer spec; `kind` selects the variant.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "lowercase")]
+pub enum Intervention {
+    Vector(VectorIntervention),
+}
+
+/// A steer spec: which interventions run, where and how strong. Several compose by summing.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SteerSpec {
+    pub interventions: Vec<Intervention>,
+    /// Directory relative paths resolve against (the spec file's directory).
+    #[serde(skip)]
+    pub base_dir: PathBuf,
+    /// Where the spec came from, for error messages.
+    #[serde(skip)]
+    pub origin: String,
+}
+
+impl SteerSpec {
+    /// Read and parse a spec file; relative vector paths resolve against its directory.
+    pub fn load(path: &Path) -> Result<Self, SteerError> {
+        let text = std::fs::read_to_string(path).map_err(|_| SteerError::MissingSpec {
+            path: path.to_path_buf(),
+        })?;
+        let base = path.parent().unwrap_or(Path::new(".")).to_path_buf();
+        Self::parse(&text, &base, &path.display().to_string())
+    }
+
+    /// Parse spec JSON; `origin` names it in errors.
+    pub fn parse(text: &str, base_dir: &Path, origin: &str) -> Result<Self, SteerError> {
+        let mut spec: SteerSpec = serde_json::from_str(text).map_err(|e| SteerError::Syntax {
+            path: PathBuf::from(origin),
+            message: e.to_string(),
+        })?;
+        spec.base_dir = base_dir.to_path_buf();
+        spec.origin = origin.to_string();
+        Ok(spec)
+    }
+
+    /// Load every file the spec names and check it against the model; the result is ready to apply.
+    pub fn resolve(&self, config: &ModelConfig) -> Result<ResolvedSteering, SteerError> {
+        let mut additions = Vec::new();
+        for (index, intervention) in self.interventions.iter().enumerate() {
+            let invalid = |problem: String| SteerError::Invalid {
+                spec: self.origin.clone(),
+                index,
+                problem,
+            };
+            match intervention {
+                Intervention::Vector(v) => {
+                    if !v.scale.is_finite() {
+                        return Err(invalid(format!("scale must be finite, got {}", v.scale)));
+                    }
+                    let path = self.base_dir.join(&v.path);
+                    let directions = Directions::load(&path)?;
+                    let layers = match &v.layers {
+                        Some(layers) => layers.clone(),
+                        None => directions.layers().ok_or_else(|| {
+                            invalid(
+                                "the file holds a single direction; say which \"layers\" to steer"
+                                    .into(),
+                            )
+                        })?,
+                    };
+                    for layer in layers {
+                        if layer >= config.num_layers {
+                            return Err(invalid(format!(
+                                "layer {layer} is out of range; the model has layers 0..{}",
+                                config.num_layers - 1
+                            )));
+                        }
+                        let direction = directions.for_layer(layer).ok_or_else(|| {
+                            invalid(format!(
+                                "{} has no direction for layer {layer}",
+                                path.display()
+                            ))
+                        })?;
+                        if direction.len() != config.hidden_size {
+                            return Err(invalid(format!(
+                                "direction for layer {layer} has length {}, the model's hidden size is {}",
+                                direction.len(),
+                                config.hidden_size
+                            )));
+                        }
+                        if let Some(bad) = direction.iter().position(|x| !x.is_finite()) {
+                            return Err(invalid(format!(
+                                "direction for layer {layer} has a non-finite value ({}) at index {bad}",
+                                direction[bad]
+                            )));
+                        }
+                        let norm = if v.normalize {
+                            direction
+                                .iter()
+                                .map(|x| x * x)
+                                .sum::<f32>()
+                                .sqrt()
+                                .max(f32::MIN_POSITIVE)
+                        } else {
+                            1.0
+                        };
+                        additions.push(LayerAddition {
+                            layer,
+                            positions: v.positions,
+                            delta: direction.iter().map(|x| x * v.scale / norm).collect(),
+                        });
+                    }
+                }
+            }
+        }
+        Ok(ResolvedSteering { additions })
+    }
+}
+
+#[derive(Debug, Clone)]
+struct LayerAddition {
+    layer: usize,
+    positions: Positions,
+    delta: Vec<f32>,
+}
+
+/// A spec checked against a model: the vectors to add per layer. Share it across requests.
+#[derive(Debug, Clone, Default)]
+pub struct ResolvedSteering {
+    additions: Vec<LayerAddition>,
+}
+
+impl ResolvedSteering {
+    /// Sum of the additions at `layer` that apply in `phase`, if any.
+    pub fn delta(&self, layer: usize, phase: Phase) -> Option<Vec<f32>> {
+        let mut sum: Option<Vec<f32>> = None;
+        for add in self
+            .additions
+            .iter()
+            .filter(|a| a.layer == layer && a.positions.covers(phase))
+        {
+            match &mut sum {
+                Some(total) => total.iter_mut().zip(&add.delta).for_each(|(t, d)| *t += d),
+                None => sum = Some(add.delta.clone()),
+            }
+        }
+        sum
+    }
+
+    /// Layers this steering touches.
+    pub fn layers(&self) -> Vec<usize> {
+        let mut layers: Vec<usize> = self.additions.iter().map(|a| a.layer).collect();
+        layers.sort_unstable();
+        layers.dedup();
+        layers
+    }
+}
+
+/// The steering of each row of a batch (rows may differ, or have none).
+#[derive(Debug, Clone, Default)]
+pub struct BatchSteering {
+    rows: Vec<Option<Arc<ResolvedSteering>>>,
+}
+
+impl BatchSteering {
+    /// One entry per row; `None` leaves that row unsteered.
+    pub fn new(rows: Vec<Option<Arc<ResolvedSteering>>>) -> Self {
+        Self { rows }
+    }
+
+    /// The same steering for every row.
+    pub fn uniform(steering: Option<Arc<ResolvedSteering>>, batch: usize) -> Self {
+        Self {
+            rows: vec![steering; batch],
+        }
+    }
+
+    /// Per-layer `[B, d]` deltas for `phase`; `None` where no row steers that layer.
+    pub fn deltas(
+        &self,
+        num_layers: usize,
+        hidden: usize,
+        phase: Phase,
+    ) -> Vec<Option<Array2<f32>>> {
+        (0..num_layers)
+            .map(|layer| {
+                let per_row: Vec<Option<Vec<f32>>> = self
+                    .rows
+                    .iter()
+                    .map(|row| row.as_ref().and_then(|s| s.delta(layer, phase)))
+                    .collect();
+                if per_row.iter().all(Option::is_none) {
+                    return None;
+                }
+                let mut deltas = Array2::<f32>::zeros((self.rows.len(), hidden));
+                for (r, delta) in per_row.into_iter().enumerate() {
+                    if let Some(delta) = delta {
+                        deltas.row_mut(r).assign(&ndarray::ArrayView1::from(&delta));
+                    }
+                }
+                Some(deltas)
+            })
+            .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config() -> ModelConfig {
+        serde_json::from_value(serde_json::json!({
+            "architecture": "llama", "hidden_size": 3, "num_layers": 4, "num_attention_heads": 1,
+            "num_key_value_heads": 1, "head_dim": 3, "vocab_size": 5, "max_position_embeddings": 8,
+            "eos_token_ids": [0]
+        }))
+        .unwrap()
+    }
+
+    fn spec_with(
+        dir: &Path,
+        intervention: serde_json::Value,
+    ) -> Result<ResolvedSteering, SteerError> {
+        let text = serde_json::json!({ "interventions": [intervention] }).to_string();
+        SteerSpec::parse(&text, dir, "test.json")?.resolve(&config())
+    }
+
+    fn vector_dir(directions: &[(usize, Vec<f32>)]) -> tempfile::TempDir {
+        let dir = tempfile::tempdir().unwrap();
+        let named: Vec<(String, Vec<f32>)> = directions
+            .iter()
+            .map(|(l, v)| (format!("direction.{l}"), v.clone()))
+            .collect();
+        vector::write_safetensors(&dir.path().join("v.safetensors"), &named).unwrap();
+        dir
+    }
+
+    #[test]
+    fn unknown_kind_is_rejected() {
+        let err = SteerSpec::parse(
+            r#"{"interventions": [{"kind": "magic"}]}"#,
+            Path::new("."),
+            "s.json",
+        )
+        .unwrap_err();
+        assert!(err.to_string().contains("unknown variant `magic`"), "{err}");
+    }
+
+    #[test]
+    fn layer_out_of_range_is_rejected() {
+        let dir = vector_dir(&[(1, vec![1.0, 0.0, 0.0])]);
+        let err = spec_with(
+            dir.path(),
+            serde_json::json!({"kind": "vector", "path": "v.safetensors", "layers": [9]}),
+        )
+        .unwrap_err();
+        assert!(err.to_string().contains("layer 9 is out of range"), "{err}");
+    }
+
+    #[test]
+    fn wrong_length_is_rejected() {
+        let dir = vector_dir(&[(1, vec![1.0, 0.0])]);
+        let err = spec_with(
+            dir.path(),
+            serde_json::json!({"kind": "vector", "path": "v.safetensors"}),
+        )
+        .unwrap_err();
+        assert!(
+            err.to_string()
+                .contains("length 2, the model's hidden size is 3"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn non_finite_values_are_rejected() {
+        let dir = vector_dir(&[(2, vec![1.0, f32::NAN, 0.0])]);
+        let err = spec_with(
+            dir.path(),
+            serde_json::json!({"kind": "vector", "path": "v.safetensors"}),
+        )
+        .unwrap_err();
+        assert!(err.to_string().contains("non-finite"), "{err}");
+    }
+
+    #[test]
+    fn missing_file_is_rejected() {
+        let dir = tempfile::tempdir().unwrap();
+        let err = spec_with(
+            dir.path(),
+            serde_json::json!({"kind": "vector", "path": "nope.gguf", "layers": [1]}),
+        )
+        .unwrap_err();
+        assert!(matches!(err, SteerError::MissingVector { .. }), "{err}");
+    }
+
+    #[test]
+    fn interventions_sum_per_layer_and_respect_positions() {
+        let dir = vector_dir(&[(1, vec![1.0, 2.0, 3.0])]);
+        let text = serde_json::json!({"interventions": [
+            {"kind": "vector", "path": "v.safetensors", "scale": 2.0},
+            {"kind": "vector", "path": "v.safetensors", "scale": -0.5, "positions": "generated"},
+        ]})
+        .to_string();
+        let steering = SteerSpec::parse(&text, dir.path(), "s")
+            .unwrap()
+            .resolve(&config())
+            .unwrap();
+        assert_eq!(steering.delta(1, Phase::Prefill), Some(vec![2.0, 4.0, 6.0]));
+        assert_eq!(steering.delta(1, Phase::Decode), Some(vec![1.5, 3.0, 4.5]));
+        assert_eq!(steering.delta(0, Phase::Decode), None);
+    }
+
+    #[test]
+    fn normalize_makes_unit_directions() {
+        let dir = vector_dir(&[(0, vec![3.0, 0.0, 4.0])]);
+        let steering = spec_with(dir.path(), serde_json::json!({"kind": "vector", "path": "v.safetensors", "normalize": true, "scale": 10.0})).unwrap();
+        assert_eq!(steering.delta(0, Phase::Prefill), Some(vec![6.0, 0.0, 8.0]));
+    }
+
+    #[test]
+    fn batch_rows_get_their_own_deltas() {
+        let dir = vector_dir(&[(2, vec![1.0, 1.0, 1.0])]);
+        let steering = Arc::new(
+            spec_with(
+                dir.path(),
+                serde_json::json!({"kind": "vector", "path": "v.safetensors"}),
+            )
+            .unwrap(),
+        );
+        let batch = BatchSteering::new(vec![None, Some(steering)]);
+        let deltas = batch.deltas(4, 3, Phase::Prefill);
+        assert!(deltas[1].is_none());
+        let layer2 = deltas[2].as_ref().unwrap();
+        assert_eq!(layer2.row(0).to_vec(), vec![0.0; 3]);
+        assert_eq!(layer2.row(1).to_vec(), vec![1.0; 3]);
+    }
+}
