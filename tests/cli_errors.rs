@@ -221,3 +221,60 @@ fn inspect_prints_a_summary() {
             predicate::str::contains("30 layers").and(predicate::str::contains("sha256 verified")),
         );
 }
+
+fn spec_error(spec: serde_json::Value, vector: Option<(&str, Vec<f32>)>) -> String {
+    let dir = tempfile::tempdir().unwrap();
+    if let Some((name, values)) = vector {
+        onnx_steer::steer::vector::write_safetensors(
+            &dir.path().join("v.safetensors"),
+            &[(name.to_string(), values)],
+        )
+        .unwrap();
+    }
+    let path = dir.path().join("spec.json");
+    std::fs::write(&path, spec.to_string()).unwrap();
+    generate_error(generate_in(&bundle_dir()).arg("--steer").arg(&path))
+}
+
+#[test]
+fn bad_steer_specs_are_rejected_before_loading_the_model() {
+    let stderr = spec_error(
+        serde_json::json!({"interventions": [{"kind": "telepathy"}]}),
+        None,
+    );
+    assert!(stderr.contains("unknown variant `telepathy`"), "{stderr}");
+    let stderr = spec_error(
+        serde_json::json!({"interventions": [{"kind": "vector", "path": "v.safetensors", "layers": [30]}]}),
+        Some(("direction", vec![0.0; 576])),
+    );
+    assert!(stderr.contains("layer 30 is out of range"), "{stderr}");
+    let stderr = spec_error(
+        serde_json::json!({"interventions": [{"kind": "vector", "path": "v.safetensors", "layers": [3]}]}),
+        Some(("direction", vec![0.0; 100])),
+    );
+    assert!(
+        stderr.contains("length 100") && stderr.contains("576"),
+        "{stderr}"
+    );
+    let mut poisoned = vec![0.0; 576];
+    poisoned[7] = f32::INFINITY;
+    let stderr = spec_error(
+        serde_json::json!({"interventions": [{"kind": "vector", "path": "v.safetensors", "layers": [3]}]}),
+        Some(("direction", poisoned)),
+    );
+    assert!(
+        stderr.contains("non-finite") && stderr.contains("index 7"),
+        "{stderr}"
+    );
+    let stderr = spec_error(
+        serde_json::json!({"interventions": [{"kind": "vector", "path": "missing.gguf", "layers": [3]}]}),
+        None,
+    );
+    assert!(stderr.contains("missing.gguf not found"), "{stderr}");
+    let stderr =
+        generate_error(generate_in(&bundle_dir()).args(["--steer", "/nonexistent/spec.json"]));
+    assert!(
+        stderr.contains("steer spec /nonexistent/spec.json not found"),
+        "{stderr}"
+    );
+}

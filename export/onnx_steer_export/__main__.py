@@ -1,4 +1,4 @@
-"""Command line: python -m onnx_steer_export {export} ..."""
+"""Command line: python -m onnx_steer_export {export, train-vector} ..."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 from .source import SourceError
+from .vectors import PairsError
 
 
 def cmd_export(args: argparse.Namespace) -> None:
@@ -20,6 +21,15 @@ def cmd_export(args: argparse.Namespace) -> None:
         f"wrote {args.out}: {model['architecture']}, {model['num_layers']} layers, d={model['hidden_size']}, "
         f"{manifest['dtype']}, {len(manifest['files'])} files"
     )
+
+
+def cmd_train_vector(args: argparse.Namespace) -> None:
+    from .vectors import parse_layers, train_vector
+
+    vectors = train_vector(Path(args.bundle), Path(args.pairs), args.method, parse_layers(args.layers),
+                           Path(args.out), chat=not args.no_chat)
+    norms = ", ".join(f"{layer}: {float((v ** 2).sum() ** 0.5):.2f}" for layer, v in vectors.items())
+    print(f"wrote {args.out} ({args.method}; |v| per layer {norms})")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -40,6 +50,23 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--monolithic", action="store_true",
                         help="also write full.onnx, the whole model as one graph (the benchmark baseline)")
     export.set_defaults(func=cmd_export)
+
+    vector = commands.add_parser(
+        "train-vector",
+        help="train a static steering vector (mean difference or PCA) from contrastive pairs",
+        description="Read last-token states of each pair's two sides through the bundle (onnx-steer capture) "
+        "and write direction.{L} tensors. Pairs JSONL: {prompt, positive, negative} (completion contrast) or "
+        "{positive_prompt, negative_prompt}.",
+    )
+    vector.add_argument("--bundle", required=True, help="bundle directory")
+    vector.add_argument("--pairs", required=True, help="pairs JSONL")
+    vector.add_argument("--method", choices=["mean", "pca"], default="mean",
+                        help="mean: mean(pos) - mean(neg); pca: first principal component of the differences, "
+                        "unit length, signed so positives project higher")
+    vector.add_argument("--layers", required=True, help="A-B or A,B,C (layer L = output of decoder block L)")
+    vector.add_argument("--out", required=True, help="output .safetensors")
+    vector.add_argument("--no-chat", action="store_true", help="do not wrap prompts in the chat template")
+    vector.set_defaults(func=cmd_train_vector)
     return parser
 
 
@@ -47,7 +74,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         args.func(args)
-    except SourceError as err:
+    except (SourceError, PairsError, FileNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     return 0

@@ -1,0 +1,142 @@
+"""Static steering vectors: training matches HF hidden states, steered generation matches HF with a
+forward hook, and GGUF control vectors in repeng's layout interoperate exactly."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from pathlib import Path
+
+import gguf
+import numpy as np
+import pytest
+import torch
+from safetensors.numpy import load_file
+
+from onnx_steer_export.source import LoadedModel
+from onnx_steer_export.vectors import bundle_tokenizer, direction, load_pairs, train_vector
+
+from conftest import REPO, hf_greedy, run_generate
+
+PAIRS = REPO / "data" / "sentiment_pairs_small.jsonl"
+LAYERS = [6, 12, 20]
+
+
+@pytest.fixture(scope="module")
+def trained(bundle_dir: Path, binary: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
+    out = tmp_path_factory.mktemp("vectors") / "sentiment_mean.safetensors"
+    vectors = train_vector(bundle_dir, PAIRS, "mean", LAYERS, out, binary=binary)
+    return out, vectors
+
+
+def hf_last_token_states(model: LoadedModel, sequences: list[list[int]], layer: int) -> np.ndarray:
+    states = []
+    with torch.no_grad():
+        for ids in sequences:
+            out = model.model(torch.tensor([ids]), output_hidden_states=True)
+            states.append(out.hidden_states[layer + 1][0, -1].numpy())
+    return np.stack(states)
+
+
+@pytest.mark.parametrize("method", ["mean", "pca"])
+def test_trained_vectors_equal_hf_computed(method: str, bundle_dir: Path, binary: Path, default_model: LoadedModel,
+                                           tmp_path: Path, trained: tuple[Path, dict]) -> None:
+    if method == "mean":
+        vectors = trained[1]
+    else:
+        vectors = train_vector(bundle_dir, PAIRS, method, LAYERS, tmp_path / "pca.safetensors", binary=binary)
+    pairs = load_pairs(PAIRS, bundle_tokenizer(bundle_dir))
+    for layer in LAYERS:
+        # Layer 20 is not the last: hidden_states[L+1] is pre-norm there.
+        pos = hf_last_token_states(default_model, [p.positive for p in pairs], layer)
+        neg = hf_last_token_states(default_model, [p.negative for p in pairs], layer)
+        expected = direction(pos, neg, method)
+        error = np.abs(vectors[layer] - expected).max()
+        print(f"{method} layer {layer}: max abs {error:.2e}, |v| {np.linalg.norm(expected):.2f}")
+        assert error < 1e-4, (method, layer, error)
+
+
+def write_repeng_gguf(path: Path, directions: dict[int, np.ndarray]) -> None:
+    """What repeng's ControlVector.export_gguf writes."""
+    writer = gguf.GGUFWriter(str(path), "controlvector")
+    writer.add_string("controlvector.model_hint", "llama")
+    writer.add_uint32("controlvector.layer_count", len(directions))
+    for layer, vector in directions.items():
+        writer.add_tensor(f"direction.{layer}", vector.astype(np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+
+
+def test_gguf_control_vectors_round_trip_exactly(binary: Path, tmp_path: Path, trained: tuple[Path, dict]) -> None:
+    directions = trained[1]
+    repeng = tmp_path / "repeng.gguf"
+    write_repeng_gguf(repeng, directions)
+    as_st = tmp_path / "from_gguf.safetensors"
+    back = tmp_path / "back.gguf"
+    for src, dst in [(repeng, as_st), (as_st, back)]:
+        subprocess.run([str(binary), "vector", "convert", str(src), str(dst)], check=True)
+    loaded = load_file(str(as_st))
+    reader = gguf.GGUFReader(str(back))
+    assert reader.fields["general.architecture"].contents() == "controlvector"
+    rewritten = {t.name: np.array(t.data) for t in reader.tensors}
+    for layer, vector in directions.items():
+        assert np.array_equal(loaded[f"direction.{layer}"], vector)
+        assert np.array_equal(rewritten[f"direction.{layer}"], vector)
+
+
+def hf_steered_greedy(model: LoadedModel, ids: list[int], layer: int, delta: np.ndarray, tokens: int) -> list[int]:
+    """repeng-style steering in HF: a forward hook adds the delta to decoder block `layer`'s output."""
+    added = torch.from_numpy(delta)
+    hook = model.model.model.layers[layer].register_forward_hook(lambda _m, _i, out: out + added)
+    try:
+        return hf_greedy(model, ids, tokens)
+    finally:
+        hook.remove()
+
+
+def test_steered_generation_matches_hf_hook(binary: Path, bundle_dir: Path, default_model: LoadedModel,
+                                            tmp_path: Path, trained: tuple[Path, dict]) -> None:
+    vector_file, directions = trained
+    layer, scale = 12, -4.0
+    gguf_file = tmp_path / "sentiment.gguf"
+    write_repeng_gguf(gguf_file, {layer: directions[layer]})
+    cases = [
+        ("Describe your favourite city in two sentences.", vector_file),
+        ("How was your day at school?", vector_file),
+        ("Write one sentence about the ocean.", vector_file),
+        ("What do you think about rainy weekends?", gguf_file),
+    ]
+    tokenizer = default_model.tokenizer
+    changed = 0
+    for prompt, path in cases:
+        spec = tmp_path / f"spec_{path.suffix[1:]}.json"
+        spec.write_text(json.dumps({"interventions": [
+            {"kind": "vector", "path": str(path), "scale": scale, "layers": [layer]}]}))
+        record = run_generate(binary, bundle_dir, "--chat", "--max-new-tokens", "48", "--steer", str(spec),
+                              "--prompt", prompt)[0]
+        ids = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
+                                            tokenize=True, return_dict=False)
+        expected = hf_steered_greedy(default_model, list(ids), layer, scale * directions[layer], 48)
+        assert record["token_ids"] == expected, prompt
+        changed += record["token_ids"] != hf_greedy(default_model, list(ids), 48)
+    assert changed >= 3, "a scale of -4 at layer 12 should change most generations"
+
+
+def test_mixed_specs_in_one_batch(binary: Path, bundle_dir: Path, tmp_path: Path, trained: tuple[Path, dict]) -> None:
+    """--steer-per-line: a steered row and an unsteered row in one batch each equal their single runs."""
+    spec = tmp_path / "spec.json"
+    spec.write_text(json.dumps({"interventions": [
+        {"kind": "vector", "path": str(trained[0]), "scale": -4.0, "layers": [12]}]}))
+    prompt = "Describe your favourite city in two sentences."
+    lines = tmp_path / "lines.txt"
+    lines.write_text(f"{prompt}\t{spec}\n{prompt}\n")
+    batch = run_generate(binary, bundle_dir, "--chat", "--max-new-tokens", "24", "--steer-per-line",
+                         "--prompts-file", str(lines))
+    steered = run_generate(binary, bundle_dir, "--chat", "--max-new-tokens", "24", "--steer", str(spec),
+                           "--prompt", prompt)[0]
+    plain = run_generate(binary, bundle_dir, "--chat", "--max-new-tokens", "24", "--prompt", prompt)[0]
+    assert batch[0]["token_ids"] == steered["token_ids"]
+    assert batch[1]["token_ids"] == plain["token_ids"]
+    assert steered["token_ids"] != plain["token_ids"]
