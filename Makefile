@@ -7,9 +7,10 @@ VENV        := .venv
 PY          := $(VENV)/bin/python
 BUNDLE      := onnx/smollm2-135m-instruct
 BIN         := target/release/onnx-steer
-DEMO_PROMPT ?= Give me three tips for staying focused while studying.
+STEER       := $(BUNDLE)/steer
+DEMO_PROMPT ?= Describe your morning commute in two sentences.
 
-.PHONY: setup bundle build demo test test-rust test-python lint clean-bundle
+.PHONY: setup bundle build steer demo test test-rust test-python lint clean-bundle
 
 setup: $(VENV)/.installed
 
@@ -24,15 +25,32 @@ $(VENV)/.installed: export/requirements.txt export/pyproject.toml
 
 bundle: $(BUNDLE)/manifest.json
 
-$(BUNDLE)/manifest.json: $(VENV)/.installed $(wildcard export/onnx_steer_export/*.py)
+$(BUNDLE)/manifest.json: $(VENV)/.installed $(addprefix export/onnx_steer_export/,source.py segments.py bundle.py)
 	$(PY) -m onnx_steer_export export --source default --out $(BUNDLE) --monolithic
 
 build:
 	cargo build --release
 
-demo: setup bundle build
+# Every trained steering artifact for the default bundle, each with a ready steer spec, in $(STEER)/.
+steer: $(STEER)/sentiment_mean.safetensors
+
+$(STEER)/sentiment_mean.safetensors: $(BUNDLE)/manifest.json data/sentiment_pairs_small.jsonl | build
+	$(PY) -m onnx_steer_export train-vector --bundle $(BUNDLE) --pairs data/sentiment_pairs_small.jsonl \
+		--method mean --layers 0-29 --out $@
+	$(BIN) vector convert $@ $(STEER)/sentiment_mean.gguf
+	echo '{"interventions": [{"kind": "vector", "path": "sentiment_mean.safetensors", "scale": -4.0, "layers": [12]}]}' \
+		> $(STEER)/sentiment_negative.json
+	echo '{"interventions": [{"kind": "vector", "path": "sentiment_mean.safetensors", "scale": 3.0, "layers": [12]}]}' \
+		> $(STEER)/sentiment_positive.json
+
+demo: setup bundle build steer
 	$(BIN) inspect --bundle $(BUNDLE)
-	$(BIN) generate --bundle $(BUNDLE) --chat --max-new-tokens 64 --prompt "$(DEMO_PROMPT)"
+	@echo "== unsteered"
+	$(BIN) generate --bundle $(BUNDLE) --chat --max-new-tokens 48 --prompt "$(DEMO_PROMPT)"
+	@echo "== steered: $(STEER)/sentiment_negative.json"
+	$(BIN) generate --bundle $(BUNDLE) --chat --max-new-tokens 48 --prompt "$(DEMO_PROMPT)" --steer $(STEER)/sentiment_negative.json
+	@echo "== steered: $(STEER)/sentiment_positive.json"
+	$(BIN) generate --bundle $(BUNDLE) --chat --max-new-tokens 48 --prompt "$(DEMO_PROMPT)" --steer $(STEER)/sentiment_positive.json
 
 test: setup bundle build
 	$(MAKE) test-rust test-python
