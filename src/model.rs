@@ -156,8 +156,12 @@ impl KvCache {
 pub trait CausalLm {
     /// Hyper-parameters of the model.
     fn config(&self) -> &ModelConfig;
+    /// Element type of activations and cache.
+    fn dtype(&self) -> Dtype;
     /// An empty KV cache for `batch` rows.
-    fn new_cache(&self, batch: usize) -> Result<KvCache, ModelError>;
+    fn new_cache(&self, batch: usize) -> Result<KvCache, ModelError> {
+        KvCache::empty(self.config(), self.dtype(), batch)
+    }
     /// Run one step and return fp32 logits of each row's last position.
     ///
     /// `deltas[L]`, when present, is a `[B, d]` vector per row added to layer L's output at
@@ -443,8 +447,8 @@ impl CausalLm for SegmentChain {
         &self.config
     }
 
-    fn new_cache(&self, batch: usize) -> Result<KvCache, ModelError> {
-        KvCache::empty(&self.config, self.dtype, batch)
+    fn dtype(&self) -> Dtype {
+        self.dtype
     }
 
     fn forward(
@@ -501,8 +505,8 @@ impl CausalLm for Monolithic {
         &self.config
     }
 
-    fn new_cache(&self, batch: usize) -> Result<KvCache, ModelError> {
-        KvCache::empty(&self.config, self.dtype, batch)
+    fn dtype(&self) -> Dtype {
+        self.dtype
     }
 
     fn forward(
