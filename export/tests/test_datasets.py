@@ -18,3 +18,10 @@ def test_benign_prompts_are_many_and_distinct() -> None:
     prompts = benign_prompts()
     assert len(prompts) >= 100
     assert len(set(prompts)) == len(prompts)
+
+
+def test_sentiment_pairs_are_many_complete_and_distinct() -> None:
+    pairs = read_jsonl(DATA / "sentiment_pairs.jsonl")
+    assert len(pairs) >= 100
+    assert all(p["positive"] and p["negative"] and p["positive"] != p["negative"] for p in pairs)
+    assert len({p["prompt"] for p in pairs}) == len(pairs)
