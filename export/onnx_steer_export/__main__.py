@@ -1,8 +1,9 @@
-"""Command line: python -m onnx_steer_export {export, train-vector, make-splits} ..."""
+"""Command line: python -m onnx_steer_export {export, train-vector, eval, make-splits} ..."""
 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
 
@@ -30,6 +31,24 @@ def cmd_train_vector(args: argparse.Namespace) -> None:
                            Path(args.out), chat=not args.no_chat)
     norms = ", ".join(f"{layer}: {float((v ** 2).sum() ** 0.5):.2f}" for layer, v in vectors.items())
     print(f"wrote {args.out} ({args.method}; |v| per layer {norms})")
+
+
+def cmd_eval(args: argparse.Namespace) -> None:
+    from .evaluate import evaluate, plot
+
+    scales = [float(s) for s in args.sweep_scale.split(",")] if args.sweep_scale else None
+    report = evaluate(Path(args.bundle), args.task, Path(args.prompts), Path(args.spec) if args.spec else None,
+                      scales, Path(args.benign) if args.benign else None, args.max_new_tokens, args.limit)
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
+    if args.plot:
+        plot(report, Path(args.plot))
+    metric = "refusal_rate" if args.task == "refusal" else "sentiment"
+    for run in [report["baseline"], *report["steered"]]:
+        extra = f", benign refusal {run['benign_refusal_rate']:.3f}" if run.get("benign_refusal_rate") is not None else ""
+        label = "unsteered" if run is report["baseline"] else f"scale {run['scale']}"
+        print(f"{label:>12}: {metric} {run[metric]:.3f}{extra}, perplexity {run['perplexity']:.2f}")
+    print(f"wrote {args.out}" + (f" and {args.plot}" if args.plot else ""))
 
 
 def cmd_make_splits(args: argparse.Namespace) -> None:
@@ -74,6 +93,26 @@ def build_parser() -> argparse.ArgumentParser:
     vector.add_argument("--out", required=True, help="output .safetensors")
     vector.add_argument("--no-chat", action="store_true", help="do not wrap prompts in the chat template")
     vector.set_defaults(func=cmd_train_vector)
+
+    evaluation = commands.add_parser(
+        "eval",
+        help="score steered generations: refusal rates, VADER sentiment, perplexity, sweeps and plots",
+        description="Greedy --chat generations through the Rust binary, unsteered and with the spec (or once per "
+        "--sweep-scale value, which replaces every intervention's scale). Refusals are flagged by a documented "
+        "phrase matcher (evaluate.REFUSAL_PHRASES), sentiment is mean VADER compound, fluency is the perplexity "
+        "of the outputs under the unsteered HF model.",
+    )
+    evaluation.add_argument("--bundle", required=True, help="bundle directory")
+    evaluation.add_argument("--task", required=True, choices=["refusal", "sentiment"])
+    evaluation.add_argument("--prompts", required=True, help="held-out prompts: .txt (one per line) or .jsonl")
+    evaluation.add_argument("--benign", help="benign prompts for over-refusal (refusal task)")
+    evaluation.add_argument("--spec", help="steer spec JSON (omit for an unsteered report)")
+    evaluation.add_argument("--sweep-scale", help="comma-separated scales, e.g. -8,-4,0,4,8")
+    evaluation.add_argument("--max-new-tokens", type=int, default=48)
+    evaluation.add_argument("--limit", type=int, help="use only the first N prompts of each file")
+    evaluation.add_argument("--out", required=True, help="report JSON")
+    evaluation.add_argument("--plot", help="PNG of behaviour and perplexity against scale (with --sweep-scale)")
+    evaluation.set_defaults(func=cmd_eval)
 
     splits = commands.add_parser(
         "make-splits",
