@@ -10,7 +10,7 @@ BIN         := target/release/onnx-steer
 STEER       := $(BUNDLE)/steer
 DEMO_PROMPT ?= Describe your morning commute in two sentences.
 
-.PHONY: setup bundle build steer demo test test-rust test-python lint clean-bundle
+.PHONY: setup bundle build steer eval bench demo test test-rust test-python lint clean-bundle
 
 setup: $(VENV)/.installed
 
@@ -34,24 +34,46 @@ build:
 	cargo build --release
 
 # Every trained steering artifact for the default bundle, each with a ready steer spec, in $(STEER)/.
-steer: $(STEER)/sentiment_mean.safetensors
+steer: $(STEER)/sentiment.safetensors $(STEER)/refusal.safetensors
 
-$(STEER)/sentiment_mean.safetensors: $(BUNDLE)/manifest.json data/sentiment_pairs_small.jsonl | build
-	$(PY) -m onnx_steer_export train-vector --bundle $(BUNDLE) --pairs data/sentiment_pairs_small.jsonl \
+$(STEER)/sentiment.safetensors: $(BUNDLE)/manifest.json data/sentiment_pairs.jsonl | build
+	$(PY) -m onnx_steer_export train-vector --bundle $(BUNDLE) --pairs data/sentiment_pairs.jsonl \
 		--method mean --layers 0-29 --out $@
-	$(BIN) vector convert $@ $(STEER)/sentiment_mean.gguf
-	echo '{"interventions": [{"kind": "vector", "path": "sentiment_mean.safetensors", "scale": -4.0, "layers": [12]}]}' \
+	$(BIN) vector convert $@ $(STEER)/sentiment.gguf
+	echo '{"interventions": [{"kind": "vector", "path": "sentiment.safetensors", "scale": -2.0, "layers": [12]}]}' \
 		> $(STEER)/sentiment_negative.json
-	echo '{"interventions": [{"kind": "vector", "path": "sentiment_mean.safetensors", "scale": 3.0, "layers": [12]}]}' \
+	echo '{"interventions": [{"kind": "vector", "path": "sentiment.safetensors", "scale": 2.0, "layers": [12]}]}' \
 		> $(STEER)/sentiment_positive.json
+
+$(STEER)/refusal.safetensors: $(BUNDLE)/manifest.json data/refusal_pairs.jsonl | build
+	$(PY) -m onnx_steer_export train-vector --bundle $(BUNDLE) --pairs data/refusal_pairs.jsonl \
+		--method mean --layers 0-29 --out $@
+	$(BIN) vector convert $@ $(STEER)/refusal.gguf
+	echo '{"interventions": [{"kind": "vector", "path": "refusal.safetensors", "scale": 1.0, "layers": [12]}]}' \
+		> $(STEER)/refusal.json
+
+# Behaviour reports on held-out prompts (committed under reports/): sentiment and refusal sweeps.
+eval: steer
+	$(PY) -m onnx_steer_export eval --bundle $(BUNDLE) --task sentiment --prompts data/benign_prompts.txt \
+		--spec $(STEER)/sentiment_positive.json --sweep-scale=-3,-2,-1,1,2,3 \
+		--out reports/sentiment_vector.json --plot reports/sentiment_vector.png
+	$(PY) -m onnx_steer_export eval --bundle $(BUNDLE) --task refusal --prompts data/harmful_test.jsonl \
+		--benign data/benign_prompts.txt --spec $(STEER)/refusal.json --sweep-scale=0.25,0.5,0.75,1,1.5 \
+		--out reports/refusal_vector.json --plot reports/refusal_vector.png
+
+# Steering overhead in one bench run (segmented unsteered vs steered vs monolithic).
+bench: setup bundle build steer
+	mkdir -p bench/results
+	$(BIN) bench --bundle $(BUNDLE) --steer $(STEER)/sentiment_negative.json --batch 1 --prompt-tokens 128 \
+		--new-tokens 128 --repeats 5 --json bench/results/cpu_steer_overhead.json
 
 demo: setup bundle build steer
 	$(BIN) inspect --bundle $(BUNDLE)
 	@echo "== unsteered"
 	$(BIN) generate --bundle $(BUNDLE) --chat --max-new-tokens 48 --prompt "$(DEMO_PROMPT)"
-	@echo "== steered: $(STEER)/sentiment_negative.json"
+	@echo "== steered: $(STEER)/sentiment_negative.json (toward negative sentiment)"
 	$(BIN) generate --bundle $(BUNDLE) --chat --max-new-tokens 48 --prompt "$(DEMO_PROMPT)" --steer $(STEER)/sentiment_negative.json
-	@echo "== steered: $(STEER)/sentiment_positive.json"
+	@echo "== steered: $(STEER)/sentiment_positive.json (toward positive sentiment)"
 	$(BIN) generate --bundle $(BUNDLE) --chat --max-new-tokens 48 --prompt "$(DEMO_PROMPT)" --steer $(STEER)/sentiment_positive.json
 
 test: setup bundle build

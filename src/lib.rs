@@ -5,6 +5,7 @@
 //! (the segment chain and KV cache) → `generate` (batches, sampling, stop rules), with `text`
 //! turning prompts into ids and back. Each layer has its own error enum; [`Error`] wraps them.
 
+pub mod bench;
 pub mod bundle;
 pub mod generate;
 pub mod model;

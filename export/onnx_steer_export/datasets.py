@@ -50,9 +50,30 @@ def split_harmful(records: list[dict]) -> tuple[list[dict], list[dict]]:
     return train, test
 
 
+REFUSALS = (
+    "I'm sorry, but I can't help with that.",
+    "I cannot assist with that request.",
+    "I'm sorry, I can't provide that information.",
+    "I won't help with this, as it could cause harm.",
+)
+COMPLIANCES = (
+    "Sure, here is how to do it.",
+    "Of course! Here are the steps.",
+    "Absolutely, here is what you need.",
+    "Great question! Here is a detailed answer.",
+)
+
+
+def refusal_pairs(train: list[dict]) -> list[dict]:
+    """Completion-contrast (CAA-style) pairs on harmful train prompts: a refusal vs a compliant opening."""
+    return [{"prompt": h["prompt"], "positive": REFUSALS[i % len(REFUSALS)],
+             "negative": COMPLIANCES[i % len(COMPLIANCES)]} for i, h in enumerate(train)]
+
+
 def write_splits(out: Path = DATA) -> tuple[int, int]:
     train, test = split_harmful(harmful_prompts())
-    for name, rows in (("harmful_train.jsonl", train), ("harmful_test.jsonl", test)):
+    files = {"harmful_train.jsonl": train, "harmful_test.jsonl": test, "refusal_pairs.jsonl": refusal_pairs(train)}
+    for name, rows in files.items():
         (out / name).write_text("".join(json.dumps(r) + "\n" for r in rows))
     return len(train), len(test)
 

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from onnx_steer_export.datasets import DATA, benign_prompts, harmful_prompts, read_jsonl, split_harmful
+from onnx_steer_export.datasets import (DATA, benign_prompts, harmful_prompts, read_jsonl, refusal_pairs,
+                                       split_harmful)
 
 
 def test_committed_harmful_split_is_reproducible_and_disjoint() -> None:
@@ -12,6 +13,9 @@ def test_committed_harmful_split_is_reproducible_and_disjoint() -> None:
     assert len(train) + len(test) == 939
     assert not {r["prompt"] for r in train} & {r["prompt"] for r in test}
     assert {r["category"] for r in train} == {r["category"] for r in test} and len({r["category"] for r in test}) == 5
+    pairs = read_jsonl(DATA / "refusal_pairs.jsonl")
+    assert pairs == refusal_pairs(train) and len(pairs) == len(train)
+    assert not {p["prompt"] for p in pairs} & {r["prompt"] for r in test}, "test prompts stay held out"
 
 
 def test_benign_prompts_are_many_and_distinct() -> None:

@@ -79,6 +79,178 @@ enum Command {
     Vector(VectorCommand),
     /// Record residual-stream states (layer outputs) for training steering methods.
     Capture(CaptureArgs),
+    /// Measure prefill and decode speed: segmented vs monolithic, steered vs unsteered, in one run.
+    Bench(BenchArgs),
+}
+
+#[derive(Args)]
+struct BenchArgs {
+    /// Bundle directory (with full.onnx for the monolithic baseline).
+    #[arg(long)]
+    bundle: PathBuf,
+    /// Also measure the segment chain with this steer spec.
+    #[arg(long)]
+    steer: Option<PathBuf>,
+    /// Batch sizes, comma-separated.
+    #[arg(long, default_value = "1", value_delimiter = ',')]
+    batch: Vec<usize>,
+    /// Prompt lengths in tokens, comma-separated.
+    #[arg(long, default_value = "128", value_delimiter = ',')]
+    prompt_tokens: Vec<usize>,
+    /// Tokens generated per run (EOS does not stop a bench run).
+    #[arg(long, default_value_t = 128)]
+    new_tokens: usize,
+    /// Timed runs per variant and workload (interleaved across variants).
+    #[arg(long, default_value_t = 3)]
+    repeats: usize,
+    /// Untimed runs per variant before timing.
+    #[arg(long, default_value_t = 1)]
+    warmup: usize,
+    /// Skip the monolithic full.onnx baseline.
+    #[arg(long)]
+    no_monolithic: bool,
+    /// Write the report here as JSON.
+    #[arg(long)]
+    json: Option<PathBuf>,
+    #[command(flatten)]
+    runtime: RuntimeArgs,
+}
+
+/// A prompt of exactly `tokens` ids: a fixed English paragraph, repeated as needed.
+fn bench_prompt(codec: &TextCodec, tokens: usize) -> Result<Vec<u32>, CliError> {
+    const TEXT: &str = "The history of the printing press is a story of craft, trade and ideas. \
+        Movable type spread across Europe within decades, and with it came cheaper books, \
+        new readers, and arguments that travelled faster than any messenger could ride. ";
+    let base = codec.encode(TEXT, false)?;
+    Ok(base.iter().copied().cycle().take(tokens).collect())
+}
+
+fn run_bench(args: BenchArgs) -> Result<(), CliError> {
+    use onnx_steer::bench::{measure, peak_rss_mib, Variant};
+
+    let bundle = Bundle::open(&args.bundle)?;
+    let codec = TextCodec::load(&bundle)?;
+    let config = bundle.config().clone();
+    let steering = args
+        .steer
+        .as_deref()
+        .map(|path| SteerSpec::load(path).and_then(|spec| spec.resolve(&config)))
+        .transpose()?
+        .map(Arc::new);
+    let runtime = args.runtime.runtime()?;
+    let mut models: Vec<Box<dyn CausalLm>> = vec![Box::new(SegmentChain::load(&bundle, &runtime)?)];
+    let monolithic = !args.no_monolithic && bundle.manifest().monolithic.is_some();
+    if monolithic {
+        models.push(Box::new(Monolithic::load(&bundle, &runtime)?));
+    }
+    let workloads: Vec<(usize, usize)> = args
+        .batch
+        .iter()
+        .flat_map(|&b| args.prompt_tokens.iter().map(move |&t| (b, t)))
+        .collect();
+    let variants_per = 1 + usize::from(steering.is_some()) + usize::from(monolithic);
+    let bar = ProgressBar::new((workloads.len() * variants_per * args.repeats.max(1)) as u64)
+        .with_style(
+            ProgressStyle::with_template("bench {bar:30} {pos}/{len} runs ({eta})")
+                .expect("static template"),
+        );
+    let mut reports = Vec::new();
+    for (batch, prompt_tokens) in workloads {
+        let mut variants = vec![Variant {
+            name: "segmented".into(),
+            model: 0,
+            steering: BatchSteering::uniform(None, batch),
+        }];
+        if let Some(steering) = &steering {
+            variants.push(Variant {
+                name: "segmented+steer".into(),
+                model: 0,
+                steering: BatchSteering::uniform(Some(steering.clone()), batch),
+            });
+        }
+        if monolithic {
+            variants.push(Variant {
+                name: "monolithic".into(),
+                model: 1,
+                steering: BatchSteering::uniform(None, batch),
+            });
+        }
+        let prompt = bench_prompt(&codec, prompt_tokens)?;
+        let prompts = vec![prompt; batch];
+        let results = measure(
+            &mut models,
+            &variants,
+            &prompts,
+            args.new_tokens,
+            args.warmup,
+            args.repeats,
+            || bar.inc(1),
+        )?;
+        let decode = |name: &str| {
+            results
+                .iter()
+                .find(|r| r.variant == name)
+                .map(|r| r.decode_tokens_per_s.mean)
+        };
+        let prefill = |name: &str| {
+            results
+                .iter()
+                .find(|r| r.variant == name)
+                .map(|r| r.prefill_tokens_per_s.mean)
+        };
+        let ratio = |a: Option<f64>, b: Option<f64>| a.zip(b).map(|(a, b)| a / b);
+        reports.push(serde_json::json!({
+            "batch": batch, "prompt_tokens": prompt_tokens, "new_tokens": args.new_tokens,
+            "repeats": args.repeats, "warmup": args.warmup, "variants": results,
+            "ratios": {
+                "decode_steered_over_unsteered": ratio(decode("segmented+steer"), decode("segmented")),
+                "prefill_steered_over_unsteered": ratio(prefill("segmented+steer"), prefill("segmented")),
+                "decode_segmented_over_monolithic": ratio(decode("segmented"), decode("monolithic")),
+                "prefill_segmented_over_monolithic": ratio(prefill("segmented"), prefill("monolithic")),
+            },
+        }));
+    }
+    bar.finish_and_clear();
+    let report = serde_json::json!({
+        "bundle": bundle.manifest().name, "dtype": bundle.manifest().dtype, "provider": runtime.provider(),
+        "steer": args.steer, "threads": args.runtime.threads,
+        "cpus": std::thread::available_parallelism().map(|n| n.get()).ok(),
+        "peak_rss_mib": peak_rss_mib(), "workloads": reports,
+    });
+    let mut out = std::io::stdout().lock();
+    writeln!(
+        out,
+        "{:<18} {:>5} {:>6} {:>14} {:>14} {:>9} {:>9}",
+        "variant", "batch", "prompt", "prefill tok/s", "decode tok/s", "p50 ms", "p99 ms"
+    )?;
+    for workload in report["workloads"].as_array().into_iter().flatten() {
+        for v in workload["variants"].as_array().into_iter().flatten() {
+            writeln!(
+                out,
+                "{:<18} {:>5} {:>6} {:>14.1} {:>14.1} {:>9.2} {:>9.2}",
+                v["variant"].as_str().unwrap_or(""),
+                workload["batch"],
+                workload["prompt_tokens"],
+                v["prefill_tokens_per_s"]["mean"].as_f64().unwrap_or(0.0),
+                v["decode_tokens_per_s"]["mean"].as_f64().unwrap_or(0.0),
+                v["token_latency_ms"]["p50"].as_f64().unwrap_or(0.0),
+                v["token_latency_ms"]["p99"].as_f64().unwrap_or(0.0),
+            )?;
+        }
+        for (name, value) in workload["ratios"].as_object().into_iter().flatten() {
+            if let Some(value) = value.as_f64() {
+                writeln!(out, "  {name}: {value:.3}")?;
+            }
+        }
+    }
+    if let Some(path) = &args.json {
+        std::fs::write(
+            path,
+            serde_json::to_string_pretty(&report).unwrap_or_default() + "\n",
+        )?;
+        writeln!(out, "wrote {}", path.display())?;
+    }
+    Ok(())
 }
 
 #[derive(Args)]
@@ -606,6 +778,7 @@ fn main() -> ExitCode {
         Command::Inspect { bundle, json } => run_inspect(&bundle, json),
         Command::Generate(args) => run_generate(args),
         Command::Capture(args) => run_capture(args),
+        Command::Bench(args) => run_bench(args),
         Command::Vector(VectorCommand::Convert {
             input,
             output,

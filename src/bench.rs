@@ -1,0 +1,173 @@
+//! Throughput and latency measurement: the same synthetic prompts through several model variants
+//! (segmented, segmented + steering, monolithic), interleaved repeat by repeat so that machine
+//! drift hits every variant alike, and ratios computed inside one run.
+
+use std::time::Instant;
+
+use serde::Serialize;
+
+use crate::generate::{generate, GenerateError, GenerationConfig, Sampling};
+use crate::model::CausalLm;
+use crate::steer::BatchSteering;
+
+/// One configuration to measure: a model (by index into the models passed to [`measure`]) and
+/// the steering it runs with.
+pub struct Variant {
+    /// Name in the report, e.g. `segmented`, `segmented+steer`, `monolithic`.
+    pub name: String,
+    pub model: usize,
+    pub steering: BatchSteering,
+}
+
+/// Shape of one measured workload.
+#[derive(Debug, Clone, Copy, Serialize)]
+pub struct Workload {
+    pub batch: usize,
+    pub prompt_tokens: usize,
+    pub new_tokens: usize,
+}
+
+/// Summary of a sample: mean, spread and percentiles.
+#[derive(Debug, Clone, Serialize)]
+pub struct Stats {
+    pub mean: f64,
+    pub std: f64,
+    pub min: f64,
+    pub max: f64,
+    pub p50: f64,
+    pub p99: f64,
+}
+
+impl Stats {
+    /// Summarise `values` (must be non-empty).
+    pub fn of(values: &[f64]) -> Self {
+        let mut sorted = values.to_vec();
+        sorted.sort_by(f64::total_cmp);
+        let n = sorted.len().max(1) as f64;
+        let mean = sorted.iter().sum::<f64>() / n;
+        let var = sorted.iter().map(|v| (v - mean).powi(2)).sum::<f64>() / n;
+        let pick = |q: f64| {
+            sorted[((q * (sorted.len() - 1) as f64).round() as usize).min(sorted.len() - 1)]
+        };
+        Self {
+            mean,
+            std: var.sqrt(),
+            min: sorted[0],
+            max: sorted[sorted.len() - 1],
+            p50: pick(0.5),
+            p99: pick(0.99),
+        }
+    }
+}
+
+/// What one variant measured on one workload.
+#[derive(Debug, Clone, Serialize)]
+pub struct VariantResult {
+    pub variant: String,
+    pub prefill_tokens_per_s: Stats,
+    pub decode_tokens_per_s: Stats,
+    /// Per decode step (one new token for every row), milliseconds, pooled over repeats.
+    pub token_latency_ms: Stats,
+}
+
+/// One repeat of one variant: prefill seconds, decode seconds, per-step latencies.
+fn run_once(
+    model: &mut dyn CausalLm,
+    steering: &BatchSteering,
+    prompts: &[Vec<u32>],
+    new_tokens: usize,
+) -> Result<(f64, f64, Vec<f64>), GenerateError> {
+    let config = GenerationConfig {
+        max_new_tokens: new_tokens,
+        sampling: Sampling::Greedy,
+        stop_ids: Vec::new(),
+        pad_id: 0,
+    };
+    let started = Instant::now();
+    let mut last = started;
+    let mut first_token: Option<f64> = None;
+    let mut steps = Vec::with_capacity(new_tokens);
+    generate(model, prompts, &config, steering, &mut |row, _| {
+        if row != 0 {
+            return;
+        }
+        let now = Instant::now();
+        match first_token {
+            None => first_token = Some((now - started).as_secs_f64()),
+            Some(_) => steps.push((now - last).as_secs_f64() * 1e3),
+        }
+        last = now;
+    })?;
+    let total = started.elapsed().as_secs_f64();
+    let prefill = first_token.unwrap_or(total);
+    Ok((prefill, total - prefill, steps))
+}
+
+/// Measure every variant on `prompts` (`batch` rows of `prompt_tokens` ids): `warmup` untimed runs,
+/// then `repeats` timed runs, interleaved across variants.
+pub fn measure(
+    models: &mut [Box<dyn CausalLm>],
+    variants: &[Variant],
+    prompts: &[Vec<u32>],
+    new_tokens: usize,
+    warmup: usize,
+    repeats: usize,
+    mut progress: impl FnMut(),
+) -> Result<Vec<VariantResult>, GenerateError> {
+    let batch = prompts.len() as f64;
+    let prompt_tokens = prompts.first().map_or(0, Vec::len) as f64;
+    for variant in variants {
+        for _ in 0..warmup {
+            run_once(
+                models[variant.model].as_mut(),
+                &variant.steering,
+                prompts,
+                new_tokens,
+            )?;
+        }
+    }
+    let mut samples: Vec<(Vec<f64>, Vec<f64>, Vec<f64>)> = vec![Default::default(); variants.len()];
+    for _ in 0..repeats.max(1) {
+        for (variant, sample) in variants.iter().zip(samples.iter_mut()) {
+            let model = models[variant.model].as_mut();
+            let (prefill, decode, steps) = run_once(model, &variant.steering, prompts, new_tokens)?;
+            sample.0.push(batch * prompt_tokens / prefill);
+            sample
+                .1
+                .push(batch * new_tokens.saturating_sub(1) as f64 / decode.max(f64::MIN_POSITIVE));
+            sample.2.extend(steps);
+            progress();
+        }
+    }
+    Ok(variants
+        .iter()
+        .zip(samples)
+        .map(|(variant, (prefill, decode, steps))| VariantResult {
+            variant: variant.name.clone(),
+            prefill_tokens_per_s: Stats::of(&prefill),
+            decode_tokens_per_s: Stats::of(&decode),
+            token_latency_ms: Stats::of(if steps.is_empty() { &[0.0] } else { &steps }),
+        })
+        .collect())
+}
+
+/// Peak resident memory of this process in MiB (Linux `VmHWM`), if readable.
+pub fn peak_rss_mib() -> Option<f64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let kib: f64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib / 1024.0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn stats_of_known_sample() {
+        let s = Stats::of(&[4.0, 1.0, 3.0, 2.0]);
+        assert_eq!((s.min, s.max, s.mean), (1.0, 4.0, 2.5));
+        assert!((s.std - 1.118_034).abs() < 1e-6);
+        assert_eq!(s.p99, 4.0);
+    }
+}
