@@ -126,7 +126,7 @@ fn bench_prompt(codec: &TextCodec, tokens: usize) -> Result<Vec<u32>, CliError> 
 }
 
 fn run_bench(args: BenchArgs) -> Result<(), CliError> {
-    use onnx_steer::bench::{measure, peak_rss_mib, Variant};
+    use onnx_steer::bench::{cpu_model, measure, peak_rss_mib, Variant};
 
     let bundle = Bundle::open(&args.bundle)?;
     let codec = TextCodec::load(&bundle)?;
@@ -215,6 +215,8 @@ fn run_bench(args: BenchArgs) -> Result<(), CliError> {
         "bundle": bundle.manifest().name, "dtype": bundle.manifest().dtype, "provider": runtime.provider(),
         "steer": args.steer, "threads": args.runtime.threads,
         "cpus": std::thread::available_parallelism().map(|n| n.get()).ok(),
+        "cpu_model": cpu_model(),
+        "onnxruntime": runtime.library(),
         "peak_rss_mib": peak_rss_mib(), "workloads": reports,
     });
     let mut out = std::io::stdout().lock();
