@@ -40,9 +40,9 @@ $(STEER)/sentiment.safetensors: $(BUNDLE)/manifest.json data/sentiment_pairs.jso
 	$(PY) -m onnx_steer_export train-vector --bundle $(BUNDLE) --pairs data/sentiment_pairs.jsonl \
 		--method mean --layers 0-29 --out $@
 	$(BIN) vector convert $@ $(STEER)/sentiment.gguf
-	echo '{"interventions": [{"kind": "vector", "path": "sentiment.safetensors", "scale": -2.0, "layers": [12]}]}' \
+	echo '{"interventions": [{"kind": "vector", "path": "sentiment.safetensors", "scale": -0.7, "layers": [10, 11, 12, 13, 14]}]}' \
 		> $(STEER)/sentiment_negative.json
-	echo '{"interventions": [{"kind": "vector", "path": "sentiment.safetensors", "scale": 2.0, "layers": [12]}]}' \
+	echo '{"interventions": [{"kind": "vector", "path": "sentiment.safetensors", "scale": 0.7, "layers": [10, 11, 12, 13, 14]}]}' \
 		> $(STEER)/sentiment_positive.json
 
 $(STEER)/refusal.safetensors: $(BUNDLE)/manifest.json data/refusal_pairs.jsonl | build
@@ -55,7 +55,7 @@ $(STEER)/refusal.safetensors: $(BUNDLE)/manifest.json data/refusal_pairs.jsonl |
 # Behaviour reports on held-out prompts (committed under reports/): sentiment and refusal sweeps.
 eval: steer
 	$(PY) -m onnx_steer_export eval --bundle $(BUNDLE) --task sentiment --prompts data/benign_prompts.txt \
-		--spec $(STEER)/sentiment_positive.json --sweep-scale=-3,-2,-1,1,2,3 \
+		--spec $(STEER)/sentiment_positive.json --sweep-scale=-0.9,-0.7,-0.5,-0.3,0.3,0.5,0.7,0.9 \
 		--out reports/sentiment_vector.json --plot reports/sentiment_vector.png
 	$(PY) -m onnx_steer_export eval --bundle $(BUNDLE) --task refusal --prompts data/harmful_test.jsonl \
 		--benign data/benign_prompts.txt --spec $(STEER)/refusal.json --sweep-scale=0.25,0.5,0.75,1,1.5 \
@@ -64,7 +64,7 @@ eval: steer
 # Steering overhead in one bench run (segmented unsteered vs steered vs monolithic).
 bench: setup bundle build steer
 	mkdir -p bench/results
-	$(BIN) bench --bundle $(BUNDLE) --steer $(STEER)/sentiment_negative.json --batch 1 --prompt-tokens 128 \
+	$(BIN) bench --bundle $(BUNDLE) --steer $(STEER)/refusal.json --batch 1 --prompt-tokens 128 \
 		--new-tokens 128 --repeats 5 --json bench/results/cpu_steer_overhead.json
 
 demo: setup bundle build steer
