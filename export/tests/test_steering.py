@@ -140,3 +140,30 @@ def test_mixed_specs_in_one_batch(binary: Path, bundle_dir: Path, tmp_path: Path
     assert batch[0]["token_ids"] == steered["token_ids"]
     assert batch[1]["token_ids"] == plain["token_ids"]
     assert steered["token_ids"] != plain["token_ids"]
+
+
+def test_prompt_contrast_pairs_tokenize_like_the_chat_runtime(bundle_dir: Path, tmp_path: Path) -> None:
+    pairs_file = tmp_path / "pairs.jsonl"
+    pairs_file.write_text(json.dumps({"positive_prompt": "Be cheerful.", "negative_prompt": "Be gloomy."}) + "\n")
+    tokenizer = bundle_tokenizer(bundle_dir)
+    (pair,) = load_pairs(pairs_file, tokenizer)
+    expected = tokenizer.apply_chat_template([{"role": "user", "content": "Be cheerful."}],
+                                             add_generation_prompt=True, tokenize=True, return_dict=False)
+    assert pair.positive == list(expected)
+    assert pair.negative != pair.positive
+
+
+def test_capture_all_tokens_agrees_with_last_token(binary: Path, bundle_dir: Path, tmp_path: Path) -> None:
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("Hello there\nA somewhat longer prompt about the sea\n")
+    outputs = {}
+    for mode in ("last", "all"):
+        out = tmp_path / f"{mode}.safetensors"
+        subprocess.run([str(binary), "capture", "--bundle", str(bundle_dir), "--prompts-file", str(prompts),
+                        "--layers", "3,7", "--tokens", mode, "--out", str(out)], check=True)
+        outputs[mode] = load_file(str(out))
+    lengths = outputs["all"]["lengths"].astype(int)
+    assert outputs["all"]["layer.7"].shape == (lengths.sum(), 576)
+    ends = np.cumsum(lengths) - 1
+    for layer in ("layer.3", "layer.7"):
+        np.testing.assert_allclose(outputs["all"][layer][ends], outputs["last"][layer], atol=1e-4)
