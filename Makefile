@@ -34,23 +34,19 @@ build:
 	cargo build --release
 
 # Every trained steering artifact for the default bundle, each with a ready steer spec, in $(STEER)/.
+# A vector NAME is trained from data/NAME_pairs.jsonl (mean difference, every layer) and also
+# written as a GGUF control vector; the specs choose layers and scales.
 steer: $(STEER)/sentiment.safetensors $(STEER)/refusal.safetensors
-
-$(STEER)/sentiment.safetensors: $(BUNDLE)/manifest.json data/sentiment_pairs.jsonl | build
-	$(PY) -m onnx_steer_export train-vector --bundle $(BUNDLE) --pairs data/sentiment_pairs.jsonl \
-		--method mean --layers 0-29 --out $@
-	$(BIN) vector convert $@ $(STEER)/sentiment.gguf
 	echo '{"interventions": [{"kind": "vector", "path": "sentiment.safetensors", "scale": -0.7, "layers": [10, 11, 12, 13, 14]}]}' \
 		> $(STEER)/sentiment_negative.json
 	echo '{"interventions": [{"kind": "vector", "path": "sentiment.safetensors", "scale": 0.7, "layers": [10, 11, 12, 13, 14]}]}' \
 		> $(STEER)/sentiment_positive.json
-
-$(STEER)/refusal.safetensors: $(BUNDLE)/manifest.json data/refusal_pairs.jsonl | build
-	$(PY) -m onnx_steer_export train-vector --bundle $(BUNDLE) --pairs data/refusal_pairs.jsonl \
-		--method mean --layers 0-29 --out $@
-	$(BIN) vector convert $@ $(STEER)/refusal.gguf
 	echo '{"interventions": [{"kind": "vector", "path": "refusal.safetensors", "scale": 1.0, "layers": [12]}]}' \
 		> $(STEER)/refusal.json
+
+$(STEER)/%.safetensors: data/%_pairs.jsonl $(BUNDLE)/manifest.json | build
+	$(PY) -m onnx_steer_export train-vector --bundle $(BUNDLE) --pairs $< --method mean --layers 0-29 --out $@
+	$(BIN) vector convert $@ $(STEER)/$*.gguf
 
 # Behaviour reports on held-out prompts (committed under reports/): sentiment and refusal sweeps.
 eval: steer
