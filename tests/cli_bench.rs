@@ -1,15 +1,10 @@
 //! `onnx-steer bench` end to end on the default bundle, scaled down: every variant is measured
 //! and the in-run ratios are present and positive.
 
-use std::path::{Path, PathBuf};
+mod common;
 
 use assert_cmd::Command;
-
-fn bundle_dir() -> PathBuf {
-    std::env::var_os("ONNX_STEER_BUNDLE")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("onnx/smollm2-135m-instruct"))
-}
+use common::bundle_dir;
 
 #[test]
 fn bench_reports_every_variant_and_ratios() {

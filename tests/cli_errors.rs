@@ -1,24 +1,13 @@
 //! Bad input through the real CLI: each case must end in a one-line error that says what to fix,
 //! with exit code 1 (never a panic). Uses the default bundle that `make bundle` exports.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
+
+mod common;
 
 use assert_cmd::Command;
+use common::bundle_dir;
 use predicates::prelude::*;
-
-fn bundle_dir() -> PathBuf {
-    let dir = std::env::var_os("ONNX_STEER_BUNDLE")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| {
-            Path::new(env!("CARGO_MANIFEST_DIR")).join("onnx/smollm2-135m-instruct")
-        });
-    assert!(
-        dir.join("manifest.json").is_file(),
-        "default bundle missing at {}; run `make bundle`",
-        dir.display()
-    );
-    dir
-}
 
 fn onnx_steer() -> Command {
     let mut cmd = Command::cargo_bin("onnx-steer").expect("binary builds");
