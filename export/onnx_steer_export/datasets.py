@@ -13,7 +13,8 @@ import json
 import random
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[2]
+from . import REPO
+
 DATA = REPO / "data"
 SPLIT_SEED = 20261123
 TEST_FRACTION = 0.3

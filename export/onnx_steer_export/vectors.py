@@ -22,7 +22,8 @@ import numpy as np
 from safetensors.numpy import load_file, save_file
 from transformers import PreTrainedTokenizerFast
 
-REPO = Path(__file__).resolve().parents[2]
+from . import REPO
+
 
 
 class PairsError(ValueError):

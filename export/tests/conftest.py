@@ -10,9 +10,9 @@ from pathlib import Path
 import pytest
 import torch
 
+from onnx_steer_export import REPO
 from onnx_steer_export.source import LoadedModel, load
-
-REPO = Path(__file__).resolve().parents[2]
+from onnx_steer_export.vectors import find_binary
 
 
 @pytest.fixture(scope="session")
@@ -24,9 +24,7 @@ def bundle_dir() -> Path:
 
 @pytest.fixture(scope="session")
 def binary() -> Path:
-    path = Path(os.environ.get("ONNX_STEER_BIN", REPO / "target" / "release" / "onnx-steer"))
-    assert path.is_file(), f"onnx-steer binary missing at {path}; run `make build`"
-    return path
+    return find_binary()
 
 
 @pytest.fixture(scope="session")
