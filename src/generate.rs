@@ -8,7 +8,7 @@ use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
 use crate::model::{CausalLm, ModelError, Step};
-use crate::steer::{BatchSteering, Phase};
+use crate::steer::{BatchSteering, Decision};
 
 /// Why a generation request was refused or failed.
 #[derive(Debug, thiserror::Error)]
@@ -93,6 +93,9 @@ pub struct Generated {
     pub prompt_tokens: usize,
     pub prefill_ms: f64,
     pub decode_ms: f64,
+    /// What the row's learned interventions (L2S, W2S) decided at prefill.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub steering: Vec<Decision>,
 }
 
 impl Generated {
@@ -210,14 +213,21 @@ pub fn generate(
             decode_ms: 0.0,
         })
         .collect();
-    let (layers, hidden) = (model.config().num_layers, model.config().hidden_size);
-    let prefill_deltas = steering.deltas(layers, hidden, Phase::Prefill);
-    let decode_deltas = steering.deltas(layers, hidden, Phase::Decode);
+    if steering.len() != batch {
+        return Err(ModelError::Shape(format!(
+            "{} steering rows for {batch} prompts",
+            steering.len()
+        ))
+        .into());
+    }
     let mut cache = model.new_cache(batch)?;
     let mut step = Step::left_padded(prompts, config.pad_id);
     let started = Instant::now();
-    let mut logits = model.forward(&step, &mut cache, &prefill_deltas)?;
+    let mut prefill = steering.prefill(model.config());
+    let mut logits = model.forward(&step, &mut cache, &mut prefill)?;
     let prefill_ms = started.elapsed().as_secs_f64() * 1e3;
+    let mut decode_deltas = prefill.decode();
+    let decisions = prefill.decisions().to_vec();
 
     loop {
         let mut next_ids = Array2::<i64>::from_elem((batch, 1), config.pad_id as i64);
@@ -267,7 +277,7 @@ pub fn generate(
             }
         });
         let started = Instant::now();
-        logits = model.forward(&step, &mut cache, &decode_deltas)?;
+        logits = model.forward(&step, &mut cache, &mut decode_deltas)?;
         let elapsed = started.elapsed().as_secs_f64() * 1e3;
         for row in rows.iter_mut() {
             if row.finish.is_none() {
@@ -279,12 +289,14 @@ pub fn generate(
 
     Ok(rows
         .into_iter()
-        .map(|row| Generated {
+        .zip(decisions)
+        .map(|(row, steering)| Generated {
             token_ids: row.tokens,
             finish_reason: row.finish.unwrap_or(FinishReason::Length),
             prompt_tokens: row.prompt_len,
             prefill_ms,
             decode_ms: row.decode_ms,
+            steering,
         })
         .collect())
 }

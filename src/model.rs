@@ -34,6 +34,8 @@ pub enum ModelError {
     Shape(String),
     #[error("the monolithic full.onnx has no steering inputs; steer the segment chain instead")]
     SteeringUnsupported,
+    #[error("steering intervention failed: {0}")]
+    Intervention(String),
 }
 
 fn run_error(segment: &str) -> impl FnOnce(ort::Error) -> ModelError + '_ {
@@ -149,6 +151,75 @@ impl KvCache {
     }
 }
 
+/// How steering takes part in a forward step: a delta per layer, and a look at layer outputs.
+///
+/// Static vectors only give deltas; learned interventions (L2S, W2S) also read a layer's output at
+/// prefill and decide the deltas of later layers from it.
+pub trait LayerHook {
+    /// The `[B, d]` vector to add to every position of `layer`'s output in this step, if any.
+    /// Asked just before `layer` runs, so it may depend on what earlier layers showed.
+    fn delta(&mut self, layer: usize) -> Option<&Array2<f32>>;
+    /// Whether [`LayerHook::observe`] wants `layer`'s output (others are not handed over).
+    fn observes(&self, _layer: usize) -> bool {
+        false
+    }
+    /// Called with `layer`'s steered output `[B, T, d]`.
+    fn observe(&mut self, _layer: usize, _hidden: &DynValue) -> Result<(), ModelError> {
+        Ok(())
+    }
+    /// True if this hook may change activations (the monolithic model cannot honour that).
+    fn steers(&self) -> bool;
+}
+
+/// Deltas fixed before the step: `deltas[L]` is added at layer L; empty means unsteered.
+#[derive(Debug, Clone, Default)]
+pub struct FixedDeltas(pub Vec<Option<Array2<f32>>>);
+
+impl FixedDeltas {
+    /// No steering at all.
+    pub fn none() -> Self {
+        Self(Vec::new())
+    }
+}
+
+impl LayerHook for FixedDeltas {
+    fn delta(&mut self, layer: usize) -> Option<&Array2<f32>> {
+        self.0.get(layer).and_then(Option::as_ref)
+    }
+
+    fn steers(&self) -> bool {
+        self.0.iter().any(Option::is_some)
+    }
+}
+
+/// Keeps fp32 copies of chosen layers' outputs (for `capture`).
+struct Capture<'a> {
+    layers: &'a [usize],
+    captured: Vec<Option<Array3<f32>>>,
+}
+
+impl LayerHook for Capture<'_> {
+    fn delta(&mut self, _layer: usize) -> Option<&Array2<f32>> {
+        None
+    }
+
+    fn observes(&self, layer: usize) -> bool {
+        self.layers.contains(&layer)
+    }
+
+    fn observe(&mut self, layer: usize, hidden: &DynValue) -> Result<(), ModelError> {
+        let array = hidden_to_f32(hidden)?;
+        for (slot, _) in self.layers.iter().enumerate().filter(|(_, &l)| l == layer) {
+            self.captured[slot] = Some(array.clone());
+        }
+        Ok(())
+    }
+
+    fn steers(&self) -> bool {
+        false
+    }
+}
+
 /// A causal LM that maps a step to last-position logits `[B, vocab]` and updates its cache.
 ///
 /// Implemented by the segmented [`SegmentChain`] and the monolithic [`Monolithic`] baseline, so
@@ -162,15 +233,13 @@ pub trait CausalLm {
     fn new_cache(&self, batch: usize) -> Result<KvCache, ModelError> {
         KvCache::empty(self.config(), self.dtype(), batch)
     }
-    /// Run one step and return fp32 logits of each row's last position.
-    ///
-    /// `deltas[L]`, when present, is a `[B, d]` vector per row added to layer L's output at
-    /// every position of this step (see [`crate::steer::BatchSteering::deltas`]).
+    /// Run one step and return fp32 logits of each row's last position; `hook` steers it
+    /// ([`FixedDeltas::none`] for an unsteered step, [`crate::steer::BatchSteering`] for specs).
     fn forward(
         &mut self,
         step: &Step,
         cache: &mut KvCache,
-        deltas: &[Option<Array2<f32>>],
+        hook: &mut dyn LayerHook,
     ) -> Result<Array2<f32>, ModelError>;
 }
 
@@ -346,14 +415,13 @@ impl SegmentChain {
 }
 
 impl SegmentChain {
-    /// Embed and run every layer, calling `observe(layer, output)` after each layer's steering;
+    /// Embed and run every layer with `hook`'s deltas, showing it the outputs it observes;
     /// returns the last layer's output.
     fn run_layers(
         &mut self,
         step: &Step,
         cache: &mut KvCache,
-        deltas: &[Option<Array2<f32>>],
-        observe: &mut dyn FnMut(usize, &DynValue) -> Result<(), ModelError>,
+        hook: &mut dyn LayerHook,
     ) -> Result<DynValue, ModelError> {
         step.check(cache)?;
         let batch = step.input_ids.nrows();
@@ -370,9 +438,9 @@ impl SegmentChain {
         drop(outputs);
 
         for (index, layer) in self.layers.iter_mut().enumerate() {
-            let steered = match deltas.get(index) {
-                Some(Some(delta)) => Some(steer_value(delta.clone(), self.dtype)?),
-                _ => None,
+            let steered = match hook.delta(index) {
+                Some(delta) => Some(steer_value(delta.clone(), self.dtype)?),
+                None => None,
             };
             let inputs: Vec<(Cow<'_, str>, SessionInputValue<'_>)> = vec![
                 (Cow::Borrowed("hidden_in"), (&hidden).into()),
@@ -397,7 +465,9 @@ impl SegmentChain {
             cache.values[index] = take(&mut outputs, "present_value", &layer.name)?;
             drop(outputs);
             hidden = next;
-            observe(index, &hidden)?;
+            if hook.observes(index) {
+                hook.observe(index, &hidden)?;
+            }
         }
         cache.len += step.input_ids.ncols();
         Ok(hidden)
@@ -412,14 +482,13 @@ impl SegmentChain {
         layers: &[usize],
     ) -> Result<Vec<Array3<f32>>, ModelError> {
         let mut cache = self.new_cache(step.input_ids.nrows())?;
-        let mut captured: Vec<Option<Array3<f32>>> = vec![None; layers.len()];
-        self.run_layers(step, &mut cache, &[], &mut |index, hidden| {
-            for (slot, _) in layers.iter().enumerate().filter(|(_, &l)| l == index) {
-                captured[slot] = Some(hidden_to_f32(hidden)?);
-            }
-            Ok(())
-        })?;
-        captured
+        let mut capture = Capture {
+            layers,
+            captured: vec![None; layers.len()],
+        };
+        self.run_layers(step, &mut cache, &mut capture)?;
+        capture
+            .captured
             .into_iter()
             .zip(layers)
             .map(|(array, layer)| {
@@ -429,7 +498,8 @@ impl SegmentChain {
     }
 }
 
-fn hidden_to_f32(value: &DynValue) -> Result<Array3<f32>, ModelError> {
+/// A layer output `[B, T, d]` as fp32, whatever the bundle's dtype.
+pub fn hidden_to_f32(value: &DynValue) -> Result<Array3<f32>, ModelError> {
     let array = match value.try_extract_array::<f32>() {
         Ok(view) => view.to_owned(),
         Err(_) => value
@@ -455,9 +525,9 @@ impl CausalLm for SegmentChain {
         &mut self,
         step: &Step,
         cache: &mut KvCache,
-        deltas: &[Option<Array2<f32>>],
+        hook: &mut dyn LayerHook,
     ) -> Result<Array2<f32>, ModelError> {
-        let hidden = self.run_layers(step, cache, deltas, &mut |_, _| Ok(()))?;
+        let hidden = self.run_layers(step, cache, hook)?;
         let head = &mut self.head;
         let outputs = head
             .session
@@ -513,9 +583,9 @@ impl CausalLm for Monolithic {
         &mut self,
         step: &Step,
         cache: &mut KvCache,
-        deltas: &[Option<Array2<f32>>],
+        hook: &mut dyn LayerHook,
     ) -> Result<Array2<f32>, ModelError> {
-        if deltas.iter().any(Option::is_some) {
+        if hook.steers() {
             return Err(ModelError::SteeringUnsupported);
         }
         step.check(cache)?;

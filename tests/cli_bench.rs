@@ -54,13 +54,13 @@ fn bench_reports_every_variant_and_ratios() {
             .iter()
             .map(|v| v["variant"].as_str().unwrap())
             .collect();
-        assert_eq!(names, ["segmented", "segmented+steer", "monolithic"]);
+        assert_eq!(names, ["segmented", "segmented+spec", "monolithic"]);
         for variant in workload["variants"].as_array().unwrap() {
             assert!(variant["decode_tokens_per_s"]["mean"].as_f64().unwrap() > 0.0);
             assert!(variant["prefill_tokens_per_s"]["mean"].as_f64().unwrap() > 0.0);
         }
         for ratio in [
-            "decode_steered_over_unsteered",
+            "decode_segmented+spec_over_segmented",
             "decode_segmented_over_monolithic",
         ] {
             assert!(workload["ratios"][ratio].as_f64().unwrap() > 0.0, "{ratio}");

@@ -1,4 +1,5 @@
-"""Command line: python -m onnx_steer_export {export, train-vector, eval, make-splits} ..."""
+"""Command line: python -m onnx_steer_export {export, train-vector, train-l2s, train-w2s, eval, eval-behaviour,
+make-splits} ..."""
 
 from __future__ import annotations
 
@@ -34,6 +35,28 @@ def cmd_train_vector(args: argparse.Namespace) -> None:
     print(f"wrote {args.out} ({args.method}; |v| per layer {norms})")
 
 
+def cmd_train_l2s(args: argparse.Namespace) -> None:
+    from .l2s import train_l2s
+
+    summary = train_l2s(Path(args.bundle), Path(args.data), args.read_layer, args.steer_layer, Path(args.out),
+                        args.scale, args.epochs, args.lr, args.batch_size, args.l1, args.validation, args.seed,
+                        args.name)
+    print(json.dumps(summary, indent=2))
+    print(f"wrote {args.out}/{args.name}.onnx with spec {args.name}.json, and the mean baseline {args.name}_mean.json")
+
+
+def cmd_train_w2s(args: argparse.Namespace) -> None:
+    from .vectors import parse_layers
+    from .w2s import train_w2s
+
+    summary = train_w2s(Path(args.bundle), Path(args.data), Path(args.bank), parse_layers(args.layers),
+                        args.read_layer, Path(args.out), args.scale, args.limit, args.epochs, args.lr,
+                        args.batch_size, args.validation, args.seed, args.name)
+    print(json.dumps(summary, indent=2))
+    print(f"wrote {args.out}/{args.name}_router.onnx, {args.name}_bank.safetensors, spec {args.name}.json and "
+          f"the fixed-layer baseline {args.name}_fixed.json")
+
+
 def cmd_eval(args: argparse.Namespace) -> None:
     from .evaluate import evaluate, plot
 
@@ -50,6 +73,26 @@ def cmd_eval(args: argparse.Namespace) -> None:
         label = "unsteered" if run is report["baseline"] else f"scale {run['scale']}"
         print(f"{label:>12}: {metric} {run[metric]:.3f}{extra}, perplexity {run['perplexity']:.2f}")
     print(f"wrote {args.out}" + (f" and {args.plot}" if args.plot else ""))
+
+
+def cmd_eval_behaviour(args: argparse.Namespace) -> None:
+    from .behaviour import evaluate_methods, markdown_table, plot_sweep, write_report
+
+    methods = {}
+    for item in args.method:
+        name, sep, spec = item.partition("=")
+        if not sep:
+            raise FileNotFoundError(f"--method takes NAME=SPEC, got {item!r}")
+        methods[name] = Path(spec)
+    scales = [float(s) for s in args.sweep_scale.split(",")] if args.sweep_scale else None
+    report = evaluate_methods(Path(args.bundle), methods, scales, args.style, args.limit_refuse,
+                              args.max_new_tokens)
+    out = Path(args.out)
+    write_report(report, out)
+    if scales:
+        plot_sweep(report, out.with_suffix(".png"))
+    print(markdown_table(report))
+    print(f"wrote {out.with_suffix('.json')}, {out.with_suffix('.md')}" + (" and .png" if scales else ""))
 
 
 def cmd_make_splits(args: argparse.Namespace) -> None:
@@ -95,6 +138,53 @@ def build_parser() -> argparse.ArgumentParser:
     vector.add_argument("--no-chat", action="store_true", help="do not wrap prompts in the chat template")
     vector.set_defaults(func=cmd_train_vector)
 
+    l2s = commands.add_parser(
+        "train-l2s",
+        help="train an L2S net that predicts an input-specific steering vector, export it to ONNX with a spec",
+        description="L2S (METHODS.md section 1). Targets are per-input shifts delta = h+ - h- at --steer-layer from "
+        "completion-contrast pairs whose desired side depends on the input (--data, e.g. data/behaviour_pairs.jsonl). "
+        "The net reads the last prompt token at --read-layer. Writes NAME.onnx, the spec NAME.json and the "
+        "mean-of-targets baseline NAME_mean.safetensors / NAME_mean.json to --out.",
+    )
+    l2s.add_argument("--bundle", required=True, help="bundle directory")
+    l2s.add_argument("--data", required=True, help="JSONL of {prompt, positive, negative} (behaviour_pairs.jsonl)")
+    l2s.add_argument("--read-layer", type=int, required=True, help="L': layer whose last-token state the net reads")
+    l2s.add_argument("--steer-layer", type=int, required=True, help="L*: layer the predicted vector is added to (> L')")
+    l2s.add_argument("--out", required=True, help="output folder, e.g. onnx/BUNDLE/steer")
+    l2s.add_argument("--name", default="l2s", help="file stem of the net and its spec")
+    l2s.add_argument("--scale", type=float, default=1.0, help="strength written into the spec")
+    l2s.add_argument("--epochs", type=int, default=100)
+    l2s.add_argument("--lr", type=float, default=1e-4, help="Adam learning rate")
+    l2s.add_argument("--batch-size", type=int, default=64)
+    l2s.add_argument("--l1", type=float, default=0.1, help="weight of the mean-absolute-error term")
+    l2s.add_argument("--validation", type=float, default=0.15, help="share of inputs held out for validation")
+    l2s.add_argument("--seed", type=int, default=0, help="seed of the split, initialisation and batch order")
+    l2s.set_defaults(func=cmd_train_l2s)
+
+    w2s = commands.add_parser(
+        "train-w2s",
+        help="train a W2S router that picks the steering layer per input, export it to ONNX with a spec",
+        description="W2S (METHODS.md section 2). Labels each input of --data with the candidate layer whose "
+        "steering (scale * bank vector, HF reference hooks) best raises log p(positive) - log p(negative), then "
+        "trains a router on the last prompt token's state at --read-layer. Writes NAME_router.onnx, "
+        "NAME_bank.safetensors, the spec NAME.json and the best-fixed-layer baseline NAME_fixed.json to --out.",
+    )
+    w2s.add_argument("--bundle", required=True, help="bundle directory")
+    w2s.add_argument("--data", required=True, help="JSONL of {prompt, positive, negative} (behaviour_pairs.jsonl)")
+    w2s.add_argument("--bank", required=True, help="vector file with direction.{L} for every candidate layer")
+    w2s.add_argument("--layers", required=True, help="candidate layers, A-B or A,B,C (all above --read-layer)")
+    w2s.add_argument("--read-layer", type=int, required=True, help="early layer whose last-token state is routed on")
+    w2s.add_argument("--out", required=True, help="output folder, e.g. onnx/BUNDLE/steer")
+    w2s.add_argument("--name", default="w2s", help="file stem of the router, bank and specs")
+    w2s.add_argument("--scale", type=float, default=1.0, help="steering strength for labelling and in the spec")
+    w2s.add_argument("--limit", type=int, help="label only N inputs, evenly spaced over --data (faster)")
+    w2s.add_argument("--epochs", type=int, default=200)
+    w2s.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate")
+    w2s.add_argument("--batch-size", type=int, default=64)
+    w2s.add_argument("--validation", type=float, default=0.2, help="share of inputs held out for validation")
+    w2s.add_argument("--seed", type=int, default=0, help="seed of the split, initialisation and batch order")
+    w2s.set_defaults(func=cmd_train_w2s)
+
     evaluation = commands.add_parser(
         "eval",
         help="score steered generations: refusal rates, VADER sentiment, perplexity, sweeps and plots",
@@ -114,6 +204,25 @@ def build_parser() -> argparse.ArgumentParser:
     evaluation.add_argument("--out", required=True, help="report JSON")
     evaluation.add_argument("--plot", help="PNG of behaviour and perplexity against scale (with --sweep-scale)")
     evaluation.set_defaults(func=cmd_eval)
+
+    behaviour = commands.add_parser(
+        "eval-behaviour",
+        help="score input-dependent behaviour: refuse harmful, refer advice questions, answer benign",
+        description="Greedy --chat generations on the held-out split: harmful_test (refuse, or refer when it asks "
+        "for medical/legal/financial advice) and benign_prompts.txt. Reports per-category rates, benign "
+        "over-refusal and the combined score (mean of refuse and refer rates minus over-refusal), per method "
+        "and scale, with a seed summary for methods named NAME_seedK.",
+    )
+    behaviour.add_argument("--bundle", required=True, help="bundle directory")
+    behaviour.add_argument("--method", action="append", default=[], metavar="NAME=SPEC",
+                           help="a steer spec to evaluate under NAME (repeatable)")
+    behaviour.add_argument("--sweep-scale", help="comma-separated scales replacing every intervention's scale")
+    behaviour.add_argument("--style", choices=["plain", "roleplay"], default="plain",
+                           help="roleplay wraps every prompt in a held-out role-play phrasing")
+    behaviour.add_argument("--limit-refuse", type=int, help="use N refuse prompts, evenly spaced (faster)")
+    behaviour.add_argument("--max-new-tokens", type=int, default=48)
+    behaviour.add_argument("--out", required=True, help="report path stem: writes .json, .md (and .png)")
+    behaviour.set_defaults(func=cmd_eval_behaviour)
 
     splits = commands.add_parser(
         "make-splits",

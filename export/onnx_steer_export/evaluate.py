@@ -47,13 +47,17 @@ def read_prompts(path: Path, limit: int | None = None) -> list[str]:
     return prompts[:limit] if limit else prompts
 
 
+SPEC_PATH_KEYS = ("path", "router", "bank")
+
+
 def with_scale(spec: Path, scale: float, out: Path) -> Path:
     """A copy of `spec` with every intervention's scale set to `scale` and paths made absolute."""
     data = json.loads(spec.read_text())
     for intervention in data["interventions"]:
         intervention["scale"] = scale
-        if "path" in intervention:
-            intervention["path"] = str((spec.parent / intervention["path"]).resolve())
+        for key in SPEC_PATH_KEYS:
+            if key in intervention:
+                intervention[key] = str((spec.parent / intervention[key]).resolve())
     out.write_text(json.dumps(data))
     return out
 

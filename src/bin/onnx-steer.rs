@@ -88,9 +88,10 @@ struct BenchArgs {
     /// Bundle directory (with full.onnx for the monolithic baseline).
     #[arg(long)]
     bundle: PathBuf,
-    /// Also measure the segment chain with this steer spec.
+    /// Also measure the segment chain with this steer spec (repeat the flag for several; each is
+    /// a variant named after its file stem, with its own steered/unsteered ratios).
     #[arg(long)]
-    steer: Option<PathBuf>,
+    steer: Vec<PathBuf>,
     /// Batch sizes, comma-separated.
     #[arg(long, default_value = "1", value_delimiter = ',')]
     batch: Vec<usize>,
@@ -131,13 +132,16 @@ fn run_bench(args: BenchArgs) -> Result<(), CliError> {
     let bundle = Bundle::open(&args.bundle)?;
     let codec = TextCodec::load(&bundle)?;
     let config = bundle.config().clone();
-    let steering = args
-        .steer
-        .as_deref()
-        .map(|path| SteerSpec::load(path).and_then(|spec| spec.resolve(&config)))
-        .transpose()?
-        .map(Arc::new);
     let runtime = args.runtime.runtime()?;
+    let steered = args
+        .steer
+        .iter()
+        .map(|path| {
+            let stem = path.file_stem().unwrap_or_default().to_string_lossy();
+            let spec = SteerSpec::load(path)?.resolve(&config, &runtime)?;
+            Ok((format!("segmented+{stem}"), Arc::new(spec)))
+        })
+        .collect::<Result<Vec<_>, CliError>>()?;
     let mut models: Vec<Box<dyn CausalLm>> = vec![Box::new(SegmentChain::load(&bundle, &runtime)?)];
     let monolithic = !args.no_monolithic && bundle.manifest().monolithic.is_some();
     if monolithic {
@@ -148,7 +152,7 @@ fn run_bench(args: BenchArgs) -> Result<(), CliError> {
         .iter()
         .flat_map(|&b| args.prompt_tokens.iter().map(move |&t| (b, t)))
         .collect();
-    let variants_per = 1 + usize::from(steering.is_some()) + usize::from(monolithic);
+    let variants_per = 1 + steered.len() + usize::from(monolithic);
     let bar = ProgressBar::new((workloads.len() * variants_per * args.repeats.max(1)) as u64)
         .with_style(
             ProgressStyle::with_template("bench {bar:30} {pos}/{len} runs ({eta})")
@@ -161,9 +165,9 @@ fn run_bench(args: BenchArgs) -> Result<(), CliError> {
             model: 0,
             steering: BatchSteering::uniform(None, batch),
         }];
-        if let Some(steering) = &steering {
+        for (name, steering) in &steered {
             variants.push(Variant {
-                name: "segmented+steer".into(),
+                name: name.clone(),
                 model: 0,
                 steering: BatchSteering::uniform(Some(steering.clone()), batch),
             });
@@ -199,15 +203,28 @@ fn run_bench(args: BenchArgs) -> Result<(), CliError> {
                 .map(|r| r.prefill_tokens_per_s.mean)
         };
         let ratio = |a: Option<f64>, b: Option<f64>| a.zip(b).map(|(a, b)| a / b);
+        let mut ratios = serde_json::Map::new();
+        for (name, _) in &steered {
+            ratios.insert(
+                format!("decode_{name}_over_segmented"),
+                ratio(decode(name), decode("segmented")).into(),
+            );
+            ratios.insert(
+                format!("prefill_{name}_over_segmented"),
+                ratio(prefill(name), prefill("segmented")).into(),
+            );
+        }
+        ratios.insert(
+            "decode_segmented_over_monolithic".into(),
+            ratio(decode("segmented"), decode("monolithic")).into(),
+        );
+        ratios.insert(
+            "prefill_segmented_over_monolithic".into(),
+            ratio(prefill("segmented"), prefill("monolithic")).into(),
+        );
         reports.push(serde_json::json!({
             "batch": batch, "prompt_tokens": prompt_tokens, "new_tokens": args.new_tokens,
-            "repeats": args.repeats, "warmup": args.warmup, "variants": results,
-            "ratios": {
-                "decode_steered_over_unsteered": ratio(decode("segmented+steer"), decode("segmented")),
-                "prefill_steered_over_unsteered": ratio(prefill("segmented+steer"), prefill("segmented")),
-                "decode_segmented_over_monolithic": ratio(decode("segmented"), decode("monolithic")),
-                "prefill_segmented_over_monolithic": ratio(prefill("segmented"), prefill("monolithic")),
-            },
+            "repeats": args.repeats, "warmup": args.warmup, "variants": results, "ratios": ratios,
         }));
     }
     bar.finish_and_clear();
@@ -222,14 +239,14 @@ fn run_bench(args: BenchArgs) -> Result<(), CliError> {
     let mut out = std::io::stdout().lock();
     writeln!(
         out,
-        "{:<18} {:>5} {:>6} {:>14} {:>14} {:>9} {:>9}",
+        "{:<28} {:>5} {:>6} {:>14} {:>14} {:>9} {:>9}",
         "variant", "batch", "prompt", "prefill tok/s", "decode tok/s", "p50 ms", "p99 ms"
     )?;
     for workload in report["workloads"].as_array().into_iter().flatten() {
         for v in workload["variants"].as_array().into_iter().flatten() {
             writeln!(
                 out,
-                "{:<18} {:>5} {:>6} {:>14.1} {:>14.1} {:>9.2} {:>9.2}",
+                "{:<28} {:>5} {:>6} {:>14.1} {:>14.1} {:>9.2} {:>9.2}",
                 v["variant"].as_str().unwrap_or(""),
                 workload["batch"],
                 workload["prompt_tokens"],
@@ -605,6 +622,7 @@ fn row_steering(
     lines: &[PromptLine],
     shared: Option<&Path>,
     config: &ModelConfig,
+    runtime: &Runtime,
 ) -> Result<Vec<Option<Arc<ResolvedSteering>>>, CliError> {
     let mut resolved: HashMap<PathBuf, Arc<ResolvedSteering>> = HashMap::new();
     lines
@@ -616,7 +634,7 @@ fn row_steering(
             if let Some(done) = resolved.get(path) {
                 return Ok(Some(done.clone()));
             }
-            let steering = Arc::new(SteerSpec::load(path)?.resolve(config)?);
+            let steering = Arc::new(SteerSpec::load(path)?.resolve(config, runtime)?);
             resolved.insert(path.to_path_buf(), steering.clone());
             Ok(Some(steering))
         })
@@ -633,8 +651,8 @@ fn run_generate(args: GenerateArgs) -> Result<(), CliError> {
         .collect::<Result<Vec<_>, _>>()?;
     let config = bundle.config();
     validate_prompts(&encoded, config.max_position_embeddings)?;
-    let steering = row_steering(&lines, args.steer.as_deref(), config)?;
     let runtime = args.runtime.runtime()?;
+    let steering = row_steering(&lines, args.steer.as_deref(), config, &runtime)?;
     let mut model = load_model(&bundle, &runtime, args.monolithic)?;
     let generation = GenerationConfig {
         max_new_tokens: args.max_new_tokens,
@@ -703,6 +721,7 @@ fn json_record(prompt: &str, text: &str, result: &Generated) -> serde_json::Valu
         "prefill_ms": result.prefill_ms,
         "decode_ms": result.decode_ms,
         "decode_tokens_per_s": result.decode_tokens_per_s(),
+        "steering": result.steering,
     })
 }
 

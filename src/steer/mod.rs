@@ -6,15 +6,21 @@
 //! (`steer_delta` input), so activations never leave the execution provider to be steered.
 
 pub mod gguf;
+pub mod learned;
 pub mod vector;
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use ndarray::Array2;
+use ndarray::{s, Array2};
+use ort::value::DynValue;
 use serde::{Deserialize, Serialize};
 
 use crate::bundle::ModelConfig;
+use crate::model::{hidden_to_f32, FixedDeltas, LayerHook, ModelError};
+use crate::runtime::Runtime;
+use learned::Learned;
+pub use learned::{Decision, L2sIntervention, W2sIntervention};
 pub use vector::Directions;
 
 /// Why a steer spec or a file it names is unusable.
@@ -30,10 +36,18 @@ pub enum SteerError {
         index: usize,
         problem: String,
     },
-    #[error("vector file {path} not found (paths are relative to the spec file)")]
-    MissingVector { path: PathBuf },
+    #[error("{path} not found (paths are relative to the spec file)")]
+    MissingFile { path: PathBuf },
     #[error("vector file {path}: {message}")]
     VectorFile { path: PathBuf, message: String },
+    #[error("{path} has sha256 {actual}, the spec pins {expected}; retrain or fix the spec")]
+    HashMismatch {
+        path: PathBuf,
+        expected: String,
+        actual: String,
+    },
+    #[error("steering net {path}: {message}")]
+    Net { path: PathBuf, message: String },
 }
 
 /// Which token positions an intervention touches.
@@ -69,7 +83,7 @@ pub enum Phase {
     Decode,
 }
 
-fn default_scale() -> f32 {
+pub(crate) fn default_scale() -> f32 {
     1.0
 }
 
@@ -96,7 +110,34 @@ pub struct VectorIntervention {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "kind", rename_all = "lowercase")]
 pub enum Intervention {
+    /// A static vector (mean difference, PCA, repeng / llama.cpp control vector).
     Vector(VectorIntervention),
+    /// Learning to Steer: a net predicts the vector from the prompt.
+    L2s(L2sIntervention),
+    /// Where to Steer: a router picks the layer from the prompt.
+    W2s(W2sIntervention),
+}
+
+/// Check one direction against the model: hidden size and finite values.
+pub(crate) fn check_direction(
+    direction: &[f32],
+    layer: usize,
+    config: &ModelConfig,
+) -> Result<(), String> {
+    if direction.len() != config.hidden_size {
+        return Err(format!(
+            "direction for layer {layer} has length {}, the model's hidden size is {}",
+            direction.len(),
+            config.hidden_size
+        ));
+    }
+    if let Some(bad) = direction.iter().position(|x| !x.is_finite()) {
+        return Err(format!(
+            "direction for layer {layer} has a non-finite value ({}) at index {bad}",
+            direction[bad]
+        ));
+    }
+    Ok(())
 }
 
 /// A steer spec: which interventions run, where and how strong. Several compose by summing.
@@ -133,9 +174,14 @@ impl SteerSpec {
         Ok(spec)
     }
 
-    /// Load every file the spec names and check it against the model; the result is ready to apply.
-    pub fn resolve(&self, config: &ModelConfig) -> Result<ResolvedSteering, SteerError> {
-        let mut additions = Vec::new();
+    /// Load every file the spec names, check it against the model and create the sessions of
+    /// learned interventions on `runtime`; the result is ready to apply (and to share).
+    pub fn resolve(
+        &self,
+        config: &ModelConfig,
+        runtime: &Runtime,
+    ) -> Result<ResolvedSteering, SteerError> {
+        let mut resolved = ResolvedSteering::default();
         for (index, intervention) in self.interventions.iter().enumerate() {
             let invalid = |problem: String| SteerError::Invalid {
                 spec: self.origin.clone(),
@@ -144,105 +190,134 @@ impl SteerSpec {
             };
             match intervention {
                 Intervention::Vector(v) => {
-                    if !v.scale.is_finite() {
-                        return Err(invalid(format!("scale must be finite, got {}", v.scale)));
-                    }
-                    let path = self.base_dir.join(&v.path);
-                    let directions = Directions::load(&path)?;
-                    let layers = match &v.layers {
-                        Some(layers) => layers.clone(),
-                        None => directions.layers().ok_or_else(|| {
-                            invalid(
-                                "the file holds a single direction; say which \"layers\" to steer"
-                                    .into(),
-                            )
-                        })?,
-                    };
-                    for layer in layers {
-                        if layer >= config.num_layers {
-                            return Err(invalid(format!(
-                                "layer {layer} is out of range; the model has layers 0..{}",
-                                config.num_layers - 1
-                            )));
-                        }
-                        let direction = directions.for_layer(layer).ok_or_else(|| {
-                            invalid(format!(
-                                "{} has no direction for layer {layer}",
-                                path.display()
-                            ))
-                        })?;
-                        if direction.len() != config.hidden_size {
-                            return Err(invalid(format!(
-                                "direction for layer {layer} has length {}, the model's hidden size is {}",
-                                direction.len(),
-                                config.hidden_size
-                            )));
-                        }
-                        if let Some(bad) = direction.iter().position(|x| !x.is_finite()) {
-                            return Err(invalid(format!(
-                                "direction for layer {layer} has a non-finite value ({}) at index {bad}",
-                                direction[bad]
-                            )));
-                        }
-                        let norm = if v.normalize {
-                            direction
-                                .iter()
-                                .map(|x| x * x)
-                                .sum::<f32>()
-                                .sqrt()
-                                .max(f32::MIN_POSITIVE)
-                        } else {
-                            1.0
-                        };
-                        additions.push(LayerAddition {
-                            layer,
-                            positions: v.positions,
-                            delta: direction.iter().map(|x| x * v.scale / norm).collect(),
-                        });
-                    }
+                    resolved
+                        .additions
+                        .extend(self.vector_additions(v, config).map_err(|e| match e {
+                            VectorProblem::File(e) => e,
+                            VectorProblem::Invalid(problem) => invalid(problem),
+                        })?)
                 }
+                Intervention::L2s(l2s) => resolved
+                    .learned
+                    .push(Learned::l2s(l2s, &self.base_dir, config, runtime).map_err(invalid)?),
+                Intervention::W2s(w2s) => resolved
+                    .learned
+                    .push(Learned::w2s(w2s, &self.base_dir, config, runtime).map_err(invalid)?),
             }
         }
-        Ok(ResolvedSteering { additions })
+        Ok(resolved)
+    }
+
+    fn vector_additions(
+        &self,
+        v: &VectorIntervention,
+        config: &ModelConfig,
+    ) -> Result<Vec<LayerAddition>, VectorProblem> {
+        if !v.scale.is_finite() {
+            return Err(VectorProblem::Invalid(format!(
+                "scale must be finite, got {}",
+                v.scale
+            )));
+        }
+        let path = self.base_dir.join(&v.path);
+        let directions = Directions::load(&path).map_err(VectorProblem::File)?;
+        let layers = match &v.layers {
+            Some(layers) => layers.clone(),
+            None => directions.layers().ok_or_else(|| {
+                VectorProblem::Invalid(
+                    "the file holds a single direction; say which \"layers\" to steer".into(),
+                )
+            })?,
+        };
+        let mut additions = Vec::with_capacity(layers.len());
+        for layer in layers {
+            if layer >= config.num_layers {
+                return Err(VectorProblem::Invalid(format!(
+                    "layer {layer} is out of range; the model has layers 0..{}",
+                    config.num_layers - 1
+                )));
+            }
+            let direction = directions.for_layer(layer).ok_or_else(|| {
+                VectorProblem::Invalid(format!(
+                    "{} has no direction for layer {layer}",
+                    path.display()
+                ))
+            })?;
+            check_direction(direction, layer, config).map_err(VectorProblem::Invalid)?;
+            let norm = if v.normalize {
+                direction
+                    .iter()
+                    .map(|x| x * x)
+                    .sum::<f32>()
+                    .sqrt()
+                    .max(f32::MIN_POSITIVE)
+            } else {
+                1.0
+            };
+            additions.push(LayerAddition {
+                layer,
+                positions: v.positions,
+                delta: direction.iter().map(|x| x * v.scale / norm).collect(),
+            });
+        }
+        Ok(additions)
     }
 }
 
+enum VectorProblem {
+    File(SteerError),
+    Invalid(String),
+}
+
+/// A vector added at one layer's output on the positions it covers.
 #[derive(Debug, Clone)]
-struct LayerAddition {
+pub(crate) struct LayerAddition {
     layer: usize,
     positions: Positions,
     delta: Vec<f32>,
 }
 
-/// A spec checked against a model: the vectors to add per layer. Share it across requests.
-#[derive(Debug, Clone, Default)]
+/// Sum of the `additions` at `layer` that apply in `phase`, if any.
+fn sum_at<'a>(
+    additions: impl Iterator<Item = &'a LayerAddition>,
+    layer: usize,
+    phase: Phase,
+) -> Option<Vec<f32>> {
+    let mut sum: Option<Vec<f32>> = None;
+    for add in additions.filter(|a| a.layer == layer && a.positions.covers(phase)) {
+        match &mut sum {
+            Some(total) => total.iter_mut().zip(&add.delta).for_each(|(t, d)| *t += d),
+            None => sum = Some(add.delta.clone()),
+        }
+    }
+    sum
+}
+
+/// A spec checked against a model: static vectors per layer plus learned interventions with
+/// their sessions. Share it across requests (`Arc`).
+#[derive(Debug, Default)]
 pub struct ResolvedSteering {
     additions: Vec<LayerAddition>,
+    learned: Vec<Learned>,
 }
 
 impl ResolvedSteering {
-    /// Sum of the additions at `layer` that apply in `phase`, if any.
+    /// Sum of the static additions at `layer` that apply in `phase`, if any.
     pub fn delta(&self, layer: usize, phase: Phase) -> Option<Vec<f32>> {
-        let mut sum: Option<Vec<f32>> = None;
-        for add in self
-            .additions
-            .iter()
-            .filter(|a| a.layer == layer && a.positions.covers(phase))
-        {
-            match &mut sum {
-                Some(total) => total.iter_mut().zip(&add.delta).for_each(|(t, d)| *t += d),
-                None => sum = Some(add.delta.clone()),
-            }
-        }
-        sum
+        sum_at(self.additions.iter(), layer, phase)
     }
 
-    /// Layers this steering touches.
+    /// Layers the static vectors touch (learned interventions decide theirs per prompt).
     pub fn layers(&self) -> Vec<usize> {
         let mut layers: Vec<usize> = self.additions.iter().map(|a| a.layer).collect();
         layers.sort_unstable();
         layers.dedup();
         layers
+    }
+
+    /// True if any intervention is input-dependent (runs a net at prefill).
+    pub fn is_learned(&self) -> bool {
+        !self.learned.is_empty()
     }
 }
 
@@ -265,32 +340,117 @@ impl BatchSteering {
         }
     }
 
-    /// Per-layer `[B, d]` deltas for `phase`; `None` where no row steers that layer.
-    pub fn deltas(
-        &self,
-        num_layers: usize,
-        hidden: usize,
-        phase: Phase,
-    ) -> Vec<Option<Array2<f32>>> {
-        (0..num_layers)
-            .map(|layer| {
-                let per_row: Vec<Option<Vec<f32>>> = self
-                    .rows
-                    .iter()
-                    .map(|row| row.as_ref().and_then(|s| s.delta(layer, phase)))
-                    .collect();
-                if per_row.iter().all(Option::is_none) {
-                    return None;
-                }
-                let mut deltas = Array2::<f32>::zeros((self.rows.len(), hidden));
-                for (r, delta) in per_row.into_iter().enumerate() {
-                    if let Some(delta) = delta {
-                        deltas.row_mut(r).assign(&ndarray::ArrayView1::from(&delta));
-                    }
-                }
-                Some(deltas)
+    /// Number of rows.
+    pub fn len(&self) -> usize {
+        self.rows.len()
+    }
+
+    /// True for a batch of no rows.
+    pub fn is_empty(&self) -> bool {
+        self.rows.is_empty()
+    }
+
+    /// The hook for the prefill step: static prompt deltas, and learned interventions reading
+    /// their layer and deciding each row's additions. Afterwards, [`PrefillSteering::decode`]
+    /// gives the fixed deltas of every decode step.
+    pub fn prefill(&self, config: &ModelConfig) -> PrefillSteering<'_> {
+        PrefillSteering {
+            batch: self,
+            num_layers: config.num_layers,
+            hidden: config.hidden_size,
+            decided: vec![Vec::new(); self.rows.len()],
+            decisions: vec![Vec::new(); self.rows.len()],
+            current: None,
+        }
+    }
+}
+
+/// Prefill-time steering of a batch (a [`LayerHook`]): see [`BatchSteering::prefill`].
+pub struct PrefillSteering<'a> {
+    batch: &'a BatchSteering,
+    num_layers: usize,
+    hidden: usize,
+    /// Additions learned interventions decided, per row.
+    decided: Vec<Vec<LayerAddition>>,
+    decisions: Vec<Vec<Decision>>,
+    current: Option<Array2<f32>>,
+}
+
+impl PrefillSteering<'_> {
+    /// `[B, d]` delta of `layer` in `phase` over all rows; `None` if no row steers it.
+    fn batch_delta(&self, layer: usize, phase: Phase) -> Option<Array2<f32>> {
+        let per_row: Vec<Option<Vec<f32>>> = self
+            .batch
+            .rows
+            .iter()
+            .zip(&self.decided)
+            .map(|(row, decided)| {
+                let static_additions = row.iter().flat_map(|s| s.additions.iter());
+                sum_at(static_additions.chain(decided.iter()), layer, phase)
             })
-            .collect()
+            .collect();
+        if per_row.iter().all(Option::is_none) {
+            return None;
+        }
+        let mut deltas = Array2::<f32>::zeros((per_row.len(), self.hidden));
+        for (r, delta) in per_row.into_iter().enumerate() {
+            if let Some(delta) = delta {
+                deltas.row_mut(r).assign(&ndarray::ArrayView1::from(&delta));
+            }
+        }
+        Some(deltas)
+    }
+
+    /// The deltas of every decode step, now that each row's learned interventions have decided.
+    pub fn decode(&self) -> FixedDeltas {
+        FixedDeltas(
+            (0..self.num_layers)
+                .map(|layer| self.batch_delta(layer, Phase::Decode))
+                .collect(),
+        )
+    }
+
+    /// What each row's learned interventions decided (empty for rows without any).
+    pub fn decisions(&self) -> &[Vec<Decision>] {
+        &self.decisions
+    }
+}
+
+impl LayerHook for PrefillSteering<'_> {
+    fn delta(&mut self, layer: usize) -> Option<&Array2<f32>> {
+        self.current = self.batch_delta(layer, Phase::Prefill);
+        self.current.as_ref()
+    }
+
+    fn observes(&self, layer: usize) -> bool {
+        self.batch
+            .rows
+            .iter()
+            .flatten()
+            .any(|s| s.learned.iter().any(|l| l.read_layer() == layer))
+    }
+
+    fn observe(&mut self, layer: usize, hidden: &DynValue) -> Result<(), ModelError> {
+        // Prompts are left-padded, so every row's last prompt token is the last position.
+        let hidden = hidden_to_f32(hidden)?;
+        let last = hidden.dim().1.saturating_sub(1);
+        for (r, row) in self.batch.rows.iter().enumerate() {
+            for learned in row.iter().flat_map(|s| s.learned.iter()) {
+                if learned.read_layer() != layer {
+                    continue;
+                }
+                let (additions, decision) = learned
+                    .decide(hidden.slice(s![r, last, ..]))
+                    .map_err(ModelError::Intervention)?;
+                self.decided[r].extend(additions);
+                self.decisions[r].push(decision);
+            }
+        }
+        Ok(())
+    }
+
+    fn steers(&self) -> bool {
+        self.batch.rows.iter().any(Option::is_some)
     }
 }
 
@@ -307,12 +467,19 @@ mod tests {
         .unwrap()
     }
 
+    fn runtime() -> &'static Runtime {
+        static RUNTIME: std::sync::OnceLock<Runtime> = std::sync::OnceLock::new();
+        RUNTIME.get_or_init(|| {
+            Runtime::new(crate::runtime::RuntimeOptions::default()).expect("ONNX Runtime")
+        })
+    }
+
     fn spec_with(
         dir: &Path,
         intervention: serde_json::Value,
     ) -> Result<ResolvedSteering, SteerError> {
         let text = serde_json::json!({ "interventions": [intervention] }).to_string();
-        SteerSpec::parse(&text, dir, "test.json")?.resolve(&config())
+        SteerSpec::parse(&text, dir, "test.json")?.resolve(&config(), runtime())
     }
 
     fn vector_dir(directions: &[(usize, Vec<f32>)]) -> tempfile::TempDir {
@@ -381,7 +548,7 @@ mod tests {
             serde_json::json!({"kind": "vector", "path": "nope.gguf", "layers": [1]}),
         )
         .unwrap_err();
-        assert!(matches!(err, SteerError::MissingVector { .. }), "{err}");
+        assert!(matches!(err, SteerError::MissingFile { .. }), "{err}");
     }
 
     #[test]
@@ -394,7 +561,7 @@ mod tests {
         .to_string();
         let steering = SteerSpec::parse(&text, dir.path(), "s")
             .unwrap()
-            .resolve(&config())
+            .resolve(&config(), runtime())
             .unwrap();
         assert_eq!(steering.delta(1, Phase::Prefill), Some(vec![2.0, 4.0, 6.0]));
         assert_eq!(steering.delta(1, Phase::Decode), Some(vec![1.5, 3.0, 4.5]));
@@ -419,10 +586,67 @@ mod tests {
             .unwrap(),
         );
         let batch = BatchSteering::new(vec![None, Some(steering)]);
-        let deltas = batch.deltas(4, 3, Phase::Prefill);
-        assert!(deltas[1].is_none());
-        let layer2 = deltas[2].as_ref().unwrap();
+        let mut prefill = batch.prefill(&config());
+        assert!(prefill.delta(1).is_none());
+        let layer2 = prefill.delta(2).unwrap().clone();
         assert_eq!(layer2.row(0).to_vec(), vec![0.0; 3]);
         assert_eq!(layer2.row(1).to_vec(), vec![1.0; 3]);
+        let decode = prefill.decode();
+        assert_eq!(decode.0[2].as_ref().unwrap(), layer2);
+    }
+
+    #[test]
+    fn l2s_must_read_below_the_steered_layer() {
+        let dir = tempfile::tempdir().unwrap();
+        let err = spec_with(
+            dir.path(),
+            serde_json::json!({"kind": "l2s", "path": "net.onnx", "read_layer": 2, "layer": 2}),
+        )
+        .unwrap_err();
+        assert!(
+            err.to_string()
+                .contains("read_layer 2 must be below layer 2"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn learned_net_with_wrong_hash_is_rejected() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("net.onnx"), b"not a graph").unwrap();
+        let err = spec_with(
+            dir.path(),
+            serde_json::json!({"kind": "l2s", "path": "net.onnx", "sha256": "00", "read_layer": 1, "layer": 2}),
+        )
+        .unwrap_err();
+        assert!(err.to_string().contains("the spec pins 00"), "{err}");
+    }
+
+    #[test]
+    fn learned_net_that_is_not_onnx_is_rejected() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("router.onnx"), b"not a graph").unwrap();
+        let vectors = vector_dir(&[(2, vec![1.0, 0.0, 0.0]), (3, vec![0.0, 1.0, 0.0])]);
+        std::fs::copy(
+            vectors.path().join("v.safetensors"),
+            dir.path().join("bank.safetensors"),
+        )
+        .unwrap();
+        let err = spec_with(
+            dir.path(),
+            serde_json::json!({"kind": "w2s", "router": "router.onnx", "bank": "bank.safetensors", "read_layer": 1}),
+        )
+        .unwrap_err();
+        assert!(err.to_string().contains("steering net"), "{err}");
+        let err = spec_with(
+            dir.path(),
+            serde_json::json!({"kind": "w2s", "router": "router.onnx", "bank": "bank.safetensors", "read_layer": 2}),
+        )
+        .unwrap_err();
+        assert!(
+            err.to_string()
+                .contains("bank layer 2 is not above read_layer 2"),
+            "{err}"
+        );
     }
 }

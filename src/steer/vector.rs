@@ -53,7 +53,7 @@ impl Directions {
     /// Load a `.gguf` or `.safetensors` file (chosen by extension).
     pub fn load(path: &Path) -> Result<Self, SteerError> {
         if !path.is_file() {
-            return Err(SteerError::MissingVector {
+            return Err(SteerError::MissingFile {
                 path: path.to_path_buf(),
             });
         }

@@ -1,0 +1,103 @@
+"""What the learned steering methods share: reading training states through the runtime, input
+standardisation baked into the net, a seeded train/validation loop with a progress bar, ONNX export
+of the net (batch-dynamic `state [B, d]` in), and the steer spec written next to it.
+
+The runtime hosts every net as its own ONNX graph on the layers' execution provider, so the nets are
+exported exactly as trained, standardisation included.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import onnx
+import torch
+from tqdm import tqdm
+
+from .vectors import bundle_tokenizer, chat_prefix
+
+
+def prompt_ids(bundle: Path, prompts: list[str]) -> list[list[int]]:
+    """Chat-templated prompts tokenized exactly as `onnx-steer generate --chat` does."""
+    tokenizer = bundle_tokenizer(bundle)
+    return [tokenizer(chat_prefix(tokenizer, p, True), add_special_tokens=False)["input_ids"] for p in prompts]
+
+
+class Standardize(torch.nn.Module):
+    """(x - mean) / std per feature, fitted on the training states (residual streams have outlier channels)."""
+
+    def __init__(self, states: np.ndarray) -> None:
+        super().__init__()
+        self.register_buffer("mean", torch.from_numpy(states.mean(0).astype(np.float32)))
+        self.register_buffer("std", torch.from_numpy(states.std(0).astype(np.float32) + 1e-3))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return (x - self.mean) / self.std
+
+
+@dataclass
+class Split:
+    train: np.ndarray
+    validation: np.ndarray
+
+
+def split_indices(n: int, validation_fraction: float, seed: int) -> Split:
+    order = np.random.default_rng(seed).permutation(n)
+    cut = max(1, round(n * validation_fraction))
+    return Split(train=order[cut:], validation=order[:cut])
+
+
+def fit(net: torch.nn.Module, inputs: torch.Tensor, targets: torch.Tensor, split: Split,
+        loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], epochs: int, lr: float, batch_size: int,
+        seed: int, desc: str) -> dict[str, float]:
+    """Adam on mini-batches; keeps the weights of the epoch with the lowest validation loss."""
+    generator = torch.Generator().manual_seed(seed)
+    optimiser = torch.optim.Adam(net.parameters(), lr=lr)
+    train_idx = torch.from_numpy(split.train)
+    val_idx = torch.from_numpy(split.validation)
+    best = (float("inf"), None, 0)
+    bar = tqdm(range(epochs), desc=desc, unit="epoch")
+    for epoch in bar:
+        net.train()
+        for batch in train_idx[torch.randperm(len(train_idx), generator=generator)].split(batch_size):
+            optimiser.zero_grad()
+            loss_fn(net(inputs[batch]), targets[batch]).backward()
+            optimiser.step()
+        net.eval()
+        with torch.no_grad():
+            val_loss = float(loss_fn(net(inputs[val_idx]), targets[val_idx]))
+        if val_loss < best[0]:
+            best = (val_loss, {k: v.clone() for k, v in net.state_dict().items()}, epoch)
+        bar.set_postfix(val_loss=f"{val_loss:.4f}")
+    net.load_state_dict(best[1])
+    net.eval()
+    return {"best_validation_loss": best[0], "best_epoch": best[2]}
+
+
+def export_net(net: torch.nn.Module, hidden_size: int, output_name: str, path: Path,
+               metadata: dict[str, object]) -> str:
+    """Write `net` as an ONNX graph `state [B, d] -> output_name`, with `metadata` as metadata_props;
+    returns the file's sha256 (the spec pins it)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.onnx.export(net, (torch.zeros(1, hidden_size),), str(path), input_names=["state"],
+                      output_names=[output_name], dynamic_axes={"state": {0: "batch"}, output_name: {0: "batch"}},
+                      opset_version=17, dynamo=False)
+    model = onnx.load(str(path))
+    for key, value in metadata.items():
+        model.metadata_props.add(key=key, value=json.dumps(value))
+    onnx.save(model, str(path))
+    return sha256(path)
+
+
+def sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def write_spec(path: Path, interventions: list[dict]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"interventions": interventions}, indent=2) + "\n")

@@ -1,0 +1,72 @@
+"""HF transformers reference steering: forward hooks that do what the runtime does, for labels (W2S)
+and for parity tests. Layer L is decoder block L's output (HF `hidden_states[L+1]`)."""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from typing import Iterator
+
+import torch
+from transformers import PreTrainedModel
+
+
+def decoder_layers(model: PreTrainedModel) -> torch.nn.ModuleList:
+    return model.model.layers
+
+
+@contextmanager
+def added(model: PreTrainedModel, deltas: dict[int, torch.Tensor]) -> Iterator[None]:
+    """Add `deltas[L]` (shape [d] or [B, 1, d]) to layer L's output at every position while active."""
+    hooks = [decoder_layers(model)[layer].register_forward_hook(lambda _m, _i, out, d=delta: out + d)
+             for layer, delta in deltas.items()]
+    try:
+        yield
+    finally:
+        for hook in hooks:
+            hook.remove()
+
+
+@contextmanager
+def read_then_add(model: PreTrainedModel, read_layer: int, steer_layer: int,
+                  predict: "torch.nn.Module | callable", scale: float) -> Iterator[None]:
+    """Input-dependent steering as the runtime does it: on the first (prefill) forward, read the last
+    token's state at `read_layer`, keep `scale * predict(state)`, and add it at `steer_layer` on every
+    forward from then on (prompt and generated tokens)."""
+    kept: dict[str, torch.Tensor] = {}
+
+    def read(_module: torch.nn.Module, _inputs: tuple, out: torch.Tensor) -> None:
+        if "delta" not in kept:
+            with torch.no_grad():
+                kept["delta"] = scale * predict(out[:, -1, :]).unsqueeze(1)
+
+    def add(_module: torch.nn.Module, _inputs: tuple, out: torch.Tensor) -> torch.Tensor:
+        return out + kept["delta"]
+
+    layers = decoder_layers(model)
+    hooks = [layers[read_layer].register_forward_hook(read), layers[steer_layer].register_forward_hook(add)]
+    try:
+        yield
+    finally:
+        for hook in hooks:
+            hook.remove()
+
+
+def continuation_logprobs(model: PreTrainedModel, prompts: list[list[int]], continuations: list[list[int]],
+                          batch_size: int = 16) -> torch.Tensor:
+    """log p(continuation | prompt) per pair, summed over the continuation's tokens (right-padded batches)."""
+    scores = []
+    for start in range(0, len(prompts), batch_size):
+        chunk = list(zip(prompts[start:start + batch_size], continuations[start:start + batch_size]))
+        width = max(len(p) + len(c) for p, c in chunk)
+        ids = torch.zeros(len(chunk), width, dtype=torch.long)
+        mask = torch.zeros(len(chunk), width, dtype=torch.long)
+        for row, (prompt, continuation) in enumerate(chunk):
+            sequence = prompt + continuation
+            ids[row, :len(sequence)] = torch.tensor(sequence)
+            mask[row, :len(sequence)] = 1
+        with torch.no_grad():
+            logprobs = torch.log_softmax(model(ids, attention_mask=mask).logits.float(), dim=-1)
+        for row, (prompt, continuation) in enumerate(chunk):
+            positions = torch.arange(len(prompt) - 1, len(prompt) + len(continuation) - 1)
+            scores.append(logprobs[row, positions, torch.tensor(continuation)].sum())
+    return torch.stack(scores)

@@ -1,0 +1,125 @@
+"""W2S, Where to Steer (METHODS.md section 2): a router picks the steering layer per input.
+
+Bank: one steering vector per candidate layer (taken from a vector file, e.g. the refusal vector of
+`make steer`). Labels: for each training input and candidate layer l, steer with `scale · v_l` at l
+(HF reference hooks) and score log p(desired) − log p(undesired) of the input's two completions
+(behaviour_pairs.jsonl: refusal for harmful, compliance for benign inputs); the best layer is the label.
+Router: standardise → Linear(d→64) → ReLU → Linear(64→K) → softmax, on the last prompt token's state at
+an early read layer (read through the runtime), trained with cross-entropy.
+The baseline is the best single fixed layer: the candidate with the highest mean training score.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.numpy import load_file, save_file
+from tqdm import tqdm
+
+from .learned import Standardize, export_net, fit, prompt_ids, sha256, split_indices, write_spec
+from .reference import added, continuation_logprobs
+from .vectors import bundle_tokenizer, capture_last_token
+
+ROUTER_UNITS = 64
+
+
+class Router(torch.nn.Module):
+    def __init__(self, states: np.ndarray, num_layers: int) -> None:
+        super().__init__()
+        self.standardize = Standardize(states)
+        self.classify = torch.nn.Sequential(torch.nn.Linear(states.shape[1], ROUTER_UNITS), torch.nn.ReLU(),
+                                            torch.nn.Linear(ROUTER_UNITS, num_layers))
+
+    def logits(self, state: torch.Tensor) -> torch.Tensor:
+        return self.classify(self.standardize(state))
+
+    def forward(self, state: torch.Tensor) -> torch.Tensor:
+        return torch.softmax(self.logits(state), dim=-1)
+
+
+class _Logits(torch.nn.Module):
+    """Training view of the router (cross-entropy wants logits)."""
+
+    def __init__(self, router: Router) -> None:
+        super().__init__()
+        self.router = router
+
+    def forward(self, state: torch.Tensor) -> torch.Tensor:
+        return self.router.logits(state)
+
+
+def layer_scores(model: torch.nn.Module, bundle: Path, records: list[dict], bank: dict[int, np.ndarray],
+                 scale: float) -> np.ndarray:
+    """[N, K] behaviour score of each input steered at each candidate layer (HF reference)."""
+    tokenizer = bundle_tokenizer(bundle)
+    prompts = prompt_ids(bundle, [r["prompt"] for r in records])
+    encode = lambda text: tokenizer(text, add_special_tokens=False)["input_ids"]  # noqa: E731
+    desired = [encode(r["positive"]) for r in records]
+    undesired = [encode(r["negative"]) for r in records]
+    scores = np.zeros((len(records), len(bank)), dtype=np.float32)
+    for k, (layer, vector) in enumerate(tqdm(bank.items(), desc="w2s labels", unit="layer")):
+        with added(model, {layer: torch.from_numpy(scale * vector)}):
+            scores[:, k] = (continuation_logprobs(model, prompts, desired)
+                            - continuation_logprobs(model, prompts, undesired)).numpy()
+    return scores
+
+
+def train_w2s(bundle: Path, data: Path, bank_path: Path, layers: list[int], read_layer: int, out: Path,
+              scale: float = 1.0, limit: int | None = None, epochs: int = 200, lr: float = 1e-3,
+              batch_size: int = 64, validation_fraction: float = 0.2, seed: int = 0, name: str = "w2s",
+              binary: Path | None = None) -> dict:
+    """Label, train and export the router; writes `{name}_router.onnx`, `{name}_bank.safetensors`,
+    `{name}.json` and the fixed-layer baseline `{name}_fixed.json`; returns a summary."""
+    from .source import load
+
+    if min(layers) <= read_layer:
+        raise ValueError(f"every candidate layer must be above --read-layer {read_layer} (got {layers}): the "
+                         "router reads the state before the chosen layer runs")
+    source = load_file(str(bank_path))
+    missing = [layer for layer in layers if f"direction.{layer}" not in source]
+    if missing:
+        raise ValueError(f"{bank_path} has no direction for layers {missing}")
+    bank = {layer: source[f"direction.{layer}"].astype(np.float32) for layer in sorted(layers)}
+    records = [json.loads(line) for line in data.read_text().splitlines() if line.strip()]
+    records = records[::max(1, len(records) // limit)][:limit] if limit else records
+
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    model = load(manifest["source"]).model
+    scores = layer_scores(model, bundle, records, bank, scale)
+    labels = scores.argmax(1)
+    states = capture_last_token(bundle, prompt_ids(bundle, [r["prompt"] for r in records]), [read_layer],
+                                binary)[read_layer]
+    split = split_indices(len(records), validation_fraction, seed)
+    torch.manual_seed(seed)
+    router = Router(states[split.train], len(bank))
+    history = fit(_Logits(router), torch.from_numpy(states), torch.from_numpy(labels), split,
+                  torch.nn.functional.cross_entropy, epochs, lr, batch_size, seed, desc=f"train-w2s seed {seed}")
+    with torch.no_grad():
+        routed = router(torch.from_numpy(states)).argmax(1).numpy()
+    val = split.validation
+    fixed = int(scores[split.train].mean(0).argmax())
+    candidates = list(bank)
+
+    bank_file = out / f"{name}_bank.safetensors"
+    out.mkdir(parents=True, exist_ok=True)
+    save_file({f"direction.{layer}": v for layer, v in bank.items()}, str(bank_file),
+              metadata={"source": bank_path.name, "bundle": bundle.name})
+    router_file = out / f"{name}_router.onnx"
+    digest = export_net(router, states.shape[1], "probs", router_file, {
+        "kind": "w2s", "hidden_size": states.shape[1], "read_layer": read_layer, "layers": candidates,
+        "bundle": bundle.name, "seed": seed})
+    write_spec(out / f"{name}.json", [{
+        "kind": "w2s", "router": router_file.name, "router_sha256": digest, "bank": bank_file.name,
+        "bank_sha256": sha256(bank_file), "read_layer": read_layer, "top_k": 1, "scale": scale}])
+    write_spec(out / f"{name}_fixed.json", [{"kind": "vector", "path": bank_file.name, "scale": scale,
+                                             "layers": [candidates[fixed]]}])
+    label_counts = {str(candidates[k]): int((labels == k).sum()) for k in range(len(candidates))}
+    return {**history, "samples": len(records), "label_counts": label_counts,
+            "best_fixed_layer": candidates[fixed],
+            "validation_accuracy": float((routed[val] == labels[val]).mean()),
+            "validation_score": {"router": float(scores[val, routed[val]].mean()),
+                                 "fixed_layer": float(scores[val, fixed].mean()),
+                                 "oracle": float(scores[val].max(1).mean())}}

@@ -1,0 +1,356 @@
+//! Learned, input-dependent interventions: L2S (a net predicts the vector) and W2S (a router picks
+//! the layer). Each runs its small ONNX graph once per row at prefill, on the last prompt token's
+//! state at its read layer, and turns the result into additions at later layers.
+
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+
+use ndarray::{Array2, ArrayView1};
+use ort::session::Session;
+use ort::value::TensorRef;
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+use super::{default_scale, Directions, LayerAddition, Positions, SteerError};
+use crate::bundle::ModelConfig;
+use crate::runtime::Runtime;
+
+/// L2S: add `scale * net(state at read_layer)` at `layer`; `net` is `state [B, d] -> vector [B, d]`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct L2sIntervention {
+    /// The net's ONNX file (relative to the spec file).
+    pub path: PathBuf,
+    /// Expected sha256 of `path`; checked at load when given.
+    #[serde(default)]
+    pub sha256: Option<String>,
+    /// L′: the layer whose last prompt token the net reads (below `layer`).
+    pub read_layer: usize,
+    /// L*: the layer the predicted vector is added to.
+    pub layer: usize,
+    #[serde(default = "default_scale")]
+    pub scale: f32,
+    #[serde(default)]
+    pub positions: Positions,
+}
+
+fn default_top_k() -> usize {
+    1
+}
+
+/// W2S: a router `state [B, d] -> probs [B, K]` over the bank's layers (ascending) picks where
+/// the bank's vector for that layer is added; `top_k > 1` mixes the k best, weighted by probability.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct W2sIntervention {
+    /// The router's ONNX file (relative to the spec file).
+    pub router: PathBuf,
+    #[serde(default)]
+    pub router_sha256: Option<String>,
+    /// Vector file with `direction.{L}` for every candidate layer.
+    pub bank: PathBuf,
+    #[serde(default)]
+    pub bank_sha256: Option<String>,
+    /// The early layer whose last prompt token the router reads (below every candidate layer).
+    pub read_layer: usize,
+    #[serde(default = "default_top_k")]
+    pub top_k: usize,
+    #[serde(default = "default_scale")]
+    pub scale: f32,
+    #[serde(default)]
+    pub positions: Positions,
+}
+
+/// What a learned intervention decided for one row, reported with the generation.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Decision {
+    /// `l2s` or `w2s`.
+    pub kind: &'static str,
+    /// Layers steered for this row.
+    pub layers: Vec<usize>,
+    /// Weight of each layer (W2S router probability renormalised over the top k; 1 for L2S).
+    pub weights: Vec<f32>,
+    /// L2 norm of the added vector (after scale), summed over layers.
+    pub norm: f32,
+}
+
+enum Action {
+    Predict {
+        layer: usize,
+    },
+    Route {
+        bank: Vec<(usize, Vec<f32>)>,
+        top_k: usize,
+    },
+}
+
+/// A learned intervention checked against the model, with its session, ready to run.
+pub(crate) struct Learned {
+    read_layer: usize,
+    scale: f32,
+    positions: Positions,
+    net: Mutex<Session>,
+    net_name: String,
+    action: Action,
+}
+
+impl std::fmt::Debug for Learned {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Learned")
+            .field("net", &self.net_name)
+            .field("read_layer", &self.read_layer)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Read a file named by a spec, checking the pinned sha256 when there is one.
+fn read_pinned(path: &Path, sha256: Option<&str>) -> Result<Vec<u8>, SteerError> {
+    let bytes = std::fs::read(path).map_err(|_| SteerError::MissingFile {
+        path: path.to_path_buf(),
+    })?;
+    if let Some(expected) = sha256 {
+        let actual = hex::encode(Sha256::digest(&bytes));
+        if !actual.eq_ignore_ascii_case(expected) {
+            return Err(SteerError::HashMismatch {
+                path: path.to_path_buf(),
+                expected: expected.to_string(),
+                actual,
+            });
+        }
+    }
+    Ok(bytes)
+}
+
+/// Load a net and check it maps `state [B, d]` to `output [B, width]`.
+fn load_net(
+    runtime: &Runtime,
+    path: &Path,
+    sha256: Option<&str>,
+    output: &str,
+    hidden: usize,
+    width: usize,
+) -> Result<Session, SteerError> {
+    let bytes = read_pinned(path, sha256)?;
+    let bad = |message: String| SteerError::Net {
+        path: path.to_path_buf(),
+        message,
+    };
+    let session = runtime
+        .session(&bytes, &path.display().to_string())
+        .map_err(|e| bad(e.to_string()))?;
+    let shape_of = |outlets: &[ort::value::Outlet], name: &str| -> Result<Vec<i64>, SteerError> {
+        let outlet = outlets
+            .iter()
+            .find(|o| o.name() == name)
+            .ok_or_else(|| bad(format!("the graph has no tensor named {name:?}")))?;
+        outlet
+            .dtype()
+            .tensor_shape()
+            .map(|shape| shape.to_vec())
+            .ok_or_else(|| bad(format!("{name:?} is not a tensor")))
+    };
+    for (name, shape, want) in [
+        ("state", shape_of(session.inputs(), "state")?, hidden),
+        (output, shape_of(session.outputs(), output)?, width),
+    ] {
+        if shape.len() != 2 || shape[1] != want as i64 {
+            return Err(bad(format!(
+                "{name:?} has shape {shape:?}, expected [batch, {want}] (is it for another model?)"
+            )));
+        }
+    }
+    Ok(session)
+}
+
+impl Learned {
+    pub(crate) fn l2s(
+        spec: &L2sIntervention,
+        base_dir: &Path,
+        config: &ModelConfig,
+        runtime: &Runtime,
+    ) -> Result<Self, String> {
+        check_scale(spec.scale)?;
+        check_layer(spec.layer, config)?;
+        if spec.read_layer >= spec.layer {
+            return Err(format!(
+                "read_layer {} must be below layer {}: the state is read before it is steered",
+                spec.read_layer, spec.layer
+            ));
+        }
+        let path = base_dir.join(&spec.path);
+        let net = load_net(
+            runtime,
+            &path,
+            spec.sha256.as_deref(),
+            "vector",
+            config.hidden_size,
+            config.hidden_size,
+        )
+        .map_err(|e| e.to_string())?;
+        Ok(Self {
+            read_layer: spec.read_layer,
+            scale: spec.scale,
+            positions: spec.positions,
+            net: Mutex::new(net),
+            net_name: path.display().to_string(),
+            action: Action::Predict { layer: spec.layer },
+        })
+    }
+
+    pub(crate) fn w2s(
+        spec: &W2sIntervention,
+        base_dir: &Path,
+        config: &ModelConfig,
+        runtime: &Runtime,
+    ) -> Result<Self, String> {
+        check_scale(spec.scale)?;
+        let bank_path = base_dir.join(&spec.bank);
+        read_pinned(&bank_path, spec.bank_sha256.as_deref()).map_err(|e| e.to_string())?;
+        let directions = Directions::load(&bank_path).map_err(|e| e.to_string())?;
+        let layers = directions.layers().ok_or_else(|| {
+            format!(
+                "bank {} must name its layers (direction.{{L}})",
+                bank_path.display()
+            )
+        })?;
+        let mut bank = Vec::with_capacity(layers.len());
+        for layer in layers {
+            check_layer(layer, config)?;
+            if layer <= spec.read_layer {
+                return Err(format!(
+                    "bank layer {layer} is not above read_layer {}: the router reads before it steers",
+                    spec.read_layer
+                ));
+            }
+            let vector = directions.for_layer(layer).unwrap_or_default();
+            super::check_direction(vector, layer, config)?;
+            bank.push((layer, vector.to_vec()));
+        }
+        if spec.top_k == 0 || spec.top_k > bank.len() {
+            return Err(format!(
+                "top_k must be between 1 and the bank's {} layers, got {}",
+                bank.len(),
+                spec.top_k
+            ));
+        }
+        let path = base_dir.join(&spec.router);
+        let net = load_net(
+            runtime,
+            &path,
+            spec.router_sha256.as_deref(),
+            "probs",
+            config.hidden_size,
+            bank.len(),
+        )
+        .map_err(|e| e.to_string())?;
+        Ok(Self {
+            read_layer: spec.read_layer,
+            scale: spec.scale,
+            positions: spec.positions,
+            net: Mutex::new(net),
+            net_name: path.display().to_string(),
+            action: Action::Route {
+                bank,
+                top_k: spec.top_k,
+            },
+        })
+    }
+
+    /// The layer whose output this intervention reads.
+    pub(crate) fn read_layer(&self) -> usize {
+        self.read_layer
+    }
+
+    /// Run the net on one row's state and return the additions it decides, with a summary.
+    pub(crate) fn decide(
+        &self,
+        state: ArrayView1<'_, f32>,
+    ) -> Result<(Vec<LayerAddition>, Decision), String> {
+        let input = state
+            .to_owned()
+            .into_shape_with_order((1, state.len()))
+            .map_err(|e| e.to_string())?;
+        let output = self.run(input)?;
+        let output = output.row(0);
+        if let Some(bad) = output.iter().position(|x| !x.is_finite()) {
+            return Err(format!(
+                "{} produced a non-finite value at index {bad}",
+                self.net_name
+            ));
+        }
+        let chosen: Vec<(usize, f32, Vec<f32>)> = match &self.action {
+            Action::Predict { layer } => vec![(*layer, 1.0, output.to_vec())],
+            Action::Route { bank, top_k } => {
+                let mut order: Vec<usize> = (0..bank.len()).collect();
+                order.sort_by(|&a, &b| output[b].total_cmp(&output[a]));
+                order.truncate(*top_k);
+                let mass: f32 = order
+                    .iter()
+                    .map(|&k| output[k])
+                    .sum::<f32>()
+                    .max(f32::MIN_POSITIVE);
+                order
+                    .into_iter()
+                    .map(|k| (bank[k].0, output[k] / mass, bank[k].1.clone()))
+                    .collect()
+            }
+        };
+        let mut additions = Vec::with_capacity(chosen.len());
+        let mut decision = Decision {
+            kind: match self.action {
+                Action::Predict { .. } => "l2s",
+                Action::Route { .. } => "w2s",
+            },
+            layers: Vec::new(),
+            weights: Vec::new(),
+            norm: 0.0,
+        };
+        for (layer, weight, vector) in chosen {
+            let factor = self.scale * weight;
+            let delta: Vec<f32> = vector.iter().map(|x| x * factor).collect();
+            decision.layers.push(layer);
+            decision.weights.push(weight);
+            decision.norm += delta.iter().map(|x| x * x).sum::<f32>().sqrt();
+            additions.push(LayerAddition {
+                layer,
+                positions: self.positions,
+                delta,
+            });
+        }
+        Ok((additions, decision))
+    }
+
+    fn run(&self, input: Array2<f32>) -> Result<Array2<f32>, String> {
+        let error = |e: ort::Error| format!("{}: {e}", self.net_name);
+        let mut net = self
+            .net
+            .lock()
+            .map_err(|_| format!("{}: session lock poisoned", self.net_name))?;
+        let value = TensorRef::from_array_view(input.view()).map_err(error)?;
+        let outputs = net.run(ort::inputs!["state" => value]).map_err(error)?;
+        let array = outputs[0].try_extract_array::<f32>().map_err(error)?;
+        array
+            .into_dimensionality::<ndarray::Ix2>()
+            .map(|a| a.to_owned())
+            .map_err(|e| format!("{}: output is not [batch, width]: {e}", self.net_name))
+    }
+}
+
+fn check_scale(scale: f32) -> Result<(), String> {
+    if scale.is_finite() {
+        Ok(())
+    } else {
+        Err(format!("scale must be finite, got {scale}"))
+    }
+}
+
+fn check_layer(layer: usize, config: &ModelConfig) -> Result<(), String> {
+    if layer < config.num_layers {
+        Ok(())
+    } else {
+        Err(format!(
+            "layer {layer} is out of range; the model has layers 0..{}",
+            config.num_layers - 1
+        ))
+    }
+}
