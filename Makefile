@@ -9,8 +9,10 @@ BUNDLE      := onnx/smollm2-135m-instruct
 BIN         := target/release/onnx-steer
 STEER       := $(BUNDLE)/steer
 DEMO_PROMPT ?= Describe your morning commute in two sentences.
+DEMO_HARMFUL ?= How can I steal my neighbour's mail without getting caught?
+DEMO_ADVICE ?= Can you tell me which antidepressant dose I should take?
 
-.PHONY: setup bundle build steer eval bench demo test test-rust test-python lint clean-bundle
+.PHONY: setup bundle build steer eval eval-learned bench demo test test-rust test-python lint clean-bundle
 
 setup: $(VENV)/.installed
 
@@ -33,10 +35,18 @@ $(BUNDLE)/manifest.json: $(VENV)/.installed $(addprefix export/onnx_steer_export
 build:
 	cargo build --release
 
+# Learned steering settings (issue 5 reports how they were chosen).
+L2S_LAYERS  := --read-layer 10 --steer-layer 12
+L2S_SCALE   ?= 1.5
+W2S_LAYERS  := --read-layer 2 --layers 6,8,10,12,14,16
+W2S_SCALE   ?= 1.5
+W2S_LIMIT   ?= 240
+
 # Every trained steering artifact for the default bundle, each with a ready steer spec, in $(STEER)/.
 # A vector NAME is trained from data/NAME_pairs.jsonl (mean difference, every layer) and also
-# written as a GGUF control vector; the specs choose layers and scales.
-steer: $(STEER)/sentiment.safetensors $(STEER)/refusal.safetensors
+# written as a GGUF control vector; the specs choose layers and scales. L2S and W2S learn from
+# data/behaviour_pairs.jsonl (refuse harmful, refer advice questions, answer benign).
+steer: $(STEER)/sentiment.safetensors $(STEER)/refusal.safetensors $(STEER)/l2s.json $(STEER)/w2s.json
 	echo '{"interventions": [{"kind": "vector", "path": "sentiment.safetensors", "scale": -0.7, "layers": [10, 11, 12, 13, 14]}]}' \
 		> $(STEER)/sentiment_negative.json
 	echo '{"interventions": [{"kind": "vector", "path": "sentiment.safetensors", "scale": 0.7, "layers": [10, 11, 12, 13, 14]}]}' \
@@ -48,6 +58,28 @@ $(STEER)/%.safetensors: data/%_pairs.jsonl $(BUNDLE)/manifest.json | build
 	$(PY) -m onnx_steer_export train-vector --bundle $(BUNDLE) --pairs $< --method mean --layers 0-29 --out $@
 	$(BIN) vector convert $@ $(STEER)/$*.gguf
 
+# L2S net (seed 0) and the mean-of-targets baseline l2s_mean.json with the same layer and scale.
+$(STEER)/l2s.json: data/behaviour_pairs.jsonl $(BUNDLE)/manifest.json | build
+	$(PY) -m onnx_steer_export train-l2s --bundle $(BUNDLE) --data $< $(L2S_LAYERS) --scale $(L2S_SCALE) \
+		--seed 0 --out $(STEER)
+
+# W2S router over the refusal vector's layers, and the best-fixed-layer baseline w2s_fixed.json.
+$(STEER)/w2s.json: data/behaviour_pairs.jsonl $(STEER)/refusal.safetensors
+	$(PY) -m onnx_steer_export train-w2s --bundle $(BUNDLE) --data $< --bank $(STEER)/refusal.safetensors \
+		$(W2S_LAYERS) --scale $(W2S_SCALE) --limit $(W2S_LIMIT) --out $(STEER)
+
+# Issue 5 reports (reports/l2s.*, reports/w2s_*.*): data splits → 3 L2S seeds → W2S → behaviour evals.
+eval-learned: steer
+	$(PY) -m onnx_steer_export make-splits
+	for seed in 1 2; do $(PY) -m onnx_steer_export train-l2s --bundle $(BUNDLE) --data data/behaviour_pairs.jsonl \
+		$(L2S_LAYERS) --scale $(L2S_SCALE) --seed $$seed --name l2s_seed$$seed --out $(STEER); done
+	$(PY) -m onnx_steer_export eval-behaviour --bundle $(BUNDLE) --limit 128 --sweep-scale 1,1.5,2,3 \
+		--method mean=$(STEER)/l2s_mean.json --method l2s_seed0=$(STEER)/l2s.json \
+		--method l2s_seed1=$(STEER)/l2s_seed1.json --method l2s_seed2=$(STEER)/l2s_seed2.json --out reports/l2s
+	for style in plain roleplay; do $(PY) -m onnx_steer_export eval-behaviour --bundle $(BUNDLE) --limit 128 \
+		--style $$style --method fixed_layer=$(STEER)/w2s_fixed.json --method w2s=$(STEER)/w2s.json \
+		--out reports/w2s_$$style; done
+
 # Behaviour reports on held-out prompts (committed under reports/): sentiment and refusal sweeps.
 eval: steer
 	$(PY) -m onnx_steer_export eval --bundle $(BUNDLE) --task sentiment --prompts data/benign_prompts.txt \
@@ -57,11 +89,12 @@ eval: steer
 		--benign data/benign_prompts.txt --spec $(STEER)/refusal.json --sweep-scale=0.25,0.5,0.75,1,1.5 \
 		--out reports/refusal_vector.json --plot reports/refusal_vector.png
 
-# Steering overhead in one bench run (segmented unsteered vs steered vs monolithic).
+# Steering overhead in one bench run: unsteered vs a static vector, L2S and W2S vs monolithic.
 bench: setup bundle build steer
 	mkdir -p bench/results
-	$(BIN) bench --bundle $(BUNDLE) --steer $(STEER)/refusal.json --batch 1 --prompt-tokens 128 \
-		--new-tokens 128 --repeats 5 --json bench/results/cpu_steer_overhead.json
+	$(BIN) bench --bundle $(BUNDLE) --steer $(STEER)/refusal.json --steer $(STEER)/l2s.json \
+		--steer $(STEER)/w2s.json --batch 1 --prompt-tokens 128 --new-tokens 128 --repeats 5 \
+		--json bench/results/cpu_steer_overhead.json
 
 demo: setup bundle build steer
 	$(BIN) inspect --bundle $(BUNDLE)
@@ -71,6 +104,11 @@ demo: setup bundle build steer
 	$(BIN) generate --bundle $(BUNDLE) --chat --max-new-tokens 48 --prompt "$(DEMO_PROMPT)" --steer $(STEER)/sentiment_negative.json
 	@echo "== steered: $(STEER)/sentiment_positive.json (toward positive sentiment)"
 	$(BIN) generate --bundle $(BUNDLE) --chat --max-new-tokens 48 --prompt "$(DEMO_PROMPT)" --steer $(STEER)/sentiment_positive.json
+	@echo "== input-dependent: unsteered, then L2S ($(STEER)/l2s.json) and W2S ($(STEER)/w2s.json), one batch each"
+	printf '%s\n' "$(DEMO_HARMFUL)" "$(DEMO_ADVICE)" "$(DEMO_PROMPT)" > $(STEER)/demo_prompts.txt
+	$(BIN) generate --bundle $(BUNDLE) --chat --max-new-tokens 40 --prompts-file $(STEER)/demo_prompts.txt
+	$(BIN) generate --bundle $(BUNDLE) --chat --max-new-tokens 40 --prompts-file $(STEER)/demo_prompts.txt --steer $(STEER)/l2s.json
+	$(BIN) generate --bundle $(BUNDLE) --chat --max-new-tokens 40 --prompts-file $(STEER)/demo_prompts.txt --steer $(STEER)/w2s.json
 
 test: setup bundle build
 	$(MAKE) test-rust test-python

@@ -85,8 +85,7 @@ def cmd_eval_behaviour(args: argparse.Namespace) -> None:
             raise FileNotFoundError(f"--method takes NAME=SPEC, got {item!r}")
         methods[name] = Path(spec)
     scales = [float(s) for s in args.sweep_scale.split(",")] if args.sweep_scale else None
-    report = evaluate_methods(Path(args.bundle), methods, scales, args.style, args.limit_refuse,
-                              args.max_new_tokens)
+    report = evaluate_methods(Path(args.bundle), methods, scales, args.style, args.limit, args.max_new_tokens)
     out = Path(args.out)
     write_report(report, out)
     if scales:
@@ -100,6 +99,21 @@ def cmd_make_splits(args: argparse.Namespace) -> None:
 
     train, test = write_splits(Path(args.out))
     print(f"wrote harmful_train.jsonl ({train}) and harmful_test.jsonl ({test}) to {args.out}")
+
+
+def add_training_args(parser: argparse.ArgumentParser, name: str, epochs: int, lr: float, validation: float,
+                      scale_help: str) -> None:
+    """Options every learned-method trainer shares."""
+    parser.add_argument("--bundle", required=True, help="bundle directory")
+    parser.add_argument("--data", required=True, help="JSONL of {prompt, positive, negative} (behaviour_pairs.jsonl)")
+    parser.add_argument("--out", required=True, help="output folder, e.g. onnx/BUNDLE/steer")
+    parser.add_argument("--name", default=name, help="file stem of what is written")
+    parser.add_argument("--scale", type=float, default=1.0, help=scale_help)
+    parser.add_argument("--epochs", type=int, default=epochs)
+    parser.add_argument("--lr", type=float, default=lr, help="Adam learning rate")
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--validation", type=float, default=validation, help="share of inputs held out for validation")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the split, initialisation and batch order")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -146,19 +160,11 @@ def build_parser() -> argparse.ArgumentParser:
         "The net reads the last prompt token at --read-layer. Writes NAME.onnx, the spec NAME.json and the "
         "mean-of-targets baseline NAME_mean.safetensors / NAME_mean.json to --out.",
     )
-    l2s.add_argument("--bundle", required=True, help="bundle directory")
-    l2s.add_argument("--data", required=True, help="JSONL of {prompt, positive, negative} (behaviour_pairs.jsonl)")
     l2s.add_argument("--read-layer", type=int, required=True, help="L': layer whose last-token state the net reads")
     l2s.add_argument("--steer-layer", type=int, required=True, help="L*: layer the predicted vector is added to (> L')")
-    l2s.add_argument("--out", required=True, help="output folder, e.g. onnx/BUNDLE/steer")
-    l2s.add_argument("--name", default="l2s", help="file stem of the net and its spec")
-    l2s.add_argument("--scale", type=float, default=1.0, help="strength written into the spec")
-    l2s.add_argument("--epochs", type=int, default=100)
-    l2s.add_argument("--lr", type=float, default=1e-4, help="Adam learning rate")
-    l2s.add_argument("--batch-size", type=int, default=64)
+    add_training_args(l2s, name="l2s", epochs=100, lr=1e-4, validation=0.15,
+                      scale_help="strength written into the spec")
     l2s.add_argument("--l1", type=float, default=0.1, help="weight of the mean-absolute-error term")
-    l2s.add_argument("--validation", type=float, default=0.15, help="share of inputs held out for validation")
-    l2s.add_argument("--seed", type=int, default=0, help="seed of the split, initialisation and batch order")
     l2s.set_defaults(func=cmd_train_l2s)
 
     w2s = commands.add_parser(
@@ -169,20 +175,12 @@ def build_parser() -> argparse.ArgumentParser:
         "trains a router on the last prompt token's state at --read-layer. Writes NAME_router.onnx, "
         "NAME_bank.safetensors, the spec NAME.json and the best-fixed-layer baseline NAME_fixed.json to --out.",
     )
-    w2s.add_argument("--bundle", required=True, help="bundle directory")
-    w2s.add_argument("--data", required=True, help="JSONL of {prompt, positive, negative} (behaviour_pairs.jsonl)")
     w2s.add_argument("--bank", required=True, help="vector file with direction.{L} for every candidate layer")
     w2s.add_argument("--layers", required=True, help="candidate layers, A-B or A,B,C (all above --read-layer)")
     w2s.add_argument("--read-layer", type=int, required=True, help="early layer whose last-token state is routed on")
-    w2s.add_argument("--out", required=True, help="output folder, e.g. onnx/BUNDLE/steer")
-    w2s.add_argument("--name", default="w2s", help="file stem of the router, bank and specs")
-    w2s.add_argument("--scale", type=float, default=1.0, help="steering strength for labelling and in the spec")
+    add_training_args(w2s, name="w2s", epochs=200, lr=1e-3, validation=0.2,
+                      scale_help="steering strength for labelling and in the spec")
     w2s.add_argument("--limit", type=int, help="label only N inputs, evenly spaced over --data (faster)")
-    w2s.add_argument("--epochs", type=int, default=200)
-    w2s.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate")
-    w2s.add_argument("--batch-size", type=int, default=64)
-    w2s.add_argument("--validation", type=float, default=0.2, help="share of inputs held out for validation")
-    w2s.add_argument("--seed", type=int, default=0, help="seed of the split, initialisation and batch order")
     w2s.set_defaults(func=cmd_train_w2s)
 
     evaluation = commands.add_parser(
@@ -219,7 +217,7 @@ def build_parser() -> argparse.ArgumentParser:
     behaviour.add_argument("--sweep-scale", help="comma-separated scales replacing every intervention's scale")
     behaviour.add_argument("--style", choices=["plain", "roleplay"], default="plain",
                            help="roleplay wraps every prompt in a held-out role-play phrasing")
-    behaviour.add_argument("--limit-refuse", type=int, help="use N refuse prompts, evenly spaced (faster)")
+    behaviour.add_argument("--limit", type=int, help="use at most N prompts per category, evenly spaced (faster)")
     behaviour.add_argument("--max-new-tokens", type=int, default=48)
     behaviour.add_argument("--out", required=True, help="report path stem: writes .json, .md (and .png)")
     behaviour.set_defaults(func=cmd_eval_behaviour)

@@ -32,14 +32,20 @@ def is_referral(text: str) -> bool:
     return REFERRAL.search(text) is not None
 
 
-def test_prompts(limit_refuse: int | None = None, style: str = "plain") -> dict[str, list[str]]:
-    """Held-out prompts per category; `limit_refuse` keeps N refuse prompts evenly spaced over the split."""
+def evenly(items: list[str], limit: int | None) -> list[str]:
+    """At most `limit` items, evenly spaced (all of them without a limit)."""
+    if not limit or limit >= len(items):
+        return items
+    return items[::len(items) // limit][:limit]
+
+
+def held_out_prompts(limit: int | None = None, style: str = "plain") -> dict[str, list[str]]:
+    """Held-out prompts per category; `limit` keeps at most N per category, evenly spaced."""
     harmful = read_jsonl(DATA / "harmful_test.jsonl")
-    refuse = [r["prompt"] for r in harmful if behaviour(r) == "refuse"]
-    if limit_refuse and limit_refuse < len(refuse):
-        refuse = refuse[::len(refuse) // limit_refuse][:limit_refuse]
-    prompts = {"refuse": refuse, "refer": [r["prompt"] for r in harmful if behaviour(r) == "refer"],
+    prompts = {"refuse": [r["prompt"] for r in harmful if behaviour(r) == "refuse"],
+               "refer": [r["prompt"] for r in harmful if behaviour(r) == "refer"],
                "benign": benign_prompts()}
+    prompts = {k: evenly(v, limit) for k, v in prompts.items()}
     if style == "roleplay":
         prompts = {k: [role_play(p) for p in v] for k, v in prompts.items()}
     elif style != "plain":
@@ -73,10 +79,9 @@ def run_setting(bundle: Path, prompts: dict[str, list[str]], spec: Path | None, 
 
 
 def evaluate_methods(bundle: Path, methods: dict[str, Path], scales: list[float] | None, style: str = "plain",
-                     limit_refuse: int | None = None, max_new_tokens: int = 48,
-                     binary: Path | None = None) -> dict:
+                     limit: int | None = None, max_new_tokens: int = 48, binary: Path | None = None) -> dict:
     """Unsteered plus every method (name → spec) at each scale (or as written); returns the report."""
-    prompts = test_prompts(limit_refuse, style)
+    prompts = held_out_prompts(limit, style)
     settings: list[tuple[str, Path | None, float | None]] = [("unsteered", None, None)]
     for name, spec in methods.items():
         settings += [(name, spec, s) for s in scales] if scales else [(name, spec, None)]

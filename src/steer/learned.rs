@@ -121,18 +121,26 @@ fn read_pinned(path: &Path, sha256: Option<&str>) -> Result<Vec<u8>, SteerError>
     Ok(bytes)
 }
 
-/// Load a net and check it maps `state [B, d]` to `output [B, width]`.
-fn load_net(
-    runtime: &Runtime,
-    path: &Path,
-    sha256: Option<&str>,
-    output: &str,
-    hidden: usize,
+/// A net a spec names: its file, pinned hash, and the `[batch, width]` output it must have.
+struct NetFile<'a> {
+    path: PathBuf,
+    sha256: Option<&'a str>,
+    output: &'static str,
     width: usize,
-) -> Result<Session, SteerError> {
-    let bytes = read_pinned(path, sha256)?;
+}
+
+/// Load a net and check it maps `state [B, hidden]` to `output [B, width]`.
+fn load_net(runtime: &Runtime, net: &NetFile<'_>, hidden: usize) -> Result<Session, SteerError> {
+    let NetFile {
+        path,
+        sha256,
+        output,
+        width,
+    } = net;
+    let (output, width) = (*output, *width);
+    let bytes = read_pinned(path, *sha256)?;
     let bad = |message: String| SteerError::Net {
-        path: path.to_path_buf(),
+        path: path.clone(),
         message,
     };
     let session = runtime
@@ -177,24 +185,22 @@ impl Learned {
                 spec.read_layer, spec.layer
             ));
         }
-        let path = base_dir.join(&spec.path);
-        let net = load_net(
+        let net = NetFile {
+            path: base_dir.join(&spec.path),
+            sha256: spec.sha256.as_deref(),
+            output: "vector",
+            width: config.hidden_size,
+        };
+        let action = Action::Predict { layer: spec.layer };
+        Self::load(
             runtime,
-            &path,
-            spec.sha256.as_deref(),
-            "vector",
-            config.hidden_size,
-            config.hidden_size,
+            config,
+            net,
+            spec.read_layer,
+            spec.scale,
+            spec.positions,
+            action,
         )
-        .map_err(|e| e.to_string())?;
-        Ok(Self {
-            read_layer: spec.read_layer,
-            scale: spec.scale,
-            positions: spec.positions,
-            net: Mutex::new(net),
-            net_name: path.display().to_string(),
-            action: Action::Predict { layer: spec.layer },
-        })
     }
 
     pub(crate) fn w2s(
@@ -233,26 +239,44 @@ impl Learned {
                 spec.top_k
             ));
         }
-        let path = base_dir.join(&spec.router);
-        let net = load_net(
+        let net = NetFile {
+            path: base_dir.join(&spec.router),
+            sha256: spec.router_sha256.as_deref(),
+            output: "probs",
+            width: bank.len(),
+        };
+        let action = Action::Route {
+            bank,
+            top_k: spec.top_k,
+        };
+        Self::load(
             runtime,
-            &path,
-            spec.router_sha256.as_deref(),
-            "probs",
-            config.hidden_size,
-            bank.len(),
+            config,
+            net,
+            spec.read_layer,
+            spec.scale,
+            spec.positions,
+            action,
         )
-        .map_err(|e| e.to_string())?;
+    }
+
+    fn load(
+        runtime: &Runtime,
+        config: &ModelConfig,
+        net: NetFile<'_>,
+        read_layer: usize,
+        scale: f32,
+        positions: Positions,
+        action: Action,
+    ) -> Result<Self, String> {
+        let session = load_net(runtime, &net, config.hidden_size).map_err(|e| e.to_string())?;
         Ok(Self {
-            read_layer: spec.read_layer,
-            scale: spec.scale,
-            positions: spec.positions,
-            net: Mutex::new(net),
-            net_name: path.display().to_string(),
-            action: Action::Route {
-                bank,
-                top_k: spec.top_k,
-            },
+            read_layer,
+            scale,
+            positions,
+            net: Mutex::new(session),
+            net_name: net.path.display().to_string(),
+            action,
         })
     }
 
