@@ -72,7 +72,8 @@ def train_w2s(bundle: Path, data: Path, bank_path: Path, layers: list[int], read
               batch_size: int = 64, validation_fraction: float = 0.2, seed: int = 0, name: str = "w2s",
               binary: Path | None = None) -> dict:
     """Label, train and export the router; writes `{name}_router.onnx`, `{name}_bank.safetensors`,
-    `{name}.json` and the fixed-layer baseline `{name}_fixed.json`; returns a summary."""
+    `{name}.json`, the fixed-layer baseline `{name}_fixed.json` and the per-input scores
+    `{name}_labels.json`; returns a summary."""
     from .source import load
 
     if min(layers) <= read_layer:
@@ -117,6 +118,10 @@ def train_w2s(bundle: Path, data: Path, bank_path: Path, layers: list[int], read
     write_spec(out / f"{name}_fixed.json", [{"kind": "vector", "path": bank_file.name, "scale": scale,
                                              "layers": [candidates[fixed]]}])
     label_counts = {str(candidates[k]): int((labels == k).sum()) for k in range(len(candidates))}
+    (out / f"{name}_labels.json").write_text(json.dumps({
+        "layers": candidates, "scale": scale,
+        "inputs": [{"prompt": r["prompt"], "behaviour": r.get("behaviour"), "scores": [round(float(x), 3) for x in row],
+                    "label": candidates[int(k)]} for r, row, k in zip(records, scores, labels)]}, indent=1) + "\n")
     return {**history, "samples": len(records), "label_counts": label_counts,
             "best_fixed_layer": candidates[fixed],
             "validation_accuracy": float((routed[val] == labels[val]).mean()),

@@ -4,6 +4,7 @@ runtime, and check greedy tokens against HF transformers with the same ONNX net 
 from __future__ import annotations
 
 import json
+import subprocess
 from pathlib import Path
 
 import numpy as np
@@ -14,6 +15,7 @@ from safetensors.numpy import load_file
 
 from onnx_steer_export.behaviour import evaluate_methods, markdown_table
 from onnx_steer_export.l2s import train_l2s
+from onnx_steer_export.learned import export_net
 from onnx_steer_export.reference import added, read_then_add
 from onnx_steer_export.source import LoadedModel
 from onnx_steer_export.vectors import bundle_tokenizer, chat_prefix, train_vector
@@ -125,6 +127,13 @@ def test_w2s_routes_per_input_and_matches_hf(w2s: tuple[Path, dict], binary: Pat
         with added(model, {layer: torch.from_numpy(4.0 * bank[f"direction.{layer}"])}):
             assert record["token_ids"] == hf_greedy(default_model, ids, TOKENS), prompt
 
+    mixed = out / "w2s_top2.json"
+    mixed.write_text(json.dumps({"interventions": [{**spec, "top_k": 2}]}))
+    record = run_generate(binary, bundle_dir, "--chat", "--max-new-tokens", "2", "--prompt", PROMPTS[0],
+                          "--steer", str(mixed))[0]
+    decision = record["steering"][0]
+    assert len(decision["layers"]) == 2 and abs(sum(decision["weights"]) - 1.0) < 1e-5, decision
+
 
 def test_behaviour_eval_reports_every_category(l2s: tuple[Path, dict], bundle_dir: Path, binary: Path) -> None:
     out, _ = l2s
@@ -136,3 +145,30 @@ def test_behaviour_eval_reports_every_category(l2s: tuple[Path, dict], bundle_di
         assert 0.0 <= run["refuse"] <= 1.0 and -1.0 <= run["combined"] <= 1.0
     assert "l2s" in report["seeds"]
     assert "| l2s_seed0 | 2 |" in markdown_table(report)
+
+
+def generate_error(binary: Path, bundle_dir: Path, spec: dict, where: Path) -> str:
+    path = where / "spec.json"
+    path.write_text(json.dumps({"interventions": [spec]}))
+    done = subprocess.run([str(binary), "generate", "--bundle", str(bundle_dir), "--prompt", "Hi",
+                           "--max-new-tokens", "2", "--steer", str(path)], capture_output=True, text=True)
+    assert done.returncode != 0, done.stdout
+    return done.stderr
+
+
+def test_learned_specs_are_checked_at_load(l2s: tuple[Path, dict], w2s: tuple[Path, dict], binary: Path,
+                                           bundle_dir: Path) -> None:
+    l2s_dir, w2s_dir = l2s[0], w2s[0]
+    spec = json.loads((l2s_dir / "l2s.json").read_text())["interventions"][0]
+    assert "the spec pins 00" in generate_error(binary, bundle_dir, {**spec, "sha256": "00"}, l2s_dir)
+    narrow = l2s_dir / "narrow.onnx"
+    export_net(torch.nn.Linear(8, 8), 8, "vector", narrow, {})
+    error = generate_error(binary, bundle_dir, {**spec, "path": narrow.name, "sha256": None}, l2s_dir)
+    assert "expected [batch, 576]" in error, error
+    error = generate_error(binary, bundle_dir, {**spec, "read_layer": 12}, l2s_dir)
+    assert "read_layer 12 must be below layer 12" in error, error
+    route = json.loads((w2s_dir / "w2s.json").read_text())["interventions"][0]
+    error = generate_error(binary, bundle_dir, {**route, "read_layer": 8}, w2s_dir)
+    assert "bank layer 6 is not above read_layer 8" in error, error
+    error = generate_error(binary, bundle_dir, {**route, "top_k": 9}, w2s_dir)
+    assert "top_k must be between 1 and the bank's 3 layers" in error, error
