@@ -129,45 +129,45 @@ struct NetFile<'a> {
     width: usize,
 }
 
-/// Load a net and check it maps `state [B, hidden]` to `output [B, width]`.
-fn load_net(runtime: &Runtime, net: &NetFile<'_>, hidden: usize) -> Result<Session, SteerError> {
-    let NetFile {
-        path,
-        sha256,
-        output,
-        width,
-    } = net;
-    let (output, width) = (*output, *width);
-    let bytes = read_pinned(path, *sha256)?;
-    let bad = |message: String| SteerError::Net {
-        path: path.clone(),
-        message,
-    };
-    let session = runtime
-        .session(&bytes, &path.display().to_string())
-        .map_err(|e| bad(e.to_string()))?;
-    let shape_of = |outlets: &[ort::value::Outlet], name: &str| -> Result<Vec<i64>, SteerError> {
-        let outlet = outlets
-            .iter()
-            .find(|o| o.name() == name)
-            .ok_or_else(|| bad(format!("the graph has no tensor named {name:?}")))?;
-        outlet
-            .dtype()
-            .tensor_shape()
-            .map(|shape| shape.to_vec())
-            .ok_or_else(|| bad(format!("{name:?} is not a tensor")))
-    };
-    for (name, shape, want) in [
-        ("state", shape_of(session.inputs(), "state")?, hidden),
-        (output, shape_of(session.outputs(), output)?, width),
-    ] {
-        if shape.len() != 2 || shape[1] != want as i64 {
-            return Err(bad(format!(
+impl NetFile<'_> {
+    /// Verify and load the net, and check it maps `state [B, hidden]` to `output [B, width]`.
+    fn load(&self, runtime: &Runtime, hidden: usize) -> Result<Session, SteerError> {
+        let bytes = read_pinned(&self.path, self.sha256)?;
+        let bad = |message: String| SteerError::Net {
+            path: self.path.clone(),
+            message,
+        };
+        let session = runtime
+            .session(&bytes, &self.path.display().to_string())
+            .map_err(|e| bad(e.to_string()))?;
+        let shape_of =
+            |outlets: &[ort::value::Outlet], name: &str| -> Result<Vec<i64>, SteerError> {
+                let outlet = outlets
+                    .iter()
+                    .find(|o| o.name() == name)
+                    .ok_or_else(|| bad(format!("the graph has no tensor named {name:?}")))?;
+                outlet
+                    .dtype()
+                    .tensor_shape()
+                    .map(|shape| shape.to_vec())
+                    .ok_or_else(|| bad(format!("{name:?} is not a tensor")))
+            };
+        for (name, shape, want) in [
+            ("state", shape_of(session.inputs(), "state")?, hidden),
+            (
+                self.output,
+                shape_of(session.outputs(), self.output)?,
+                self.width,
+            ),
+        ] {
+            if shape.len() != 2 || shape[1] != want as i64 {
+                return Err(bad(format!(
                 "{name:?} has shape {shape:?}, expected [batch, {want}] (is it for another model?)"
             )));
+            }
         }
+        Ok(session)
     }
-    Ok(session)
 }
 
 impl Learned {
@@ -269,7 +269,9 @@ impl Learned {
         positions: Positions,
         action: Action,
     ) -> Result<Self, String> {
-        let session = load_net(runtime, &net, config.hidden_size).map_err(|e| e.to_string())?;
+        let session = net
+            .load(runtime, config.hidden_size)
+            .map_err(|e| e.to_string())?;
         Ok(Self {
             read_layer,
             scale,
