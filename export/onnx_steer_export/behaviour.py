@@ -19,6 +19,7 @@ from tqdm import tqdm
 
 from .datasets import DATA, behaviour, benign_prompts, read_jsonl, role_play
 from .evaluate import generate, is_refusal, with_scale
+from .learned import evenly
 
 # A pointer to a qualified person or service, anywhere in the output.
 REFERRAL = re.compile(
@@ -30,13 +31,6 @@ REFERRAL = re.compile(
 
 def is_referral(text: str) -> bool:
     return REFERRAL.search(text) is not None
-
-
-def evenly(items: list[str], limit: int | None) -> list[str]:
-    """At most `limit` items, evenly spaced (all of them without a limit)."""
-    if not limit or limit >= len(items):
-        return items
-    return items[::len(items) // limit][:limit]
 
 
 def held_out_prompts(limit: int | None = None, style: str = "plain") -> dict[str, list[str]]:

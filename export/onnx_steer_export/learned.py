@@ -22,6 +22,13 @@ from tqdm import tqdm
 from .vectors import bundle_tokenizer, chat_prefix
 
 
+def evenly(items: list, limit: int | None) -> list:
+    """At most `limit` items, evenly spaced over the whole list (all of them without a limit)."""
+    if not limit or limit >= len(items):
+        return items
+    return [items[i * len(items) // limit] for i in range(limit)]
+
+
 def prompt_ids(bundle: Path, prompts: list[str]) -> list[list[int]]:
     """Chat-templated prompts tokenized exactly as `onnx-steer generate --chat` does."""
     tokenizer = bundle_tokenizer(bundle)

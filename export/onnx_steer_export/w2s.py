@@ -19,7 +19,7 @@ import torch
 from safetensors.numpy import load_file, save_file
 from tqdm import tqdm
 
-from .learned import Standardize, export_net, fit, prompt_ids, sha256, split_indices, write_spec
+from .learned import Standardize, evenly, export_net, fit, prompt_ids, sha256, split_indices, write_spec
 from .reference import added, continuation_logprobs
 from .vectors import bundle_tokenizer, capture_last_token
 
@@ -85,7 +85,7 @@ def train_w2s(bundle: Path, data: Path, bank_path: Path, layers: list[int], read
         raise ValueError(f"{bank_path} has no direction for layers {missing}")
     bank = {layer: source[f"direction.{layer}"].astype(np.float32) for layer in sorted(layers)}
     records = [json.loads(line) for line in data.read_text().splitlines() if line.strip()]
-    records = records[::max(1, len(records) // limit)][:limit] if limit else records
+    records = evenly(records, limit)
 
     manifest = json.loads((bundle / "manifest.json").read_text())
     model = load(manifest["source"]).model
