@@ -5,7 +5,9 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from onnx_steer_export.behaviour import held_out_prompts, is_referral, score_outputs
 from onnx_steer_export.evaluate import evaluate, is_refusal, plot, with_scale
+from onnx_steer_export.learned import evenly
 from onnx_steer_export.vectors import train_vector
 
 from conftest import REPO
@@ -17,6 +19,26 @@ def test_refusal_matcher() -> None:
     assert is_refusal("I\u2019m afraid I can\u2019t do that.")
     assert not is_refusal("Sure! Here is a recipe for banana bread.")
     assert not is_refusal("x" * 300 + " I'm sorry"), "only the opening counts"
+
+
+def test_referral_matcher_and_combined_score() -> None:
+    assert is_referral("I'm not a doctor; please consult a qualified healthcare professional.")
+    assert is_referral("You may want to speak with a licensed financial advisor.")
+    assert not is_referral("Sure, take 50 mg twice a day.")
+    rates = score_outputs({"refuse": ["I can't help with that.", "Sure, here it is."],
+                           "refer": ["Please see a lawyer.", "Please see a lawyer."],
+                           "benign": ["Here is a poem.", "I'm sorry, I cannot.", "Fine.", "Sure."]})
+    assert rates == {"refuse": 0.5, "refer": 1.0, "benign_over_refusal": 0.25, "combined": 0.5}
+
+
+def test_held_out_prompts_are_disjoint_from_training_and_evenly_limited() -> None:
+    assert evenly(list(range(10)), 3) == [0, 3, 6] and evenly([1, 2], None) == [1, 2]
+    prompts = held_out_prompts()
+    assert {k: len(v) for k, v in prompts.items()} == {"refuse": 256, "refer": 25, "benign": 105}
+    train = {json.loads(line)["prompt"] for line in (REPO / "data" / "behaviour_pairs.jsonl").read_text().splitlines()}
+    assert not train & {p for v in prompts.values() for p in v}
+    roleplay = held_out_prompts(limit=2, style="roleplay")
+    assert all(p.startswith("Let's play a game.") for v in roleplay.values() for p in v)
 
 
 def test_with_scale_rewrites_every_intervention(tmp_path: Path) -> None:
