@@ -69,8 +69,9 @@ $(STEER)/w2s.json: data/behaviour_pairs.jsonl $(STEER)/refusal.safetensors
 		$(W2S_LAYERS) --scale $(W2S_SCALE) --limit $(W2S_LIMIT) --out $(STEER)
 
 # Issue 5 reports (reports/l2s.*, reports/w2s_*.*): data splits → 3 L2S seeds → W2S → behaviour evals.
-eval-learned: steer
+eval-learned: setup bundle build
 	$(PY) -m onnx_steer_export make-splits
+	$(MAKE) steer
 	for seed in 1 2; do $(PY) -m onnx_steer_export train-l2s --bundle $(BUNDLE) --data data/behaviour_pairs.jsonl \
 		$(L2S_LAYERS) --scale $(L2S_SCALE) --seed $$seed --name l2s_seed$$seed --out $(STEER); done
 	$(PY) -m onnx_steer_export eval-behaviour --bundle $(BUNDLE) --limit 128 --sweep-scale 1,2,3 \

@@ -136,14 +136,20 @@ def benign_train_prompts() -> list[str]:
     return [template.format(topic) for topic in BENIGN_TOPICS for template in BENIGN_TEMPLATES]
 
 
+def write_if_changed(path: Path, text: str) -> None:
+    """Leave identical files untouched, so make does not see fresh data and retrain."""
+    if not path.is_file() or path.read_text() != text:
+        path.write_text(text)
+
+
 def write_splits(out: Path = DATA) -> tuple[int, int]:
     train, test = split_harmful(harmful_prompts())
     benign_train = benign_train_prompts()
     files = {"harmful_train.jsonl": train, "harmful_test.jsonl": test, "refusal_pairs.jsonl": refusal_pairs(train),
              "behaviour_pairs.jsonl": behaviour_pairs(train, benign_train)}
     for name, rows in files.items():
-        (out / name).write_text("".join(json.dumps(r) + "\n" for r in rows))
-    (out / "benign_train.txt").write_text("\n".join(benign_train) + "\n")
+        write_if_changed(out / name, "".join(json.dumps(r) + "\n" for r in rows))
+    write_if_changed(out / "benign_train.txt", "\n".join(benign_train) + "\n")
     return len(train), len(test)
 
 
