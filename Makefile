@@ -38,8 +38,8 @@ build:
 # Learned steering settings (issue 5 reports how they were chosen).
 L2S_LAYERS  := --read-layer 10 --steer-layer 12
 L2S_SCALE   ?= 2
-W2S_LAYERS  := --read-layer 2 --layers 4,8,10,12,16,18
-W2S_SCALE   ?= 1.5
+W2S_LAYERS  := --read-layer 2 --layers 4,6,8,10,12,14,16
+W2S_SCALE   ?= 1
 W2S_LIMIT   ?= 180
 
 # Every trained steering artifact for the default bundle, each with a ready steer spec, in $(STEER)/.
@@ -74,7 +74,7 @@ eval-learned: setup bundle build
 	$(MAKE) steer
 	for seed in 1 2; do $(PY) -m onnx_steer_export train-l2s --bundle $(BUNDLE) --data data/behaviour_pairs.jsonl \
 		$(L2S_LAYERS) --scale $(L2S_SCALE) --seed $$seed --name l2s_seed$$seed --out $(STEER); done
-	$(PY) -m onnx_steer_export eval-behaviour --bundle $(BUNDLE) --limit 128 --sweep-scale 1,2,3 \
+	$(PY) -m onnx_steer_export eval-behaviour --bundle $(BUNDLE) --limit 128 --sweep-scale 0.5,1,1.5,2,3 \
 		--method mean=$(STEER)/l2s_mean.json --method l2s_seed0=$(STEER)/l2s.json \
 		--method l2s_seed1=$(STEER)/l2s_seed1.json --method l2s_seed2=$(STEER)/l2s_seed2.json --out reports/l2s
 	for style in plain roleplay; do $(PY) -m onnx_steer_export eval-behaviour --bundle $(BUNDLE) --limit 128 \
