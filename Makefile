@@ -80,6 +80,8 @@ eval-learned: setup bundle build
 	for style in plain roleplay; do $(PY) -m onnx_steer_export eval-behaviour --bundle $(BUNDLE) --limit 128 \
 		--style $$style --method fixed_layer=$(STEER)/w2s_fixed.json --method w2s=$(STEER)/w2s.json \
 		--out reports/w2s_$$style; done
+	$(PY) -m onnx_steer_export plot-behaviour --report reports/w2s_plain.json --report reports/w2s_roleplay.json \
+		--out reports/w2s.png
 
 # Behaviour reports on held-out prompts (committed under reports/): sentiment and refusal sweeps.
 eval: steer

@@ -94,6 +94,13 @@ def cmd_eval_behaviour(args: argparse.Namespace) -> None:
     print(f"wrote {out.with_suffix('.json')}, {out.with_suffix('.md')}" + (" and .png" if scales else ""))
 
 
+def cmd_plot_behaviour(args: argparse.Namespace) -> None:
+    from .behaviour import plot_styles
+
+    plot_styles([json.loads(Path(path).read_text()) for path in args.report], Path(args.out))
+    print(f"wrote {args.out}")
+
+
 def cmd_make_splits(args: argparse.Namespace) -> None:
     from .datasets import write_splits
 
@@ -221,6 +228,15 @@ def build_parser() -> argparse.ArgumentParser:
     behaviour.add_argument("--max-new-tokens", type=int, default=48)
     behaviour.add_argument("--out", required=True, help="report path stem: writes .json, .md (and .png)")
     behaviour.set_defaults(func=cmd_eval_behaviour)
+
+    bars = commands.add_parser(
+        "plot-behaviour",
+        help="bar chart of eval-behaviour reports side by side (e.g. plain vs role-play prompts)",
+        description="One panel per report: refuse, refer, over-refusal and combined score per method.",
+    )
+    bars.add_argument("--report", action="append", required=True, help="an eval-behaviour JSON (repeatable)")
+    bars.add_argument("--out", required=True, help="PNG to write")
+    bars.set_defaults(func=cmd_plot_behaviour)
 
     splits = commands.add_parser(
         "make-splits",

@@ -161,6 +161,31 @@ def plot_sweep(report: dict, path: Path) -> None:
     plt.close(fig)
 
 
+def plot_styles(reports: list[dict], path: Path) -> None:
+    """Bars per method and prompt style: the three rates and the combined score (runs as written)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    keys = ("refuse", "refer", "benign_over_refusal", "combined")
+    methods = list(dict.fromkeys(r["method"] for report in reports for r in report["runs"]))
+    fig, axes = plt.subplots(1, len(reports), figsize=(5 * len(reports), 4), sharey=True, squeeze=False)
+    for ax, report in zip(axes[0], reports):
+        width = 0.8 / len(methods)
+        for m, method in enumerate(methods):
+            run = next((r for r in report["runs"] if r["method"] == method), None)
+            if run is not None:
+                ax.bar([k + m * width for k in range(len(keys))], [run[k] for k in keys], width, label=method)
+        ax.set_xticks([k + 0.4 - width / 2 for k in range(len(keys))], ["refuse", "refer", "over-refusal", "combined"])
+        ax.axhline(0, color="black", lw=0.5)
+        ax.set_title(f"{report['style']} prompts")
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
 def write_report(report: dict, out: Path) -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".json").write_text(json.dumps(report, indent=2) + "\n")
