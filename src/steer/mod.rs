@@ -1,6 +1,11 @@
 //! Steering: the steer spec (JSON), loading and validating what it names, and turning it into
 //! per-layer additions for a batch whose rows may each carry a different spec.
 //!
+//! Static vectors are known before a step runs. Learned interventions ([`learned`]: L2S, W2S)
+//! read a layer's output at prefill and decide each row's additions for the later layers of the
+//! same pass; [`PrefillSteering`] is the [`LayerHook`] that does both, and its
+//! [`PrefillSteering::decode`] fixes the deltas of every decode step.
+//!
 //! Layer L means the output of decoder block L (HF `hidden_states[L+1]`), as in repeng and
 //! llama.cpp. The runtime adds each layer's summed delta inside that layer's graph
 //! (`steer_delta` input), so activations never leave the execution provider to be steered.
