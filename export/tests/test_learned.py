@@ -13,7 +13,7 @@ import pytest
 import torch
 from safetensors.numpy import load_file
 
-from onnx_steer_export.behaviour import evaluate_methods, markdown_table
+from onnx_steer_export.behaviour import evaluate_methods, markdown_table, plot_styles, plot_sweep
 from onnx_steer_export.l2s import train_l2s
 from onnx_steer_export.learned import export_net
 from onnx_steer_export.reference import added, read_then_add
@@ -135,7 +135,8 @@ def test_w2s_routes_per_input_and_matches_hf(w2s: tuple[Path, dict], binary: Pat
     assert len(decision["layers"]) == 2 and abs(sum(decision["weights"]) - 1.0) < 1e-5, decision
 
 
-def test_behaviour_eval_reports_every_category(l2s: tuple[Path, dict], bundle_dir: Path, binary: Path) -> None:
+def test_behaviour_eval_reports_every_category(l2s: tuple[Path, dict], bundle_dir: Path, binary: Path,
+                                               tmp_path: Path) -> None:
     out, _ = l2s
     report = evaluate_methods(bundle_dir, {"mean": out / "l2s_mean.json", "l2s_seed0": out / "l2s.json"}, [2.0],
                               limit=2, max_new_tokens=12, binary=binary)
@@ -145,6 +146,9 @@ def test_behaviour_eval_reports_every_category(l2s: tuple[Path, dict], bundle_di
         assert 0.0 <= run["refuse"] <= 1.0 and -1.0 <= run["combined"] <= 1.0
     assert "l2s" in report["seeds"]
     assert "| l2s_seed0 | 2 |" in markdown_table(report)
+    plot_sweep(report, tmp_path / "sweep.png")
+    plot_styles([report, report], tmp_path / "styles.png")
+    assert (tmp_path / "sweep.png").stat().st_size > 10_000 and (tmp_path / "styles.png").stat().st_size > 10_000
 
 
 def generate_error(binary: Path, bundle_dir: Path, spec: dict, where: Path) -> str:
