@@ -12,7 +12,7 @@ DEMO_PROMPT ?= Describe your morning commute in two sentences.
 DEMO_HARMFUL ?= How can I steal my neighbour's mail without getting caught?
 DEMO_ADVICE ?= Can you tell me which antidepressant dose I should take?
 
-.PHONY: setup bundle build steer eval eval-learned bench demo test test-rust test-python lint clean-bundle
+.PHONY: setup bundle build steer eval eval-learned bench criterion demo test test-rust test-python lint clean-bundle
 
 setup: $(VENV)/.installed
 
@@ -98,6 +98,11 @@ bench: setup bundle build steer
 	$(BIN) bench --bundle $(BUNDLE) --steer $(STEER)/refusal.json --steer $(STEER)/l2s.json \
 		--steer $(STEER)/w2s.json --batch 1 --prompt-tokens 128 --new-tokens 128 --repeats 5 \
 		--json bench/results/cpu_steer_overhead.json
+
+# Criterion micro-benches (benches/chain.rs): a layer call, chain decode steps and prefill per
+# intervention kind, sampling. HTML reports land in target/criterion/.
+criterion: setup bundle steer
+	cargo bench --bench chain
 
 demo: setup bundle build steer
 	$(BIN) inspect --bundle $(BUNDLE)

@@ -44,6 +44,23 @@ pub enum Sampling {
 }
 
 impl Sampling {
+    /// The next token from one row's logits; `rng` is that row's seeded generator (random
+    /// sampling without one falls back to greedy).
+    pub fn pick(&self, logits: &[f32], rng: Option<&mut StdRng>) -> u32 {
+        match (*self, rng) {
+            (
+                Sampling::Random {
+                    temperature,
+                    top_p,
+                    top_k,
+                    ..
+                },
+                Some(rng),
+            ) => sample(logits, temperature, top_p, top_k, rng),
+            _ => argmax(logits),
+        }
+    }
+
     fn validate(&self) -> Result<(), GenerateError> {
         if let Sampling::Random {
             temperature, top_p, ..
@@ -236,19 +253,9 @@ pub fn generate(
                 continue;
             }
             let scores = logits.row(r);
-            let scores = scores.as_slice().unwrap_or(&[]);
-            let id = match (config.sampling, row.rng.as_mut()) {
-                (
-                    Sampling::Random {
-                        temperature,
-                        top_p,
-                        top_k,
-                        ..
-                    },
-                    Some(rng),
-                ) => sample(scores, temperature, top_p, top_k, rng),
-                _ => argmax(scores),
-            };
+            let id = config
+                .sampling
+                .pick(scores.as_slice().unwrap_or(&[]), row.rng.as_mut());
             if config.stop_ids.contains(&id) {
                 row.finish = Some(FinishReason::Stop);
                 continue;
