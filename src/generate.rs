@@ -143,10 +143,14 @@ fn sample(row: &[f32], temperature: f32, top_p: f32, top_k: usize, rng: &mut Std
         .enumerate()
         .map(|(i, &l)| (i, l / temperature))
         .collect();
-    candidates.sort_by(|a, b| b.1.total_cmp(&a.1));
-    if top_k > 0 {
+    // Highest logit first, lower index first on ties: the order a stable sort gives.
+    let order = |a: &(usize, f32), b: &(usize, f32)| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0));
+    if top_k > 0 && top_k < candidates.len() {
+        // Partition out the top k before sorting them: O(V) instead of O(V log V).
+        candidates.select_nth_unstable_by(top_k - 1, order);
         candidates.truncate(top_k);
     }
+    candidates.sort_by(order);
     let max = candidates[0].1;
     let mut probs: Vec<f32> = candidates.iter().map(|&(_, l)| (l - max).exp()).collect();
     let total: f32 = probs.iter().sum();
@@ -323,6 +327,16 @@ mod tests {
         for _ in 0..20 {
             assert_eq!(sample(&[0.5, 2.0, 1.9, -3.0], 1.0, 1.0, 1, &mut rng), 1);
         }
+    }
+
+    #[test]
+    fn top_k_keeps_the_lowest_indices_among_ties() {
+        let mut rng = StdRng::seed_from_u64(5);
+        let logits = [1.0, 5.0, 5.0, 5.0, 5.0, 0.0];
+        let drawn: std::collections::BTreeSet<u32> = (0..200)
+            .map(|_| sample(&logits, 1.0, 1.0, 3, &mut rng))
+            .collect();
+        assert_eq!(drawn, [1, 2, 3].into_iter().collect());
     }
 
     #[test]
