@@ -38,7 +38,7 @@ build:
 # Learned steering settings (issue 5 reports how they were chosen).
 L2S_LAYERS  := --read-layer 10 --steer-layer 12
 L2S_SCALE   ?= 1
-W2S_LAYERS  := --read-layer 2 --layers 4,6,8,10,12,14,16
+W2S_LAYERS  := --read-layer 6 --layers 8,10,12,14,16
 W2S_SCALE   ?= 1
 W2S_LIMIT   ?= 180
 
