@@ -13,7 +13,7 @@ use crate::steer::BatchSteering;
 /// One configuration to measure: a model (by index into the models passed to [`measure`]) and
 /// the steering it runs with.
 pub struct Variant {
-    /// Name in the report, e.g. `segmented`, `segmented+steer`, `monolithic`.
+    /// Name in the report, e.g. `segmented`, `segmented+refusal` (a spec's file stem), `monolithic`.
     pub name: String,
     pub model: usize,
     pub steering: BatchSteering,

@@ -6,7 +6,7 @@
 
 use std::borrow::Cow;
 
-use ndarray::{Array2, Array3, ArrayView2};
+use ndarray::{Array, Array2, Array3, ArrayView2, ArrayView3, ArrayViewD};
 use ort::session::{Session, SessionInputValue};
 use ort::value::{DynValue, Tensor, TensorRef};
 
@@ -175,13 +175,6 @@ pub trait LayerHook {
 #[derive(Debug, Clone, Default)]
 pub struct FixedDeltas(pub Vec<Option<Array2<f32>>>);
 
-impl FixedDeltas {
-    /// No steering at all.
-    pub fn none() -> Self {
-        Self(Vec::new())
-    }
-}
-
 impl LayerHook for FixedDeltas {
     fn delta(&mut self, layer: usize) -> Option<&Array2<f32>> {
         self.0.get(layer).and_then(Option::as_ref)
@@ -234,7 +227,7 @@ pub trait CausalLm {
         KvCache::empty(self.config(), self.dtype(), batch)
     }
     /// Run one step and return fp32 logits of each row's last position; `hook` steers it
-    /// ([`FixedDeltas::none`] for an unsteered step, [`crate::steer::BatchSteering`] for specs).
+    /// (`FixedDeltas::default()` for an unsteered step, [`crate::steer::BatchSteering`] for specs).
     fn forward(
         &mut self,
         step: &Step,
@@ -498,18 +491,40 @@ impl SegmentChain {
     }
 }
 
-/// A layer output `[B, T, d]` as fp32, whatever the bundle's dtype.
-pub fn hidden_to_f32(value: &DynValue) -> Result<Array3<f32>, ModelError> {
-    let array = match value.try_extract_array::<f32>() {
-        Ok(view) => view.to_owned(),
-        Err(_) => value
-            .try_extract_array::<half::f16>()
-            .map_err(run_error("captured hidden state"))?
-            .mapv(half::f16::to_f32),
-    };
-    array
-        .into_dimensionality::<ndarray::Ix3>()
+/// A layer output `[B, T, d]` as a 3-D view.
+fn as_3d<T>(view: ArrayViewD<'_, T>) -> Result<ArrayView3<'_, T>, ModelError> {
+    view.into_dimensionality::<ndarray::Ix3>()
         .map_err(|e| ModelError::Shape(format!("hidden state is not [B, T, d]: {e}")))
+}
+
+/// Apply `take` to a layer output as an fp32 or fp16 view; the result is fp32 either way.
+fn with_hidden<D: ndarray::Dimension>(
+    value: &DynValue,
+    take: impl Fn(ArrayView3<'_, f32>) -> Array<f32, D>,
+) -> Result<Array<f32, D>, ModelError> {
+    match value.try_extract_array::<f32>() {
+        Ok(view) => Ok(take(as_3d(view)?)),
+        Err(_) => {
+            let view = value
+                .try_extract_array::<half::f16>()
+                .map_err(run_error("hidden state"))?;
+            let widened = as_3d(view)?.mapv(half::f16::to_f32);
+            Ok(take(widened.view()))
+        }
+    }
+}
+
+/// A layer output `[B, T, d]` as fp32, whatever the bundle's dtype.
+fn hidden_to_f32(value: &DynValue) -> Result<Array3<f32>, ModelError> {
+    with_hidden(value, |view| view.to_owned())
+}
+
+/// Each row's state at the last position of a layer output, `[B, d]` fp32 (only that slice is copied).
+pub(crate) fn last_position_f32(value: &DynValue) -> Result<Array2<f32>, ModelError> {
+    with_hidden(value, |view| {
+        let last = view.dim().1.saturating_sub(1);
+        view.slice(ndarray::s![.., last, ..]).to_owned()
+    })
 }
 
 impl CausalLm for SegmentChain {

@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from .vectors import bundle_tokenizer, chat_prefix, find_binary
+from .vectors import bundle_tokenizer, chat_ids, find_binary
 
 # AdvBench/GCG-style refusal prefixes, matched case-insensitively in the first 200 characters.
 REFUSAL_PHRASES = (
@@ -95,7 +95,7 @@ class Perplexity:
             generated = record["token_ids"]
             if not generated:
                 continue
-            context = self.tokenizer(chat_prefix(self.tokenizer, prompt, True), add_special_tokens=False)["input_ids"]
+            context = chat_ids(self.tokenizer, prompt)
             ids = torch.tensor([context + generated])
             with torch.no_grad():
                 logits = self.model(ids).logits[0, len(context) - 1:-1].float()

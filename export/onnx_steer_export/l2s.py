@@ -22,8 +22,8 @@ import numpy as np
 import torch
 from safetensors.numpy import save_file
 
-from .learned import Standardize, export_net, fit, prompt_ids, split_indices, write_spec
-from .vectors import bundle_tokenizer, capture_last_token, load_pairs
+from .learned import Standardize, export_net, fit, split_indices, write_spec
+from .vectors import bundle_tokenizer, capture_last_token, chat_ids, load_pairs
 
 HIDDEN_UNITS = 100
 
@@ -66,8 +66,9 @@ def train_l2s(bundle: Path, data: Path, read_layer: int, steer_layer: int, out: 
         raise ValueError(f"--read-layer ({read_layer}) must be below --steer-layer ({steer_layer}): the runtime "
                          "reads the state before it steers")
     records = [json.loads(line) for line in data.read_text().splitlines() if line.strip()]
-    pairs = load_pairs(data, bundle_tokenizer(bundle))
-    inputs = prompt_ids(bundle, [r["prompt"] for r in records])
+    tokenizer = bundle_tokenizer(bundle)
+    pairs = load_pairs(data, tokenizer)
+    inputs = [chat_ids(tokenizer, r["prompt"]) for r in records]
     n = len(pairs)
     states = capture_last_token(bundle, inputs + [p.positive for p in pairs] + [p.negative for p in pairs],
                                 [read_layer, steer_layer], binary)

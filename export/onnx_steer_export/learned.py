@@ -19,7 +19,6 @@ import onnx
 import torch
 from tqdm import tqdm
 
-from .vectors import bundle_tokenizer, chat_prefix
 
 
 def evenly(items: list, limit: int | None) -> list:
@@ -27,12 +26,6 @@ def evenly(items: list, limit: int | None) -> list:
     if not limit or limit >= len(items):
         return items
     return [items[i * len(items) // limit] for i in range(limit)]
-
-
-def prompt_ids(bundle: Path, prompts: list[str]) -> list[list[int]]:
-    """Chat-templated prompts tokenized exactly as `onnx-steer generate --chat` does."""
-    tokenizer = bundle_tokenizer(bundle)
-    return [tokenizer(chat_prefix(tokenizer, p, True), add_special_tokens=False)["input_ids"] for p in prompts]
 
 
 class Standardize(torch.nn.Module):

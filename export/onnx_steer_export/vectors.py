@@ -54,9 +54,18 @@ def chat_prefix(tokenizer: PreTrainedTokenizerFast, prompt: str, chat: bool) -> 
                                          tokenize=False)
 
 
+def encode(tokenizer: PreTrainedTokenizerFast, text: str) -> list[int]:
+    """Token ids as the runtime makes them: the text as is, no extra special tokens."""
+    return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+def chat_ids(tokenizer: PreTrainedTokenizerFast, prompt: str) -> list[int]:
+    """A user prompt in the chat template, tokenized as `onnx-steer generate --chat` does."""
+    return encode(tokenizer, chat_prefix(tokenizer, prompt, True))
+
+
 def load_pairs(path: Path, tokenizer: PreTrainedTokenizerFast, chat: bool = True) -> list[Pair]:
     """Tokenize every pair exactly as the runtime sees it (template text, no extra special tokens)."""
-    encode = lambda text: tokenizer(text, add_special_tokens=False)["input_ids"]  # noqa: E731
     pairs = []
     for number, line in enumerate(path.read_text().splitlines(), start=1):
         if not line.strip():
@@ -67,10 +76,11 @@ def load_pairs(path: Path, tokenizer: PreTrainedTokenizerFast, chat: bool = True
             raise PairsError(f"{path}:{number}: not JSON ({err})") from err
         if {"prompt", "positive", "negative"} <= record.keys():
             prefix = chat_prefix(tokenizer, record["prompt"], chat)
-            pairs.append(Pair(encode(prefix + record["positive"]), encode(prefix + record["negative"])))
+            pairs.append(Pair(encode(tokenizer, prefix + record["positive"]),
+                              encode(tokenizer, prefix + record["negative"])))
         elif {"positive_prompt", "negative_prompt"} <= record.keys():
-            pairs.append(Pair(encode(chat_prefix(tokenizer, record["positive_prompt"], chat)),
-                              encode(chat_prefix(tokenizer, record["negative_prompt"], chat))))
+            pairs.append(Pair(encode(tokenizer, chat_prefix(tokenizer, record["positive_prompt"], chat)),
+                              encode(tokenizer, chat_prefix(tokenizer, record["negative_prompt"], chat))))
         else:
             raise PairsError(f"{path}:{number}: needs prompt/positive/negative or positive_prompt/negative_prompt")
     if not pairs:

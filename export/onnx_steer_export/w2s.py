@@ -18,10 +18,11 @@ import numpy as np
 import torch
 from safetensors.numpy import load_file, save_file
 from tqdm import tqdm
+from transformers import PreTrainedTokenizerFast
 
-from .learned import Standardize, evenly, export_net, fit, prompt_ids, sha256, split_indices, write_spec
+from .learned import Standardize, evenly, export_net, fit, sha256, split_indices, write_spec
 from .reference import added, continuation_logprobs
-from .vectors import bundle_tokenizer, capture_last_token
+from .vectors import bundle_tokenizer, capture_last_token, chat_ids, encode
 
 ROUTER_UNITS = 64
 
@@ -51,14 +52,12 @@ class _Logits(torch.nn.Module):
         return self.router.logits(state)
 
 
-def layer_scores(model: torch.nn.Module, bundle: Path, records: list[dict], bank: dict[int, np.ndarray],
-                 scale: float) -> np.ndarray:
-    """[N, K] behaviour score of each input steered at each candidate layer (HF reference)."""
-    tokenizer = bundle_tokenizer(bundle)
-    prompts = prompt_ids(bundle, [r["prompt"] for r in records])
-    encode = lambda text: tokenizer(text, add_special_tokens=False)["input_ids"]  # noqa: E731
-    desired = [encode(r["positive"]) for r in records]
-    undesired = [encode(r["negative"]) for r in records]
+def layer_scores(model: torch.nn.Module, tokenizer: PreTrainedTokenizerFast, prompts: list[list[int]],
+                 records: list[dict], bank: dict[int, np.ndarray], scale: float) -> np.ndarray:
+    """[N, K] behaviour score of each input (`prompts`: its chat-templated ids) steered at each
+    candidate layer (HF reference)."""
+    desired = [encode(tokenizer, r["positive"]) for r in records]
+    undesired = [encode(tokenizer, r["negative"]) for r in records]
     scores = np.zeros((len(records), len(bank)), dtype=np.float32)
     for k, (layer, vector) in enumerate(tqdm(bank.items(), desc="w2s labels", unit="layer")):
         with added(model, {layer: torch.from_numpy(scale * vector)}):
@@ -89,10 +88,11 @@ def train_w2s(bundle: Path, data: Path, bank_path: Path, layers: list[int], read
 
     manifest = json.loads((bundle / "manifest.json").read_text())
     model = load(manifest["source"]).model
-    scores = layer_scores(model, bundle, records, bank, scale)
+    tokenizer = bundle_tokenizer(bundle)
+    prompts = [chat_ids(tokenizer, r["prompt"]) for r in records]
+    scores = layer_scores(model, tokenizer, prompts, records, bank, scale)
     labels = scores.argmax(1)
-    states = capture_last_token(bundle, prompt_ids(bundle, [r["prompt"] for r in records]), [read_layer],
-                                binary)[read_layer]
+    states = capture_last_token(bundle, prompts, [read_layer], binary)[read_layer]
     split = split_indices(len(records), validation_fraction, seed)
     torch.manual_seed(seed)
     router = Router(states[split.train], len(bank))

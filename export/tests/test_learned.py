@@ -18,7 +18,7 @@ from onnx_steer_export.l2s import train_l2s
 from onnx_steer_export.learned import export_net
 from onnx_steer_export.reference import added, read_then_add
 from onnx_steer_export.source import LoadedModel
-from onnx_steer_export.vectors import bundle_tokenizer, chat_prefix, train_vector
+from onnx_steer_export.vectors import bundle_tokenizer, chat_ids, train_vector
 from onnx_steer_export.w2s import train_w2s
 
 from conftest import REPO, hf_greedy, run_generate
@@ -68,11 +68,6 @@ def onnx_net(path: Path) -> callable:
     return lambda state: torch.from_numpy(session.run(None, {"state": state.float().numpy()})[0])
 
 
-def chat_ids(bundle_dir: Path, prompt: str) -> list[int]:
-    tokenizer = bundle_tokenizer(bundle_dir)
-    return tokenizer(chat_prefix(tokenizer, prompt, True), add_special_tokens=False)["input_ids"]
-
-
 def test_l2s_trains_exports_and_writes_specs(l2s: tuple[Path, dict]) -> None:
     out, summary = l2s
     spec = json.loads((out / "l2s.json").read_text())["interventions"][0]
@@ -96,7 +91,7 @@ def test_l2s_generation_matches_hf_with_the_same_net(l2s: tuple[Path, dict], bin
     for prompt, record, plain in zip(PROMPTS, records, unsteered):
         assert record["steering"][0]["kind"] == "l2s" and record["steering"][0]["layers"] == [12]
         with read_then_add(default_model.model, 8, 12, net, 2.0):
-            expected = hf_greedy(default_model, chat_ids(bundle_dir, prompt), TOKENS)
+            expected = hf_greedy(default_model, chat_ids(bundle_tokenizer(bundle_dir), prompt), TOKENS)
         assert record["token_ids"] == expected, prompt
         changed += record["token_ids"] != plain["token_ids"]
     assert changed >= 1, "steering at scale 2 should change at least one greedy generation"
@@ -119,7 +114,7 @@ def test_w2s_routes_per_input_and_matches_hf(w2s: tuple[Path, dict], binary: Pat
     layers = sorted(int(k.split(".")[1]) for k in bank)
     model = default_model.model
     for prompt, record in zip(PROMPTS, records):
-        ids = chat_ids(bundle_dir, prompt)
+        ids = chat_ids(bundle_tokenizer(bundle_dir), prompt)
         with torch.no_grad():
             state = model(torch.tensor([ids]), output_hidden_states=True).hidden_states[2 + 1][:, -1]
         layer = layers[int(router(state).argmax())]

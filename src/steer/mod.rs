@@ -17,12 +17,12 @@ pub mod vector;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use ndarray::{s, Array2};
+use ndarray::Array2;
 use ort::value::DynValue;
 use serde::{Deserialize, Serialize};
 
 use crate::bundle::ModelConfig;
-use crate::model::{hidden_to_f32, FixedDeltas, LayerHook, ModelError};
+use crate::model::{last_position_f32, FixedDeltas, LayerHook, ModelError};
 use crate::runtime::Runtime;
 use learned::Learned;
 pub use learned::{Decision, L2sIntervention, W2sIntervention};
@@ -311,19 +311,6 @@ impl ResolvedSteering {
     pub fn delta(&self, layer: usize, phase: Phase) -> Option<Vec<f32>> {
         sum_at(self.additions.iter(), layer, phase)
     }
-
-    /// Layers the static vectors touch (learned interventions decide theirs per prompt).
-    pub fn layers(&self) -> Vec<usize> {
-        let mut layers: Vec<usize> = self.additions.iter().map(|a| a.layer).collect();
-        layers.sort_unstable();
-        layers.dedup();
-        layers
-    }
-
-    /// True if any intervention is input-dependent (runs a net at prefill).
-    pub fn is_learned(&self) -> bool {
-        !self.learned.is_empty()
-    }
 }
 
 /// The steering of each row of a batch (rows may differ, or have none).
@@ -437,15 +424,14 @@ impl LayerHook for PrefillSteering<'_> {
 
     fn observe(&mut self, layer: usize, hidden: &DynValue) -> Result<(), ModelError> {
         // Prompts are left-padded, so every row's last prompt token is the last position.
-        let hidden = hidden_to_f32(hidden)?;
-        let last = hidden.dim().1.saturating_sub(1);
+        let states = last_position_f32(hidden)?;
         for (r, row) in self.batch.rows.iter().enumerate() {
             for learned in row.iter().flat_map(|s| s.learned.iter()) {
                 if learned.read_layer() != layer {
                     continue;
                 }
                 let (additions, decision) = learned
-                    .decide(hidden.slice(s![r, last, ..]))
+                    .decide(states.row(r))
                     .map_err(ModelError::Intervention)?;
                 self.decided[r].extend(additions);
                 self.decisions[r].push(decision);
