@@ -12,9 +12,9 @@ use criterion::{criterion_group, criterion_main, BatchSize, Criterion};
 use ndarray::{Array2, Array3, Array4};
 use onnx_steer::bundle::Bundle;
 use onnx_steer::generate::Sampling;
-use onnx_steer::model::{CausalLm, FixedDeltas, KvCache, LayerHook, SegmentChain, Step};
+use onnx_steer::model::{CausalLm, KvCache, LayerHook, SegmentChain, Step};
 use onnx_steer::runtime::{Runtime, RuntimeOptions};
-use onnx_steer::steer::{BatchSteering, SteerSpec};
+use onnx_steer::steer::{BatchSteering, DecodeSteering, SteerSpec};
 use ort::value::Tensor;
 use rand::rngs::StdRng;
 use rand::SeedableRng;
@@ -137,7 +137,7 @@ fn chain_steps(c: &mut Criterion, s: &Setup) {
                 chain
                     .forward(&prompt, &mut cache, &mut prefill)
                     .expect("prefill");
-                let mut deltas: FixedDeltas = prefill.decode();
+                let mut deltas: DecodeSteering = prefill.decode();
                 let mut total = Duration::ZERO;
                 for step in 0..iters as usize {
                     let step = decode_step(PROMPT_TOKENS + step);

@@ -11,7 +11,7 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
 /// The manifest format this runtime reads.
-pub const FORMAT_VERSION: u32 = 1;
+pub const FORMAT_VERSION: u32 = 2;
 
 /// Why a bundle could not be opened or one of its files could not be read.
 #[derive(Debug, thiserror::Error)]
@@ -94,6 +94,8 @@ pub struct TokenizerFiles {
 pub enum SegmentKind {
     Embed,
     Layer,
+    /// The final norm of the last position (between the layers and the LM head).
+    Norm,
     Head,
     Full,
     Vision,
@@ -286,7 +288,7 @@ impl Manifest {
         if m.eos_token_ids.is_empty() {
             return Err("model.eos_token_ids is empty".into());
         }
-        for kind in [SegmentKind::Embed, SegmentKind::Head] {
+        for kind in [SegmentKind::Embed, SegmentKind::Norm, SegmentKind::Head] {
             let count = self.segments.iter().filter(|s| s.kind == kind).count();
             if count != 1 {
                 return Err(format!(
@@ -343,6 +345,7 @@ mod tests {
         ];
         let mut files = serde_json::json!({
             "embed.onnx": {"sha256": "00", "bytes": 1},
+            "norm.onnx": {"sha256": "00", "bytes": 1},
             "head.onnx": {"sha256": "00", "bytes": 1},
             "tokenizer.json": {"sha256": "00", "bytes": 1},
         });
@@ -351,11 +354,11 @@ mod tests {
             segments.push(serde_json::json!({"kind": "layer", "index": i, "file": file, "inputs": io, "outputs": io}));
             files[file] = serde_json::json!({"sha256": "00", "bytes": 1});
         }
-        segments.push(
-            serde_json::json!({"kind": "head", "file": "head.onnx", "inputs": io, "outputs": io}),
-        );
+        for kind in ["norm", "head"] {
+            segments.push(serde_json::json!({"kind": kind, "file": format!("{kind}.onnx"), "inputs": io, "outputs": io}));
+        }
         serde_json::json!({
-            "format_version": 1, "name": "t", "dtype": "fp32",
+            "format_version": FORMAT_VERSION, "name": "t", "dtype": "fp32",
             "model": {"architecture": "llama", "hidden_size": 8, "num_layers": layers, "num_attention_heads": 2,
                       "num_key_value_heads": 1, "head_dim": 4, "vocab_size": 10, "max_position_embeddings": 16,
                       "eos_token_ids": [2]},

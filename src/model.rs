@@ -1,4 +1,4 @@
-//! The model as a chain of segment sessions (embed → layer 0 … layer N-1 → head), its KV cache,
+//! The model as a chain of segment sessions (embed → layer 0 … layer N-1 → norm → head), its KV cache,
 //! and the monolithic `full.onnx` baseline behind the same [`CausalLm`] interface.
 //!
 //! Activations and caches stay as ONNX Runtime values between segments, so their element type
@@ -151,10 +151,21 @@ impl KvCache {
     }
 }
 
-/// How steering takes part in a forward step: a delta per layer, and a look at layer outputs.
+/// Where in the chain a hook may rewrite the residual stream with a graph of its own.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Site {
+    /// The output `[B, T, d]` of decoder layer L, after its `steer_delta` (SVF fields act here).
+    Layer(usize),
+    /// The final-normed last position `[B, d]`, just before the LM head (AutoSteer's refusal head).
+    Head,
+}
+
+/// How steering takes part in a forward step: a delta per layer, a look at layer outputs, and
+/// rewrites of the state at chosen sites.
 ///
-/// Static vectors only give deltas; learned interventions (L2S, W2S) also read a layer's output at
-/// prefill and decide the deltas of later layers from it.
+/// Static vectors only give deltas; learned interventions (L2S, W2S, AutoSteer's prober) also read
+/// a layer's output at prefill and decide what happens later in the same pass; SVF fields and the
+/// refusal head rewrite the state with their own graphs.
 pub trait LayerHook {
     /// The `[B, d]` vector to add to every position of `layer`'s output in this step, if any.
     /// Asked just before `layer` runs, so it may depend on what earlier layers showed.
@@ -166,6 +177,14 @@ pub trait LayerHook {
     /// Called with `layer`'s steered output `[B, T, d]`.
     fn observe(&mut self, _layer: usize, _hidden: &DynValue) -> Result<(), ModelError> {
         Ok(())
+    }
+    /// Whether [`LayerHook::rewrite`] transforms the state at `site` (asked when the chain gets there).
+    fn rewrites(&self, _site: Site) -> bool {
+        false
+    }
+    /// The state at `site`, transformed; only called where [`LayerHook::rewrites`] said so.
+    fn rewrite(&mut self, _site: Site, state: DynValue) -> Result<DynValue, ModelError> {
+        Ok(state)
     }
     /// True if this hook may change activations (the monolithic model cannot honour that).
     fn steers(&self) -> bool;
@@ -346,7 +365,7 @@ fn steer_value(delta: Array2<f32>, dtype: Dtype) -> Result<DynValue, ModelError>
     value.map_err(run_error("steer_delta"))
 }
 
-/// The segmented model: one ONNX Runtime session per embed, decoder layer and head.
+/// The segmented model: one ONNX Runtime session per embed, decoder layer, final norm and head.
 ///
 /// This is the production path; steering interventions run at its layer boundaries.
 pub struct SegmentChain {
@@ -354,6 +373,7 @@ pub struct SegmentChain {
     dtype: Dtype,
     embed: LoadedSegment,
     layers: Vec<LoadedSegment>,
+    norm: LoadedSegment,
     head: LoadedSegment,
 }
 
@@ -390,11 +410,18 @@ impl SegmentChain {
             .into_iter()
             .map(|segment| load_segment(bundle, runtime, segment, &LAYER_INPUTS, &LAYER_OUTPUTS))
             .collect::<Result<Vec<_>, _>>()?;
+        let norm = load_segment(
+            bundle,
+            runtime,
+            find(SegmentKind::Norm)?,
+            &["hidden_in"],
+            &["normed"],
+        )?;
         let head = load_segment(
             bundle,
             runtime,
             find(SegmentKind::Head)?,
-            &["hidden_in"],
+            &["normed"],
             &["logits"],
         )?;
         Ok(Self {
@@ -402,6 +429,7 @@ impl SegmentChain {
             dtype: bundle.manifest().dtype,
             embed,
             layers,
+            norm,
             head,
         })
     }
@@ -458,6 +486,9 @@ impl SegmentChain {
             cache.values[index] = take(&mut outputs, "present_value", &layer.name)?;
             drop(outputs);
             hidden = next;
+            if hook.rewrites(Site::Layer(index)) {
+                hidden = hook.rewrite(Site::Layer(index), hidden)?;
+            }
             if hook.observes(index) {
                 hook.observe(index, &hidden)?;
             }
@@ -543,12 +574,25 @@ impl CausalLm for SegmentChain {
         hook: &mut dyn LayerHook,
     ) -> Result<Array2<f32>, ModelError> {
         let hidden = self.run_layers(step, cache, hook)?;
-        let head = &mut self.head;
-        let outputs = head
+        let norm = &mut self.norm;
+        let mut outputs = norm
             .session
             .run(vec![(
                 Cow::Borrowed("hidden_in"),
                 SessionInputValue::from(&hidden),
+            )])
+            .map_err(run_error(&norm.name))?;
+        let mut normed = take(&mut outputs, "normed", &norm.name)?;
+        drop(outputs);
+        if hook.rewrites(Site::Head) {
+            normed = hook.rewrite(Site::Head, normed)?;
+        }
+        let head = &mut self.head;
+        let outputs = head
+            .session
+            .run(vec![(
+                Cow::Borrowed("normed"),
+                SessionInputValue::from(&normed),
             )])
             .map_err(run_error(&head.name))?;
         logits_of(&outputs["logits"], &head.name)

@@ -1,5 +1,5 @@
-"""Command line: python -m onnx_steer_export {export, train-vector, train-l2s, train-w2s, eval, eval-behaviour,
-make-splits} ..."""
+"""Command line: python -m onnx_steer_export {export, train-vector, train-l2s, train-w2s, train-svf,
+train-autosteer, eval, eval-behaviour, eval-svf, eval-autosteer, make-splits} ..."""
 
 from __future__ import annotations
 
@@ -55,6 +55,28 @@ def cmd_train_w2s(args: argparse.Namespace) -> None:
     print(json.dumps(summary, indent=2))
     print(f"wrote {args.out}/{args.name}_router.onnx, {args.name}_bank.safetensors, spec {args.name}.json and "
           f"the fixed-layer baseline {args.name}_fixed.json")
+
+
+def cmd_train_svf(args: argparse.Namespace) -> None:
+    from .svf import train_svf
+    from .vectors import parse_layers
+
+    summary = train_svf(Path(args.bundle), Path(args.data), parse_layers(args.layers), Path(args.out), args.name,
+                        args.scale, args.units, args.epochs, args.lr, args.batch_size, args.validation, args.seed)
+    print(json.dumps(summary, indent=2))
+    print(f"wrote {args.out}/{args.name}.onnx with spec {args.name}.json, and the matched static vector "
+          f"{args.name}_vector.json")
+
+
+def cmd_train_autosteer(args: argparse.Namespace) -> None:
+    from .autosteer import train_autosteer
+
+    summary = train_autosteer(Path(args.bundle), Path(args.harmful), [Path(p) for p in args.benign],
+                              Path(args.refusals), Path(args.out), args.name, args.epsilon, args.threshold,
+                              args.prober_epochs, args.head_epochs, args.head_lr, args.limit, args.validation,
+                              args.seed, Path(args.plot) if args.plot else None)
+    print(json.dumps(summary, indent=2))
+    print(f"wrote {args.out}/{args.name}_prober.onnx, {args.name}_head.onnx and the spec {args.name}.json")
 
 
 def cmd_eval(args: argparse.Namespace) -> None:
@@ -131,7 +153,7 @@ def build_parser() -> argparse.ArgumentParser:
         "export",
         help="export a model to a per-layer ONNX bundle",
         description="Export a decoder LLM to a bundle dir: embed.onnx, layer_NN.onnx per decoder layer, "
-        "head.onnx, tokenizer.json, chat template and manifest.json (with sha256 per file).",
+        "norm.onnx, head.onnx, tokenizer.json, chat template and manifest.json (with sha256 per file).",
     )
     export.add_argument("--source", required=True,
                         help="gguf:PATH (a GGUF file), hf:DIR (a local HF checkpoint) or 'default' "
@@ -189,6 +211,48 @@ def build_parser() -> argparse.ArgumentParser:
                       scale_help="steering strength for labelling and in the spec")
     w2s.add_argument("--limit", type=int, help="label only N inputs, evenly spaced over --data (faster)")
     w2s.set_defaults(func=cmd_train_w2s)
+
+    svf = commands.add_parser(
+        "train-svf",
+        help="train an SVF concept scorer and export its steering vector field to ONNX with a spec",
+        description="SVF (METHODS.md section 3). A scorer (one hidden tanh layer, or linear with --units 0) over "
+        "a concept space shared by --layers is trained as a probe on the states of every token past the point "
+        "where each pair's two sides diverge. Writes NAME.onnx (the field h -> h + scale * grad s / |grad s|, in "
+        "closed form), the spec NAME.json, and the matched static vector NAME_vector.{safetensors,json}: the "
+        "mean difference of the same states, unit length, at the same layers and scale.",
+    )
+    svf.add_argument("--layers", required=True, help="layers the field steers, A-B or A,B,C")
+    svf.add_argument("--units", type=int, default=32, help="hidden units of the scorer (0: linear)")
+    add_training_args(svf, name="svf", epochs=60, lr=1e-3, validation=0.2,
+                      scale_help="step length per token written into both specs")
+    svf.set_defaults(func=cmd_train_svf, batch_size=256)
+
+    autosteer = commands.add_parser(
+        "train-autosteer",
+        help="AutoSteer: choose the layer by Safety Awareness Score, train the prober and the refusal head",
+        description="AutoSteer (METHODS.md section 4). Prints and plots the SAS of every layer (harmful vs benign "
+        "last-token differences), trains the safety prober at the best layer and the refusal head S (identity "
+        "at start, LM loss on refusals to harmful prompts). Writes NAME_prober.onnx, NAME_head.onnx, the spec "
+        "NAME.json, NAME_sas.json and the SAS plot.",
+    )
+    autosteer.add_argument("--bundle", required=True, help="bundle directory")
+    autosteer.add_argument("--harmful", required=True, help="harmful training prompts (.jsonl or .txt)")
+    autosteer.add_argument("--benign", action="append", required=True,
+                           help="benign training prompts (.txt or .jsonl with a prompt field; repeatable)")
+    autosteer.add_argument("--refusals", required=True,
+                           help="JSONL with prompt, behaviour and positive (refusal) fields: behaviour_pairs.jsonl")
+    autosteer.add_argument("--out", required=True, help="output folder, e.g. onnx/BUNDLE/steer")
+    autosteer.add_argument("--name", default="autosteer", help="file stem of what is written")
+    autosteer.add_argument("--epsilon", type=float, default=1.0, help="ε₀, the refusal head strength")
+    autosteer.add_argument("--threshold", type=float, default=0.5, help="gate threshold on p(toxic) in the spec")
+    autosteer.add_argument("--prober-epochs", type=int, default=150)
+    autosteer.add_argument("--head-epochs", type=int, default=4)
+    autosteer.add_argument("--head-lr", type=float, default=1e-4, help="Adam learning rate of S")
+    autosteer.add_argument("--limit", type=int, help="use at most N prompts per file, evenly spaced (faster)")
+    autosteer.add_argument("--validation", type=float, default=0.2, help="share of prober inputs held out")
+    autosteer.add_argument("--seed", type=int, default=0)
+    autosteer.add_argument("--plot", help="SAS plot PNG (default: OUT/NAME_sas.png)")
+    autosteer.set_defaults(func=cmd_train_autosteer)
 
     evaluation = commands.add_parser(
         "eval",

@@ -17,7 +17,7 @@ from torch import nn
 from tqdm import tqdm
 
 from . import FORMAT_VERSION
-from .segments import EmbedSegment, FullModel, HeadSegment, LayerSegment, decoder_layers
+from .segments import EmbedSegment, FullModel, HeadSegment, LayerSegment, NormSegment, decoder_layers
 from .source import LoadedModel
 
 OPSET = 17
@@ -190,8 +190,11 @@ def export_bundle(loaded: LoadedModel, out: Path, dtype: str = "fp32", monolithi
          [TensorSpec("input_ids", "int64", ("batch", "tokens"))], [TensorSpec("hidden", float_type, hidden)]),
         *(({"kind": "layer", "index": i, "file": f"layer_{i:02d}.onnx"}, LayerSegment(model, i), lin, lout)
           for i in range(dims.layers)),
+        ({"kind": "norm", "file": "norm.onnx"}, NormSegment(model),
+         [TensorSpec("hidden_in", float_type, hidden)], [TensorSpec("normed", float_type, ("batch", dims.hidden))]),
         ({"kind": "head", "file": "head.onnx"}, HeadSegment(model),
-         [TensorSpec("hidden_in", float_type, hidden)], [TensorSpec("logits", "float32", ("batch", dims.vocab))]),
+         [TensorSpec("normed", float_type, ("batch", dims.hidden))],
+         [TensorSpec("logits", "float32", ("batch", dims.vocab))]),
     ]
     if monolithic:
         fin, fout = full_io(dims, float_type)

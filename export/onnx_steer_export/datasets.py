@@ -136,6 +136,25 @@ def benign_train_prompts() -> list[str]:
     return [template.format(topic) for topic in BENIGN_TOPICS for template in BENIGN_TEMPLATES]
 
 
+# Verbosity (an SVF concept): the same benign request with an instruction to answer at length or
+# tersely; the phrasings rotate so the scorer learns the intent rather than one wording.
+VERBOSE_INSTRUCTIONS = (
+    "Answer in great detail, with several long paragraphs.", "Please be thorough and elaborate at length.",
+    "Give a long, comprehensive and detailed answer.", "Explain everything fully, leaving nothing out.",
+)
+TERSE_INSTRUCTIONS = (
+    "Answer in one short sentence.", "Please be extremely brief.", "Reply in as few words as possible.",
+    "Keep it to a single line, no detail.",
+)
+
+
+def verbosity_pairs(prompts: list[str]) -> list[dict]:
+    """Prompt-contrast pairs: request + verbose instruction vs request + terse instruction."""
+    return [{"positive_prompt": f"{prompt} {VERBOSE_INSTRUCTIONS[i % len(VERBOSE_INSTRUCTIONS)]}",
+             "negative_prompt": f"{prompt} {TERSE_INSTRUCTIONS[(i // len(VERBOSE_INSTRUCTIONS)) % len(TERSE_INSTRUCTIONS)]}"}
+            for i, prompt in enumerate(prompts)]
+
+
 def write_if_changed(path: Path, text: str) -> None:
     """Leave identical files untouched, so make does not see fresh data and retrain."""
     if not path.is_file() or path.read_text() != text:
@@ -146,7 +165,8 @@ def write_splits(out: Path = DATA) -> tuple[int, int]:
     train, test = split_harmful(harmful_prompts())
     benign_train = benign_train_prompts()
     files = {"harmful_train.jsonl": train, "harmful_test.jsonl": test, "refusal_pairs.jsonl": refusal_pairs(train),
-             "behaviour_pairs.jsonl": behaviour_pairs(train, benign_train)}
+             "behaviour_pairs.jsonl": behaviour_pairs(train, benign_train),
+             "verbosity_pairs.jsonl": verbosity_pairs(benign_train)}
     for name, rows in files.items():
         write_if_changed(out / name, "".join(json.dumps(r) + "\n" for r in rows))
     write_if_changed(out / "benign_train.txt", "\n".join(benign_train) + "\n")

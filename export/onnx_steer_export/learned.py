@@ -79,19 +79,32 @@ def fit(net: torch.nn.Module, inputs: torch.Tensor, targets: torch.Tensor, split
     return {"best_validation_loss": best[0], "best_epoch": best[2]}
 
 
-def export_net(net: torch.nn.Module, hidden_size: int, output_name: str, path: Path,
-               metadata: dict[str, object]) -> str:
-    """Write `net` as an ONNX graph `state [B, d] -> output_name`, with `metadata` as metadata_props;
+def export_onnx(module: torch.nn.Module, example: tuple[torch.Tensor, ...], input_names: list[str],
+                output_name: str, path: Path, dynamic_axes: dict[str, dict[int, str]],
+                metadata: dict[str, object]) -> str:
+    """Write `module` as an ONNX graph with `metadata` (JSON-encoded values) as metadata_props;
     returns the file's sha256 (the spec pins it)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    torch.onnx.export(net, (torch.zeros(1, hidden_size),), str(path), input_names=["state"],
-                      output_names=[output_name], dynamic_axes={"state": {0: "batch"}, output_name: {0: "batch"}},
+    torch.onnx.export(module, example, str(path), input_names=input_names, output_names=[output_name],
+                      dynamic_axes={**dynamic_axes, output_name: next(iter(dynamic_axes.values()))},
                       opset_version=17, dynamo=False)
     model = onnx.load(str(path))
     for key, value in metadata.items():
         model.metadata_props.add(key=key, value=json.dumps(value))
     onnx.save(model, str(path))
     return sha256(path)
+
+
+def export_net(net: torch.nn.Module, hidden_size: int, output_name: str, path: Path,
+               metadata: dict[str, object]) -> str:
+    """Write a per-row net as an ONNX graph `state [B, d] -> output_name [B, ...]`."""
+    return export_onnx(net, (torch.zeros(1, hidden_size),), ["state"], output_name, path,
+                       {"state": {0: "batch"}}, metadata)
+
+
+def row_scale(scale: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """A per-row [B] scale shaped to broadcast over a [B, ...] state (rewrite graphs)."""
+    return scale.reshape(-1, *([1] * (like.dim() - 1)))
 
 
 def sha256(path: Path) -> str:

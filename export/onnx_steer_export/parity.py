@@ -42,7 +42,7 @@ def _session(path: Path) -> ort.InferenceSession:
 
 def segment_parity(bundle: Path, model: PreTrainedModel, input_ids: torch.Tensor,
                    attention_mask: torch.Tensor) -> list[SegmentError]:
-    """Errors of embed, every layer and the head for one left-padded batch."""
+    """Errors of embed, every layer, the final norm and the head for one left-padded batch."""
     layer_outputs: list[torch.Tensor] = []
     hooks = [layer.register_forward_hook(lambda _m, _i, out: layer_outputs.append(out[0] if isinstance(out, tuple) else out))
              for layer in decoder_layers(model)]
@@ -73,6 +73,10 @@ def segment_parity(bundle: Path, model: PreTrainedModel, input_ids: torch.Tensor
         })[0]
         results.append(_errors(f"layer_{index:02d}", got, reference.numpy(), valid))
         hidden_in = reference.numpy()
-    logits = _session(bundle / "head.onnx").run(None, {"hidden_in": hidden_in})[0]
+    normed = _session(bundle / "norm.onnx").run(None, {"hidden_in": hidden_in})[0]
+    with torch.no_grad():
+        reference_normed = model.model.norm(torch.from_numpy(hidden_in[:, -1])).numpy()
+    results.append(_errors("norm", normed, reference_normed, np.ones(normed.shape[0], bool)))
+    logits = _session(bundle / "head.onnx").run(None, {"normed": normed})[0]
     results.append(_errors("head", logits, out.logits[:, -1].float().numpy(), np.ones(logits.shape[0], bool)))
     return results

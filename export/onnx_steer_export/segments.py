@@ -9,7 +9,8 @@ ONNX graphs have a plain tensor interface:
   layer:  hidden_in [B,T,d], position_ids [B,T], attention_mask [B,P+T],
           past_key/past_value [B,kv,P,hd], steer_delta [B,1|T,d]
                                                             -> hidden_out, present_key/present_value [B,kv,P+T,hd]
-  head:   hidden_in [B,T,d]                                 -> logits [B,V] (last position, fp32)
+  norm:   hidden_in [B,T,d]                                 -> normed [B,d] (final norm, last position)
+  head:   normed [B,d]                                      -> logits [B,V] (fp32)
   full:   the same chain in one graph (the benchmark baseline)
 """
 
@@ -99,17 +100,28 @@ class LayerSegment(nn.Module):
         return hidden_out + steer_delta, cache.present_key, cache.present_value
 
 
-class HeadSegment(nn.Module):
-    """Final norm plus LM head on the last position; logits always leave as fp32."""
+class NormSegment(nn.Module):
+    """Final norm of the last position. A graph of its own so that interventions between the norm
+    and the LM head (AutoSteer's refusal head) can run without a second copy of the LM head."""
 
     def __init__(self, model: PreTrainedModel) -> None:
         super().__init__()
         self.norm = model.model.norm
+
+    def forward(self, hidden_in: torch.Tensor) -> torch.Tensor:
+        return self.norm(hidden_in[:, -1, :])
+
+
+class HeadSegment(nn.Module):
+    """LM head on the normed last position; logits always leave as fp32."""
+
+    def __init__(self, model: PreTrainedModel) -> None:
+        super().__init__()
         self.lm_head = model.lm_head
         self.softcap = getattr(model.config, "final_logit_softcapping", None)
 
-    def forward(self, hidden_in: torch.Tensor) -> torch.Tensor:
-        logits = self.lm_head(self.norm(hidden_in[:, -1, :])).float()
+    def forward(self, normed: torch.Tensor) -> torch.Tensor:
+        logits = self.lm_head(normed).float()
         if self.softcap:
             logits = torch.tanh(logits / self.softcap) * self.softcap
         return logits
@@ -122,6 +134,7 @@ class FullModel(nn.Module):
         super().__init__()
         self.embed = EmbedSegment(model)
         self.layers = nn.ModuleList(LayerSegment(model, i) for i in range(len(decoder_layers(model))))
+        self.norm = NormSegment(model)
         self.head = HeadSegment(model)
 
     def forward(
@@ -133,4 +146,4 @@ class FullModel(nn.Module):
             no_steer = torch.zeros_like(hidden[:, :1, :])
             hidden, key, value = layer(hidden, position_ids, attention_mask, past[2 * i], past[2 * i + 1], no_steer)
             presents += [key, value]
-        return (self.head(hidden), *presents)
+        return (self.head(self.norm(hidden)), *presents)

@@ -102,18 +102,25 @@ def find_binary() -> Path:
     return path
 
 
-def capture_last_token(bundle: Path, sequences: list[list[int]], layers: list[int],
-                       binary: Path | None = None) -> dict[int, np.ndarray]:
-    """Last-token states [N, d] per layer, read through the runtime (`onnx-steer capture`)."""
+def capture(bundle: Path, sequences: list[list[int]], layers: list[int], tokens: str = "last",
+            binary: Path | None = None) -> dict[int, np.ndarray]:
+    """States read through the runtime (`onnx-steer capture`): per layer, [N, d] for each sequence's
+    last token (`tokens="last"`) or [sum of lengths, d] for every token, sequence after sequence (`"all"`)."""
     with tempfile.TemporaryDirectory() as tmp:
         prompts = Path(tmp) / "prompts.jsonl"
         prompts.write_text("".join(json.dumps({"input_ids": ids}) + "\n" for ids in sequences))
         out = Path(tmp) / "acts.safetensors"
         subprocess.run([str(binary or find_binary()), "capture", "--bundle", str(bundle), "--prompts-file",
-                        str(prompts), "--layers", ",".join(map(str, layers)), "--tokens", "last",
+                        str(prompts), "--layers", ",".join(map(str, layers)), "--tokens", tokens,
                         "--out", str(out)], check=True)
         tensors = load_file(str(out))
     return {layer: tensors[f"layer.{layer}"] for layer in layers}
+
+
+def capture_last_token(bundle: Path, sequences: list[list[int]], layers: list[int],
+                       binary: Path | None = None) -> dict[int, np.ndarray]:
+    """Last-token states [N, d] per layer, read through the runtime."""
+    return capture(bundle, sequences, layers, "last", binary)
 
 
 def direction(positive: np.ndarray, negative: np.ndarray, method: str) -> np.ndarray:

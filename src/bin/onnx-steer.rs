@@ -762,7 +762,7 @@ fn run_inspect(bundle_dir: &Path, json: bool) -> Result<(), CliError> {
             m.max_position_embeddings
         );
         println!(
-            "segments   embed + {} layers + head{} · {:?}",
+            "segments   embed + {} layers + norm + head{} · {:?}",
             bundle.layers().len(),
             if manifest.monolithic.is_some() {
                 " (+ full.onnx)"

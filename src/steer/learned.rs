@@ -1,9 +1,10 @@
-//! Learned, input-dependent interventions: L2S (a net predicts the vector) and W2S (a router picks
-//! the layer). Each runs its small ONNX graph once per row at prefill, on the last prompt token's
-//! state at its read layer, and turns the result into additions at later layers.
+//! Learned, input-dependent interventions: L2S (a net predicts the vector), W2S (a router picks
+//! the layer) and AutoSteer (a prober gates a refusal head). Each runs its small ONNX graph once
+//! per row at prefill, on the last prompt token's state at its read layer, and turns the result
+//! into additions at later layers or a gate on the head.
 
 use std::path::{Path, PathBuf};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
 use ndarray::{Array2, ArrayView1};
 use ort::session::Session;
@@ -11,7 +12,10 @@ use ort::value::TensorRef;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
-use super::{default_scale, Directions, LayerAddition, Positions, SteerError};
+use super::field::FieldGraph;
+use super::{
+    check_finite, check_layer, default_scale, Directions, LayerAddition, Positions, SteerError,
+};
 use crate::bundle::ModelConfig;
 use crate::runtime::Runtime;
 
@@ -61,17 +65,67 @@ pub struct W2sIntervention {
     pub positions: Positions,
 }
 
+fn default_threshold() -> f32 {
+    0.5
+}
+
+/// AutoSteer: a prober `state [B, d] -> probs [B, 2]` reads the last prompt token at `read_layer`;
+/// rows whose p(toxic) exceeds `threshold` get the refusal head `n ← n + ε·S·n` (ε = epsilon ·
+/// strength) between the final norm and the LM head for the whole generation; other rows run untouched.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AutoSteerIntervention {
+    /// The prober's ONNX file (relative to the spec file).
+    pub prober: PathBuf,
+    #[serde(default)]
+    pub prober_sha256: Option<String>,
+    /// The layer the prober reads (chosen by the Safety Awareness Score at training).
+    pub read_layer: usize,
+    /// The refusal head's rewrite graph (`state [B, d]` → `steered`).
+    pub head: PathBuf,
+    #[serde(default)]
+    pub head_sha256: Option<String>,
+    /// Gate: p(toxic) above this turns the refusal head on for the row.
+    #[serde(default = "default_threshold")]
+    pub threshold: f32,
+    /// ε₀, the head strength the refusal head was trained with.
+    pub epsilon: f32,
+    /// Multiplies ε₀; 0 disables the head while still reporting p(toxic).
+    #[serde(default = "default_scale")]
+    pub strength: f32,
+}
+
 /// What a learned intervention decided for one row, reported with the generation.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct Decision {
-    /// `l2s` or `w2s`.
+    /// `l2s`, `w2s` or `autosteer`.
     pub kind: &'static str,
-    /// Layers steered for this row.
+    /// Layers steered for this row (none for AutoSteer, which acts before the head).
     pub layers: Vec<usize>,
     /// Weight of each layer (W2S router probability renormalised over the top k; 1 for L2S).
     pub weights: Vec<f32>,
     /// L2 norm of the added vector (after scale), summed over layers.
     pub norm: f32,
+    /// AutoSteer: the prober's p(toxic).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub p_toxic: Option<f32>,
+    /// AutoSteer: whether the refusal head was switched on.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub gated: Option<bool>,
+}
+
+/// A refusal head switched on for a row, with its ε.
+#[derive(Debug, Clone)]
+pub(crate) struct HeadGate {
+    pub(crate) graph: Arc<FieldGraph>,
+    pub(crate) epsilon: f32,
+}
+
+/// Everything a learned intervention decided for one row.
+pub(crate) struct Outcome {
+    pub(crate) additions: Vec<LayerAddition>,
+    pub(crate) gate: Option<HeadGate>,
+    pub(crate) decision: Decision,
 }
 
 enum Action {
@@ -81,6 +135,11 @@ enum Action {
     Route {
         bank: Vec<(usize, Vec<f32>)>,
         top_k: usize,
+    },
+    Gate {
+        head: Arc<FieldGraph>,
+        threshold: f32,
+        epsilon: f32,
     },
 }
 
@@ -104,7 +163,7 @@ impl std::fmt::Debug for Learned {
 }
 
 /// Read a file named by a spec, checking the pinned sha256 when there is one.
-fn read_pinned(path: &Path, sha256: Option<&str>) -> Result<Vec<u8>, SteerError> {
+pub(crate) fn read_pinned(path: &Path, sha256: Option<&str>) -> Result<Vec<u8>, SteerError> {
     let bytes = std::fs::read(path).map_err(|_| SteerError::MissingFile {
         path: path.to_path_buf(),
     })?;
@@ -177,7 +236,7 @@ impl Learned {
         config: &ModelConfig,
         runtime: &Runtime,
     ) -> Result<Self, String> {
-        check_scale(spec.scale)?;
+        check_finite("scale", spec.scale)?;
         check_layer(spec.layer, config)?;
         if spec.read_layer >= spec.layer {
             return Err(format!(
@@ -209,7 +268,7 @@ impl Learned {
         config: &ModelConfig,
         runtime: &Runtime,
     ) -> Result<Self, String> {
-        check_scale(spec.scale)?;
+        check_finite("scale", spec.scale)?;
         let bank_path = base_dir.join(&spec.bank);
         read_pinned(&bank_path, spec.bank_sha256.as_deref()).map_err(|e| e.to_string())?;
         let directions = Directions::load(&bank_path).map_err(|e| e.to_string())?;
@@ -260,6 +319,50 @@ impl Learned {
         )
     }
 
+    pub(crate) fn autosteer(
+        spec: &AutoSteerIntervention,
+        base_dir: &Path,
+        config: &ModelConfig,
+        runtime: &Runtime,
+    ) -> Result<Self, String> {
+        check_layer(spec.read_layer, config)?;
+        if !(0.0..=1.0).contains(&spec.threshold) {
+            return Err(format!(
+                "threshold must be a probability in [0, 1], got {}",
+                spec.threshold
+            ));
+        }
+        check_finite("epsilon", spec.epsilon)?;
+        check_finite("strength", spec.strength)?;
+        let head = FieldGraph::load(
+            &base_dir.join(&spec.head),
+            spec.head_sha256.as_deref(),
+            config,
+            runtime,
+        )
+        .map_err(|e| e.to_string())?;
+        let net = NetFile {
+            path: base_dir.join(&spec.prober),
+            sha256: spec.prober_sha256.as_deref(),
+            output: "probs",
+            width: 2,
+        };
+        let action = Action::Gate {
+            head: Arc::new(head),
+            threshold: spec.threshold,
+            epsilon: spec.epsilon * spec.strength,
+        };
+        Self::load(
+            runtime,
+            config,
+            net,
+            spec.read_layer,
+            1.0,
+            Positions::All,
+            action,
+        )
+    }
+
     fn load(
         runtime: &Runtime,
         config: &ModelConfig,
@@ -287,11 +390,8 @@ impl Learned {
         self.read_layer
     }
 
-    /// Run the net on one row's state and return the additions it decides, with a summary.
-    pub(crate) fn decide(
-        &self,
-        state: ArrayView1<'_, f32>,
-    ) -> Result<(Vec<LayerAddition>, Decision), String> {
+    /// Run the net on one row's state and return what it decides for that row.
+    pub(crate) fn decide(&self, state: ArrayView1<'_, f32>) -> Result<Outcome, String> {
         let input = state
             .to_owned()
             .into_shape_with_order((1, state.len()))
@@ -305,6 +405,29 @@ impl Learned {
             ));
         }
         let chosen: Vec<(usize, f32, Vec<f32>)> = match &self.action {
+            Action::Gate {
+                head,
+                threshold,
+                epsilon,
+            } => {
+                let p_toxic = output[1];
+                let gated = p_toxic > *threshold;
+                return Ok(Outcome {
+                    additions: Vec::new(),
+                    gate: gated.then(|| HeadGate {
+                        graph: head.clone(),
+                        epsilon: *epsilon,
+                    }),
+                    decision: Decision {
+                        kind: "autosteer",
+                        layers: Vec::new(),
+                        weights: Vec::new(),
+                        norm: 0.0,
+                        p_toxic: Some(p_toxic),
+                        gated: Some(gated),
+                    },
+                });
+            }
             Action::Predict { layer } => vec![(*layer, 1.0, output.to_vec())],
             Action::Route { bank, top_k } => {
                 let mut order: Vec<usize> = (0..bank.len()).collect();
@@ -323,13 +446,16 @@ impl Learned {
         };
         let mut additions = Vec::with_capacity(chosen.len());
         let mut decision = Decision {
-            kind: match self.action {
-                Action::Predict { .. } => "l2s",
-                Action::Route { .. } => "w2s",
+            kind: if matches!(self.action, Action::Predict { .. }) {
+                "l2s"
+            } else {
+                "w2s"
             },
             layers: Vec::new(),
             weights: Vec::new(),
             norm: 0.0,
+            p_toxic: None,
+            gated: None,
         };
         for (layer, weight, vector) in chosen {
             let factor = self.scale * weight;
@@ -343,7 +469,11 @@ impl Learned {
                 delta,
             });
         }
-        Ok((additions, decision))
+        Ok(Outcome {
+            additions,
+            gate: None,
+            decision,
+        })
     }
 
     fn run(&self, input: Array2<f32>) -> Result<Array2<f32>, String> {
@@ -359,24 +489,5 @@ impl Learned {
             .into_dimensionality::<ndarray::Ix2>()
             .map(|a| a.to_owned())
             .map_err(|e| format!("{}: output is not [batch, width]: {e}", self.net_name))
-    }
-}
-
-fn check_scale(scale: f32) -> Result<(), String> {
-    if scale.is_finite() {
-        Ok(())
-    } else {
-        Err(format!("scale must be finite, got {scale}"))
-    }
-}
-
-fn check_layer(layer: usize, config: &ModelConfig) -> Result<(), String> {
-    if layer < config.num_layers {
-        Ok(())
-    } else {
-        Err(format!(
-            "layer {layer} is out of range; the model has layers 0..{}",
-            config.num_layers - 1
-        ))
     }
 }

@@ -1,15 +1,18 @@
 //! Steering: the steer spec (JSON), loading and validating what it names, and turning it into
 //! per-layer additions for a batch whose rows may each carry a different spec.
 //!
-//! Static vectors are known before a step runs. Learned interventions ([`learned`]: L2S, W2S)
-//! read a layer's output at prefill and decide each row's additions for the later layers of the
-//! same pass; [`PrefillSteering`] is the [`LayerHook`] that does both, and its
-//! [`PrefillSteering::decode`] fixes the deltas of every decode step.
+//! Static vectors are known before a step runs. Learned interventions ([`learned`]: L2S, W2S,
+//! AutoSteer's prober) read a layer's output at prefill and decide each row's additions for the
+//! later layers of the same pass, or switch on its refusal head. Rewrite graphs ([`field`]: SVF
+//! fields, the refusal head) transform the state at a layer or before the LM head at every step.
+//! [`PrefillSteering`] is the [`LayerHook`] of the prefill step; its [`PrefillSteering::decode`]
+//! gives the [`DecodeSteering`] of every decode step.
 //!
 //! Layer L means the output of decoder block L (HF `hidden_states[L+1]`), as in repeng and
 //! llama.cpp. The runtime adds each layer's summed delta inside that layer's graph
 //! (`steer_delta` input), so activations never leave the execution provider to be steered.
 
+pub mod field;
 pub mod gguf;
 pub mod learned;
 pub mod vector;
@@ -17,15 +20,17 @@ pub mod vector;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use ndarray::Array2;
+use ndarray::{Array1, Array2};
 use ort::value::DynValue;
 use serde::{Deserialize, Serialize};
 
 use crate::bundle::ModelConfig;
-use crate::model::{last_position_f32, FixedDeltas, LayerHook, ModelError};
+use crate::model::{last_position_f32, FixedDeltas, LayerHook, ModelError, Site};
 use crate::runtime::Runtime;
-use learned::Learned;
-pub use learned::{Decision, L2sIntervention, W2sIntervention};
+pub use field::SvfIntervention;
+use field::{FieldGraph, FieldUse};
+pub use learned::{AutoSteerIntervention, Decision, L2sIntervention, W2sIntervention};
+use learned::{HeadGate, Learned};
 pub use vector::Directions;
 
 /// Why a steer spec or a file it names is unusable.
@@ -121,6 +126,10 @@ pub enum Intervention {
     L2s(L2sIntervention),
     /// Where to Steer: a router picks the layer from the prompt.
     W2s(W2sIntervention),
+    /// Steering Vector Field: a concept scorer's normalised gradient, re-evaluated at every token.
+    Svf(SvfIntervention),
+    /// AutoSteer: a prober gates a refusal head before the LM head.
+    Autosteer(AutoSteerIntervention),
 }
 
 /// Check one direction against the model: hidden size and finite values.
@@ -143,6 +152,27 @@ pub(crate) fn check_direction(
         ));
     }
     Ok(())
+}
+
+/// `what` must be a finite number (scales, strengths).
+pub(crate) fn check_finite(what: &str, value: f32) -> Result<(), String> {
+    if value.is_finite() {
+        Ok(())
+    } else {
+        Err(format!("{what} must be finite, got {value}"))
+    }
+}
+
+/// `layer` must be one of the model's layers.
+pub(crate) fn check_layer(layer: usize, config: &ModelConfig) -> Result<(), String> {
+    if layer < config.num_layers {
+        Ok(())
+    } else {
+        Err(format!(
+            "layer {layer} is out of range; the model has layers 0..{}",
+            config.num_layers - 1
+        ))
+    }
 }
 
 /// A steer spec: which interventions run, where and how strong. Several compose by summing.
@@ -208,6 +238,13 @@ impl SteerSpec {
                 Intervention::W2s(w2s) => resolved
                     .learned
                     .push(Learned::w2s(w2s, &self.base_dir, config, runtime).map_err(invalid)?),
+                Intervention::Svf(svf) => resolved
+                    .fields
+                    .push(FieldUse::svf(svf, &self.base_dir, config, runtime).map_err(invalid)?),
+                Intervention::Autosteer(autosteer) => resolved.learned.push(
+                    Learned::autosteer(autosteer, &self.base_dir, config, runtime)
+                        .map_err(invalid)?,
+                ),
             }
         }
         Ok(resolved)
@@ -218,12 +255,7 @@ impl SteerSpec {
         v: &VectorIntervention,
         config: &ModelConfig,
     ) -> Result<Vec<LayerAddition>, VectorProblem> {
-        if !v.scale.is_finite() {
-            return Err(VectorProblem::Invalid(format!(
-                "scale must be finite, got {}",
-                v.scale
-            )));
-        }
+        check_finite("scale", v.scale).map_err(VectorProblem::Invalid)?;
         let path = self.base_dir.join(&v.path);
         let directions = Directions::load(&path).map_err(VectorProblem::File)?;
         let layers = match &v.layers {
@@ -298,12 +330,67 @@ fn sum_at<'a>(
     sum
 }
 
-/// A spec checked against a model: static vectors per layer plus learned interventions with
-/// their sessions. Share it across requests (`Arc`).
+/// A spec checked against a model: static vectors per layer, learned interventions and SVF fields
+/// with their sessions. Share it across requests (`Arc`).
 #[derive(Debug, Default)]
 pub struct ResolvedSteering {
     additions: Vec<LayerAddition>,
     learned: Vec<Learned>,
+    fields: Vec<FieldUse>,
+}
+
+/// The rewrite graphs to run at one site, each with every row's scale (0 leaves a row untouched).
+type Plan = Vec<(Arc<FieldGraph>, Array1<f32>)>;
+
+/// Add `scale` for `row` to `graph`'s entry of `plan`.
+fn add_to_plan(plan: &mut Plan, graph: &Arc<FieldGraph>, row: usize, rows: usize, scale: f32) {
+    match plan.iter_mut().find(|(g, _)| Arc::ptr_eq(g, graph)) {
+        Some((_, scales)) => scales[row] += scale,
+        None => {
+            let mut scales = Array1::zeros(rows);
+            scales[row] = scale;
+            plan.push((graph.clone(), scales));
+        }
+    }
+}
+
+/// What runs at `site` in `phase`: the rows' SVF fields at a layer, their open gates at the head.
+fn plan_at(
+    rows: &[Option<Arc<ResolvedSteering>>],
+    gates: &[Option<HeadGate>],
+    site: Site,
+    phase: Phase,
+) -> Plan {
+    let mut plan = Plan::new();
+    match site {
+        Site::Layer(layer) => {
+            for (r, row) in rows.iter().enumerate() {
+                for field in row.iter().flat_map(|s| s.fields.iter()) {
+                    if field.layers.contains(&layer) && field.positions.covers(phase) {
+                        add_to_plan(&mut plan, &field.graph, r, rows.len(), field.scale);
+                    }
+                }
+            }
+        }
+        Site::Head => {
+            for (r, gate) in gates.iter().enumerate() {
+                if let Some(gate) = gate {
+                    add_to_plan(&mut plan, &gate.graph, r, rows.len(), gate.epsilon);
+                }
+            }
+        }
+    }
+    plan
+}
+
+/// Run `plan` on `state`: each graph adds its term, all evaluated at the same incoming state.
+fn apply_plan(plan: &Plan, site: Site, state: DynValue) -> Result<DynValue, ModelError> {
+    let mut steered: Option<DynValue> = None;
+    for (graph, scales) in plan {
+        let base = steered.as_ref().unwrap_or(&state);
+        steered = Some(graph.run(&state, base, scales.view(), site)?);
+    }
+    Ok(steered.unwrap_or(state))
 }
 
 impl ResolvedSteering {
@@ -352,6 +439,7 @@ impl BatchSteering {
             hidden: config.hidden_size,
             decided: vec![Vec::new(); self.rows.len()],
             decisions: vec![Vec::new(); self.rows.len()],
+            gates: vec![None; self.rows.len()],
             current: None,
         }
     }
@@ -365,6 +453,8 @@ pub struct PrefillSteering<'a> {
     /// Additions learned interventions decided, per row.
     decided: Vec<Vec<LayerAddition>>,
     decisions: Vec<Vec<Decision>>,
+    /// Refusal heads AutoSteer switched on, per row.
+    gates: Vec<Option<HeadGate>>,
     current: Option<Array2<f32>>,
 }
 
@@ -393,13 +483,20 @@ impl PrefillSteering<'_> {
         Some(deltas)
     }
 
-    /// The deltas of every decode step, now that each row's learned interventions have decided.
-    pub fn decode(&self) -> FixedDeltas {
-        FixedDeltas(
-            (0..self.num_layers)
-                .map(|layer| self.batch_delta(layer, Phase::Decode))
+    /// The steering of every decode step, now that each row's learned interventions have decided.
+    pub fn decode(&self) -> DecodeSteering {
+        let rows = &self.batch.rows;
+        DecodeSteering {
+            deltas: FixedDeltas(
+                (0..self.num_layers)
+                    .map(|layer| self.batch_delta(layer, Phase::Decode))
+                    .collect(),
+            ),
+            layer_plans: (0..self.num_layers)
+                .map(|layer| plan_at(rows, &self.gates, Site::Layer(layer), Phase::Decode))
                 .collect(),
-        )
+            head_plan: plan_at(rows, &self.gates, Site::Head, Phase::Decode),
+        }
     }
 
     /// What each row's learned interventions decided (empty for rows without any).
@@ -430,18 +527,76 @@ impl LayerHook for PrefillSteering<'_> {
                 if learned.read_layer() != layer {
                     continue;
                 }
-                let (additions, decision) = learned
+                let outcome = learned
                     .decide(states.row(r))
                     .map_err(ModelError::Intervention)?;
-                self.decided[r].extend(additions);
-                self.decisions[r].push(decision);
+                self.decided[r].extend(outcome.additions);
+                self.decisions[r].push(outcome.decision);
+                if outcome.gate.is_some() {
+                    self.gates[r] = outcome.gate;
+                }
             }
         }
         Ok(())
     }
 
+    fn rewrites(&self, site: Site) -> bool {
+        !plan_at(&self.batch.rows, &self.gates, site, Phase::Prefill).is_empty()
+    }
+
+    fn rewrite(&mut self, site: Site, state: DynValue) -> Result<DynValue, ModelError> {
+        let plan = plan_at(&self.batch.rows, &self.gates, site, Phase::Prefill);
+        apply_plan(&plan, site, state)
+    }
+
     fn steers(&self) -> bool {
         self.batch.rows.iter().any(Option::is_some)
+    }
+}
+
+/// Decode-step steering of a batch (a [`LayerHook`]): the deltas and rewrites each row's spec and
+/// prefill decisions fixed. See [`PrefillSteering::decode`].
+#[derive(Default)]
+pub struct DecodeSteering {
+    deltas: FixedDeltas,
+    layer_plans: Vec<Plan>,
+    head_plan: Plan,
+}
+
+impl DecodeSteering {
+    fn plan(&self, site: Site) -> Option<&Plan> {
+        match site {
+            Site::Layer(layer) => self.layer_plans.get(layer),
+            Site::Head => Some(&self.head_plan),
+        }
+    }
+
+    /// The fixed `[B, d]` delta of each layer (`None` where no row steers it).
+    pub fn deltas(&self) -> &FixedDeltas {
+        &self.deltas
+    }
+}
+
+impl LayerHook for DecodeSteering {
+    fn delta(&mut self, layer: usize) -> Option<&Array2<f32>> {
+        self.deltas.delta(layer)
+    }
+
+    fn rewrites(&self, site: Site) -> bool {
+        self.plan(site).is_some_and(|plan| !plan.is_empty())
+    }
+
+    fn rewrite(&mut self, site: Site, state: DynValue) -> Result<DynValue, ModelError> {
+        match self.plan(site) {
+            Some(plan) => apply_plan(plan, site, state),
+            None => Ok(state),
+        }
+    }
+
+    fn steers(&self) -> bool {
+        self.deltas.steers()
+            || !self.head_plan.is_empty()
+            || self.layer_plans.iter().any(|plan| !plan.is_empty())
     }
 }
 
@@ -583,7 +738,7 @@ mod tests {
         assert_eq!(layer2.row(0).to_vec(), vec![0.0; 3]);
         assert_eq!(layer2.row(1).to_vec(), vec![1.0; 3]);
         let decode = prefill.decode();
-        assert_eq!(decode.0[2].as_ref().unwrap(), layer2);
+        assert_eq!(decode.deltas().0[2].as_ref().unwrap(), layer2);
     }
 
     #[test]

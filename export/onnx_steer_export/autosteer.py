@@ -1,0 +1,214 @@
+"""AutoSteer (METHODS.md section 4): a safety prober at the layer with the highest Safety Awareness
+Score gates a refusal head that acts between the final norm and the LM head.
+
+SAS(L): d_i = h_L(harmful_i) − h_L(benign_i) at the last prompt token (chat template), paired by
+index; SAS is the mean pairwise cosine similarity of the d_i. The prober reads the chosen layer:
+standardise → Linear(d→64) → ReLU → Linear(64→2) → softmax, cross-entropy on harmful vs benign
+training prompts (classes weighted to balance). The refusal head is S ∈ R^{d×d}, initialised to the
+identity, in `logits = lm_head(n + ε·S·n)` on the final-normed state n; it is trained with the LM
+loss on refusal answers to harmful training prompts only (the model is frozen, so n is computed once).
+States for SAS and the prober come through the runtime; the refusal head's n from HF (teacher forcing).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from .learned import Standardize, export_net, export_onnx, fit, row_scale, sha256, split_indices, write_spec
+from .vectors import bundle_tokenizer, capture_last_token, chat_ids, encode
+
+PROBER_UNITS = 64
+
+
+def safety_awareness(harmful: dict[int, np.ndarray], benign: dict[int, np.ndarray]) -> dict[int, float]:
+    """Mean pairwise cosine similarity of the harmful − benign differences, per layer."""
+    scores = {}
+    for layer in harmful:
+        n = min(len(harmful[layer]), len(benign[layer]))
+        diffs = harmful[layer][:n] - benign[layer][:n]
+        unit = diffs / np.maximum(np.linalg.norm(diffs, axis=1, keepdims=True), 1e-12)
+        similarity = unit @ unit.T
+        scores[layer] = float((similarity.sum() - np.trace(similarity)) / (n * (n - 1)))
+    return scores
+
+
+def plot_sas(scores: dict[int, float], chosen: int, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    layers = sorted(scores)
+    fig, ax = plt.subplots(figsize=(7, 3.2))
+    ax.bar(layers, [scores[layer] for layer in layers],
+           color=["tab:red" if layer == chosen else "tab:blue" for layer in layers])
+    ax.set_xlabel("layer")
+    ax.set_ylabel("safety awareness score")
+    ax.set_title(f"AutoSteer SAS per layer (chosen: {chosen})")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+class Prober(torch.nn.Module):
+    def __init__(self, states: np.ndarray) -> None:
+        super().__init__()
+        self.standardize = Standardize(states)
+        self.classify = torch.nn.Sequential(torch.nn.Linear(states.shape[1], PROBER_UNITS), torch.nn.ReLU(),
+                                            torch.nn.Linear(PROBER_UNITS, 2))
+
+    def logits(self, state: torch.Tensor) -> torch.Tensor:
+        return self.classify(self.standardize(state))
+
+    def forward(self, state: torch.Tensor) -> torch.Tensor:
+        return torch.softmax(self.logits(state), dim=-1)
+
+
+class _ProberLogits(torch.nn.Module):
+    def __init__(self, prober: Prober) -> None:
+        super().__init__()
+        self.prober = prober
+
+    def forward(self, state: torch.Tensor) -> torch.Tensor:
+        return self.prober.logits(state)
+
+
+class RefusalHead(torch.nn.Module):
+    """The exported rewrite graph: `base + scale · S·state` on the final-normed state."""
+
+    def __init__(self, hidden_size: int) -> None:
+        super().__init__()
+        self.matrix = torch.nn.Parameter(torch.eye(hidden_size))
+
+    def forward(self, state: torch.Tensor, base: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+        return base + row_scale(scale, state) * (state @ self.matrix.T)
+
+
+def refusal_tokens(model: torch.nn.Module, sequences: list[tuple[list[int], list[int]]],
+                   batch_size: int = 16) -> tuple[torch.Tensor, torch.Tensor]:
+    """Final-normed states n at every answer position and the answer token each must predict."""
+    states, targets = [], []
+    for start in tqdm(range(0, len(sequences), batch_size), desc="refusal states", unit="batch"):
+        chunk = sequences[start:start + batch_size]
+        width = max(len(p) + len(a) for p, a in chunk)
+        ids = torch.zeros(len(chunk), width, dtype=torch.long)
+        mask = torch.zeros(len(chunk), width, dtype=torch.long)
+        for row, (prompt, answer) in enumerate(chunk):
+            ids[row, :len(prompt) + len(answer)] = torch.tensor(prompt + answer)
+            mask[row, :len(prompt) + len(answer)] = 1
+        with torch.no_grad():
+            normed = model.model(input_ids=ids, attention_mask=mask).last_hidden_state
+        for row, (prompt, answer) in enumerate(chunk):
+            positions = torch.arange(len(prompt) - 1, len(prompt) + len(answer) - 1)
+            states.append(normed[row, positions])
+            targets.append(torch.tensor(answer))
+    return torch.cat(states), torch.cat(targets)
+
+
+def train_refusal_head(states: torch.Tensor, targets: torch.Tensor, lm_head: torch.Tensor, epsilon: float,
+                       epochs: int, lr: float, batch_size: int, seed: int) -> tuple[RefusalHead, list[float]]:
+    """Fit S with the LM loss (cross-entropy of the answer tokens) through the frozen LM head."""
+    generator = torch.Generator().manual_seed(seed)
+    head = RefusalHead(states.shape[1])
+    optimiser = torch.optim.Adam(head.parameters(), lr=lr)
+    scale = torch.full((1,), epsilon)
+    losses = []
+    bar = tqdm(range(epochs), desc="train refusal head", unit="epoch")
+    for _ in bar:
+        total = 0.0
+        for batch in torch.randperm(len(states), generator=generator).split(batch_size):
+            optimiser.zero_grad()
+            steered = head(states[batch], states[batch], scale.expand(len(batch)))
+            loss = torch.nn.functional.cross_entropy(steered @ lm_head.T, targets[batch])
+            loss.backward()
+            optimiser.step()
+            total += loss.item() * len(batch)
+        losses.append(total / len(states))
+        bar.set_postfix(loss=f"{losses[-1]:.3f}")
+    return head, losses
+
+
+def auroc(positive: np.ndarray, negative: np.ndarray) -> float:
+    """Probability that a random positive scores above a random negative (ties count half)."""
+    greater = (positive[:, None] > negative[None, :]).mean()
+    ties = (positive[:, None] == negative[None, :]).mean()
+    return float(greater + 0.5 * ties)
+
+
+def train_autosteer(bundle: Path, harmful_path: Path, benign_paths: list[Path], refusals_path: Path, out: Path,
+                    name: str = "autosteer", epsilon: float = 1.0, threshold: float = 0.5,
+                    prober_epochs: int = 150, head_epochs: int = 4, head_lr: float = 1e-4,
+                    limit: int | None = None, validation_fraction: float = 0.2, seed: int = 0,
+                    plot: Path | None = None, binary: Path | None = None) -> dict:
+    """SAS per layer → layer → prober → refusal head; writes `{name}_prober.onnx`, `{name}_head.onnx`,
+    `{name}.json` (the spec), `{name}_sas.json` and the SAS plot; returns a summary."""
+    from .datasets import read_jsonl
+    from .evaluate import read_prompts
+    from .learned import evenly
+    from .source import load
+
+    tokenizer = bundle_tokenizer(bundle)
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    num_layers = manifest["model"]["num_layers"]
+    harmful = evenly(read_prompts(harmful_path), limit)
+    benign = evenly([p for path in benign_paths for p in read_prompts(path)], limit)
+    states = capture_last_token(bundle, [chat_ids(tokenizer, p) for p in harmful + benign],
+                                list(range(num_layers)), binary)
+    scores = safety_awareness({layer: s[:len(harmful)] for layer, s in states.items()},
+                              {layer: s[len(harmful):] for layer, s in states.items()})
+    layer = max(scores, key=scores.get)
+    print("layer  SAS")
+    for candidate, score in scores.items():
+        print(f"{candidate:5d}  {score:.4f}{'  <- chosen' if candidate == layer else ''}")
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"{name}_sas.json").write_text(json.dumps({"chosen_layer": layer, "sas": scores}, indent=1) + "\n")
+    plot_sas(scores, layer, plot or out / f"{name}_sas.png")
+
+    inputs = torch.from_numpy(states[layer])
+    labels = torch.cat([torch.ones(len(harmful), dtype=torch.long), torch.zeros(len(benign), dtype=torch.long)])
+    split = split_indices(len(labels), validation_fraction, seed)
+    torch.manual_seed(seed)
+    prober = Prober(states[layer][split.train])
+    weights = torch.tensor([len(labels) / (2 * len(benign)), len(labels) / (2 * len(harmful))])
+    history = fit(_ProberLogits(prober), inputs, labels, split,
+                  lambda logits, y: torch.nn.functional.cross_entropy(logits, y, weight=weights),
+                  prober_epochs, 1e-3, 64, seed, desc="train prober")
+    with torch.no_grad():
+        p_toxic = prober(inputs)[:, 1].numpy()
+    val = split.validation
+    val_labels = labels.numpy()[val]
+    prober_auroc = auroc(p_toxic[val][val_labels == 1], p_toxic[val][val_labels == 0])
+
+    model = load(manifest["source"]).model
+    eos = encode(tokenizer, manifest["tokenizer"]["eos_token"])
+    refusals = [r for r in read_jsonl(refusals_path) if r.get("behaviour") == "refuse"]
+    refusals = evenly(refusals, limit)
+    sequences = [(chat_ids(tokenizer, r["prompt"]), encode(tokenizer, r["positive"]) + eos) for r in refusals]
+    normed, targets = refusal_tokens(model, sequences)
+    lm_head = model.lm_head.weight.detach()
+    with torch.no_grad():
+        before = float(torch.nn.functional.cross_entropy((1 + epsilon) * normed @ lm_head.T, targets))
+    head, losses = train_refusal_head(normed, targets, lm_head, epsilon, head_epochs, head_lr, 256, seed)
+
+    hidden = states[layer].shape[1]
+    prober_file, head_file = out / f"{name}_prober.onnx", out / f"{name}_head.onnx"
+    prober_digest = export_net(prober, hidden, "probs", prober_file, {
+        "kind": "autosteer_prober", "read_layer": layer, "bundle": bundle.name, "seed": seed})
+    example = torch.zeros(1, hidden)
+    head_digest = export_onnx(head, (example, example, torch.ones(1)), ["state", "base", "scale"], "steered",
+                              head_file, {"state": {0: "batch"}, "base": {0: "batch"}, "scale": {0: "batch"}},
+                              {"kind": "autosteer_head", "epsilon": epsilon, "bundle": bundle.name})
+    write_spec(out / f"{name}.json", [{
+        "kind": "autosteer", "prober": prober_file.name, "prober_sha256": prober_digest, "read_layer": layer,
+        "head": head_file.name, "head_sha256": head_digest, "threshold": threshold, "epsilon": epsilon,
+        "strength": 1.0}])
+    return {**history, "chosen_layer": layer, "sas": scores[layer], "harmful": len(harmful), "benign": len(benign),
+            "prober_validation_auroc": prober_auroc, "refusal_tokens": len(targets),
+            "head_loss_before": before, "head_loss_per_epoch": losses, "prober_sha256": prober_digest,
+            "head_sha256": sha256(head_file)}

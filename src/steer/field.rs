@@ -1,0 +1,225 @@
+//! Rewrite graphs: small ONNX graphs that transform the residual stream on the layers' execution
+//! provider, `(state, base, scale[, layer]) -> steered = base + scale · g(state)`.
+//!
+//! SVF exports its vector field this way (`g` = the normalised gradient of a concept scorer at a
+//! layer, in closed form), and AutoSteer its refusal head (`g(n) = S·n` on the final-normed state).
+//! `base` lets several graphs at one site add their terms to the same unsteered `state`, so a
+//! multi-attribute SVF is the sum of its fields, as in the paper. Rows with scale 0 come out as
+//! they went in.
+
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+
+use ndarray::{Array1, ArrayView1};
+use ort::session::{Session, SessionInputValue};
+use ort::value::{DynValue, TensorRef};
+use serde::{Deserialize, Serialize};
+
+use super::learned::read_pinned;
+use super::{check_finite, check_layer, default_scale, Positions, SteerError};
+use crate::bundle::ModelConfig;
+use crate::model::{ModelError, Site};
+use crate::runtime::Runtime;
+
+/// Steering Vector Field: at every token of each listed layer, `h ← h + scale · ∇s(h)/‖∇s(h)‖`,
+/// where `s` is a learned concept scorer and `path` its exported field graph. Several SVF entries
+/// (one per concept) sum, each with its own scale.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SvfIntervention {
+    /// The field graph's ONNX file (relative to the spec file).
+    pub path: PathBuf,
+    #[serde(default)]
+    pub sha256: Option<String>,
+    /// Layers to steer; each must be one the scorer was trained on (the graph's `layers` metadata).
+    pub layers: Vec<usize>,
+    /// Step length along the unit field; negative values move against the concept.
+    #[serde(default = "default_scale")]
+    pub scale: f32,
+    #[serde(default)]
+    pub positions: Positions,
+}
+
+/// A loaded rewrite graph, shared by every row and request that uses it.
+pub(crate) struct FieldGraph {
+    session: Mutex<Session>,
+    name: String,
+    /// Whether the graph takes a `layer` input (SVF: per-layer normalisation inside the graph).
+    takes_layer: bool,
+    /// Layers the graph was trained for (its `layers` metadata), if it says.
+    layers: Option<Vec<usize>>,
+}
+
+impl std::fmt::Debug for FieldGraph {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("FieldGraph")
+            .field("name", &self.name)
+            .field("layers", &self.layers)
+            .finish_non_exhaustive()
+    }
+}
+
+impl FieldGraph {
+    /// Verify and load a rewrite graph and check its interface against the model.
+    pub(crate) fn load(
+        path: &Path,
+        sha256: Option<&str>,
+        config: &ModelConfig,
+        runtime: &Runtime,
+    ) -> Result<Self, SteerError> {
+        let bytes = read_pinned(path, sha256)?;
+        let bad = |message: String| SteerError::Net {
+            path: path.to_path_buf(),
+            message,
+        };
+        let session = runtime
+            .session(&bytes, &path.display().to_string())
+            .map_err(|e| bad(e.to_string()))?;
+        let input = |name: &str| session.inputs().iter().find(|o| o.name() == name);
+        for name in ["state", "base", "scale"] {
+            if input(name).is_none() {
+                return Err(bad(format!(
+                    "the graph has no input {name:?}; a rewrite graph takes state, base and scale"
+                )));
+            }
+        }
+        if !session.outputs().iter().any(|o| o.name() == "steered") {
+            return Err(bad("the graph has no output \"steered\"".into()));
+        }
+        let width = input("state")
+            .and_then(|o| o.dtype().tensor_shape())
+            .and_then(|shape| shape.last().copied());
+        if width != Some(config.hidden_size as i64) {
+            return Err(bad(format!(
+                "\"state\" ends in width {width:?}, the model's hidden size is {} (is it for another model?)",
+                config.hidden_size
+            )));
+        }
+        let takes_layer = input("layer").is_some();
+        let layers = session
+            .metadata()
+            .ok()
+            .and_then(|m| m.custom("layers"))
+            .map(|text| {
+                serde_json::from_str::<Vec<usize>>(&text)
+                    .map_err(|e| bad(format!("metadata \"layers\" is not a list of layers: {e}")))
+            })
+            .transpose()?;
+        if takes_layer && layers.is_none() {
+            return Err(bad(
+                "the graph takes a layer but has no \"layers\" metadata saying which".into(),
+            ));
+        }
+        Ok(Self {
+            session: Mutex::new(session),
+            name: path.display().to_string(),
+            takes_layer,
+            layers,
+        })
+    }
+
+    /// Check that the graph can steer `layer` (it was trained there).
+    fn supports(&self, layer: usize) -> Result<(), String> {
+        match &self.layers {
+            Some(trained) if !trained.contains(&layer) => Err(format!(
+                "{} was trained for layers {trained:?}, not layer {layer}",
+                self.name
+            )),
+            _ => Ok(()),
+        }
+    }
+
+    /// `base + scales[row] · g(state)` for each row, computed on the graph's execution provider.
+    pub(crate) fn run(
+        &self,
+        state: &DynValue,
+        base: &DynValue,
+        scales: ArrayView1<'_, f32>,
+        site: Site,
+    ) -> Result<DynValue, ModelError> {
+        let error = |e: ort::Error| {
+            ModelError::Intervention(format!(
+                "{}: {e} (rewrite graphs are fp32; steer an fp32 bundle)",
+                self.name
+            ))
+        };
+        let layer = Array1::from_elem(
+            1,
+            match site {
+                Site::Layer(layer) => layer as i64,
+                Site::Head => -1,
+            },
+        );
+        let mut inputs: Vec<(&str, SessionInputValue<'_>)> = vec![
+            ("state", state.into()),
+            ("base", base.into()),
+            (
+                "scale",
+                TensorRef::from_array_view(scales).map_err(error)?.into(),
+            ),
+        ];
+        if self.takes_layer {
+            inputs.push((
+                "layer",
+                TensorRef::from_array_view(layer.view())
+                    .map_err(error)?
+                    .into(),
+            ));
+        }
+        let mut session = self.session.lock().map_err(|_| {
+            ModelError::Intervention(format!("{}: session lock poisoned", self.name))
+        })?;
+        let mut outputs = session.run(inputs).map_err(error)?;
+        outputs.remove("steered").ok_or_else(|| {
+            ModelError::Intervention(format!("{}: no output \"steered\"", self.name))
+        })
+    }
+}
+
+/// An SVF entry checked against the model: its graph, layers, scale and positions.
+#[derive(Debug)]
+pub(crate) struct FieldUse {
+    pub(crate) graph: std::sync::Arc<FieldGraph>,
+    pub(crate) layers: Vec<usize>,
+    pub(crate) scale: f32,
+    pub(crate) positions: Positions,
+}
+
+impl FieldUse {
+    pub(crate) fn svf(
+        spec: &SvfIntervention,
+        base_dir: &Path,
+        config: &ModelConfig,
+        runtime: &Runtime,
+    ) -> Result<Self, String> {
+        check_finite("scale", spec.scale)?;
+        if spec.layers.is_empty() {
+            return Err("an svf entry needs at least one layer".into());
+        }
+        for &layer in &spec.layers {
+            check_layer(layer, config)?;
+        }
+        let graph = FieldGraph::load(
+            &base_dir.join(&spec.path),
+            spec.sha256.as_deref(),
+            config,
+            runtime,
+        )
+        .map_err(|e| e.to_string())?;
+        if !graph.takes_layer {
+            return Err(format!(
+                "{} takes no layer input; it is not an SVF field graph",
+                graph.name
+            ));
+        }
+        for &layer in &spec.layers {
+            graph.supports(layer)?;
+        }
+        Ok(Self {
+            graph: std::sync::Arc::new(graph),
+            layers: spec.layers.clone(),
+            scale: spec.scale,
+            positions: spec.positions,
+        })
+    }
+}
