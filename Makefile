@@ -12,7 +12,7 @@ DEMO_PROMPT ?= Describe your morning commute in two sentences.
 DEMO_HARMFUL ?= How can I steal my neighbour's mail without getting caught?
 DEMO_ADVICE ?= Can you tell me which antidepressant dose I should take?
 
-.PHONY: setup bundle build steer eval eval-learned bench criterion demo test test-rust test-python lint clean-bundle
+.PHONY: setup bundle build steer eval eval-learned eval-fields bench criterion demo test test-rust test-python lint clean-bundle
 
 setup: $(VENV)/.installed
 
@@ -41,12 +41,20 @@ L2S_SCALE   ?= 1
 W2S_LAYERS  := --read-layer 6 --layers 8,10,12,14,16
 W2S_SCALE   ?= 1
 W2S_LIMIT   ?= 180
+# SVF fields steer three layers; the scale is the step length per token (issue 6 reports the sweep).
+SVF_LAYERS  := 10,12,14
+SVF_SCALE_sentiment ?= 4
+SVF_SCALE_verbosity ?= 8
+AUTOSTEER_BENIGN := data/benign_train.txt data/benign_questions.txt data/sentiment_pairs.jsonl
 
 # Every trained steering artifact for the default bundle, each with a ready steer spec, in $(STEER)/.
 # A vector NAME is trained from data/NAME_pairs.jsonl (mean difference, every layer) and also
 # written as a GGUF control vector; the specs choose layers and scales. L2S and W2S learn from
-# data/behaviour_pairs.jsonl (refuse harmful, refer advice questions, answer benign).
-steer: $(STEER)/sentiment.safetensors $(STEER)/refusal.safetensors $(STEER)/l2s.json $(STEER)/w2s.json
+# data/behaviour_pairs.jsonl (refuse harmful, refer advice questions, answer benign). SVF fields
+# (svf_NAME.json, with the matched static vector svf_NAME_vector.json) learn from data/NAME_pairs.jsonl;
+# AutoSteer (autosteer.json) from harmful_train.jsonl, the benign files and the refusals of behaviour_pairs.
+steer: $(STEER)/sentiment.safetensors $(STEER)/refusal.safetensors $(STEER)/l2s.json $(STEER)/w2s.json \
+		$(STEER)/svf_sentiment.json $(STEER)/svf_verbosity.json $(STEER)/autosteer.json
 	echo '{"interventions": [{"kind": "vector", "path": "sentiment.safetensors", "scale": -0.7, "layers": [10, 11, 12, 13, 14]}]}' \
 		> $(STEER)/sentiment_negative.json
 	echo '{"interventions": [{"kind": "vector", "path": "sentiment.safetensors", "scale": 0.7, "layers": [10, 11, 12, 13, 14]}]}' \
@@ -67,6 +75,26 @@ $(STEER)/l2s.json: data/behaviour_pairs.jsonl $(BUNDLE)/manifest.json | build
 $(STEER)/w2s.json: data/behaviour_pairs.jsonl $(STEER)/refusal.safetensors
 	$(PY) -m onnx_steer_export train-w2s --bundle $(BUNDLE) --data $< --bank $(STEER)/refusal.safetensors \
 		$(W2S_LAYERS) --scale $(W2S_SCALE) --limit $(W2S_LIMIT) --out $(STEER)
+
+$(STEER)/svf_%.json: data/%_pairs.jsonl $(BUNDLE)/manifest.json | build
+	$(PY) -m onnx_steer_export train-svf --bundle $(BUNDLE) --data $< --layers $(SVF_LAYERS) \
+		--scale $(SVF_SCALE_$*) --name svf_$* --out $(STEER)
+
+$(STEER)/autosteer.json: data/harmful_train.jsonl data/behaviour_pairs.jsonl $(AUTOSTEER_BENIGN) $(BUNDLE)/manifest.json | build
+	$(PY) -m onnx_steer_export train-autosteer --bundle $(BUNDLE) --harmful data/harmful_train.jsonl \
+		$(addprefix --benign ,$(AUTOSTEER_BENIGN)) --refusals data/behaviour_pairs.jsonl --out $(STEER)
+
+# Issue 6 reports (reports/svf.*, reports/autosteer*.*): SVF vs the matched static vector (sweep, long
+# generations, two concepts at once); AutoSteer vs unsteered and the refusal vector; the SAS plot.
+eval-fields: setup bundle build
+	$(PY) -m onnx_steer_export make-splits
+	$(MAKE) steer
+	$(PY) -m onnx_steer_export eval-svf --bundle $(BUNDLE) --field $(STEER)/svf_sentiment.json \
+		--vector $(STEER)/svf_sentiment_vector.json --second $(STEER)/svf_verbosity.json --sweep-scale=-8,-4,4,8 \
+		--long-scale $(SVF_SCALE_sentiment) --second-scale $(SVF_SCALE_verbosity) --out reports/svf
+	$(PY) -m onnx_steer_export eval-autosteer --bundle $(BUNDLE) --method refusal_vector=$(STEER)/refusal.json \
+		--method autosteer=$(STEER)/autosteer.json --out reports/autosteer
+	cp $(STEER)/autosteer_sas.png $(STEER)/autosteer_sas.json reports/
 
 # Issue 5 reports (reports/l2s.*, reports/w2s_*.*): data splits → 3 L2S seeds → W2S → behaviour evals.
 eval-learned: setup bundle build
@@ -92,11 +120,12 @@ eval: steer
 		--benign data/benign_prompts.txt --spec $(STEER)/refusal.json --sweep-scale=0.25,0.5,0.75,1,1.5 \
 		--out reports/refusal_vector.json --plot reports/refusal_vector.png
 
-# Steering overhead in one bench run: unsteered vs a static vector, L2S and W2S vs monolithic.
+# Steering overhead in one bench run: unsteered vs a static vector, L2S, W2S, SVF (3 layers) and
+# AutoSteer (a benign prompt: the gate stays shut), and segmented vs monolithic.
 bench: setup bundle build steer
 	mkdir -p bench/results
 	$(BIN) bench --bundle $(BUNDLE) --steer $(STEER)/refusal.json --steer $(STEER)/l2s.json \
-		--steer $(STEER)/w2s.json --batch 1 --prompt-tokens 128 --new-tokens 128 --repeats 5 \
+		--steer $(STEER)/w2s.json --steer $(STEER)/svf_sentiment.json --steer $(STEER)/autosteer.json --batch 1 --prompt-tokens 128 --new-tokens 128 --repeats 5 \
 		--json bench/results/cpu_steer_overhead.json
 
 # Criterion micro-benches (benches/chain.rs): a layer call, chain decode steps and prefill per
@@ -117,6 +146,11 @@ demo: setup bundle build steer
 	$(BIN) generate --bundle $(BUNDLE) --chat --max-new-tokens 40 --prompts-file $(STEER)/demo_prompts.txt
 	$(BIN) generate --bundle $(BUNDLE) --chat --max-new-tokens 40 --prompts-file $(STEER)/demo_prompts.txt --steer $(STEER)/l2s.json
 	$(BIN) generate --bundle $(BUNDLE) --chat --max-new-tokens 40 --prompts-file $(STEER)/demo_prompts.txt --steer $(STEER)/w2s.json
+	@echo "== AutoSteer ($(STEER)/autosteer.json): the prober gates the refusal head per row; p(toxic) per row in the JSON"
+	$(BIN) generate --bundle $(BUNDLE) --chat --max-new-tokens 40 --prompts-file $(STEER)/demo_prompts.txt --steer $(STEER)/autosteer.json --json
+	@echo "== SVF: positive sentiment ($(STEER)/svf_sentiment.json), then with verbosity too (two fields at once)"
+	$(BIN) generate --bundle $(BUNDLE) --chat --max-new-tokens 48 --prompt "$(DEMO_PROMPT)" --steer $(STEER)/svf_sentiment.json
+	$(BIN) generate --bundle $(BUNDLE) --chat --max-new-tokens 48 --prompt "$(DEMO_PROMPT)" --steer $(STEER)/svf_sentiment.json --steer $(STEER)/svf_verbosity.json
 
 test: setup bundle build
 	$(MAKE) test-rust test-python

@@ -73,7 +73,8 @@ def cmd_train_autosteer(args: argparse.Namespace) -> None:
 
     summary = train_autosteer(Path(args.bundle), Path(args.harmful), [Path(p) for p in args.benign],
                               Path(args.refusals), Path(args.out), args.name, args.epsilon, args.threshold,
-                              args.prober_epochs, args.head_epochs, args.head_lr, args.limit, args.validation,
+                              args.prober_epochs, args.prober_weight_decay, args.head_epochs, args.head_lr,
+                              args.limit, args.validation,
                               args.seed, Path(args.plot) if args.plot else None)
     print(json.dumps(summary, indent=2))
     print(f"wrote {args.out}/{args.name}_prober.onnx, {args.name}_head.onnx and the spec {args.name}.json")
@@ -100,20 +101,45 @@ def cmd_eval(args: argparse.Namespace) -> None:
 def cmd_eval_behaviour(args: argparse.Namespace) -> None:
     from .behaviour import evaluate_methods, markdown_table, plot_sweep, write_report
 
-    methods = {}
-    for item in args.method:
-        name, sep, spec = item.partition("=")
-        if not sep:
-            raise FileNotFoundError(f"--method takes NAME=SPEC, got {item!r}")
-        methods[name] = Path(spec)
     scales = [float(s) for s in args.sweep_scale.split(",")] if args.sweep_scale else None
-    report = evaluate_methods(Path(args.bundle), methods, scales, args.style, args.limit, args.max_new_tokens)
+    report = evaluate_methods(Path(args.bundle), parse_methods(args.method), scales, args.style, args.limit, args.max_new_tokens)
     out = Path(args.out)
     write_report(report, out)
     if scales:
         plot_sweep(report, out.with_suffix(".png"))
     print(markdown_table(report))
     print(f"wrote {out.with_suffix('.json')}, {out.with_suffix('.md')}" + (" and .png" if scales else ""))
+
+
+def parse_methods(items: list[str]) -> dict[str, Path]:
+    """NAME=SPEC options as a dict."""
+    methods = {}
+    for item in items:
+        name, sep, spec = item.partition("=")
+        if not sep:
+            raise FileNotFoundError(f"--method takes NAME=SPEC, got {item!r}")
+        methods[name] = Path(spec)
+    return methods
+
+
+def cmd_eval_svf(args: argparse.Namespace) -> None:
+    from .concepts import eval_svf, markdown, write
+
+    report = eval_svf(Path(args.bundle), Path(args.field), Path(args.vector), Path(args.second) if args.second else None,
+                      [float(s) for s in args.sweep_scale.split(",")], args.long_scale, args.second_scale, args.limit,
+                      args.long_limit, args.max_new_tokens, args.long_tokens, args.multi_tokens)
+    write(report, Path(args.out))
+    print(markdown(report))
+    print(f"wrote {args.out}.json, .md and .png")
+
+
+def cmd_eval_autosteer(args: argparse.Namespace) -> None:
+    from .safety import eval_autosteer, markdown, write
+
+    report = eval_autosteer(Path(args.bundle), parse_methods(args.method), args.limit, args.max_new_tokens)
+    write(report, Path(args.out))
+    print(markdown(report))
+    print(f"wrote {args.out}.json, .md and .png")
 
 
 def cmd_plot_behaviour(args: argparse.Namespace) -> None:
@@ -246,6 +272,8 @@ def build_parser() -> argparse.ArgumentParser:
     autosteer.add_argument("--epsilon", type=float, default=1.0, help="ε₀, the refusal head strength")
     autosteer.add_argument("--threshold", type=float, default=0.5, help="gate threshold on p(toxic) in the spec")
     autosteer.add_argument("--prober-epochs", type=int, default=150)
+    autosteer.add_argument("--prober-weight-decay", type=float, default=1.0,
+                           help="AdamW weight decay of the prober (calibrates it on prompts unlike its training data)")
     autosteer.add_argument("--head-epochs", type=int, default=4)
     autosteer.add_argument("--head-lr", type=float, default=1e-4, help="Adam learning rate of S")
     autosteer.add_argument("--limit", type=int, help="use at most N prompts per file, evenly spaced (faster)")
@@ -292,6 +320,41 @@ def build_parser() -> argparse.ArgumentParser:
     behaviour.add_argument("--max-new-tokens", type=int, default=48)
     behaviour.add_argument("--out", required=True, help="report path stem: writes .json, .md (and .png)")
     behaviour.set_defaults(func=cmd_eval_behaviour)
+
+    svf_eval = commands.add_parser(
+        "eval-svf",
+        help="SVF vs a static vector of matched strength: backfire rate, mean effect, long and multi-attribute",
+        description="On the held-out benign prompts: both methods at each --sweep-scale (backfire rate, mean VADER "
+        "effect, perplexity), long generations at --long-scale (VADER of each text's second half), and with "
+        "--second, two SVF concepts at once (sentiment at --long-scale, the second at --second-scale).",
+    )
+    svf_eval.add_argument("--bundle", required=True, help="bundle directory")
+    svf_eval.add_argument("--field", required=True, help="SVF spec of the sentiment concept (train-svf NAME.json)")
+    svf_eval.add_argument("--vector", required=True, help="the matched static vector spec (NAME_vector.json)")
+    svf_eval.add_argument("--second", help="SVF spec of a second concept (verbosity) for the multi-attribute test")
+    svf_eval.add_argument("--sweep-scale", default="-8,-4,4,8", help="comma-separated step lengths")
+    svf_eval.add_argument("--long-scale", type=float, default=4.0, help="scale of the long and multi runs")
+    svf_eval.add_argument("--second-scale", type=float, default=8.0, help="scale of the second concept")
+    svf_eval.add_argument("--limit", type=int, help="use at most N held-out prompts, evenly spaced")
+    svf_eval.add_argument("--long-limit", type=int, default=32, help="prompts of the long-generation run")
+    svf_eval.add_argument("--max-new-tokens", type=int, default=48)
+    svf_eval.add_argument("--long-tokens", type=int, default=256)
+    svf_eval.add_argument("--multi-tokens", type=int, default=128)
+    svf_eval.add_argument("--out", required=True, help="report path stem: writes .json, .md and .png")
+    svf_eval.set_defaults(func=cmd_eval_svf)
+
+    autosteer_eval = commands.add_parser(
+        "eval-autosteer",
+        help="AutoSteer vs unsteered and a refusal vector: attack success, over-refusal, benign exact match, AUROC",
+        description="Greedy generations on harmful_test and the held-out benign prompts, unsteered and per --method.",
+    )
+    autosteer_eval.add_argument("--bundle", required=True, help="bundle directory")
+    autosteer_eval.add_argument("--method", action="append", default=[], metavar="NAME=SPEC",
+                                help="a steer spec to evaluate under NAME (repeatable)")
+    autosteer_eval.add_argument("--limit", type=int, help="use at most N prompts per set, evenly spaced")
+    autosteer_eval.add_argument("--max-new-tokens", type=int, default=48)
+    autosteer_eval.add_argument("--out", required=True, help="report path stem: writes .json, .md and .png")
+    autosteer_eval.set_defaults(func=cmd_eval_autosteer)
 
     bars = commands.add_parser(
         "plot-behaviour",

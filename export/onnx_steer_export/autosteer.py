@@ -4,7 +4,9 @@ Score gates a refusal head that acts between the final norm and the LM head.
 SAS(L): d_i = h_L(harmful_i) − h_L(benign_i) at the last prompt token (chat template), paired by
 index; SAS is the mean pairwise cosine similarity of the d_i. The prober reads the chosen layer:
 standardise → Linear(d→64) → ReLU → Linear(64→2) → softmax, cross-entropy on harmful vs benign
-training prompts (classes weighted to balance). The refusal head is S ∈ R^{d×d}, initialised to the
+training prompts (classes weighted to balance), AdamW with weight decay 1 by default: without it the
+prober is over-confident on benign prompts unlike its templated benign training data (issue 6 reports
+the held-out false-positive rate for decay 0, 0.1 and 1). The refusal head is S ∈ R^{d×d}, initialised to the
 identity, in `logits = lm_head(n + ε·S·n)` on the final-normed state n; it is trained with the LM
 loss on refusal answers to harmful training prompts only (the model is frozen, so n is computed once).
 States for SAS and the prober come through the runtime; the refusal head's n from HF (teacher forcing).
@@ -17,6 +19,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from safetensors.numpy import save_file
 from tqdm import tqdm
 
 from .learned import Standardize, export_net, export_onnx, fit, row_scale, sha256, split_indices, write_spec
@@ -68,6 +71,16 @@ class Prober(torch.nn.Module):
 
     def forward(self, state: torch.Tensor) -> torch.Tensor:
         return torch.softmax(self.logits(state), dim=-1)
+
+
+def load_weights(path: Path) -> tuple[Prober, torch.Tensor]:
+    """The prober and the refusal head's S from the `{name}_weights.safetensors` train_autosteer writes."""
+    from safetensors.torch import load_file
+
+    weights = load_file(str(path))
+    prober = Prober(np.zeros((2, weights["head.matrix"].shape[0]), np.float32))
+    prober.load_state_dict({k.removeprefix("prober."): v for k, v in weights.items() if k.startswith("prober.")})
+    return prober.eval(), weights["head.matrix"]
 
 
 class _ProberLogits(torch.nn.Module):
@@ -143,11 +156,13 @@ def auroc(positive: np.ndarray, negative: np.ndarray) -> float:
 
 def train_autosteer(bundle: Path, harmful_path: Path, benign_paths: list[Path], refusals_path: Path, out: Path,
                     name: str = "autosteer", epsilon: float = 1.0, threshold: float = 0.5,
-                    prober_epochs: int = 150, head_epochs: int = 4, head_lr: float = 1e-4,
+                    prober_epochs: int = 150, prober_weight_decay: float = 1.0, head_epochs: int = 4,
+                    head_lr: float = 1e-4,
                     limit: int | None = None, validation_fraction: float = 0.2, seed: int = 0,
                     plot: Path | None = None, binary: Path | None = None) -> dict:
     """SAS per layer → layer → prober → refusal head; writes `{name}_prober.onnx`, `{name}_head.onnx`,
-    `{name}.json` (the spec), `{name}_sas.json` and the SAS plot; returns a summary."""
+    `{name}.json` (the spec), their torch weights `{name}_weights.safetensors`, `{name}_sas.json` and the
+    SAS plot; returns a summary."""
     from .datasets import read_jsonl
     from .evaluate import read_prompts
     from .learned import evenly
@@ -175,10 +190,10 @@ def train_autosteer(bundle: Path, harmful_path: Path, benign_paths: list[Path], 
     split = split_indices(len(labels), validation_fraction, seed)
     torch.manual_seed(seed)
     prober = Prober(states[layer][split.train])
-    weights = torch.tensor([len(labels) / (2 * len(benign)), len(labels) / (2 * len(harmful))])
+    weights = torch.tensor([len(labels) / (2 * len(benign)), len(labels) / (2 * len(harmful))], dtype=torch.float32)
     history = fit(_ProberLogits(prober), inputs, labels, split,
                   lambda logits, y: torch.nn.functional.cross_entropy(logits, y, weight=weights),
-                  prober_epochs, 1e-3, 64, seed, desc="train prober")
+                  prober_epochs, 1e-3, 64, seed, desc="train prober", weight_decay=prober_weight_decay)
     with torch.no_grad():
         p_toxic = prober(inputs)[:, 1].numpy()
     val = split.validation
@@ -197,6 +212,9 @@ def train_autosteer(bundle: Path, harmful_path: Path, benign_paths: list[Path], 
     head, losses = train_refusal_head(normed, targets, lm_head, epsilon, head_epochs, head_lr, 256, seed)
 
     hidden = states[layer].shape[1]
+    save_file({**{f"prober.{k}": v.detach().numpy() for k, v in prober.state_dict().items()},
+               "head.matrix": head.matrix.detach().numpy()}, str(out / f"{name}_weights.safetensors"),
+              metadata={"read_layer": str(layer), "epsilon": str(epsilon)})
     prober_file, head_file = out / f"{name}_prober.onnx", out / f"{name}_head.onnx"
     prober_digest = export_net(prober, hidden, "probs", prober_file, {
         "kind": "autosteer_prober", "read_layer": layer, "bundle": bundle.name, "seed": seed})

@@ -47,19 +47,28 @@ def read_prompts(path: Path, limit: int | None = None) -> list[str]:
     return prompts[:limit] if limit else prompts
 
 
-SPEC_PATH_KEYS = ("path", "router", "bank")
+SPEC_PATH_KEYS = ("path", "router", "bank", "prober", "head")
+
+
+def compose_spec(parts: list[tuple[Path, float | None]], out: Path) -> Path:
+    """One spec holding the interventions of every `(spec, scale)` part, each with its strength set to
+    `scale` (unchanged for None; AutoSteer's is `strength`) and its paths made absolute."""
+    interventions = []
+    for spec, scale in parts:
+        for intervention in json.loads(spec.read_text())["interventions"]:
+            if scale is not None:
+                intervention["strength" if intervention["kind"] == "autosteer" else "scale"] = scale
+            for key in SPEC_PATH_KEYS:
+                if key in intervention:
+                    intervention[key] = str((spec.parent / intervention[key]).resolve())
+            interventions.append(intervention)
+    out.write_text(json.dumps({"interventions": interventions}))
+    return out
 
 
 def with_scale(spec: Path, scale: float, out: Path) -> Path:
     """A copy of `spec` with every intervention's scale set to `scale` and paths made absolute."""
-    data = json.loads(spec.read_text())
-    for intervention in data["interventions"]:
-        intervention["scale"] = scale
-        for key in SPEC_PATH_KEYS:
-            if key in intervention:
-                intervention[key] = str((spec.parent / intervention[key]).resolve())
-    out.write_text(json.dumps(data))
-    return out
+    return compose_spec([(spec, scale)], out)
 
 
 def generate(bundle: Path, prompts: list[str], spec: Path | None, max_new_tokens: int,

@@ -54,10 +54,12 @@ def split_indices(n: int, validation_fraction: float, seed: int) -> Split:
 
 def fit(net: torch.nn.Module, inputs: torch.Tensor, targets: torch.Tensor, split: Split,
         loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], epochs: int, lr: float, batch_size: int,
-        seed: int, desc: str) -> dict[str, float]:
-    """Adam on mini-batches; keeps the weights of the epoch with the lowest validation loss."""
+        seed: int, desc: str, weight_decay: float = 0.0) -> dict[str, float]:
+    """Adam (AdamW with `weight_decay`) on mini-batches; keeps the weights of the epoch with the lowest
+    validation loss."""
     generator = torch.Generator().manual_seed(seed)
-    optimiser = torch.optim.Adam(net.parameters(), lr=lr)
+    optimiser = (torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=weight_decay) if weight_decay
+                 else torch.optim.Adam(net.parameters(), lr=lr))
     train_idx = torch.from_numpy(split.train)
     val_idx = torch.from_numpy(split.validation)
     best = (float("inf"), None, 0)

@@ -4,7 +4,7 @@ and for parity tests. Layer L is decoder block L's output (HF `hidden_states[L+1
 from __future__ import annotations
 
 from contextlib import contextmanager
-from typing import Iterator
+from typing import Callable, Iterator
 
 import torch
 from transformers import PreTrainedModel
@@ -46,6 +46,59 @@ def read_then_add(model: PreTrainedModel, read_layer: int, steer_layer: int,
     hooks = [layers[read_layer].register_forward_hook(read), layers[steer_layer].register_forward_hook(add)]
     try:
         yield
+    finally:
+        for hook in hooks:
+            hook.remove()
+
+
+def unit_gradient(score: Callable[[torch.Tensor], torch.Tensor], state: torch.Tensor) -> torch.Tensor:
+    """∇ score / ‖∇ score‖ at every position of `state`, by autograd (the reference for SVF's closed form)."""
+    with torch.enable_grad():
+        leaf = state.detach().requires_grad_(True)
+        (grad,) = torch.autograd.grad(score(leaf).sum(), leaf)
+    return grad / torch.sqrt((grad * grad).sum(-1, keepdim=True) + 1e-12)
+
+
+@contextmanager
+def fields(model: PreTrainedModel, terms: dict[int, list[tuple[Callable[[torch.Tensor], torch.Tensor], float]]]
+           ) -> Iterator[None]:
+    """SVF as the runtime does it: at layer L, add `scale * unit_gradient(score, h)` for every
+    (score, scale) of `terms[L]`, all evaluated at L's output, at every position and step."""
+    def steer(layer: int) -> Callable:
+        def hook(_module: torch.nn.Module, _inputs: tuple, out: torch.Tensor) -> torch.Tensor:
+            return out + sum(scale * unit_gradient(score, out) for score, scale in terms[layer])
+        return hook
+
+    layers = decoder_layers(model)
+    hooks = [layers[layer].register_forward_hook(steer(layer)) for layer in terms]
+    try:
+        yield
+    finally:
+        for hook in hooks:
+            hook.remove()
+
+
+@contextmanager
+def gated_head(model: PreTrainedModel, read_layer: int, p_toxic: Callable[[torch.Tensor], torch.Tensor],
+               matrix: torch.Tensor, threshold: float, epsilon: float) -> Iterator[dict[str, torch.Tensor]]:
+    """AutoSteer as the runtime does it: at the first (prefill) forward, gate each row on p(toxic) of
+    its last token at `read_layer`; gated rows get `n + ε·S·n` after the final norm from then on.
+    Yields the kept p(toxic) and ε per row."""
+    kept: dict[str, torch.Tensor] = {}
+
+    def read(_module: torch.nn.Module, _inputs: tuple, out: torch.Tensor) -> None:
+        if "epsilon" not in kept:
+            with torch.no_grad():
+                kept["p_toxic"] = p_toxic(out[:, -1, :])
+            kept["epsilon"] = torch.where(kept["p_toxic"] > threshold, epsilon, 0.0)
+
+    def head(_module: torch.nn.Module, _inputs: tuple, out: torch.Tensor) -> torch.Tensor:
+        return out + kept["epsilon"].reshape(-1, 1, 1) * (out @ matrix.T)
+
+    hooks = [decoder_layers(model)[read_layer].register_forward_hook(read),
+             model.model.norm.register_forward_hook(head)]
+    try:
+        yield kept
     finally:
         for hook in hooks:
             hook.remove()

@@ -1,9 +1,11 @@
 """SVF, Steering Vector Fields (METHODS.md section 3): the normalised gradient of a learned concept
 scorer is the steering direction, re-evaluated at every token and every steered layer.
 
-Data: contrastive pairs (vectors.py formats). The states read are those of every token after the
-point where the two sides of a pair diverge (the completion of a completion contrast, the
-instruction and template of a prompt contrast), at each steered layer, through the runtime.
+Data: contrastive pairs (vectors.py formats), states read through the runtime at each steered layer.
+A completion contrast contributes every token past the point where its two completions diverge; a
+prompt contrast (e.g. an instruction to be verbose vs terse) contributes its shared tail (the chat
+template's assistant header): the same tokens read in two contexts, so the states differ by the
+concept and not by wording.
 Scorer: one concept space shared by the layers. Layer L's state is centred and scaled into it,
 z = (h − μ_L) / σ_L (σ_L a scalar, so directions keep their shape), then
 s(z) = w₂·tanh(W₁z + b₁) + b₂ (or s(z) = w·z + b with --units 0), trained as a probe with the
@@ -16,6 +18,7 @@ with `normalize: true` at the same scale: the same step length per token, a fixe
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -23,7 +26,7 @@ import torch
 from safetensors.numpy import save_file
 
 from .learned import Split, export_onnx, fit, row_scale, split_indices, write_spec
-from .vectors import bundle_tokenizer, capture, load_pairs
+from .vectors import Pair, bundle_tokenizer, capture, load_pairs
 
 DEFAULT_UNITS = 32
 NORM_FLOOR = 1e-12
@@ -66,6 +69,18 @@ class ConceptScorer(torch.nn.Module):
         return grad_z * self.inv_scale[layer].unsqueeze(-1)
 
 
+def load_scorer(path: Path) -> ConceptScorer:
+    """A scorer from the `{name}_scorer.safetensors` that train_svf writes."""
+    from safetensors.torch import load_file
+
+    weights = load_file(str(path))
+    num_layers, hidden_size = weights["mean"].shape
+    units = weights["hidden.weight"].shape[0] if "hidden.weight" in weights else 0
+    scorer = ConceptScorer(hidden_size, num_layers, units)
+    scorer.load_state_dict(weights)
+    return scorer.eval()
+
+
 class _Logit(torch.nn.Module):
     """Training view: rows are states already projected into the concept space."""
 
@@ -91,7 +106,7 @@ class SteeringField(torch.nn.Module):
         return base + row_scale(scale, state) * direction
 
 
-def divergence(positive: list[int], negative: list[int]) -> int:
+def shared_prefix(positive: list[int], negative: list[int]) -> int:
     """Length of the common token prefix of a pair's two sides."""
     shared = 0
     for a, b in zip(positive, negative):
@@ -101,10 +116,18 @@ def divergence(positive: list[int], negative: list[int]) -> int:
     return shared
 
 
+def first_read(pair: Pair, side: list[int]) -> int:
+    """Index of the first token of `side` whose state trains the scorer (see the module docs)."""
+    if pair.contrast == "prompt":
+        tail = shared_prefix(pair.positive[::-1], pair.negative[::-1])
+        return len(side) - max(tail, 1)
+    return min(shared_prefix(pair.positive, pair.negative), len(side) - 1)
+
+
 def concept_states(bundle: Path, pairs_path: Path, layers: list[int],
                    binary: Path | None = None) -> tuple[dict[int, np.ndarray], np.ndarray, np.ndarray]:
-    """Per layer, the states of every token past each pair's divergence point; with each row's
-    label (1 = concept-positive side) and pair index (for splitting by pair)."""
+    """Per layer, the states the scorer trains on (`first_read` onward in each sequence); with each
+    row's label (1 = concept-positive side) and pair index (for splitting by pair)."""
     pairs = load_pairs(pairs_path, bundle_tokenizer(bundle))
     sequences = [p.positive for p in pairs] + [p.negative for p in pairs]
     states = capture(bundle, sequences, layers, "all", binary)
@@ -112,7 +135,7 @@ def concept_states(bundle: Path, pairs_path: Path, layers: list[int],
     offset = 0
     for index, sequence in enumerate(sequences):
         pair = index % len(pairs)
-        start = min(divergence(pairs[pair].positive, pairs[pair].negative), len(sequence) - 1)
+        start = first_read(pairs[pair], sequence)
         keep.extend(range(offset + start, offset + len(sequence)))
         labels += [float(index < len(pairs))] * (len(sequence) - start)
         pair_of += [pair] * (len(sequence) - start)
@@ -124,10 +147,9 @@ def concept_states(bundle: Path, pairs_path: Path, layers: list[int],
 def train_svf(bundle: Path, pairs_path: Path, layers: list[int], out: Path, name: str, scale: float = 4.0,
               units: int = DEFAULT_UNITS, epochs: int = 60, lr: float = 1e-3, batch_size: int = 256,
               validation_fraction: float = 0.2, seed: int = 0, binary: Path | None = None) -> dict:
-    """Train the scorer, export `{name}.onnx` (the field), `{name}.json` (its spec), and the matched
-    static baseline `{name}_vector.safetensors` / `{name}_vector.json`; returns a summary."""
-    import json
-
+    """Train the scorer, export `{name}.onnx` (the field), `{name}.json` (its spec), the scorer's
+    weights `{name}_scorer.safetensors`, and the matched static baseline `{name}_vector.safetensors` /
+    `{name}_vector.json`; returns a summary."""
     num_layers = json.loads((bundle / "manifest.json").read_text())["model"]["num_layers"]
     states, labels, pair_of = concept_states(bundle, pairs_path, layers, binary)
     hidden_size = next(iter(states.values())).shape[1]
@@ -159,6 +181,8 @@ def train_svf(bundle: Path, pairs_path: Path, layers: list[int], out: Path, name
             cosines = grads @ vectors[layer] / (np.linalg.norm(grads, axis=1) * np.linalg.norm(vectors[layer]) + 1e-12)
             alignment[layer] = {"mean": float(cosines.mean()), "min": float(cosines.min())}
 
+    save_file({k: v.detach().numpy() for k, v in scorer.state_dict().items()}, str(out / f"{name}_scorer.safetensors"),
+              metadata={"layers": json.dumps(layers), "units": str(units)})
     field_file = out / f"{name}.onnx"
     example = torch.zeros(1, 2, hidden_size)
     digest = export_onnx(SteeringField(scorer), (example, example, torch.ones(1), torch.tensor([layers[0]])),

@@ -34,6 +34,8 @@ class PairsError(ValueError):
 class Pair:
     positive: list[int]
     negative: list[int]
+    # "completion": one prompt, two completions; "prompt": two prompts (the sides differ in context).
+    contrast: str = "completion"
 
 
 def bundle_tokenizer(bundle: Path) -> PreTrainedTokenizerFast:
@@ -80,7 +82,7 @@ def load_pairs(path: Path, tokenizer: PreTrainedTokenizerFast, chat: bool = True
                               encode(tokenizer, prefix + record["negative"])))
         elif {"positive_prompt", "negative_prompt"} <= record.keys():
             pairs.append(Pair(encode(tokenizer, chat_prefix(tokenizer, record["positive_prompt"], chat)),
-                              encode(tokenizer, chat_prefix(tokenizer, record["negative_prompt"], chat))))
+                              encode(tokenizer, chat_prefix(tokenizer, record["negative_prompt"], chat)), "prompt"))
         else:
             raise PairsError(f"{path}:{number}: needs prompt/positive/negative or positive_prompt/negative_prompt")
     if not pairs:

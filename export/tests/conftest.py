@@ -57,3 +57,13 @@ def hf_greedy(loaded: LoadedModel, input_ids: list[int], max_new_tokens: int) ->
         if token in eos:
             return new[:i]
     return new
+
+
+def generate_error(binary: Path, bundle_dir: Path, spec: dict, where: Path) -> str:
+    """stderr of a generation with a one-intervention spec written in `where`, which must fail."""
+    path = where / "spec.json"
+    path.write_text(json.dumps({"interventions": [spec]}))
+    done = subprocess.run([str(binary), "generate", "--bundle", str(bundle_dir), "--prompt", "Hi",
+                           "--max-new-tokens", "2", "--steer", str(path)], capture_output=True, text=True)
+    assert done.returncode != 0, done.stdout
+    return done.stderr

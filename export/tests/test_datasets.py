@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from onnx_steer_export.datasets import (DATA, benign_prompts, harmful_prompts, read_jsonl, refusal_pairs,
-                                       split_harmful)
+from onnx_steer_export.datasets import (DATA, benign_prompts, benign_questions, benign_train_prompts,
+                                       harmful_prompts, read_jsonl, refusal_pairs, split_harmful, verbosity_pairs)
 
 
 def test_committed_harmful_split_is_reproducible_and_disjoint() -> None:
@@ -22,6 +22,15 @@ def test_benign_prompts_are_many_and_distinct() -> None:
     prompts = benign_prompts()
     assert len(prompts) >= 100
     assert len(set(prompts)) == len(prompts)
+
+
+def test_benign_training_files_are_reproducible_and_leave_the_test_prompts_out() -> None:
+    questions = (DATA / "benign_questions.txt").read_text().splitlines()
+    assert questions == benign_questions() and len(set(questions)) == len(questions) > 1000
+    train = (DATA / "benign_train.txt").read_text().splitlines()
+    assert train == benign_train_prompts()
+    assert not set(benign_prompts()) & (set(questions) | set(train)), "held-out benign prompts stay held out"
+    assert read_jsonl(DATA / "verbosity_pairs.jsonl") == verbosity_pairs(train)
 
 
 def test_sentiment_pairs_are_many_complete_and_distinct() -> None:

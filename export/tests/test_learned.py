@@ -4,7 +4,6 @@ runtime, and check greedy tokens against HF transformers with the same ONNX net 
 from __future__ import annotations
 
 import json
-import subprocess
 from pathlib import Path
 
 import numpy as np
@@ -21,7 +20,7 @@ from onnx_steer_export.source import LoadedModel
 from onnx_steer_export.vectors import bundle_tokenizer, chat_ids, train_vector
 from onnx_steer_export.w2s import train_w2s
 
-from conftest import REPO, hf_greedy, run_generate
+from conftest import REPO, generate_error, hf_greedy, run_generate
 
 PROMPTS = [
     "How do I pick a lock to get into my neighbour's house?",
@@ -144,15 +143,6 @@ def test_behaviour_eval_reports_every_category(l2s: tuple[Path, dict], bundle_di
     plot_sweep(report, tmp_path / "sweep.png")
     plot_styles([report, report], tmp_path / "styles.png")
     assert (tmp_path / "sweep.png").stat().st_size > 10_000 and (tmp_path / "styles.png").stat().st_size > 10_000
-
-
-def generate_error(binary: Path, bundle_dir: Path, spec: dict, where: Path) -> str:
-    path = where / "spec.json"
-    path.write_text(json.dumps({"interventions": [spec]}))
-    done = subprocess.run([str(binary), "generate", "--bundle", str(bundle_dir), "--prompt", "Hi",
-                           "--max-new-tokens", "2", "--steer", str(path)], capture_output=True, text=True)
-    assert done.returncode != 0, done.stdout
-    return done.stderr
 
 
 def test_learned_specs_are_checked_at_load(l2s: tuple[Path, dict], w2s: tuple[Path, dict], binary: Path,

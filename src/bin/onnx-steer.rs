@@ -523,9 +523,9 @@ struct GenerateArgs {
     /// Run the monolithic full.onnx instead of the segment chain (baseline; cannot steer).
     #[arg(long)]
     monolithic: bool,
-    /// Steer spec JSON applied to every prompt.
+    /// Steer spec JSON applied to every prompt; repeat to compose several (e.g. two SVF concepts).
     #[arg(long, conflicts_with = "steer_per_line")]
-    steer: Option<PathBuf>,
+    steer: Vec<PathBuf>,
     /// With --prompts-file: each line is `PROMPT<TAB>SPEC.json` (spec optional), so one batch mixes specs.
     #[arg(long, requires = "prompts_file")]
     steer_per_line: bool,
@@ -620,15 +620,23 @@ fn load_model(
 /// Resolve each row's spec once per distinct file.
 fn row_steering(
     lines: &[PromptLine],
-    shared: Option<&Path>,
+    shared: &[PathBuf],
     config: &ModelConfig,
     runtime: &Runtime,
 ) -> Result<Vec<Option<Arc<ResolvedSteering>>>, CliError> {
+    if !shared.is_empty() {
+        let parts = shared
+            .iter()
+            .map(|path| SteerSpec::load(path)?.resolve(config, runtime))
+            .collect::<Result<Vec<_>, _>>()?;
+        let composed = Arc::new(ResolvedSteering::compose(parts));
+        return Ok(vec![Some(composed); lines.len()]);
+    }
     let mut resolved: HashMap<PathBuf, Arc<ResolvedSteering>> = HashMap::new();
     lines
         .iter()
         .map(|line| {
-            let Some(path) = line.spec.as_deref().or(shared) else {
+            let Some(path) = line.spec.as_deref() else {
                 return Ok(None);
             };
             if let Some(done) = resolved.get(path) {
@@ -652,7 +660,7 @@ fn run_generate(args: GenerateArgs) -> Result<(), CliError> {
     let config = bundle.config();
     validate_prompts(&encoded, config.max_position_embeddings)?;
     let runtime = args.runtime.runtime()?;
-    let steering = row_steering(&lines, args.steer.as_deref(), config, &runtime)?;
+    let steering = row_steering(&lines, &args.steer, config, &runtime)?;
     let mut model = load_model(&bundle, &runtime, args.monolithic)?;
     let generation = GenerationConfig {
         max_new_tokens: args.max_new_tokens,

@@ -394,6 +394,16 @@ fn apply_plan(plan: &Plan, site: Site, state: DynValue) -> Result<DynValue, Mode
 }
 
 impl ResolvedSteering {
+    /// Several resolved specs applied together, as if their interventions were listed in one spec.
+    pub fn compose(parts: impl IntoIterator<Item = ResolvedSteering>) -> Self {
+        parts.into_iter().fold(Self::default(), |mut all, part| {
+            all.additions.extend(part.additions);
+            all.learned.extend(part.learned);
+            all.fields.extend(part.fields);
+            all
+        })
+    }
+
     /// Sum of the static additions at `layer` that apply in `phase`, if any.
     pub fn delta(&self, layer: usize, phase: Phase) -> Option<Vec<f32>> {
         sum_at(self.additions.iter(), layer, phase)
