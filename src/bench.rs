@@ -8,7 +8,7 @@ use serde::Serialize;
 
 use crate::generate::{generate, GenerateError, GenerationConfig, Sampling};
 use crate::model::CausalLm;
-use crate::steer::BatchSteering;
+use crate::steer::{BatchSteering, Decision};
 
 /// One configuration to measure: a model (by index into the models passed to [`measure`]) and
 /// the steering it runs with.
@@ -68,15 +68,26 @@ pub struct VariantResult {
     pub decode_tokens_per_s: Stats,
     /// Per decode step (one new token for every row), milliseconds, pooled over repeats.
     pub token_latency_ms: Stats,
+    /// What row 0's learned interventions decided (e.g. whether AutoSteer's gate opened).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub decisions: Vec<Decision>,
 }
 
-/// One repeat of one variant: prefill seconds, decode seconds, per-step latencies.
+/// Timings of one repeat, and what row 0's learned interventions decided.
+struct Run {
+    prefill_s: f64,
+    decode_s: f64,
+    step_ms: Vec<f64>,
+    decisions: Vec<Decision>,
+}
+
+/// One repeat of one variant.
 fn run_once(
     model: &mut dyn CausalLm,
     steering: &BatchSteering,
     prompts: &[Vec<u32>],
     new_tokens: usize,
-) -> Result<(f64, f64, Vec<f64>), GenerateError> {
+) -> Result<Run, GenerateError> {
     let config = GenerationConfig {
         max_new_tokens: new_tokens,
         sampling: Sampling::Greedy,
@@ -87,7 +98,7 @@ fn run_once(
     let mut last = started;
     let mut first_token: Option<f64> = None;
     let mut steps = Vec::with_capacity(new_tokens);
-    generate(model, prompts, &config, steering, &mut |row, _| {
+    let generated = generate(model, prompts, &config, steering, &mut |row, _| {
         if row != 0 {
             return;
         }
@@ -100,7 +111,16 @@ fn run_once(
     })?;
     let total = started.elapsed().as_secs_f64();
     let prefill = first_token.unwrap_or(total);
-    Ok((prefill, total - prefill, steps))
+    Ok(Run {
+        prefill_s: prefill,
+        decode_s: total - prefill,
+        step_ms: steps,
+        decisions: generated
+            .into_iter()
+            .next()
+            .map(|row| row.steering)
+            .unwrap_or_default(),
+    })
 }
 
 /// Measure every variant on `prompts` (`batch` rows of `prompt_tokens` ids): `warmup` untimed runs,
@@ -126,28 +146,33 @@ pub fn measure(
             )?;
         }
     }
-    let mut samples: Vec<(Vec<f64>, Vec<f64>, Vec<f64>)> = vec![Default::default(); variants.len()];
+    type Samples = (Vec<f64>, Vec<f64>, Vec<f64>, Vec<Decision>);
+    let mut samples: Vec<Samples> = vec![Default::default(); variants.len()];
     for _ in 0..repeats.max(1) {
         for (variant, sample) in variants.iter().zip(samples.iter_mut()) {
             let model = models[variant.model].as_mut();
-            let (prefill, decode, steps) = run_once(model, &variant.steering, prompts, new_tokens)?;
-            sample.0.push(batch * prompt_tokens / prefill);
-            sample
-                .1
-                .push(batch * new_tokens.saturating_sub(1) as f64 / decode.max(f64::MIN_POSITIVE));
-            sample.2.extend(steps);
+            let run = run_once(model, &variant.steering, prompts, new_tokens)?;
+            sample.0.push(batch * prompt_tokens / run.prefill_s);
+            sample.1.push(
+                batch * new_tokens.saturating_sub(1) as f64 / run.decode_s.max(f64::MIN_POSITIVE),
+            );
+            sample.2.extend(run.step_ms);
+            sample.3 = run.decisions;
             progress();
         }
     }
     Ok(variants
         .iter()
         .zip(samples)
-        .map(|(variant, (prefill, decode, steps))| VariantResult {
-            variant: variant.name.clone(),
-            prefill_tokens_per_s: Stats::of(&prefill),
-            decode_tokens_per_s: Stats::of(&decode),
-            token_latency_ms: Stats::of(if steps.is_empty() { &[0.0] } else { &steps }),
-        })
+        .map(
+            |(variant, (prefill, decode, steps, decisions))| VariantResult {
+                variant: variant.name.clone(),
+                prefill_tokens_per_s: Stats::of(&prefill),
+                decode_tokens_per_s: Stats::of(&decode),
+                token_latency_ms: Stats::of(if steps.is_empty() { &[0.0] } else { &steps }),
+                decisions,
+            },
+        )
         .collect())
 }
 

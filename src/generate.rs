@@ -110,7 +110,7 @@ pub struct Generated {
     pub prompt_tokens: usize,
     pub prefill_ms: f64,
     pub decode_ms: f64,
-    /// What the row's learned interventions (L2S, W2S) decided at prefill.
+    /// What the row's learned interventions (L2S, W2S, AutoSteer) decided at prefill.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub steering: Vec<Decision>,
 }

@@ -725,6 +725,28 @@ mod tests {
     }
 
     #[test]
+    fn composed_specs_act_as_one() {
+        let dir = vector_dir(&[(1, vec![1.0, 2.0, 3.0])]);
+        let part = |scale: f32| {
+            spec_with(
+                dir.path(),
+                serde_json::json!({"kind": "vector", "path": "v.safetensors", "scale": scale}),
+            )
+            .unwrap()
+        };
+        let composed = ResolvedSteering::compose([part(1.0), part(2.0)]);
+        assert_eq!(composed.delta(1, Phase::Decode), Some(vec![3.0, 6.0, 9.0]));
+        let mut decode = BatchSteering::uniform(Some(Arc::new(composed)), 1)
+            .prefill(&config())
+            .decode();
+        assert!(decode.steers() && !decode.rewrites(Site::Head));
+        assert_eq!(
+            decode.delta(1).unwrap().row(0).to_vec(),
+            vec![3.0, 6.0, 9.0]
+        );
+    }
+
+    #[test]
     fn normalize_makes_unit_directions() {
         let dir = vector_dir(&[(0, vec![3.0, 0.0, 4.0])]);
         let steering = spec_with(dir.path(), serde_json::json!({"kind": "vector", "path": "v.safetensors", "normalize": true, "scale": 10.0})).unwrap();
