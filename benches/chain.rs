@@ -100,6 +100,8 @@ fn steering(
         ("vector", "refusal.json"),
         ("l2s", "l2s.json"),
         ("w2s", "w2s.json"),
+        ("svf", "svf_sentiment.json"),
+        ("autosteer", "autosteer.json"),
     ] {
         let path = bundle_dir().join("steer").join(file);
         match SteerSpec::load(&path).and_then(|spec| spec.resolve(s.bundle.config(), &s.runtime)) {

@@ -9,7 +9,6 @@ role-play phrasing (datasets.role_play) to test out-of-distribution prompts.
 
 from __future__ import annotations
 
-import json
 import re
 import statistics
 import tempfile
@@ -18,7 +17,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from .datasets import DATA, behaviour, benign_prompts, read_jsonl, role_play
-from .evaluate import generate, is_refusal, with_scale
+from .evaluate import generate, is_refusal, save_report, with_scale
 from .learned import evenly
 
 # A pointer to a qualified person or service, anywhere in the output.
@@ -187,6 +186,4 @@ def plot_styles(reports: list[dict], path: Path) -> None:
 
 
 def write_report(report: dict, out: Path) -> None:
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".json").write_text(json.dumps(report, indent=2) + "\n")
-    out.with_suffix(".md").write_text(markdown_table(report))
+    save_report(report, out, markdown_table)

@@ -13,7 +13,6 @@ Sections of the report:
 
 from __future__ import annotations
 
-import json
 import statistics
 import tempfile
 from pathlib import Path
@@ -22,7 +21,7 @@ from typing import Callable
 from tqdm import tqdm
 
 from .datasets import benign_prompts
-from .evaluate import Perplexity, compose_spec, generate
+from .evaluate import save_report, Perplexity, compose_spec, generate
 from .learned import evenly
 
 
@@ -187,7 +186,5 @@ def plot(report: dict, path: Path) -> None:
 
 
 def write(report: dict, out: Path) -> None:
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".json").write_text(json.dumps(report, indent=2) + "\n")
-    out.with_suffix(".md").write_text(markdown(report))
-    plot(report, out.with_suffix(".png"))
+    """The report as .json, .md and .png."""
+    save_report(report, out, markdown, plot)

@@ -17,6 +17,7 @@ import subprocess
 import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import torch
 from tqdm import tqdm
@@ -169,6 +170,16 @@ def evaluate(bundle: Path, task: str, prompts_path: Path, spec: Path | None, sca
         "n_benign": len(benign or []), "refusal_phrases": list(REFUSAL_PHRASES),
         "baseline": asdict(baseline), "steered": [asdict(m) for steered, m in runs if steered],
     }
+
+
+def save_report(report: dict, out: Path, markdown: Callable[[dict], str],
+                plot: Callable[[dict, Path], None] | None = None) -> None:
+    """Write `out`.json, `out`.md (and `out`.png with `plot`)."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.with_suffix(".json").write_text(json.dumps(report, indent=2) + "\n")
+    out.with_suffix(".md").write_text(markdown(report))
+    if plot is not None:
+        plot(report, out.with_suffix(".png"))
 
 
 def plot(report: dict, path: Path) -> None:

@@ -15,15 +15,22 @@ def decoder_layers(model: PreTrainedModel) -> torch.nn.ModuleList:
 
 
 @contextmanager
+def hooked(handles: list[torch.utils.hooks.RemovableHandle]) -> Iterator[None]:
+    """Keep forward hooks registered while active."""
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+@contextmanager
 def added(model: PreTrainedModel, deltas: dict[int, torch.Tensor]) -> Iterator[None]:
     """Add `deltas[L]` (shape [d] or [B, 1, d]) to layer L's output at every position while active."""
     hooks = [decoder_layers(model)[layer].register_forward_hook(lambda _m, _i, out, d=delta: out + d)
              for layer, delta in deltas.items()]
-    try:
+    with hooked(hooks):
         yield
-    finally:
-        for hook in hooks:
-            hook.remove()
 
 
 @contextmanager
@@ -44,11 +51,8 @@ def read_then_add(model: PreTrainedModel, read_layer: int, steer_layer: int,
 
     layers = decoder_layers(model)
     hooks = [layers[read_layer].register_forward_hook(read), layers[steer_layer].register_forward_hook(add)]
-    try:
+    with hooked(hooks):
         yield
-    finally:
-        for hook in hooks:
-            hook.remove()
 
 
 def unit_gradient(score: Callable[[torch.Tensor], torch.Tensor], state: torch.Tensor) -> torch.Tensor:
@@ -71,11 +75,8 @@ def fields(model: PreTrainedModel, terms: dict[int, list[tuple[Callable[[torch.T
 
     layers = decoder_layers(model)
     hooks = [layers[layer].register_forward_hook(steer(layer)) for layer in terms]
-    try:
+    with hooked(hooks):
         yield
-    finally:
-        for hook in hooks:
-            hook.remove()
 
 
 @contextmanager
@@ -97,11 +98,8 @@ def gated_head(model: PreTrainedModel, read_layer: int, p_toxic: Callable[[torch
 
     hooks = [decoder_layers(model)[read_layer].register_forward_hook(read),
              model.model.norm.register_forward_hook(head)]
-    try:
+    with hooked(hooks):
         yield kept
-    finally:
-        for hook in hooks:
-            hook.remove()
 
 
 def continuation_logprobs(model: PreTrainedModel, prompts: list[list[int]], continuations: list[list[int]],

@@ -9,7 +9,6 @@ hand-written benign prompts, unsteered, with the mean-difference refusal vector 
 
 from __future__ import annotations
 
-import json
 import statistics
 from pathlib import Path
 
@@ -18,7 +17,7 @@ from tqdm import tqdm
 
 from .autosteer import auroc
 from .datasets import DATA, benign_prompts, read_jsonl
-from .evaluate import generate, is_refusal
+from .evaluate import save_report, generate, is_refusal
 from .learned import evenly
 
 
@@ -90,7 +89,5 @@ def plot(report: dict, path: Path) -> None:
 
 
 def write(report: dict, out: Path) -> None:
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".json").write_text(json.dumps(report, indent=2) + "\n")
-    out.with_suffix(".md").write_text(markdown(report))
-    plot(report, out.with_suffix(".png"))
+    """The report as .json, .md and .png."""
+    save_report(report, out, markdown, plot)
