@@ -146,7 +146,8 @@ def concept_states(bundle: Path, pairs_path: Path, layers: list[int],
 
 def train_svf(bundle: Path, pairs_path: Path, layers: list[int], out: Path, name: str, scale: float = 4.0,
               units: int = DEFAULT_UNITS, epochs: int = 60, lr: float = 1e-3, batch_size: int = 256,
-              validation_fraction: float = 0.2, seed: int = 0, binary: Path | None = None) -> dict:
+              validation_fraction: float = 0.2, seed: int = 0, weight_decay: float = 0.0,
+              binary: Path | None = None) -> dict:
     """Train the scorer, export `{name}.onnx` (the field), `{name}.json` (its spec), the scorer's
     weights `{name}_scorer.safetensors`, and the matched static baseline `{name}_vector.safetensors` /
     `{name}_vector.json`; returns a summary."""
@@ -166,7 +167,7 @@ def train_svf(bundle: Path, pairs_path: Path, layers: list[int], out: Path, name
     rows = np.arange(len(targets))
     split = Split(train=rows[~validation], validation=rows[validation])
     history = fit(_Logit(scorer), z, targets, split, torch.nn.functional.binary_cross_entropy_with_logits,
-                  epochs, lr, batch_size, seed, desc=f"train-svf {name}")
+                  epochs, lr, batch_size, seed, desc=f"train-svf {name}", weight_decay=weight_decay)
 
     accuracy, alignment = {}, {}
     vectors = {}
