@@ -149,6 +149,93 @@ impl KvCache {
     pub fn is_empty(&self) -> bool {
         self.len == 0
     }
+
+    /// Number of rows.
+    pub fn batch(&self) -> usize {
+        self.batch
+    }
+
+    /// Keep the rows `keep`, in that order, and drop the others (a finished request leaves a
+    /// running batch).
+    pub fn retain_rows(&mut self, keep: &[usize]) -> Result<(), ModelError> {
+        if let Some(&bad) = keep.iter().find(|&&r| r >= self.batch) {
+            return Err(ModelError::Shape(format!(
+                "row {bad} is not in a cache of {} rows",
+                self.batch
+            )));
+        }
+        for value in self.keys.iter_mut().chain(self.values.iter_mut()) {
+            let (array, fp16) = kv_to_f32(value)?;
+            *value = kv_from_f32(array.select(ndarray::Axis(0), keep), fp16)?;
+        }
+        self.batch = keep.len();
+        Ok(())
+    }
+
+    /// Append the rows of `other` (a group prefilled on its own) below these. The shorter cache is
+    /// left-padded with zeros so that both share one length; returns how many positions were
+    /// padded in front of (these rows, `other`'s rows), which their attention masks must mask out.
+    pub fn append_rows(&mut self, other: KvCache) -> Result<(usize, usize), ModelError> {
+        if self.keys.len() != other.keys.len() {
+            return Err(ModelError::Shape(format!(
+                "caches of {} and {} layers cannot be merged",
+                self.keys.len(),
+                other.keys.len()
+            )));
+        }
+        let len = self.len.max(other.len);
+        let pads = (len - self.len, len - other.len);
+        let pairs = self
+            .keys
+            .iter_mut()
+            .zip(other.keys)
+            .chain(self.values.iter_mut().zip(other.values));
+        for (mine, theirs) in pairs {
+            *mine = stack_padded(mine, &theirs, len)?;
+        }
+        self.batch += other.batch;
+        self.len = len;
+        Ok(pads)
+    }
+}
+
+/// A KV tensor as an fp32 array, and whether it was fp16 (joins and leaves copy through the host;
+/// they are rare next to decode steps).
+fn kv_to_f32(value: &DynValue) -> Result<(ndarray::ArrayD<f32>, bool), ModelError> {
+    if let Ok(view) = value.try_extract_array::<f32>() {
+        return Ok((view.to_owned(), false));
+    }
+    let view = value
+        .try_extract_array::<half::f16>()
+        .map_err(run_error("KV cache"))?;
+    Ok((view.mapv(half::f16::to_f32), true))
+}
+
+fn kv_from_f32(array: ndarray::ArrayD<f32>, fp16: bool) -> Result<DynValue, ModelError> {
+    let value = if fp16 {
+        Tensor::from_array(array.mapv(half::f16::from_f32)).map(Tensor::into_dyn)
+    } else {
+        Tensor::from_array(array).map(Tensor::into_dyn)
+    };
+    value.map_err(run_error("KV cache"))
+}
+
+/// `a` over `b` along the batch axis, each left-padded with zeros to `len` positions (axis 2).
+fn stack_padded(a: &DynValue, b: &DynValue, len: usize) -> Result<DynValue, ModelError> {
+    let pad = |array: ndarray::ArrayD<f32>| {
+        let mut shape = array.shape().to_vec();
+        let own = shape[2];
+        shape[2] = len;
+        let mut padded = ndarray::ArrayD::<f32>::zeros(shape);
+        padded
+            .slice_axis_mut(ndarray::Axis(2), ndarray::Slice::from(len - own..))
+            .assign(&array);
+        padded
+    };
+    let ((mine, fp16), (theirs, _)) = (kv_to_f32(a)?, kv_to_f32(b)?);
+    let stacked = ndarray::concatenate(ndarray::Axis(0), &[pad(mine).view(), pad(theirs).view()])
+        .map_err(|e| ModelError::Shape(format!("KV caches do not stack: {e}")))?;
+    kv_from_f32(stacked, fp16)
 }
 
 /// Where in the chain a hook may rewrite the residual stream with a graph of its own.
@@ -681,5 +768,60 @@ impl CausalLm for Monolithic {
         }
         cache.len += step.input_ids.ncols();
         logits_of(&outputs["logits"], &full.name)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A cache whose every entry is `row * 100 + position` (+ 1000 for values), `len` positions.
+    fn cache(rows: usize, len: usize, first_row: usize) -> KvCache {
+        crate::runtime::test_runtime();
+        let tensor = |offset: f32| {
+            let array = ndarray::Array4::from_shape_fn((rows, 1, len, 2), |(r, _, p, _)| {
+                offset + ((first_row + r) * 100 + p) as f32
+            });
+            Tensor::from_array(array).unwrap().into_dyn()
+        };
+        KvCache {
+            keys: vec![tensor(0.0)],
+            values: vec![tensor(1000.0)],
+            batch: rows,
+            len,
+        }
+    }
+
+    fn keys(cache: &KvCache) -> ndarray::ArrayD<f32> {
+        cache.keys[0].try_extract_array::<f32>().unwrap().to_owned()
+    }
+
+    #[test]
+    fn retained_rows_keep_their_order_and_contents() {
+        let mut kv = cache(3, 2, 0);
+        kv.retain_rows(&[2, 0]).unwrap();
+        assert_eq!(kv.batch(), 2);
+        let keys = keys(&kv);
+        assert_eq!(keys[[0, 0, 1, 0]], 201.0);
+        assert_eq!(keys[[1, 0, 0, 1]], 0.0);
+        assert!(kv.retain_rows(&[5]).is_err());
+    }
+
+    #[test]
+    fn appended_rows_are_left_padded_to_one_length() {
+        let mut kv = cache(1, 3, 0);
+        let pads = kv.append_rows(cache(2, 1, 1)).unwrap();
+        assert_eq!(pads, (0, 2));
+        assert_eq!((kv.batch(), kv.len()), (3, 3));
+        let keys = keys(&kv);
+        assert_eq!(keys[[0, 0, 2, 0]], 2.0);
+        assert_eq!(
+            keys[[1, 0, 0, 0]],
+            0.0,
+            "padding in front of the shorter group"
+        );
+        assert_eq!(keys[[2, 0, 2, 1]], 200.0);
+        let values = kv.values[0].try_extract_array::<f32>().unwrap();
+        assert_eq!(values[[1, 0, 2, 0]], 1100.0);
     }
 }

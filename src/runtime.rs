@@ -309,6 +309,13 @@ fn library_in_venv(venv: &Path) -> Option<PathBuf> {
     None
 }
 
+/// One runtime for all unit tests (it loads libonnxruntime, which tensors need too).
+#[cfg(test)]
+pub(crate) fn test_runtime() -> &'static Runtime {
+    static RUNTIME: std::sync::OnceLock<Runtime> = std::sync::OnceLock::new();
+    RUNTIME.get_or_init(|| Runtime::new(RuntimeOptions::default()).expect("ONNX Runtime"))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

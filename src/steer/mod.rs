@@ -623,12 +623,7 @@ mod tests {
         .unwrap()
     }
 
-    fn runtime() -> &'static Runtime {
-        static RUNTIME: std::sync::OnceLock<Runtime> = std::sync::OnceLock::new();
-        RUNTIME.get_or_init(|| {
-            Runtime::new(crate::runtime::RuntimeOptions::default()).expect("ONNX Runtime")
-        })
-    }
+    use crate::runtime::test_runtime as runtime;
 
     fn spec_with(
         dir: &Path,
