@@ -585,6 +585,85 @@ impl DecodeSteering {
     pub fn deltas(&self) -> &FixedDeltas {
         &self.deltas
     }
+
+    /// Keep the rows `keep`, in that order (finished requests leave a running batch); sites no
+    /// remaining row steers are dropped.
+    pub fn retain_rows(&mut self, keep: &[usize]) {
+        let axis = ndarray::Axis(0);
+        for delta in self.deltas.0.iter_mut() {
+            *delta = delta
+                .take()
+                .map(|d| d.select(axis, keep))
+                .filter(|d| d.iter().any(|&x| x != 0.0));
+        }
+        for plan in self.layer_plans.iter_mut().chain([&mut self.head_plan]) {
+            for (_, scales) in plan.iter_mut() {
+                *scales = scales.select(axis, keep);
+            }
+            plan.retain(|(_, scales)| scales.iter().any(|&x| x != 0.0));
+        }
+    }
+
+    /// Append the steering of `other`'s rows below these `rows` (a newly prefilled group joins a
+    /// running batch, in the order its KV cache is appended).
+    pub fn append_rows(
+        &mut self,
+        rows: usize,
+        other: DecodeSteering,
+        other_rows: usize,
+    ) -> Result<(), ModelError> {
+        let stack = |mine: Option<Array2<f32>>, theirs: Option<Array2<f32>>| match (mine, theirs) {
+            (None, None) => Ok(None),
+            (mine, theirs) => {
+                let width = mine.as_ref().or(theirs.as_ref()).map_or(0, Array2::ncols);
+                let mine = mine.unwrap_or_else(|| Array2::zeros((rows, width)));
+                let theirs = theirs.unwrap_or_else(|| Array2::zeros((other_rows, width)));
+                ndarray::concatenate(ndarray::Axis(0), &[mine.view(), theirs.view()])
+                    .map(Some)
+                    .map_err(|e| ModelError::Shape(format!("steering deltas do not stack: {e}")))
+            }
+        };
+        let layers = self.deltas.0.len().max(other.deltas.0.len());
+        let mut theirs = other.deltas.0.into_iter();
+        let mut mine = std::mem::take(&mut self.deltas.0).into_iter();
+        self.deltas.0 = (0..layers)
+            .map(|_| stack(mine.next().flatten(), theirs.next().flatten()))
+            .collect::<Result<_, _>>()?;
+        self.layer_plans.resize_with(
+            other.layer_plans.len().max(self.layer_plans.len()),
+            Plan::new,
+        );
+        let joined = self.layer_plans.iter_mut().zip(
+            other
+                .layer_plans
+                .into_iter()
+                .chain(std::iter::repeat_with(Plan::new)),
+        );
+        for (plan, theirs) in joined.chain([(&mut self.head_plan, other.head_plan)]) {
+            append_plan(plan, rows, theirs, other_rows);
+        }
+        Ok(())
+    }
+}
+
+/// `theirs` (for `other_rows` rows) below `plan` (for `rows` rows), one entry per graph.
+fn append_plan(plan: &mut Plan, rows: usize, theirs: Plan, other_rows: usize) {
+    let pad = |scales: &Array1<f32>, before: usize, after: usize| {
+        let mut padded = Array1::zeros(before + scales.len() + after);
+        padded
+            .slice_mut(ndarray::s![before..before + scales.len()])
+            .assign(scales);
+        padded
+    };
+    for (_, scales) in plan.iter_mut() {
+        *scales = pad(scales, 0, other_rows);
+    }
+    for (graph, scales) in theirs {
+        match plan.iter_mut().find(|(g, _)| Arc::ptr_eq(g, &graph)) {
+            Some((_, mine)) => mine.slice_mut(ndarray::s![rows..]).assign(&scales),
+            None => plan.push((graph, pad(&scales, rows, 0))),
+        }
+    }
 }
 
 impl LayerHook for DecodeSteering {
@@ -739,6 +818,33 @@ mod tests {
             decode.delta(1).unwrap().row(0).to_vec(),
             vec![3.0, 6.0, 9.0]
         );
+    }
+
+    #[test]
+    fn decode_steering_follows_rows_that_join_and_leave() {
+        let dir = vector_dir(&[(2, vec![1.0, 1.0, 1.0])]);
+        let steering = Arc::new(
+            spec_with(
+                dir.path(),
+                serde_json::json!({"kind": "vector", "path": "v.safetensors"}),
+            )
+            .unwrap(),
+        );
+        let decode = |rows| BatchSteering::new(rows).prefill(&config()).decode();
+        let mut running = decode(vec![None]);
+        running
+            .append_rows(1, decode(vec![Some(steering), None]), 2)
+            .unwrap();
+        let layer2 = running.delta(2).unwrap().clone();
+        assert_eq!(layer2.nrows(), 3);
+        assert_eq!(layer2.row(1).to_vec(), vec![1.0; 3]);
+        assert_eq!(layer2.row(2).to_vec(), vec![0.0; 3]);
+        running.retain_rows(&[0, 2]);
+        assert!(
+            running.delta(2).is_none(),
+            "no remaining row steers layer 2"
+        );
+        assert!(!running.steers());
     }
 
     #[test]
