@@ -1,13 +1,11 @@
 //! Token generation over any [`CausalLm`]: left-padded batches, KV-cached decode, sampling
 //! (greedy, temperature, top-k, top-p, seeded), stop rules and per-token callbacks for streaming.
 
-use std::time::Instant;
-
-use ndarray::Array2;
 use rand::rngs::StdRng;
-use rand::{Rng, SeedableRng};
+use rand::Rng;
 
-use crate::model::{CausalLm, ModelError, Step};
+use crate::batch::{RowId, RowRequest, RunningBatch};
+use crate::model::{CausalLm, ModelError};
 use crate::steer::{BatchSteering, Decision};
 
 /// Why a generation request was refused or failed.
@@ -61,7 +59,7 @@ impl Sampling {
         }
     }
 
-    fn validate(&self) -> Result<(), GenerateError> {
+    pub(crate) fn validate(&self) -> Result<(), GenerateError> {
         if let Sampling::Random {
             temperature, top_p, ..
         } = *self
@@ -175,16 +173,6 @@ fn sample(row: &[f32], temperature: f32, top_p: f32, top_k: usize, rng: &mut Std
     candidates[keep - 1].0 as u32
 }
 
-/// Per-row state while a batch decodes.
-struct Row {
-    prompt_len: usize,
-    next_position: i64,
-    tokens: Vec<u32>,
-    finish: Option<FinishReason>,
-    rng: Option<StdRng>,
-    decode_ms: f64,
-}
-
 /// Check a batch before any model work: non-empty, and every prompt fits the context.
 pub fn validate_prompts(prompts: &[Vec<u32>], context: usize) -> Result<(), GenerateError> {
     if prompts.is_empty() {
@@ -208,7 +196,8 @@ pub fn validate_prompts(prompts: &[Vec<u32>], context: usize) -> Result<(), Gene
 /// Generate for a batch of tokenized prompts; each row's output equals what it gives alone.
 ///
 /// `steering` gives each row its own interventions (or none). `on_token(row, id)` fires for
-/// every kept token as soon as it is chosen (for streaming).
+/// every kept token as soon as it is chosen (for streaming). The rows run as one group of a
+/// [`RunningBatch`], and each leaves it as soon as it finishes.
 pub fn generate(
     model: &mut dyn CausalLm,
     prompts: &[Vec<u32>],
@@ -216,105 +205,41 @@ pub fn generate(
     steering: &BatchSteering,
     on_token: &mut dyn FnMut(usize, u32),
 ) -> Result<Vec<Generated>, GenerateError> {
-    config.sampling.validate()?;
-    let context = model.config().max_position_embeddings;
-    validate_prompts(prompts, context)?;
-    let batch = prompts.len();
-    let mut rows: Vec<Row> = prompts
-        .iter()
-        .map(|prompt| Row {
-            prompt_len: prompt.len(),
-            next_position: prompt.len() as i64,
-            tokens: Vec::new(),
-            finish: (config.max_new_tokens == 0).then_some(FinishReason::Length),
-            rng: match config.sampling {
-                Sampling::Greedy => None,
-                Sampling::Random { seed, .. } => Some(StdRng::seed_from_u64(seed)),
-            },
-            decode_ms: 0.0,
-        })
-        .collect();
-    if steering.len() != batch {
+    if steering.len() != prompts.len() {
         return Err(ModelError::Shape(format!(
-            "{} steering rows for {batch} prompts",
-            steering.len()
+            "{} steering rows for {} prompts",
+            steering.len(),
+            prompts.len()
         ))
         .into());
     }
-    let mut cache = model.new_cache(batch)?;
-    let mut step = Step::left_padded(prompts, config.pad_id);
-    let started = Instant::now();
-    let mut prefill = steering.prefill(model.config());
-    let mut logits = model.forward(&step, &mut cache, &mut prefill)?;
-    let prefill_ms = started.elapsed().as_secs_f64() * 1e3;
-    let mut decode_deltas = prefill.decode();
-    let decisions = prefill.decisions().to_vec();
-
-    loop {
-        let mut next_ids = Array2::<i64>::from_elem((batch, 1), config.pad_id as i64);
-        for (r, row) in rows.iter_mut().enumerate() {
-            if row.finish.is_some() {
-                continue;
-            }
-            let scores = logits.row(r);
-            let id = config
-                .sampling
-                .pick(scores.as_slice().unwrap_or(&[]), row.rng.as_mut());
-            if config.stop_ids.contains(&id) {
-                row.finish = Some(FinishReason::Stop);
-                continue;
-            }
-            row.tokens.push(id);
-            on_token(r, id);
-            next_ids[[r, 0]] = id as i64;
-            let full = row.next_position as usize + 1 > context;
-            if row.tokens.len() >= config.max_new_tokens || full {
-                row.finish = Some(FinishReason::Length);
-            }
-        }
-        if rows.iter().all(|row| row.finish.is_some()) {
-            break;
-        }
-        let positions: Vec<i64> = rows.iter().map(|row| row.next_position).collect();
-        step.position_ids = Array2::from_shape_vec((batch, 1), positions)
-            .map_err(|e| ModelError::Shape(e.to_string()))?;
-        step.input_ids = next_ids;
-        let seen = step.attention_mask.ncols();
-        step.attention_mask = Array2::from_shape_fn((batch, seen + 1), |(r, c)| {
-            if c < seen {
-                step.attention_mask[[r, c]]
-            } else {
-                1
-            }
-        });
-        let started = Instant::now();
-        logits = model.forward(&step, &mut cache, &mut decode_deltas)?;
-        let elapsed = started.elapsed().as_secs_f64() * 1e3;
-        for row in rows.iter_mut() {
-            if row.finish.is_none() {
-                row.decode_ms += elapsed;
-            }
-            row.next_position += 1;
-        }
-    }
-
-    Ok(rows
-        .into_iter()
-        .zip(decisions)
-        .map(|(row, steering)| Generated {
-            token_ids: row.tokens,
-            finish_reason: row.finish.unwrap_or(FinishReason::Length),
-            prompt_tokens: row.prompt_len,
-            prefill_ms,
-            decode_ms: row.decode_ms,
-            steering,
+    let requests = prompts
+        .iter()
+        .zip(steering.rows())
+        .map(|(prompt, steering)| RowRequest {
+            prompt: prompt.clone(),
+            sampling: config.sampling,
+            max_new_tokens: config.max_new_tokens,
+            stop_ids: config.stop_ids.clone(),
+            steering: steering.clone(),
         })
-        .collect())
+        .collect();
+    let mut on_row_token = |id: RowId, token: u32| on_token(id as usize, token);
+    let mut batch = RunningBatch::new(config.pad_id);
+    batch.join(model, requests, &mut on_row_token)?;
+    let mut done = batch.take_finished()?;
+    while batch.has_unfinished() {
+        batch.step(model, &mut on_row_token)?;
+        done.extend(batch.take_finished()?);
+    }
+    done.sort_by_key(|(id, _)| *id);
+    Ok(done.into_iter().map(|(_, generated)| generated).collect())
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use rand::SeedableRng;
 
     #[test]
     fn argmax_takes_first_maximum() {

@@ -2,9 +2,10 @@
 //! Runtime, with room for steering interventions between the segments.
 //!
 //! Data flows `bundle` (what is on disk) → `runtime` (ONNX Runtime and its provider) → `model`
-//! (the segment chain and KV cache) → `generate` (batches, sampling, stop rules), with `text`
-//! turning prompts into ids and back. Each layer has its own error enum; [`Error`] wraps them.
+//! (the segment chain and KV cache) → `batch` (rows that decode together, joining and leaving)
+//! → `generate` (sampling, stop rules), with `text` turning prompts into ids and back. Each layer has its own error enum; [`Error`] wraps them.
 
+pub mod batch;
 pub mod bench;
 pub mod bundle;
 pub mod generate;

@@ -434,6 +434,11 @@ impl BatchSteering {
         self.rows.len()
     }
 
+    /// Each row's steering.
+    pub fn rows(&self) -> &[Option<Arc<ResolvedSteering>>] {
+        &self.rows
+    }
+
     /// True for a batch of no rows.
     pub fn is_empty(&self) -> bool {
         self.rows.is_empty()
