@@ -1,0 +1,261 @@
+//! The engine thread: it owns the model and a [`RunningBatch`], admits queued jobs between decode
+//! steps (up to `max_batch` rows), and streams each row's tokens back to its request.
+//!
+//! Requests never touch the model: they send a [`Job`] through a bounded queue and read
+//! [`JobEvent`]s. A request that goes away drops its receiver; the engine then cancels the row and
+//! its KV cache is freed at once.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::mpsc::{self, Receiver, SyncSender, TryRecvError, TrySendError};
+use std::sync::Arc;
+
+use tokio::sync::mpsc::UnboundedSender;
+
+use crate::batch::{RowId, RowRequest, RunningBatch};
+use crate::generate::{validate_prompts, Generated};
+use crate::model::CausalLm;
+
+/// What the engine tells a request about its row.
+#[derive(Debug)]
+pub enum JobEvent {
+    /// A kept token, as soon as it is chosen.
+    Token(u32),
+    /// The row finished (or was cut at its length); the full result.
+    Done(Generated),
+    /// The row could not run; the message says why.
+    Failed(String),
+}
+
+/// One request's row, and where its events go.
+pub struct Job {
+    pub request: RowRequest,
+    pub events: UnboundedSender<JobEvent>,
+}
+
+/// How the engine batches.
+#[derive(Debug, Clone, Copy)]
+pub struct EngineOptions {
+    /// Most rows decoding at once.
+    pub max_batch: usize,
+    /// Most jobs waiting to join; more are refused (HTTP 429).
+    pub max_queue: usize,
+    /// Left padding and the input of finished rows.
+    pub pad_id: u32,
+}
+
+/// The queue is full; retry later.
+#[derive(Debug, thiserror::Error)]
+#[error("the server is busy ({0} requests waiting); retry later")]
+pub struct QueueFull(pub usize);
+
+/// Sends jobs to the engine thread; cheap to clone.
+#[derive(Clone)]
+pub struct EngineHandle {
+    jobs: SyncSender<Job>,
+    waiting: Arc<AtomicUsize>,
+    running: Arc<AtomicUsize>,
+    max_queue: usize,
+}
+
+impl EngineHandle {
+    /// Queue `job`, or refuse it at once when the queue is full.
+    pub fn submit(&self, job: Job) -> Result<(), QueueFull> {
+        match self.jobs.try_send(job) {
+            Ok(()) => {
+                self.waiting.fetch_add(1, Ordering::Relaxed);
+                Ok(())
+            }
+            Err(TrySendError::Full(_) | TrySendError::Disconnected(_)) => {
+                Err(QueueFull(self.max_queue))
+            }
+        }
+    }
+
+    /// Jobs waiting to join the batch.
+    pub fn queue_depth(&self) -> usize {
+        self.waiting.load(Ordering::Relaxed)
+    }
+
+    /// Rows in the running batch.
+    pub fn batch_size(&self) -> usize {
+        self.running.load(Ordering::Relaxed)
+    }
+}
+
+/// Start the engine thread on `model`; it runs until every handle is dropped and the batch drains.
+pub fn spawn(
+    model: Box<dyn CausalLm + Send>,
+    options: EngineOptions,
+) -> (EngineHandle, std::thread::JoinHandle<()>) {
+    let (jobs, queue) = mpsc::sync_channel(options.max_queue.max(1));
+    let waiting = Arc::new(AtomicUsize::new(0));
+    let running = Arc::new(AtomicUsize::new(0));
+    let handle = EngineHandle {
+        jobs,
+        waiting: waiting.clone(),
+        running: running.clone(),
+        max_queue: options.max_queue,
+    };
+    let thread = std::thread::Builder::new()
+        .name("onnx-steer-engine".into())
+        .spawn(move || {
+            Engine {
+                model,
+                options,
+                queue,
+                waiting,
+                running,
+                batch: RunningBatch::new(options.pad_id),
+                listeners: HashMap::new(),
+            }
+            .run()
+        })
+        .expect("spawning the engine thread");
+    (handle, thread)
+}
+
+struct Engine {
+    model: Box<dyn CausalLm + Send>,
+    options: EngineOptions,
+    queue: Receiver<Job>,
+    waiting: Arc<AtomicUsize>,
+    running: Arc<AtomicUsize>,
+    batch: RunningBatch,
+    listeners: HashMap<RowId, UnboundedSender<JobEvent>>,
+}
+
+impl Engine {
+    fn run(mut self) {
+        let mut open = true;
+        while open || !self.batch.is_empty() {
+            let (admitted, still_open) = self.admit();
+            open = still_open;
+            if !admitted.is_empty() {
+                self.join(admitted);
+            }
+            self.drop_cancelled();
+            if self.batch.has_unfinished() {
+                let listeners = &self.listeners;
+                let mut on_token =
+                    |id: RowId, token: u32| send(listeners, id, JobEvent::Token(token));
+                if let Err(e) = self.batch.step(self.model.as_mut(), &mut on_token) {
+                    self.fail_all(&e.to_string());
+                }
+            }
+            self.finish();
+            self.running.store(self.batch.len(), Ordering::Relaxed);
+        }
+    }
+
+    /// Jobs to join now: wait for one when idle, then take what is queued up to `max_batch`.
+    fn admit(&mut self) -> (Vec<Job>, bool) {
+        let mut admitted = Vec::new();
+        if self.batch.is_empty() {
+            match self.queue.recv() {
+                Ok(job) => admitted.push(job),
+                Err(_) => return (admitted, false),
+            }
+        }
+        let mut open = true;
+        while self.batch.len() + admitted.len() < self.options.max_batch {
+            match self.queue.try_recv() {
+                Ok(job) => admitted.push(job),
+                Err(TryRecvError::Empty) => break,
+                Err(TryRecvError::Disconnected) => {
+                    open = false;
+                    break;
+                }
+            }
+        }
+        self.waiting.fetch_sub(admitted.len(), Ordering::Relaxed);
+        (admitted, open)
+    }
+
+    /// Prefill the admitted jobs as one group; a job that cannot run fails alone.
+    fn join(&mut self, jobs: Vec<Job>) {
+        let context = self.model.config().max_position_embeddings;
+        let mut accepted = Vec::with_capacity(jobs.len());
+        for job in jobs {
+            let checked = validate_prompts(std::slice::from_ref(&job.request.prompt), context)
+                .and_then(|()| job.request.sampling.validate());
+            match checked {
+                Ok(()) if !job.events.is_closed() => accepted.push(job),
+                Ok(()) => {}
+                Err(e) => {
+                    let _ = job.events.send(JobEvent::Failed(e.to_string()));
+                }
+            }
+        }
+        if accepted.is_empty() {
+            return;
+        }
+        let (requests, senders): (Vec<RowRequest>, Vec<_>) =
+            accepted.into_iter().map(|j| (j.request, j.events)).unzip();
+        // Tokens chosen at prefill go out once the ids are known, right after the join.
+        let mut first: Vec<(RowId, u32)> = Vec::new();
+        let joined = self
+            .batch
+            .join(self.model.as_mut(), requests, &mut |id, token| {
+                first.push((id, token))
+            });
+        match joined {
+            Ok(ids) => {
+                self.listeners.extend(ids.into_iter().zip(senders));
+                for (id, token) in first {
+                    send(&self.listeners, id, JobEvent::Token(token));
+                }
+            }
+            Err(e) => {
+                for sender in senders {
+                    let _ = sender.send(JobEvent::Failed(e.to_string()));
+                }
+            }
+        }
+    }
+
+    /// Cancel rows whose request went away.
+    fn drop_cancelled(&mut self) {
+        let gone: Vec<RowId> = self
+            .listeners
+            .iter()
+            .filter(|(_, sender)| sender.is_closed())
+            .map(|(&id, _)| id)
+            .collect();
+        for id in gone {
+            self.listeners.remove(&id);
+            if let Err(e) = self.batch.cancel(id) {
+                tracing::error!("cancelling row {id}: {e}");
+            }
+        }
+    }
+
+    /// Send finished rows their results and take them out of the batch.
+    fn finish(&mut self) {
+        match self.batch.take_finished() {
+            Ok(done) => {
+                for (id, generated) in done {
+                    if let Some(sender) = self.listeners.remove(&id) {
+                        let _ = sender.send(JobEvent::Done(generated));
+                    }
+                }
+            }
+            Err(e) => self.fail_all(&e.to_string()),
+        }
+    }
+
+    /// A step failed: every row in the batch fails with the reason, and the batch starts afresh.
+    fn fail_all(&mut self, message: &str) {
+        tracing::error!("batch failed: {message}");
+        for (_, sender) in self.listeners.drain() {
+            let _ = sender.send(JobEvent::Failed(message.to_string()));
+        }
+        self.batch = RunningBatch::new(self.options.pad_id);
+    }
+}
+
+fn send(listeners: &HashMap<RowId, UnboundedSender<JobEvent>>, id: RowId, event: JobEvent) {
+    if let Some(sender) = listeners.get(&id) {
+        let _ = sender.send(event);
+    }
+}
