@@ -61,10 +61,19 @@ impl TextCodec {
 
     /// Render a single user turn with the chat template, ending with the assistant prompt.
     pub fn render_chat(&self, user: &str) -> Result<String, TextError> {
+        self.render_messages(&[("user", user)])
+    }
+
+    /// Render a conversation of `(role, content)` turns, ending with the assistant prompt.
+    pub fn render_messages(&self, turns: &[(&str, &str)]) -> Result<String, TextError> {
         let env = self.chat.as_ref().ok_or(TextError::NoChatTemplate)?;
         let template = env.get_template(CHAT_TEMPLATE)?;
+        let messages: Vec<_> = turns
+            .iter()
+            .map(|(role, content)| context! { role => role, content => content })
+            .collect();
         Ok(template.render(context! {
-            messages => vec![context! { role => "user", content => user }],
+            messages => messages,
             add_generation_prompt => true,
             bos_token => self.bos_token,
             eos_token => self.eos_token,
