@@ -6,20 +6,21 @@
 //! [`engine::Job`] in the bounded queue → the engine's events → a JSON body or server-sent events.
 
 pub mod engine;
+pub mod metrics;
 pub mod openai;
 
 use std::collections::HashMap;
 use std::convert::Infallible;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, RwLock};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use axum::body::Bytes;
-use axum::extract::{DefaultBodyLimit, State};
+use axum::extract::{DefaultBodyLimit, Path as UrlPath, State};
 use axum::http::{header, StatusCode};
 use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post};
+use axum::routing::{delete, get, post};
 use axum::{Json, Router};
 use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver};
 
@@ -30,6 +31,7 @@ use crate::runtime::Runtime;
 use crate::steer::{ResolvedSteering, SteerSpec};
 use crate::text::{StreamDecoder, TextCodec};
 use engine::{EngineHandle, Job, JobEvent};
+use metrics::Metrics;
 use openai::{ErrorBody, ErrorDetail, Settings, Steering, Usage};
 
 /// Limits a request must stay within.
@@ -54,6 +56,7 @@ pub struct AppState {
     registry: Arc<RwLock<HashMap<String, Arc<ResolvedSteering>>>>,
     steer_dir: Option<PathBuf>,
     limits: Limits,
+    metrics: Metrics,
 }
 
 impl AppState {
@@ -97,6 +100,10 @@ impl AppState {
             registry: Arc::new(RwLock::new(registry)),
             steer_dir,
             limits,
+            metrics: Metrics::new().map_err(|e| crate::steer::SteerError::Syntax {
+                path: PathBuf::from("metrics"),
+                message: e.to_string(),
+            })?,
         })
     }
 }
@@ -107,7 +114,9 @@ pub fn router(state: AppState) -> Router {
     Router::new()
         .route("/health", get(health))
         .route("/v1/models", get(models))
-        .route("/v1/steering", get(list_steering))
+        .route("/metrics", get(render_metrics))
+        .route("/v1/steering", get(list_steering).post(register_steering))
+        .route("/v1/steering/{name}", delete(unregister_steering))
         .route("/v1/chat/completions", post(chat_completions))
         .route("/v1/completions", post(completions))
         .layer(DefaultBodyLimit::max(limit))
@@ -170,14 +179,80 @@ async fn models(State(state): State<AppState>) -> Json<serde_json::Value> {
     }))
 }
 
-async fn list_steering(State(state): State<AppState>) -> Result<Json<serde_json::Value>, ApiError> {
-    let registry = state.registry.read().map_err(|_| ApiError {
+async fn render_metrics(State(state): State<AppState>) -> Response {
+    let text = state
+        .metrics
+        .render(state.engine.queue_depth(), state.engine.batch_size());
+    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], text).into_response()
+}
+
+fn poisoned() -> ApiError {
+    ApiError {
         status: StatusCode::INTERNAL_SERVER_ERROR,
         message: "steering registry lock poisoned".into(),
-    })?;
+    }
+}
+
+async fn list_steering(State(state): State<AppState>) -> Result<Json<serde_json::Value>, ApiError> {
+    let registry = state.registry.read().map_err(|_| poisoned())?;
     let mut names: Vec<&String> = registry.keys().collect();
     names.sort();
     Ok(Json(serde_json::json!({ "object": "list", "data": names })))
+}
+
+/// `POST /v1/steering` `{"name", "spec"}`: the spec is checked and resolved first, then swapped in;
+/// requests in flight keep the version they started with.
+async fn register_steering(
+    State(state): State<AppState>,
+    body: Bytes,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    #[derive(serde::Deserialize)]
+    struct Registration {
+        name: String,
+        spec: serde_json::Value,
+    }
+    let registration: Registration = parse(&body)?;
+    let valid_name = !registration.name.is_empty()
+        && registration.name.len() <= 64
+        && registration
+            .name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-');
+    if !valid_name {
+        return Err(ApiError::bad_request(
+            "a steering name is 1 to 64 letters, digits, '_' or '-'",
+        ));
+    }
+    let resolved = state
+        .steering(Some(Steering::Inline(registration.spec)))?
+        .ok_or_else(|| ApiError::bad_request("no spec given"))?;
+    let replaced = state
+        .registry
+        .write()
+        .map_err(|_| poisoned())?
+        .insert(registration.name.clone(), resolved)
+        .is_some();
+    Ok(Json(
+        serde_json::json!({ "name": registration.name, "replaced": replaced }),
+    ))
+}
+
+async fn unregister_steering(
+    State(state): State<AppState>,
+    UrlPath(name): UrlPath<String>,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    match state
+        .registry
+        .write()
+        .map_err(|_| poisoned())?
+        .remove(&name)
+    {
+        Some(_) => Ok(Json(serde_json::json!({ "name": name, "deleted": true }))),
+        None => Err(ApiError {
+            status: StatusCode::NOT_FOUND,
+            message: format!("no steering spec named {name:?} is registered"),
+        }),
+    }
 }
 
 /// A request turned into what the engine runs, with what the response needs.
@@ -257,6 +332,11 @@ impl AppState {
     }
 
     fn prepare(&self, prompt: Vec<u32>, settings: Settings) -> Result<Prepared, ApiError> {
+        let label = match &settings.steering {
+            None => "none".to_string(),
+            Some(Steering::Named(name)) => name.clone(),
+            Some(Steering::Inline(_)) => "inline".to_string(),
+        };
         let context = self.config.max_position_embeddings;
         if prompt.is_empty() {
             return Err(ApiError::bad_request("the prompt is empty"));
@@ -297,13 +377,15 @@ impl AppState {
         if stops.iter().any(String::is_empty) {
             return Err(ApiError::bad_request("stop strings must not be empty"));
         }
+        let steering = self.steering(settings.steering)?;
+        self.metrics.steering(&label);
         Ok(Prepared {
             request: RowRequest {
                 prompt,
                 sampling,
                 max_new_tokens: max_tokens,
                 stop_ids: self.config.eos_token_ids.clone(),
-                steering: self.steering(settings.steering)?,
+                steering,
             },
             stops,
             stream: settings.stream,
@@ -329,10 +411,31 @@ enum Endpoint {
     Completion,
 }
 
-async fn chat_completions(
-    State(state): State<AppState>,
-    body: Bytes,
-) -> Result<Response, ApiError> {
+/// Count a request and its latency under `endpoint`.
+async fn measured(
+    state: &AppState,
+    endpoint: &str,
+    handler: impl std::future::Future<Output = Result<Response, ApiError>>,
+) -> Response {
+    let started = Instant::now();
+    let response = handler.await.into_response();
+    state.metrics.request(
+        endpoint,
+        response.status().as_u16(),
+        started.elapsed().as_secs_f64(),
+    );
+    response
+}
+
+async fn chat_completions(State(state): State<AppState>, body: Bytes) -> Response {
+    measured(&state, "chat", chat(state.clone(), body)).await
+}
+
+async fn completions(State(state): State<AppState>, body: Bytes) -> Response {
+    measured(&state, "completions", completion(state.clone(), body)).await
+}
+
+async fn chat(state: AppState, body: Bytes) -> Result<Response, ApiError> {
     let request: openai::ChatRequest = parse(&body)?;
     if request.messages.is_empty() {
         return Err(ApiError::bad_request("messages must not be empty"));
@@ -353,7 +456,7 @@ async fn chat_completions(
     respond(state, ids, request.settings, Endpoint::Chat).await
 }
 
-async fn completions(State(state): State<AppState>, body: Bytes) -> Result<Response, ApiError> {
+async fn completion(state: AppState, body: Bytes) -> Result<Response, ApiError> {
     let request: openai::CompletionRequest = parse(&body)?;
     let ids = state
         .codec
@@ -429,6 +532,7 @@ async fn respond(
         status: StatusCode::GATEWAY_TIMEOUT,
         message: format!("the request took longer than {:?}", state.limits.timeout),
     })??;
+    state.metrics.tokens(generated.token_ids.len());
     Ok(Json(body(&state, &generated, &prepared.stops, endpoint, &id)).into_response())
 }
 
@@ -506,6 +610,7 @@ fn stream(
         Event::default().data(value.to_string())
     };
     let codec = state.codec.clone();
+    let metrics = state.metrics.clone();
     let deadline = tokio::time::Instant::now() + state.limits.timeout;
     // Text that could still grow into a stop string is held back until it cannot.
     let hold = stops
@@ -553,6 +658,7 @@ fn stream(
                     }
                 }
                 JobEvent::Done(generated) => {
+                    metrics.tokens(generated.token_ids.len());
                     if events.send(chunk(&text[sent..], None, None)).await.is_err() {
                         return;
                     }

@@ -1,0 +1,92 @@
+//! `GET /metrics`: Prometheus text format. Requests by endpoint and status, generated tokens,
+//! latency histograms, requests per steering spec, queue depth and batch size.
+
+use prometheus::{
+    Encoder, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, Opts, Registry,
+    TextEncoder,
+};
+
+/// The server's metrics, registered in their own registry.
+#[derive(Clone)]
+pub struct Metrics {
+    registry: Registry,
+    requests: IntCounterVec,
+    tokens: IntCounter,
+    latency: HistogramVec,
+    steering: IntCounterVec,
+    queue_depth: IntGauge,
+    batch_size: IntGauge,
+}
+
+impl Metrics {
+    /// Create and register every metric.
+    pub fn new() -> Result<Self, prometheus::Error> {
+        let registry = Registry::new_custom(Some("onnx_steer".into()), None)?;
+        let requests = IntCounterVec::new(
+            Opts::new("requests_total", "HTTP requests by endpoint and status"),
+            &["endpoint", "status"],
+        )?;
+        let tokens = IntCounter::new("generated_tokens_total", "Tokens generated for requests")?;
+        let latency = HistogramVec::new(
+            HistogramOpts::new(
+                "request_seconds",
+                "Time to a full response (to the first byte for streams)",
+            )
+            .buckets(prometheus::exponential_buckets(0.01, 2.0, 14)?),
+            &["endpoint"],
+        )?;
+        let steering = IntCounterVec::new(
+            Opts::new(
+                "steering_requests_total",
+                "Generation requests by steering spec",
+            ),
+            &["spec"],
+        )?;
+        let queue_depth = IntGauge::new("queue_depth", "Requests waiting for a batch slot")?;
+        let batch_size = IntGauge::new("batch_size", "Rows in the running batch")?;
+        registry.register(Box::new(requests.clone()))?;
+        registry.register(Box::new(tokens.clone()))?;
+        registry.register(Box::new(latency.clone()))?;
+        registry.register(Box::new(steering.clone()))?;
+        registry.register(Box::new(queue_depth.clone()))?;
+        registry.register(Box::new(batch_size.clone()))?;
+        Ok(Self {
+            registry,
+            requests,
+            tokens,
+            latency,
+            steering,
+            queue_depth,
+            batch_size,
+        })
+    }
+
+    /// A finished request: its endpoint, status and duration.
+    pub fn request(&self, endpoint: &str, status: u16, seconds: f64) {
+        self.requests
+            .with_label_values(&[endpoint, &status.to_string()])
+            .inc();
+        self.latency.with_label_values(&[endpoint]).observe(seconds);
+    }
+
+    /// Tokens a request generated.
+    pub fn tokens(&self, count: usize) {
+        self.tokens.inc_by(count as u64);
+    }
+
+    /// A generation request with this steering (`none`, `inline`, or a registered name).
+    pub fn steering(&self, spec: &str) {
+        self.steering.with_label_values(&[spec]).inc();
+    }
+
+    /// The text exposition, with the engine's current queue depth and batch size.
+    pub fn render(&self, queue_depth: usize, batch_size: usize) -> String {
+        self.queue_depth.set(queue_depth as i64);
+        self.batch_size.set(batch_size as i64);
+        let mut buffer = Vec::new();
+        if let Err(e) = TextEncoder::new().encode(&self.registry.gather(), &mut buffer) {
+            tracing::error!("encoding metrics: {e}");
+        }
+        String::from_utf8(buffer).unwrap_or_default()
+    }
+}
