@@ -361,6 +361,11 @@ impl AppState {
             }
             Some(n) => n as usize,
         };
+        if let Some(top_p) = settings.top_p.filter(|p| !(*p > 0.0 && *p <= 1.0)) {
+            return Err(ApiError::bad_request(format!(
+                "top_p must be in (0, 1], got {top_p}"
+            )));
+        }
         let sampling = match settings.temperature {
             None | Some(0.0) => Sampling::Greedy,
             Some(t) => Sampling::Random {
@@ -370,6 +375,9 @@ impl AppState {
                 seed: settings.seed.unwrap_or(0),
             },
         };
+        sampling
+            .validate()
+            .map_err(|e| ApiError::bad_request(e.to_string()))?;
         let stops = settings
             .stop
             .map(openai::Stop::into_vec)
@@ -427,12 +435,24 @@ async fn measured(
     response
 }
 
-async fn chat_completions(State(state): State<AppState>, body: Bytes) -> Response {
-    measured(&state, "chat", chat(state.clone(), body)).await
+/// A request body, or why it could not be read (too large, for one) as an API error.
+type Body = Result<Bytes, axum::extract::rejection::BytesRejection>;
+
+fn read_body(body: Body) -> Result<Bytes, ApiError> {
+    body.map_err(|rejection| ApiError {
+        status: rejection.status(),
+        message: rejection.body_text(),
+    })
 }
 
-async fn completions(State(state): State<AppState>, body: Bytes) -> Response {
-    measured(&state, "completions", completion(state.clone(), body)).await
+async fn chat_completions(State(state): State<AppState>, body: Body) -> Response {
+    let handler = async { chat(state.clone(), read_body(body)?).await };
+    measured(&state, "chat", handler).await
+}
+
+async fn completions(State(state): State<AppState>, body: Body) -> Response {
+    let handler = async { completion(state.clone(), read_body(body)?).await };
+    measured(&state, "completions", handler).await
 }
 
 async fn chat(state: AppState, body: Bytes) -> Result<Response, ApiError> {

@@ -1,0 +1,195 @@
+"""`onnx-steer serve` driven by real clients: the official `openai` package and raw HTTP. Chat,
+completion, streaming, steering by name, inline and registered at run time, parity with the CLI,
+a bounded concurrent load with mixed steering, and a fuzz run of malformed and hostile requests."""
+
+from __future__ import annotations
+
+import json
+import random
+import socket
+import subprocess
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import openai
+import pytest
+import requests
+from safetensors.numpy import save_file
+
+from conftest import run_generate
+
+PROMPT = "What is the capital of France?"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def steer_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("steer")
+    rng = np.random.default_rng(0)
+    save_file({f"direction.{layer}": rng.normal(size=576).astype(np.float32) for layer in (8, 12)},
+              str(out / "random.safetensors"))
+    (out / "push.json").write_text(json.dumps({"interventions": [
+        {"kind": "vector", "path": "random.safetensors", "layers": [12], "scale": 4.0}]}))
+    return out
+
+
+@pytest.fixture(scope="module")
+def server(binary: Path, bundle_dir: Path, steer_dir: Path) -> Iterator[tuple[str, subprocess.Popen]]:
+    port = free_port()
+    process = subprocess.Popen([str(binary), "serve", "--bundle", str(bundle_dir), "--steer-dir", str(steer_dir),
+                                "--port", str(port), "--max-batch", "4", "--max-queue", "16",
+                                "--max-body-bytes", "65536"], stderr=subprocess.PIPE, text=True)
+    url = f"http://127.0.0.1:{port}"
+    for _ in range(120):
+        try:
+            if requests.get(f"{url}/health", timeout=1).ok:
+                break
+        except requests.ConnectionError:
+            time.sleep(0.5)
+    else:
+        process.kill()
+        raise RuntimeError(f"server did not start: {process.stderr.read()}")
+    yield url, process
+    process.terminate()
+    process.wait(timeout=60)
+
+
+def chat(url: str, prompt: str, **extra: object) -> requests.Response:
+    return requests.post(f"{url}/v1/chat/completions", timeout=120,
+                         json={"messages": [{"role": "user", "content": prompt}], "max_tokens": 12, **extra})
+
+
+def test_openai_client_chat_stream_and_completion(server: tuple[str, subprocess.Popen]) -> None:
+    url, _ = server
+    client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused")
+    assert [m.id for m in client.models.list()] == ["smollm2-135m-instruct"]
+    reply = client.chat.completions.create(model="smollm2-135m-instruct", max_tokens=12,
+                                           messages=[{"role": "user", "content": PROMPT}])
+    assert "Paris" in reply.choices[0].message.content and reply.usage.completion_tokens > 0
+    pieces = client.chat.completions.create(model="smollm2-135m-instruct", max_tokens=12, stream=True,
+                                            messages=[{"role": "user", "content": PROMPT}])
+    streamed = "".join(chunk.choices[0].delta.content or "" for chunk in pieces if chunk.choices)
+    assert streamed == reply.choices[0].message.content
+    text = client.completions.create(model="smollm2-135m-instruct", prompt="Once upon a time", max_tokens=8)
+    assert text.choices[0].text and text.usage.prompt_tokens > 0
+    steered = client.chat.completions.create(model="smollm2-135m-instruct", max_tokens=12,
+                                             messages=[{"role": "user", "content": PROMPT}],
+                                             extra_body={"steering": "push"})
+    assert steered.choices[0].message.content != reply.choices[0].message.content
+
+
+def test_served_greedy_equals_the_cli(server: tuple[str, subprocess.Popen], binary: Path, bundle_dir: Path,
+                                      steer_dir: Path) -> None:
+    url, _ = server
+    for spec in (None, "push"):
+        served = chat(url, PROMPT, **({"steering": spec} if spec else {})).json()
+        args = ["--steer", str(steer_dir / f"{spec}.json")] if spec else []
+        cli = run_generate(binary, bundle_dir, "--chat", "--greedy", "--max-new-tokens", "12", "--prompt", PROMPT,
+                           *args)[0]
+        assert served["choices"][0]["message"]["content"] == cli["text"], spec
+
+
+def test_steering_registered_at_run_time_and_confined(server: tuple[str, subprocess.Popen]) -> None:
+    url, _ = server
+    spec = {"interventions": [{"kind": "vector", "path": "random.safetensors", "layers": [8], "scale": 6.0}]}
+    assert requests.post(f"{url}/v1/steering", json={"name": "mine", "spec": spec}, timeout=30).ok
+    assert "mine" in requests.get(f"{url}/v1/steering", timeout=30).json()["data"]
+    assert chat(url, PROMPT, steering="mine").ok
+    assert chat(url, PROMPT, steering=spec).ok
+    assert requests.delete(f"{url}/v1/steering/mine", timeout=30).ok
+    assert chat(url, PROMPT, steering="mine").status_code == 404
+    traversal = {"interventions": [{"kind": "vector", "path": "../../../etc/passwd", "layers": [8]}]}
+    rejected = requests.post(f"{url}/v1/steering", json={"name": "evil", "spec": traversal}, timeout=30)
+    assert rejected.status_code == 400 and "steering directory" in rejected.json()["error"]["message"]
+
+
+def hostile_bodies(rng: random.Random) -> Iterator[bytes]:
+    base = {"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 4}
+    variants = [
+        b"", b"{", b"not json", b"[]", b"null", b"\xff\xfe\xfa", json.dumps({"messages": "hi"}).encode(),
+        json.dumps({"messages": []}).encode(), json.dumps({**base, "max_tokens": -1}).encode(),
+        json.dumps({**base, "max_tokens": 10**12}).encode(), json.dumps({**base, "max_tokens": "four"}).encode(),
+        json.dumps({**base, "temperature": "hot"}).encode(), json.dumps({**base, "temperature": -1}).encode(),
+        json.dumps({**base, "top_p": 7}).encode(), json.dumps({**base, "steering": "no-such-spec"}).encode(),
+        json.dumps({**base, "steering": {"interventions": [{"kind": "vector", "path": "random.safetensors",
+                                                           "layers": [8], "scale": "NaN"}]}}).encode(),
+        json.dumps({**base, "steering": {"interventions": [{"kind": "vector", "path": "/etc/passwd",
+                                                           "layers": [8]}]}}).encode(),
+        json.dumps({**base, "steering": {"interventions": [{"kind": "magic"}]}}).encode(),
+        json.dumps({**base, "stop": 5}).encode(), json.dumps({**base, "stop": [""]}).encode(),
+        json.dumps({"messages": [{"role": "user", "content": "x" * 100_000}]}).encode(),
+        b'{"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 1e999}',
+    ]
+    for i in range(1000):
+        body = variants[i % len(variants)]
+        if i % 7 == 3:
+            body = bytes(rng.randrange(256) for _ in range(rng.randrange(1, 200)))
+        yield body
+
+
+def rss_kib(process: subprocess.Popen) -> int:
+    status = Path(f"/proc/{process.pid}/status").read_text()
+    return int(next(line.split()[1] for line in status.splitlines() if line.startswith("VmRSS")))
+
+
+def test_a_thousand_malformed_requests_get_json_4xx(server: tuple[str, subprocess.Popen]) -> None:
+    url, process = server
+    session = requests.Session()
+    before = rss_kib(process)
+    for body in hostile_bodies(random.Random(0)):
+        response = session.post(f"{url}/v1/chat/completions", data=body, timeout=60,
+                                headers={"content-type": "application/json"})
+        assert 400 <= response.status_code < 500, (body[:80], response.status_code, response.text[:200])
+        assert "error" in response.json(), body[:80]
+    assert requests.get(f"{url}/health", timeout=10).ok
+    assert rss_kib(process) - before < 200_000, "memory grew by more than 200 MB"
+
+
+def test_concurrent_mixed_steering_matches_single_requests_while_registering(
+        server: tuple[str, subprocess.Popen]) -> None:
+    url, _ = server
+    prompts = [f"Name one fact about the number {i}." for i in range(6)]
+    kinds = [None, "push"]
+    expected = {(p, k): chat(url, p, **({"steering": k} if k else {})).json()["choices"][0]["message"]["content"]
+                for p in prompts for k in kinds}
+    results: list[tuple[tuple[str, str | None], requests.Response]] = []
+    lock = threading.Lock()
+    spec = {"interventions": [{"kind": "vector", "path": "random.safetensors", "layers": [8], "scale": 2.0}]}
+    stop = threading.Event()
+
+    def register() -> None:
+        while not stop.is_set():
+            requests.post(f"{url}/v1/steering", json={"name": "churn", "spec": spec}, timeout=60)
+
+    def client(worker: int) -> None:
+        for i in range(4):
+            key = (prompts[(worker + i) % len(prompts)], kinds[(worker + i) % 2])
+            for _ in range(20):
+                response = chat(url, key[0], **({"steering": key[1]} if key[1] else {}))
+                if response.status_code != 429:
+                    break
+                time.sleep(float(response.headers.get("retry-after", "1")))
+            with lock:
+                results.append((key, response))
+
+    registrar = threading.Thread(target=register)
+    registrar.start()
+    workers = [threading.Thread(target=client, args=(w,)) for w in range(12)]
+    for worker in workers:
+        worker.start()
+    for worker in workers:
+        worker.join()
+    stop.set()
+    registrar.join()
+    assert len(results) == 48
+    for key, response in results:
+        assert response.ok, response.text
+        assert response.json()["choices"][0]["message"]["content"] == expected[key], key
