@@ -204,8 +204,9 @@ async fn list_steering(State(state): State<AppState>) -> Result<Json<serde_json:
 /// requests in flight keep the version they started with.
 async fn register_steering(
     State(state): State<AppState>,
-    body: Bytes,
+    body: Body,
 ) -> Result<Json<serde_json::Value>, ApiError> {
+    let body = read_body(body)?;
     #[derive(serde::Deserialize)]
     struct Registration {
         name: String,
