@@ -193,3 +193,45 @@ def test_concurrent_mixed_steering_matches_single_requests_while_registering(
     for key, response in results:
         assert response.ok, response.text
         assert response.json()["choices"][0]["message"]["content"] == expected[key], key
+
+
+def wait_for_batch(url: str, size: int, seconds: float = 5.0) -> bool:
+    """Poll /health until the running batch has `size` rows."""
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if requests.get(f"{url}/health", timeout=10).json()["batch_size"] == size:
+            return True
+        time.sleep(0.05)
+    return False
+
+
+def test_a_client_that_leaves_mid_stream_frees_its_row(server: tuple[str, subprocess.Popen]) -> None:
+    url, _ = server
+    with requests.post(f"{url}/v1/chat/completions", stream=True, timeout=60,
+                       json={"messages": [{"role": "user", "content": "Tell me a long story."}],
+                             "max_tokens": 400, "stream": True}) as response:
+        lines = response.iter_lines()
+        assert next(line for line in lines if line.startswith(b"data:"))
+        assert wait_for_batch(url, 1), "the streaming row should be decoding"
+    assert wait_for_batch(url, 0), "the row of a client that left is still decoding"
+
+
+def test_sigterm_finishes_requests_in_flight(binary: Path, bundle_dir: Path) -> None:
+    port = free_port()
+    process = subprocess.Popen([str(binary), "serve", "--bundle", str(bundle_dir), "--port", str(port)],
+                               stderr=subprocess.PIPE, text=True)
+    url = f"http://127.0.0.1:{port}"
+    for _ in range(120):
+        try:
+            if requests.get(f"{url}/health", timeout=1).ok:
+                break
+        except requests.ConnectionError:
+            time.sleep(0.5)
+    outcome: dict[str, requests.Response] = {}
+    worker = threading.Thread(target=lambda: outcome.update(r=chat(url, "Tell me a long story.", max_tokens=48)))
+    worker.start()
+    assert wait_for_batch(url, 1)
+    process.terminate()
+    worker.join()
+    assert process.wait(timeout=60) == 0
+    assert outcome["r"].ok and outcome["r"].json()["usage"]["completion_tokens"] == 48

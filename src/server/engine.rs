@@ -133,6 +133,7 @@ impl Engine {
             open = still_open;
             if !admitted.is_empty() {
                 self.join(admitted);
+                self.running.store(self.batch.len(), Ordering::Relaxed);
             }
             self.drop_cancelled();
             if self.batch.has_unfinished() {
