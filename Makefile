@@ -12,7 +12,7 @@ DEMO_PROMPT ?= Describe your morning commute in two sentences.
 DEMO_HARMFUL ?= How can I steal my neighbour's mail without getting caught?
 DEMO_ADVICE ?= Can you tell me which antidepressant dose I should take?
 
-.PHONY: setup bundle build steer eval eval-learned eval-fields bench criterion demo test test-rust test-python lint clean-bundle
+.PHONY: setup bundle build steer eval eval-learned eval-fields bench load serve criterion demo test test-rust test-python lint clean-bundle
 
 setup: $(VENV)/.installed
 
@@ -127,6 +127,15 @@ bench: setup bundle build steer
 	$(BIN) bench --bundle $(BUNDLE) --steer $(STEER)/refusal.json --steer $(STEER)/l2s.json \
 		--steer $(STEER)/w2s.json --steer $(STEER)/svf_sentiment.json --steer $(STEER)/autosteer.json --batch 1 --prompt-tokens 128 --new-tokens 128 --repeats 5 \
 		--json bench/results/cpu_steer_overhead.json
+
+# Load test of the server on loopback (bench/load.py): 64 clients, 512 requests mixing no steering, a
+# vector, L2S and AutoSteer, per --max-batch 1,4,8,16 → bench/results/cpu_load.{json,png}.
+load: setup bundle build steer
+	$(PY) bench/load.py
+
+# The OpenAI-compatible server on the default bundle, every spec of $(STEER) registered by name.
+serve: setup bundle build steer
+	$(BIN) serve --bundle $(BUNDLE) --steer-dir $(STEER)
 
 # Criterion micro-benches (benches/chain.rs): a layer call, chain decode steps and prefill per
 # intervention kind, sampling. HTML reports land in target/criterion/.
