@@ -41,22 +41,26 @@ def steer_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return out
 
 
-@pytest.fixture(scope="module")
-def server(binary: Path, bundle_dir: Path, steer_dir: Path) -> Iterator[tuple[str, subprocess.Popen]]:
+def start_server(binary: Path, bundle_dir: Path, *args: str) -> tuple[str, subprocess.Popen]:
+    """`onnx-steer serve` on a free port, once /health answers."""
     port = free_port()
-    process = subprocess.Popen([str(binary), "serve", "--bundle", str(bundle_dir), "--steer-dir", str(steer_dir),
-                                "--port", str(port), "--max-batch", "4", "--max-queue", "16",
-                                "--max-body-bytes", "65536"], stderr=subprocess.PIPE, text=True)
+    process = subprocess.Popen([str(binary), "serve", "--bundle", str(bundle_dir), "--port", str(port), *args],
+                               stderr=subprocess.PIPE, text=True)
     url = f"http://127.0.0.1:{port}"
     for _ in range(120):
         try:
             if requests.get(f"{url}/health", timeout=1).ok:
-                break
+                return url, process
         except requests.ConnectionError:
             time.sleep(0.5)
-    else:
-        process.kill()
-        raise RuntimeError(f"server did not start: {process.stderr.read()}")
+    process.kill()
+    raise RuntimeError(f"server did not start: {process.stderr.read()}")
+
+
+@pytest.fixture(scope="module")
+def server(binary: Path, bundle_dir: Path, steer_dir: Path) -> Iterator[tuple[str, subprocess.Popen]]:
+    url, process = start_server(binary, bundle_dir, "--steer-dir", str(steer_dir), "--max-batch", "4",
+                                "--max-queue", "16", "--max-body-bytes", "65536")
     yield url, process
     process.terminate()
     process.wait(timeout=60)
@@ -217,16 +221,7 @@ def test_a_client_that_leaves_mid_stream_frees_its_row(server: tuple[str, subpro
 
 
 def test_sigterm_finishes_requests_in_flight(binary: Path, bundle_dir: Path) -> None:
-    port = free_port()
-    process = subprocess.Popen([str(binary), "serve", "--bundle", str(bundle_dir), "--port", str(port)],
-                               stderr=subprocess.PIPE, text=True)
-    url = f"http://127.0.0.1:{port}"
-    for _ in range(120):
-        try:
-            if requests.get(f"{url}/health", timeout=1).ok:
-                break
-        except requests.ConnectionError:
-            time.sleep(0.5)
+    url, process = start_server(binary, bundle_dir)
     outcome: dict[str, requests.Response] = {}
     worker = threading.Thread(target=lambda: outcome.update(r=chat(url, "Tell me a long story.", max_tokens=48)))
     worker.start()

@@ -825,16 +825,16 @@ mod tests {
         );
     }
 
+    /// A resolved spec adding (1, 1, 1) at layer 2.
+    fn ones_at_layer_2() -> Arc<ResolvedSteering> {
+        let dir = vector_dir(&[(2, vec![1.0, 1.0, 1.0])]);
+        let spec = serde_json::json!({"kind": "vector", "path": "v.safetensors"});
+        Arc::new(spec_with(dir.path(), spec).unwrap())
+    }
+
     #[test]
     fn decode_steering_follows_rows_that_join_and_leave() {
-        let dir = vector_dir(&[(2, vec![1.0, 1.0, 1.0])]);
-        let steering = Arc::new(
-            spec_with(
-                dir.path(),
-                serde_json::json!({"kind": "vector", "path": "v.safetensors"}),
-            )
-            .unwrap(),
-        );
+        let steering = ones_at_layer_2();
         let decode = |rows| BatchSteering::new(rows).prefill(&config()).decode();
         let mut running = decode(vec![None]);
         running
@@ -861,14 +861,7 @@ mod tests {
 
     #[test]
     fn batch_rows_get_their_own_deltas() {
-        let dir = vector_dir(&[(2, vec![1.0, 1.0, 1.0])]);
-        let steering = Arc::new(
-            spec_with(
-                dir.path(),
-                serde_json::json!({"kind": "vector", "path": "v.safetensors"}),
-            )
-            .unwrap(),
-        );
+        let steering = ones_at_layer_2();
         let batch = BatchSteering::new(vec![None, Some(steering)]);
         let mut prefill = batch.prefill(&config());
         assert!(prefill.delta(1).is_none());
