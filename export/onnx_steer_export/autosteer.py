@@ -22,7 +22,7 @@ import torch
 from safetensors.numpy import save_file
 from tqdm import tqdm
 
-from .learned import Standardize, export_net, export_onnx, fit, row_scale, sha256, split_indices, write_spec
+from .learned import Standardize, export_net, export_onnx, fit, row_scale, split_indices, write_spec
 from .vectors import bundle_tokenizer, capture_last_token, chat_ids, encode
 
 PROBER_UNITS = 64
@@ -229,4 +229,4 @@ def train_autosteer(bundle: Path, harmful_path: Path, benign_paths: list[Path], 
     return {**history, "chosen_layer": layer, "sas": scores[layer], "harmful": len(harmful), "benign": len(benign),
             "prober_validation_auroc": prober_auroc, "refusal_tokens": len(targets),
             "head_loss_before": before, "head_loss_per_epoch": losses, "prober_sha256": prober_digest,
-            "head_sha256": sha256(head_file)}
+            "head_sha256": head_digest}

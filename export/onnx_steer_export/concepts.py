@@ -21,14 +21,12 @@ from typing import Callable
 from tqdm import tqdm
 
 from .datasets import benign_prompts
-from .evaluate import save_report, Perplexity, compose_spec, generate
+from .evaluate import Perplexity, compose_spec, generate, save_report, vader
 from .learned import evenly
 
 
 def sentiment(text: str) -> float:
-    from vaderSentiment.vaderSentiment import SentimentIntensityAnalyzer
-
-    return SentimentIntensityAnalyzer().polarity_scores(text)["compound"]
+    return vader().polarity_scores(text)["compound"]
 
 
 def second_half(text: str) -> str:

@@ -34,8 +34,6 @@ pub enum Steering {
 #[derive(Debug, Clone, Deserialize)]
 pub struct Settings {
     #[serde(default)]
-    pub model: Option<String>,
-    #[serde(default)]
     pub max_tokens: Option<i64>,
     /// The newer name of `max_tokens` in the chat API.
     #[serde(default)]
