@@ -11,7 +11,7 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
 /// The manifest format this runtime reads.
-pub const FORMAT_VERSION: u32 = 2;
+pub const FORMAT_VERSION: u32 = 3;
 
 /// Why a bundle could not be opened or one of its files could not be read.
 #[derive(Debug, thiserror::Error)]
@@ -93,6 +93,8 @@ pub struct TokenizerFiles {
 #[serde(rename_all = "lowercase")]
 pub enum SegmentKind {
     Embed,
+    /// The attention mask and rotary tables of a step, computed once and fed to every layer.
+    Positions,
     Layer,
     /// The final norm of the last position (between the layers and the LM head).
     Norm,
@@ -288,7 +290,12 @@ impl Manifest {
         if m.eos_token_ids.is_empty() {
             return Err("model.eos_token_ids is empty".into());
         }
-        for kind in [SegmentKind::Embed, SegmentKind::Norm, SegmentKind::Head] {
+        for kind in [
+            SegmentKind::Embed,
+            SegmentKind::Positions,
+            SegmentKind::Norm,
+            SegmentKind::Head,
+        ] {
             let count = self.segments.iter().filter(|s| s.kind == kind).count();
             if count != 1 {
                 return Err(format!(
@@ -345,6 +352,7 @@ mod tests {
         ];
         let mut files = serde_json::json!({
             "embed.onnx": {"sha256": "00", "bytes": 1},
+            "positions.onnx": {"sha256": "00", "bytes": 1},
             "norm.onnx": {"sha256": "00", "bytes": 1},
             "head.onnx": {"sha256": "00", "bytes": 1},
             "tokenizer.json": {"sha256": "00", "bytes": 1},
@@ -354,7 +362,7 @@ mod tests {
             segments.push(serde_json::json!({"kind": "layer", "index": i, "file": file, "inputs": io, "outputs": io}));
             files[file] = serde_json::json!({"sha256": "00", "bytes": 1});
         }
-        for kind in ["norm", "head"] {
+        for kind in ["positions", "norm", "head"] {
             segments.push(serde_json::json!({"kind": kind, "file": format!("{kind}.onnx"), "inputs": io, "outputs": io}));
         }
         serde_json::json!({

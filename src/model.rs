@@ -459,22 +459,26 @@ pub struct SegmentChain {
     config: ModelConfig,
     dtype: Dtype,
     embed: LoadedSegment,
+    positions: LoadedSegment,
     layers: Vec<LoadedSegment>,
     norm: LoadedSegment,
     head: LoadedSegment,
 }
 
 /// Inputs and outputs every layer segment has (the manifest contract).
-pub const LAYER_INPUTS: [&str; 6] = [
+pub const LAYER_INPUTS: [&str; 7] = [
     "hidden_in",
-    "position_ids",
-    "attention_mask",
+    "attention_bias",
+    "cos",
+    "sin",
     "past_key",
     "past_value",
     "steer_delta",
 ];
 /// Outputs every layer segment has.
 pub const LAYER_OUTPUTS: [&str; 3] = ["hidden_out", "present_key", "present_value"];
+/// What the positions segment computes once per step for every layer.
+const POSITION_OUTPUTS: [&str; 3] = ["attention_bias", "cos", "sin"];
 
 impl SegmentChain {
     /// Build one session per segment, verifying each file's sha256 as it is read.
@@ -491,6 +495,13 @@ impl SegmentChain {
             find(SegmentKind::Embed)?,
             &["input_ids"],
             &["hidden"],
+        )?;
+        let positions = load_segment(
+            bundle,
+            runtime,
+            find(SegmentKind::Positions)?,
+            &["position_ids", "attention_mask"],
+            &POSITION_OUTPUTS,
         )?;
         let layers = bundle
             .layers()
@@ -515,6 +526,7 @@ impl SegmentChain {
             config: bundle.config().clone(),
             dtype: bundle.manifest().dtype,
             embed,
+            positions,
             layers,
             norm,
             head,
@@ -544,6 +556,24 @@ impl SegmentChain {
             .map_err(run_error(&embed.name))?;
         let mut hidden = take(&mut outputs, "hidden", &embed.name)?;
         drop(outputs);
+        let positions = &mut self.positions;
+        let mut outputs = positions
+            .session
+            .run(vec![
+                (
+                    Cow::Borrowed("position_ids"),
+                    view_input(step.position_ids.view(), &positions.name)?,
+                ),
+                (
+                    Cow::Borrowed("attention_mask"),
+                    view_input(step.attention_mask.view(), &positions.name)?,
+                ),
+            ])
+            .map_err(run_error(&positions.name))?;
+        let [bias, cos, sin] =
+            POSITION_OUTPUTS.map(|name| take(&mut outputs, name, &positions.name));
+        let (bias, cos, sin) = (bias?, cos?, sin?);
+        drop(outputs);
 
         for (index, layer) in self.layers.iter_mut().enumerate() {
             let steered = match hook.delta(index) {
@@ -552,14 +582,9 @@ impl SegmentChain {
             };
             let inputs: Vec<(Cow<'_, str>, SessionInputValue<'_>)> = vec![
                 (Cow::Borrowed("hidden_in"), (&hidden).into()),
-                (
-                    Cow::Borrowed("position_ids"),
-                    view_input(step.position_ids.view(), &layer.name)?,
-                ),
-                (
-                    Cow::Borrowed("attention_mask"),
-                    view_input(step.attention_mask.view(), &layer.name)?,
-                ),
+                (Cow::Borrowed("attention_bias"), (&bias).into()),
+                (Cow::Borrowed("cos"), (&cos).into()),
+                (Cow::Borrowed("sin"), (&sin).into()),
                 (Cow::Borrowed("past_key"), (&cache.keys[index]).into()),
                 (Cow::Borrowed("past_value"), (&cache.values[index]).into()),
                 (

@@ -156,7 +156,7 @@ impl Runtime {
         let pool = GlobalThreadPoolOptions::default()
             .with_intra_threads(threads)
             .and_then(|p| p.with_inter_threads(1))
-            .and_then(|p| p.with_spin_control(false))
+            .and_then(|p| p.with_spin_control(true))
             .map_err(RuntimeError::ort("configure the global thread pool"))?;
         let environment = builder
             .with_name("onnx-steer")

@@ -12,12 +12,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable
 
+import onnx
+import onnxslim
 import torch
 from torch import nn
 from tqdm import tqdm
 
 from . import FORMAT_VERSION
-from .segments import EmbedSegment, FullModel, HeadSegment, LayerSegment, NormSegment, decoder_layers
+from .segments import (EmbedSegment, FullModel, HeadSegment, LayerSegment, NormSegment, PositionsSegment,
+                       decoder_layers, exported_attention)
 from .source import LoadedModel
 
 OPSET = 17
@@ -64,12 +67,21 @@ def kv_spec(name: str, dims: ModelDims, dtype: str, length: str) -> TensorSpec:
     return TensorSpec(name, dtype, ("batch", dims.kv_heads, length, dims.head_dim))
 
 
+def position_io(dims: ModelDims, dtype: str) -> tuple[list[TensorSpec], list[TensorSpec]]:
+    inputs = [TensorSpec("position_ids", "int64", ("batch", "tokens")),
+              TensorSpec("attention_mask", "int64", ("batch", "total"))]
+    return inputs, [
+        TensorSpec("attention_bias", dtype, ("batch", 1, "tokens", "total")),
+        TensorSpec("cos", dtype, ("batch", "tokens", dims.head_dim)),
+        TensorSpec("sin", dtype, ("batch", "tokens", dims.head_dim)),
+    ]
+
+
 def layer_io(dims: ModelDims, dtype: str) -> tuple[list[TensorSpec], list[TensorSpec]]:
     hidden = ("batch", "tokens", dims.hidden)
     inputs = [
         TensorSpec("hidden_in", dtype, hidden),
-        TensorSpec("position_ids", "int64", ("batch", "tokens")),
-        TensorSpec("attention_mask", "int64", ("batch", "total")),
+        *position_io(dims, dtype)[1],
         kv_spec("past_key", dims, dtype, "past"),
         kv_spec("past_value", dims, dtype, "past"),
         TensorSpec("steer_delta", dtype, ("batch", "steer_tokens", dims.hidden)),
@@ -104,12 +116,16 @@ def dummy(spec: TensorSpec) -> torch.Tensor:
     shape = [DUMMY_SIZES[d] if isinstance(d, str) else d for d in spec.shape]
     if spec.name == "attention_mask":
         return torch.ones(shape, dtype=torch.int64)
+    if spec.name == "attention_bias":
+        return torch.zeros(shape).to(TORCH_DTYPES[spec.dtype])
     if spec.dtype == "int64":
         return torch.arange(shape[-1], dtype=torch.int64).expand(shape).contiguous() + DUMMY_SIZES["past"]
     return torch.randn(shape).to(TORCH_DTYPES[spec.dtype])
 
 
 def export_graph(module: nn.Module, path: Path, inputs: list[TensorSpec], outputs: list[TensorSpec]) -> None:
+    """Trace `module` to ONNX, then fold the tracer's shape arithmetic with onnxslim: in a decode step
+    every one of those tiny nodes costs about as much as a small matrix product."""
     args = tuple(dummy(spec) for spec in inputs)
     with warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore")
@@ -124,6 +140,7 @@ def export_graph(module: nn.Module, path: Path, inputs: list[TensorSpec], output
             dynamo=False,
             do_constant_folding=True,
         )
+    onnx.save_model(onnxslim.slim(str(path)), str(path))
 
 
 def sha256(path: Path) -> str:
@@ -185,9 +202,11 @@ def export_bundle(loaded: LoadedModel, out: Path, dtype: str = "fp32", monolithi
 
     hidden = ("batch", "tokens", dims.hidden)
     lin, lout = layer_io(dims, float_type)
+    pin, pout = position_io(dims, float_type)
     jobs: list[tuple[dict, nn.Module, list[TensorSpec], list[TensorSpec]]] = [
         ({"kind": "embed", "file": "embed.onnx"}, EmbedSegment(model),
          [TensorSpec("input_ids", "int64", ("batch", "tokens"))], [TensorSpec("hidden", float_type, hidden)]),
+        ({"kind": "positions", "file": "positions.onnx"}, PositionsSegment(model), pin, pout),
         *(({"kind": "layer", "index": i, "file": f"layer_{i:02d}.onnx"}, LayerSegment(model, i), lin, lout)
           for i in range(dims.layers)),
         ({"kind": "norm", "file": "norm.onnx"}, NormSegment(model),
@@ -202,7 +221,8 @@ def export_bundle(loaded: LoadedModel, out: Path, dtype: str = "fp32", monolithi
 
     segments = []
     for entry, module, inputs, outputs in tqdm(jobs, desc=f"exporting {out.name}", unit="segment"):
-        export_graph(module, out / entry["file"], inputs, outputs)
+        with exported_attention(model):
+            export_graph(module, out / entry["file"], inputs, outputs)
         segments.append({**entry, "inputs": [s.manifest() for s in inputs], "outputs": [s.manifest() for s in outputs]})
 
     tokenizer = write_tokenizer(loaded, out)

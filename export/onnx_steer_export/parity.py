@@ -42,7 +42,8 @@ def _session(path: Path) -> ort.InferenceSession:
 
 def segment_parity(bundle: Path, model: PreTrainedModel, input_ids: torch.Tensor,
                    attention_mask: torch.Tensor) -> list[SegmentError]:
-    """Errors of embed, every layer, the final norm and the head for one left-padded batch."""
+    """Errors of embed, every layer (fed by the bundle's positions graph), the final norm and the head
+    for one left-padded batch."""
     layer_outputs: list[torch.Tensor] = []
     hooks = [layer.register_forward_hook(lambda _m, _i, out: layer_outputs.append(out[0] if isinstance(out, tuple) else out))
              for layer in decoder_layers(model)]
@@ -64,11 +65,12 @@ def segment_parity(bundle: Path, model: PreTrainedModel, input_ids: torch.Tensor
 
     results = [_errors("embed", _session(bundle / "embed.onnx").run(None, {"input_ids": input_ids.numpy()})[0],
                        embedded, valid)]
+    bias, cos, sin = _session(bundle / "positions.onnx").run(
+        None, {"position_ids": position_ids.numpy(), "attention_mask": mask})
     hidden_in = embedded
     for index, reference in enumerate(layer_outputs):
         got = _session(bundle / f"layer_{index:02d}.onnx").run(None, {
-            "hidden_in": hidden_in, "position_ids": position_ids.numpy(), "attention_mask": mask,
-            "past_key": empty, "past_value": empty,
+            "hidden_in": hidden_in, "attention_bias": bias, "cos": cos, "sin": sin, "past_key": empty, "past_value": empty,
             "steer_delta": np.zeros((mask.shape[0], 1, embedded.shape[-1]), dtype=embedded.dtype),
         })[0]
         results.append(_errors(f"layer_{index:02d}", got, reference.numpy(), valid))

@@ -5,20 +5,27 @@ architecture quirks (Qwen2 biases, Gemma's scaled embedding and (1+w) norm) come
 transformers itself. Only the KV cache and the attention mask are made explicit, so the
 ONNX graphs have a plain tensor interface:
 
-  embed:  input_ids [B,T]                                   -> hidden [B,T,d]
-  layer:  hidden_in [B,T,d], position_ids [B,T], attention_mask [B,P+T],
-          past_key/past_value [B,kv,P,hd], steer_delta [B,1|T,d]
+  embed:     input_ids [B,T]                                -> hidden [B,T,d]
+  positions: position_ids [B,T], attention_mask [B,P+T]     -> attention_bias [B,1,T,P+T], cos/sin [B,T,hd]
+  layer:     hidden_in [B,T,d], attention_bias, cos, sin,
+             past_key/past_value [B,kv,P,hd], steer_delta [B,1|T,d]
                                                             -> hidden_out, present_key/present_value [B,kv,P+T,hd]
-  norm:   hidden_in [B,T,d]                                 -> normed [B,d] (final norm, last position)
-  head:   normed [B,d]                                      -> logits [B,V] (fp32)
-  full:   the same chain in one graph (the benchmark baseline)
+  norm:      hidden_in [B,T,d]                              -> normed [B,d] (final norm, last position)
+  head:      normed [B,d]                                   -> logits [B,V] (fp32)
+  full:      the same chain in one graph (the benchmark baseline)
+
+The mask and the rotary tables are computed once per step by `positions`, not once per layer:
+in a decode step those small graphs cost as much as the layer's own matrix products.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+
 import torch
 from torch import nn
-from transformers import PreTrainedModel
+from transformers import AttentionInterface, PreTrainedModel
 
 
 class ExplicitKvCache:
@@ -55,6 +62,44 @@ def additive_causal_mask(attention_mask: torch.Tensor, query_len: int, dtype: to
     return torch.where(allowed, zero, minimum)
 
 
+def grouped_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                      attention_mask: torch.Tensor | None, scaling: float, dropout: float = 0.0,
+                      **kwargs: object) -> tuple[torch.Tensor, torch.Tensor]:
+    """Eager attention for grouped KV heads without repeating the KV cache.
+
+    HF's eager path expands every KV head `groups` times, which in a decode step copies the whole
+    cache of every layer. Here the `groups` query heads that share a KV head are stacked along the
+    query axis instead (heads are numbered kv_head * groups + r, as in `repeat_kv`).
+    """
+    batch, heads, tokens, head_dim = query.shape
+    kv_heads = key.shape[1]
+    grouped = query.reshape(batch, kv_heads, heads // kv_heads * tokens, head_dim)
+    scores = (torch.matmul(grouped, key.transpose(2, 3)) * scaling).reshape(batch, heads, tokens, -1)
+    if attention_mask is not None:
+        scores = scores + attention_mask
+    probs = nn.functional.softmax(scores, dim=-1, dtype=torch.float32).to(query.dtype)
+    out = torch.matmul(probs.reshape(batch, kv_heads, heads // kv_heads * tokens, -1), value)
+    return out.reshape(batch, heads, tokens, head_dim).transpose(1, 2).contiguous(), probs
+
+
+GROUPED_ATTENTION = "onnx_steer_grouped"
+AttentionInterface.register(GROUPED_ATTENTION, grouped_attention)
+
+
+@contextmanager
+def exported_attention(model: PreTrainedModel) -> Iterator[None]:
+    """Trace `model` with `grouped_attention` where it is exact (no logit soft-capping), then restore."""
+    before = model.config._attn_implementation
+    if getattr(model.config, "attn_logit_softcapping", None):
+        yield
+        return
+    model.set_attn_implementation(GROUPED_ATTENTION)
+    try:
+        yield
+    finally:
+        model.set_attn_implementation(before)
+
+
 def decoder_layers(model: PreTrainedModel) -> nn.ModuleList:
     return model.model.layers
 
@@ -68,17 +113,32 @@ class EmbedSegment(nn.Module):
         return self.embed_tokens(input_ids)
 
 
+class PositionsSegment(nn.Module):
+    """The additive attention mask and the rotary cos/sin tables of one step, shared by every layer."""
+
+    def __init__(self, model: PreTrainedModel) -> None:
+        super().__init__()
+        self.rotary_emb = model.model.rotary_emb
+        self.dtype = model.dtype
+
+    def forward(self, position_ids: torch.Tensor,
+                attention_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        like = torch.zeros((), dtype=self.dtype)  # the rotary module only reads its dtype and device
+        cos, sin = self.rotary_emb(like, position_ids)
+        return additive_causal_mask(attention_mask, position_ids.shape[1], self.dtype), cos, sin
+
+
 class LayerSegment(nn.Module):
     def __init__(self, model: PreTrainedModel, index: int) -> None:
         super().__init__()
         self.layer = decoder_layers(model)[index]
-        self.rotary_emb = model.model.rotary_emb
 
     def forward(
         self,
         hidden_in: torch.Tensor,
-        position_ids: torch.Tensor,
-        attention_mask: torch.Tensor,
+        attention_bias: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
         past_key: torch.Tensor,
         past_value: torch.Tensor,
         steer_delta: torch.Tensor,
@@ -86,15 +146,12 @@ class LayerSegment(nn.Module):
         """`steer_delta` is added to the layer output on the provider, so steering a static or
         predicted vector costs one Add and never moves activations to the host; zeros leave it unsteered."""
         cache = ExplicitKvCache(past_key, past_value)
-        mask = additive_causal_mask(attention_mask, hidden_in.shape[1], hidden_in.dtype)
-        position_embeddings = self.rotary_emb(hidden_in, position_ids)
         hidden_out = self.layer(
             hidden_in,
-            attention_mask=mask,
-            position_ids=position_ids,
+            attention_mask=attention_bias,
             past_key_values=cache,
             use_cache=True,
-            position_embeddings=position_embeddings,
+            position_embeddings=(cos, sin),
         )
         assert cache.present_key is not None and cache.present_value is not None
         return hidden_out + steer_delta, cache.present_key, cache.present_value
@@ -133,6 +190,7 @@ class FullModel(nn.Module):
     def __init__(self, model: PreTrainedModel) -> None:
         super().__init__()
         self.embed = EmbedSegment(model)
+        self.positions = PositionsSegment(model)
         self.layers = nn.ModuleList(LayerSegment(model, i) for i in range(len(decoder_layers(model))))
         self.norm = NormSegment(model)
         self.head = HeadSegment(model)
@@ -141,9 +199,10 @@ class FullModel(nn.Module):
         self, input_ids: torch.Tensor, position_ids: torch.Tensor, attention_mask: torch.Tensor, *past: torch.Tensor
     ) -> tuple[torch.Tensor, ...]:
         hidden = self.embed(input_ids)
+        bias, cos, sin = self.positions(position_ids, attention_mask)
+        no_steer = torch.zeros_like(hidden[:, :1, :])
         presents: list[torch.Tensor] = []
         for i, layer in enumerate(self.layers):
-            no_steer = torch.zeros_like(hidden[:, :1, :])
-            hidden, key, value = layer(hidden, position_ids, attention_mask, past[2 * i], past[2 * i + 1], no_steer)
+            hidden, key, value = layer(hidden, bias, cos, sin, past[2 * i], past[2 * i + 1], no_steer)
             presents += [key, value]
         return (self.head(self.norm(hidden)), *presents)
