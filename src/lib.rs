@@ -10,6 +10,7 @@ pub mod bench;
 pub mod bundle;
 pub mod generate;
 pub mod model;
+pub mod perplexity;
 pub mod runtime;
 pub mod server;
 pub mod steer;

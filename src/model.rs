@@ -36,6 +36,8 @@ pub enum ModelError {
     SteeringUnsupported,
     #[error("steering intervention failed: {0}")]
     Intervention(String),
+    #[error("the model produced non-finite values: {0}")]
+    NotFinite(String),
 }
 
 fn run_error(segment: &str) -> impl FnOnce(ort::Error) -> ModelError + '_ {
