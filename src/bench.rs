@@ -8,6 +8,7 @@ use serde::Serialize;
 
 use crate::generate::{generate, GenerateError, GenerationConfig, Sampling};
 use crate::model::CausalLm;
+use crate::profile::ProfileSummary;
 use crate::steer::{BatchSteering, Decision};
 
 /// One configuration to measure: a model (by index into the models passed to [`measure`]) and
@@ -71,6 +72,9 @@ pub struct VariantResult {
     /// What row 0's learned interventions decided (e.g. whether AutoSteer's gate opened).
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub decisions: Vec<Decision>,
+    /// Milliseconds per step by segment, from one extra untimed run (segment chains only).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub profile: Option<ProfileSummary>,
 }
 
 /// Timings of one repeat, and what row 0's learned interventions decided.
@@ -161,19 +165,23 @@ pub fn measure(
             progress();
         }
     }
-    Ok(variants
-        .iter()
-        .zip(samples)
-        .map(
-            |(variant, (prefill, decode, steps, decisions))| VariantResult {
-                variant: variant.name.clone(),
-                prefill_tokens_per_s: Stats::of(&prefill),
-                decode_tokens_per_s: Stats::of(&decode),
-                token_latency_ms: Stats::of(if steps.is_empty() { &[0.0] } else { &steps }),
-                decisions,
-            },
-        )
-        .collect())
+    let mut results = Vec::with_capacity(variants.len());
+    for (variant, (prefill, decode, steps, decisions)) in variants.iter().zip(samples) {
+        // Profiled apart from the timed repeats, so the clock reads cannot skew them.
+        let model = models[variant.model].as_mut();
+        model.start_profile();
+        run_once(model, &variant.steering, prompts, new_tokens)?;
+        let profile = model.take_profile().map(|profile| profile.summary());
+        results.push(VariantResult {
+            variant: variant.name.clone(),
+            prefill_tokens_per_s: Stats::of(&prefill),
+            decode_tokens_per_s: Stats::of(&decode),
+            token_latency_ms: Stats::of(if steps.is_empty() { &[0.0] } else { &steps }),
+            decisions,
+            profile,
+        });
+    }
+    Ok(results)
 }
 
 /// The CPU model name (Linux `/proc/cpuinfo`), for the machine description of a report.

@@ -146,6 +146,23 @@ pub struct Manifest {
     #[serde(default)]
     pub monolithic: Option<Segment>,
     pub files: BTreeMap<String, FileEntry>,
+    /// Set when MatMul weights were quantized after export (`python -m onnx_steer_export quantize`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub weights: Option<QuantizedWeights>,
+}
+
+/// How a quantized bundle's MatMul weights are stored (activations keep [`Manifest::dtype`]).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct QuantizedWeights {
+    /// `int4` or `int8` (ONNX Runtime `MatMulNBits`).
+    pub format: String,
+    /// Weights sharing one scale.
+    pub block_size: usize,
+    /// MatMulNBits compute type (4: int8 activations).
+    pub accuracy_level: u32,
+    /// The float bundle this one was quantized from.
+    #[serde(default)]
+    pub quantized_from: String,
 }
 
 /// An opened, validated bundle directory.

@@ -11,6 +11,7 @@ pub mod bundle;
 pub mod generate;
 pub mod model;
 pub mod perplexity;
+pub mod profile;
 pub mod runtime;
 pub mod server;
 pub mod steer;

@@ -5,12 +5,14 @@
 //! (fp32 or fp16) and their device are whatever the provider produced.
 
 use std::borrow::Cow;
+use std::time::Instant;
 
 use ndarray::{Array, Array2, Array3, ArrayView2, ArrayView3, ArrayViewD};
 use ort::session::{Session, SessionInputValue};
 use ort::value::{DynValue, Tensor, TensorRef};
 
 use crate::bundle::{Bundle, BundleError, Dtype, ModelConfig, Segment, SegmentKind};
+use crate::profile::{time_if, SegmentProfile, STEERING};
 use crate::runtime::{Runtime, RuntimeError};
 
 /// Why a model could not be loaded or run.
@@ -342,6 +344,13 @@ pub trait CausalLm {
         cache: &mut KvCache,
         hook: &mut dyn LayerHook,
     ) -> Result<Array2<f32>, ModelError>;
+    /// Start timing each segment call (`onnx-steer bench` reports the breakdown); a model of one
+    /// graph has no segments and ignores this.
+    fn start_profile(&mut self) {}
+    /// Stop timing and return what was measured since [`CausalLm::start_profile`].
+    fn take_profile(&mut self) -> Option<SegmentProfile> {
+        None
+    }
 }
 
 fn expect_io(session: &Session, segment: &Segment) -> Result<(), ModelError> {
@@ -465,6 +474,7 @@ pub struct SegmentChain {
     layers: Vec<LoadedSegment>,
     norm: LoadedSegment,
     head: LoadedSegment,
+    profile: Option<SegmentProfile>,
 }
 
 /// Inputs and outputs every layer segment has (the manifest contract).
@@ -532,6 +542,7 @@ impl SegmentChain {
             layers,
             norm,
             head,
+            profile: None,
         })
     }
 }
@@ -547,41 +558,48 @@ impl SegmentChain {
     ) -> Result<DynValue, ModelError> {
         step.check(cache)?;
         let batch = step.input_ids.nrows();
+        let decode = step.input_ids.ncols() == 1;
+        let profile = &mut self.profile;
         let unsteered = steer_value(Array2::zeros((batch, self.config.hidden_size)), self.dtype)?;
         let embed = &mut self.embed;
-        let mut outputs = embed
-            .session
-            .run(vec![(
-                Cow::Borrowed("input_ids"),
-                view_input(step.input_ids.view(), &embed.name)?,
-            )])
-            .map_err(run_error(&embed.name))?;
+        let mut outputs = time_if(profile, decode, &embed.name, || {
+            embed
+                .session
+                .run(vec![(
+                    Cow::Borrowed("input_ids"),
+                    view_input(step.input_ids.view(), &embed.name)?,
+                )])
+                .map_err(run_error(&embed.name))
+        })?;
         let mut hidden = take(&mut outputs, "hidden", &embed.name)?;
         drop(outputs);
         let positions = &mut self.positions;
-        let mut outputs = positions
-            .session
-            .run(vec![
-                (
-                    Cow::Borrowed("position_ids"),
-                    view_input(step.position_ids.view(), &positions.name)?,
-                ),
-                (
-                    Cow::Borrowed("attention_mask"),
-                    view_input(step.attention_mask.view(), &positions.name)?,
-                ),
-            ])
-            .map_err(run_error(&positions.name))?;
+        let mut outputs = time_if(profile, decode, &positions.name, || {
+            positions
+                .session
+                .run(vec![
+                    (
+                        Cow::Borrowed("position_ids"),
+                        view_input(step.position_ids.view(), &positions.name)?,
+                    ),
+                    (
+                        Cow::Borrowed("attention_mask"),
+                        view_input(step.attention_mask.view(), &positions.name)?,
+                    ),
+                ])
+                .map_err(run_error(&positions.name))
+        })?;
         let [bias, cos, sin] =
             POSITION_OUTPUTS.map(|name| take(&mut outputs, name, &positions.name));
         let (bias, cos, sin) = (bias?, cos?, sin?);
         drop(outputs);
 
         for (index, layer) in self.layers.iter_mut().enumerate() {
-            let steered = match hook.delta(index) {
-                Some(delta) => Some(steer_value(delta.clone(), self.dtype)?),
-                None => None,
-            };
+            let steered = time_if(profile, decode, STEERING, || {
+                hook.delta(index)
+                    .map(|delta| steer_value(delta.clone(), self.dtype))
+                    .transpose()
+            })?;
             let inputs: Vec<(Cow<'_, str>, SessionInputValue<'_>)> = vec![
                 (Cow::Borrowed("hidden_in"), (&hidden).into()),
                 (Cow::Borrowed("attention_bias"), (&bias).into()),
@@ -594,18 +612,23 @@ impl SegmentChain {
                     steered.as_ref().unwrap_or(&unsteered).into(),
                 ),
             ];
-            let mut outputs = layer.session.run(inputs).map_err(run_error(&layer.name))?;
+            let mut outputs = time_if(profile, decode, &layer.name, || {
+                layer.session.run(inputs).map_err(run_error(&layer.name))
+            })?;
             let next = take(&mut outputs, "hidden_out", &layer.name)?;
             cache.keys[index] = take(&mut outputs, "present_key", &layer.name)?;
             cache.values[index] = take(&mut outputs, "present_value", &layer.name)?;
             drop(outputs);
             hidden = next;
-            if hook.rewrites(Site::Layer(index)) {
-                hidden = hook.rewrite(Site::Layer(index), hidden)?;
-            }
-            if hook.observes(index) {
-                hook.observe(index, &hidden)?;
-            }
+            hidden = time_if(profile, decode, STEERING, || {
+                if hook.rewrites(Site::Layer(index)) {
+                    hidden = hook.rewrite(Site::Layer(index), hidden)?;
+                }
+                if hook.observes(index) {
+                    hook.observe(index, &hidden)?;
+                }
+                Ok::<_, ModelError>(hidden)
+            })?;
         }
         cache.len += step.input_ids.ncols();
         Ok(hidden)
@@ -687,29 +710,49 @@ impl CausalLm for SegmentChain {
         cache: &mut KvCache,
         hook: &mut dyn LayerHook,
     ) -> Result<Array2<f32>, ModelError> {
+        let started = Instant::now();
+        let decode = step.input_ids.ncols() == 1;
         let hidden = self.run_layers(step, cache, hook)?;
+        let profile = &mut self.profile;
         let norm = &mut self.norm;
-        let mut outputs = norm
-            .session
-            .run(vec![(
-                Cow::Borrowed("hidden_in"),
-                SessionInputValue::from(&hidden),
-            )])
-            .map_err(run_error(&norm.name))?;
+        let mut outputs = time_if(profile, decode, &norm.name, || {
+            norm.session
+                .run(vec![(
+                    Cow::Borrowed("hidden_in"),
+                    SessionInputValue::from(&hidden),
+                )])
+                .map_err(run_error(&norm.name))
+        })?;
         let mut normed = take(&mut outputs, "normed", &norm.name)?;
         drop(outputs);
         if hook.rewrites(Site::Head) {
-            normed = hook.rewrite(Site::Head, normed)?;
+            normed = time_if(profile, decode, STEERING, || {
+                hook.rewrite(Site::Head, normed)
+            })?;
         }
         let head = &mut self.head;
-        let outputs = head
-            .session
-            .run(vec![(
-                Cow::Borrowed("normed"),
-                SessionInputValue::from(&normed),
-            )])
-            .map_err(run_error(&head.name))?;
-        logits_of(&outputs["logits"], &head.name)
+        let logits = time_if(profile, decode, &head.name, || {
+            let outputs = head
+                .session
+                .run(vec![(
+                    Cow::Borrowed("normed"),
+                    SessionInputValue::from(&normed),
+                )])
+                .map_err(run_error(&head.name))?;
+            logits_of(&outputs["logits"], &head.name)
+        })?;
+        if let Some(profile) = profile {
+            profile.add_step(decode, started.elapsed());
+        }
+        Ok(logits)
+    }
+
+    fn start_profile(&mut self) {
+        self.profile = Some(SegmentProfile::default());
+    }
+
+    fn take_profile(&mut self) -> Option<SegmentProfile> {
+        self.profile.take()
     }
 }
 

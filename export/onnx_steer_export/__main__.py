@@ -1,4 +1,4 @@
-"""Command line: python -m onnx_steer_export {export, train-vector, train-l2s, train-w2s, train-svf,
+"""Command line: python -m onnx_steer_export {export, quantize, train-vector, train-l2s, train-w2s, train-svf,
 train-autosteer, eval, eval-behaviour, eval-svf, eval-autosteer, make-splits} ..."""
 
 from __future__ import annotations
@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 from . import REPO
+from .quantize import QuantizeError
 from .source import SourceError
 from .vectors import PairsError
 
@@ -24,6 +25,13 @@ def cmd_export(args: argparse.Namespace) -> None:
         f"wrote {args.out}: {model['architecture']}, {model['num_layers']} layers, d={model['hidden_size']}, "
         f"{manifest['dtype']}, {len(manifest['files'])} files"
     )
+
+
+def cmd_quantize(args: argparse.Namespace) -> None:
+    from .quantize import quantize_bundle
+
+    manifest = quantize_bundle(Path(args.bundle), Path(args.out), args.weights, args.block_size, args.accuracy_level)
+    print(f"wrote {args.out}: {args.weights} weights in blocks of {args.block_size}, {len(manifest['files'])} files")
 
 
 def cmd_train_vector(args: argparse.Namespace) -> None:
@@ -189,6 +197,21 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--monolithic", action="store_true",
                         help="also write full.onnx, the whole model as one graph (the benchmark baseline)")
     export.set_defaults(func=cmd_export)
+
+    quantize = commands.add_parser(
+        "quantize",
+        help="copy a bundle with weight-only int4/int8 MatMul weights (MatMulNBits)",
+        description="Quantize every constant MatMul weight of the layer, head and monolithic graphs in "
+        "symmetric blocks. Activations, KV cache and steering interfaces keep the bundle's dtype, so steer "
+        "specs trained on the float bundle run unchanged.",
+    )
+    quantize.add_argument("--bundle", required=True, help="float bundle to read")
+    quantize.add_argument("--out", required=True, help="bundle directory to write, e.g. onnx/smollm2-135m-instruct-int4")
+    quantize.add_argument("--weights", choices=["int4", "int8"], required=True, help="weight precision")
+    quantize.add_argument("--block-size", type=int, default=32, help="weights sharing one scale")
+    quantize.add_argument("--accuracy-level", type=int, default=4, choices=[0, 1, 2, 3, 4],
+                          help="MatMulNBits compute type: 4 = int8 activations (fastest on CPU), 0 = fp32")
+    quantize.set_defaults(func=cmd_quantize)
 
     vector = commands.add_parser(
         "train-vector",
@@ -379,7 +402,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         args.func(args)
-    except (SourceError, PairsError, FileNotFoundError) as err:
+    except (SourceError, PairsError, FileNotFoundError, QuantizeError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     return 0

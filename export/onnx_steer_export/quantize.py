@@ -9,11 +9,10 @@ it is read one row per token and costs no bandwidth worth saving.
 from __future__ import annotations
 
 import json
+import logging
 import shutil
 from pathlib import Path
 
-import onnx
-from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
 from tqdm import tqdm
 
 from .bundle import sha256
@@ -22,8 +21,16 @@ WEIGHT_BITS = {"int4": 4, "int8": 8}
 QUANTIZED_KINDS = ("layer", "head", "full")
 
 
+class QuantizeError(ValueError):
+    """The bundle cannot be quantized as asked (unknown precision, already quantized, out == bundle)."""
+
+
 def quantize_graph(source: Path, target: Path, bits: int, block_size: int, accuracy_level: int) -> None:
     """Quantize every constant MatMul weight of `source` into `target` (symmetric blocks)."""
+    import onnx  # heavy imports here: the CLI imports this module for QuantizeError alone
+    from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+
+    logging.getLogger("onnxruntime.quantization.matmul_nbits_quantizer").setLevel(logging.WARNING)
     quantizer = MatMulNBitsQuantizer(onnx.load(str(source)), bits=bits, block_size=block_size, is_symmetric=True,
                                      accuracy_level=accuracy_level, op_types_to_quantize=("MatMul",))
     quantizer.process()
@@ -38,12 +45,12 @@ def quantize_bundle(bundle: Path, out: Path, weights: str, block_size: int = 32,
     accuracy_level 4 lets MatMulNBits compute in int8 on CPU (the fast path); 0 keeps fp32 compute.
     """
     if weights not in WEIGHT_BITS:
-        raise ValueError(f"--weights must be one of {sorted(WEIGHT_BITS)}, got {weights!r}")
+        raise QuantizeError(f"--weights must be one of {sorted(WEIGHT_BITS)}, got {weights!r}")
     manifest = json.loads((bundle / "manifest.json").read_text())
     if manifest.get("weights", {}).get("format", "float") != "float":
-        raise ValueError(f"{bundle} is already quantized ({manifest['weights']['format']})")
+        raise QuantizeError(f"{bundle} is already quantized ({manifest['weights']['format']})")
     if bundle.resolve() == out.resolve():
-        raise ValueError("--out must differ from --bundle")
+        raise QuantizeError("--out must differ from --bundle")
     out.mkdir(parents=True, exist_ok=True)
     segments = manifest["segments"] + ([manifest["monolithic"]] if manifest.get("monolithic") else [])
     quantized = {s["file"] for s in segments if s["kind"] in QUANTIZED_KINDS}

@@ -335,6 +335,7 @@ fn run_bench(args: BenchArgs) -> Result<(), CliError> {
                 .expect("static template"),
         );
     let mut reports = Vec::new();
+    let mut profiles = Vec::new();
     for (batch, prompt_tokens) in workloads {
         let mut variants = vec![Variant {
             name: "segmented".into(),
@@ -398,6 +399,10 @@ fn run_bench(args: BenchArgs) -> Result<(), CliError> {
             "prefill_segmented_over_monolithic".into(),
             ratio(prefill("segmented"), prefill("monolithic")).into(),
         );
+        profiles.push((
+            format!("batch {batch}, {prompt_tokens}-token prompt"),
+            results.clone(),
+        ));
         reports.push(serde_json::json!({
             "batch": batch, "prompt_tokens": prompt_tokens, "new_tokens": args.new_tokens,
             "repeats": args.repeats, "warmup": args.warmup, "variants": results, "ratios": ratios,
@@ -405,7 +410,8 @@ fn run_bench(args: BenchArgs) -> Result<(), CliError> {
     }
     bar.finish_and_clear();
     let report = serde_json::json!({
-        "bundle": bundle.manifest().name, "dtype": bundle.manifest().dtype, "provider": runtime.provider(),
+        "bundle": bundle.manifest().name, "dtype": bundle.manifest().dtype,
+        "weights": bundle.manifest().weights, "provider": runtime.provider(),
         "steer": args.steer, "threads": args.runtime.threads,
         "cpus": std::thread::available_parallelism().map(|n| n.get()).ok(),
         "cpu_model": cpu_model(),
@@ -435,6 +441,19 @@ fn run_bench(args: BenchArgs) -> Result<(), CliError> {
         for (name, value) in workload["ratios"].as_object().into_iter().flatten() {
             if let Some(value) = value.as_f64() {
                 writeln!(out, "  {name}: {value:.3}")?;
+            }
+        }
+    }
+    for (workload, results) in &profiles {
+        writeln!(out, "decode breakdown, {workload}:")?;
+        for result in results {
+            if let Some(profile) = &result.profile {
+                writeln!(
+                    out,
+                    "  {:<26} {}",
+                    result.variant,
+                    profile.decode.one_line()
+                )?;
             }
         }
     }
