@@ -4,18 +4,20 @@
 //! kind), the prefill of a 128-token prompt (where learned interventions run their nets), and
 //! sampling. `onnx-steer bench` is the end-to-end tokens/s measurement; these isolate the parts.
 
+use std::borrow::Cow;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use criterion::{criterion_group, criterion_main, BatchSize, Criterion};
 use ndarray::{Array2, Array3, Array4};
-use onnx_steer::bundle::Bundle;
+use onnx_steer::bundle::{Bundle, SegmentKind};
 use onnx_steer::generate::Sampling;
 use onnx_steer::model::{CausalLm, KvCache, LayerHook, SegmentChain, Step};
 use onnx_steer::runtime::{Runtime, RuntimeOptions};
 use onnx_steer::steer::{BatchSteering, DecodeSteering, SteerSpec};
-use ort::value::Tensor;
+use ort::session::{Session, SessionInputValue};
+use ort::value::{Tensor, TensorRef};
 use rand::rngs::StdRng;
 use rand::SeedableRng;
 
@@ -60,32 +62,69 @@ fn decode_step(seen: usize) -> Step {
     }
 }
 
+/// Session of the bundle's first segment of `kind`.
+fn session_of(s: &Setup, kind: SegmentKind) -> Option<Session> {
+    let file = s.bundle.segment(kind)?.file.clone();
+    let bytes = s.bundle.read_verified(&file).expect("segment file");
+    Some(s.runtime.session(&bytes, &file).expect("segment session"))
+}
+
+/// One decode call of layer 0 after a 128-token prompt, with the positions graph's outputs and a
+/// zero KV cache prepared untimed: the per-segment cost the chain pays 30 times a token.
 fn segment_call(c: &mut Criterion, s: &Setup) {
     let config = s.bundle.config();
-    let Some(layer) = s.bundle.layers().first().map(|l| l.file.clone()) else {
+    let (Some(mut positions), Some(mut layer)) = (
+        session_of(s, SegmentKind::Positions),
+        session_of(s, SegmentKind::Layer),
+    ) else {
         return;
     };
-    let bytes = s.bundle.read_verified(&layer).expect("layer file");
-    let mut session = s.runtime.session(&bytes, &layer).expect("layer session");
+    let value = |array: ndarray::ArrayD<f32>| Tensor::from_array(array).expect("tensor").into_dyn();
     let (kv, hd, d) = (
         config.num_key_value_heads,
         config.head_dim,
         config.hidden_size,
     );
-    let past = Array4::<f32>::zeros((1, kv, PROMPT_TOKENS, hd));
-    c.bench_function("segment/layer_00 decode call (P=128)", |b| {
+    let past = value(Array4::<f32>::zeros((1, kv, PROMPT_TOKENS, hd)).into_dyn());
+    let hidden = value(Array3::<f32>::zeros((1, 1, d)).into_dyn());
+    let delta = value(Array3::<f32>::zeros((1, 1, d)).into_dyn());
+    let step = decode_step(PROMPT_TOKENS);
+    let mut tables = positions
+        .run(ort::inputs![
+            "position_ids" => Tensor::from_array(step.position_ids.clone()).expect("positions"),
+            "attention_mask" => Tensor::from_array(step.attention_mask.clone()).expect("mask"),
+        ])
+        .expect("positions run");
+    let [bias, cos, sin] =
+        ["attention_bias", "cos", "sin"].map(|name| tables.remove(name).expect(name));
+    drop(tables);
+    let mut group = c.benchmark_group("segment");
+    group.bench_function("positions decode call (P=128)", |b| {
         b.iter(|| {
-            let inputs = ort::inputs![
-                "hidden_in" => Tensor::from_array(Array3::<f32>::zeros((1, 1, d))).expect("hidden"),
-                "position_ids" => Tensor::from_array(Array2::<i64>::from_elem((1, 1), PROMPT_TOKENS as i64)).expect("positions"),
-                "attention_mask" => Tensor::from_array(Array2::<i64>::ones((1, PROMPT_TOKENS + 1))).expect("mask"),
-                "past_key" => Tensor::from_array(past.clone()).expect("keys"),
-                "past_value" => Tensor::from_array(past.clone()).expect("values"),
-                "steer_delta" => Tensor::from_array(Array3::<f32>::zeros((1, 1, d))).expect("delta"),
-            ];
-            session.run(inputs).expect("layer run").len()
+            positions
+                .run(ort::inputs![
+                    "position_ids" => TensorRef::from_array_view(step.position_ids.view()).expect("positions"),
+                    "attention_mask" => TensorRef::from_array_view(step.attention_mask.view()).expect("mask"),
+                ])
+                .expect("positions run")
+                .len()
         })
     });
+    group.bench_function("layer_00 decode call (P=128)", |b| {
+        b.iter(|| {
+            let inputs: Vec<(Cow<'_, str>, SessionInputValue<'_>)> = vec![
+                ("hidden_in".into(), (&hidden).into()),
+                ("attention_bias".into(), (&bias).into()),
+                ("cos".into(), (&cos).into()),
+                ("sin".into(), (&sin).into()),
+                ("past_key".into(), (&past).into()),
+                ("past_value".into(), (&past).into()),
+                ("steer_delta".into(), (&delta).into()),
+            ];
+            layer.run(inputs).expect("layer run").len()
+        })
+    });
+    group.finish();
 }
 
 /// Specs of the default bundle's `steer/` folder that exist, by intervention kind.

@@ -191,6 +191,33 @@ pub fn cpu_model() -> Option<String> {
     Some(line.split_once(':')?.1.trim().to_string())
 }
 
+/// Sustained memory read bandwidth in GB/s: every available core sums its share of a 512 MiB
+/// buffer (far larger than any cache), best of three passes.
+///
+/// Decode at batch 1 reads every weight once per token, so `weight bytes × tokens/s` over this is
+/// the fraction of the machine's bandwidth limit a variant reaches.
+pub fn memory_read_gbs() -> f64 {
+    const BYTES: usize = 512 << 20;
+    let words = vec![1u64; BYTES / 8];
+    let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let chunk = words.len().div_ceil(threads);
+    let mut best = f64::INFINITY;
+    for _ in 0..3 {
+        let started = Instant::now();
+        let total: u64 = std::thread::scope(|scope| {
+            let parts: Vec<_> = words
+                .chunks(chunk)
+                .map(|part| scope.spawn(move || part.iter().fold(0u64, |a, &w| a.wrapping_add(w))))
+                .collect();
+            parts.into_iter().map(|p| p.join().unwrap_or(0)).sum()
+        });
+        // Using the sum keeps the reads from being optimised away.
+        std::hint::black_box(total);
+        best = best.min(started.elapsed().as_secs_f64());
+    }
+    BYTES as f64 / best / 1e9
+}
+
 /// Peak resident memory of this process in MiB (Linux `VmHWM`), if readable.
 pub fn peak_rss_mib() -> Option<f64> {
     let status = std::fs::read_to_string("/proc/self/status").ok()?;
@@ -202,6 +229,12 @@ pub fn peak_rss_mib() -> Option<f64> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn memory_bandwidth_is_plausible() {
+        let gbs = memory_read_gbs();
+        assert!(gbs > 0.5 && gbs < 10_000.0, "{gbs} GB/s");
+    }
 
     #[test]
     fn stats_of_known_sample() {

@@ -247,6 +247,19 @@ impl Bundle {
         layers
     }
 
+    /// Bytes of the graphs a decode step streams in full (layers, final norm, head): the weight
+    /// traffic per token at batch 1. The embedding is left out, as a step reads one row of it.
+    pub fn decode_weight_bytes(&self) -> u64 {
+        let streamed = [SegmentKind::Layer, SegmentKind::Norm, SegmentKind::Head];
+        self.manifest
+            .segments
+            .iter()
+            .filter(|s| streamed.contains(&s.kind))
+            .filter_map(|s| self.manifest.files.get(&s.file))
+            .map(|entry| entry.bytes)
+            .sum()
+    }
+
     /// Read a manifest-listed file and check its sha256; the bytes go straight to ONNX Runtime.
     pub fn read_verified(&self, file: &str) -> Result<Vec<u8>, BundleError> {
         let path = self.path(file);

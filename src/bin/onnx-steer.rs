@@ -303,7 +303,7 @@ fn bench_prompt(codec: &TextCodec, tokens: usize) -> Result<Vec<u32>, CliError> 
 }
 
 fn run_bench(args: BenchArgs) -> Result<(), CliError> {
-    use onnx_steer::bench::{cpu_model, measure, peak_rss_mib, Variant};
+    use onnx_steer::bench::{cpu_model, measure, memory_read_gbs, peak_rss_mib, Variant};
 
     let bundle = Bundle::open(&args.bundle)?;
     let codec = TextCodec::load(&bundle)?;
@@ -334,6 +334,8 @@ fn run_bench(args: BenchArgs) -> Result<(), CliError> {
             ProgressStyle::with_template("bench {bar:30} {pos}/{len} runs ({eta})")
                 .expect("static template"),
         );
+    let bandwidth = memory_read_gbs();
+    let weight_bytes = bundle.decode_weight_bytes() as f64;
     let mut reports = Vec::new();
     let mut profiles = Vec::new();
     for (batch, prompt_tokens) in workloads {
@@ -403,8 +405,19 @@ fn run_bench(args: BenchArgs) -> Result<(), CliError> {
             format!("batch {batch}, {prompt_tokens}-token prompt"),
             results.clone(),
         ));
+        let bandwidth_fraction: serde_json::Map<String, serde_json::Value> = results
+            .iter()
+            .map(|r| {
+                let steps_per_s = r.decode_tokens_per_s.mean / batch as f64;
+                (
+                    r.variant.clone(),
+                    (weight_bytes * steps_per_s / 1e9 / bandwidth).into(),
+                )
+            })
+            .collect();
         reports.push(serde_json::json!({
             "batch": batch, "prompt_tokens": prompt_tokens, "new_tokens": args.new_tokens,
+            "prompt_ids": prompts[0], "bandwidth_fraction": bandwidth_fraction,
             "repeats": args.repeats, "warmup": args.warmup, "variants": results, "ratios": ratios,
         }));
     }
@@ -416,7 +429,8 @@ fn run_bench(args: BenchArgs) -> Result<(), CliError> {
         "cpus": std::thread::available_parallelism().map(|n| n.get()).ok(),
         "cpu_model": cpu_model(),
         "onnxruntime": runtime.library(),
-        "peak_rss_mib": peak_rss_mib(), "workloads": reports,
+        "peak_rss_mib": peak_rss_mib(), "memory_read_gb_per_s": bandwidth,
+        "decode_weight_bytes": weight_bytes, "workloads": reports,
     });
     let mut out = std::io::stdout().lock();
     writeln!(
@@ -442,6 +456,25 @@ fn run_bench(args: BenchArgs) -> Result<(), CliError> {
             if let Some(value) = value.as_f64() {
                 writeln!(out, "  {name}: {value:.3}")?;
             }
+        }
+    }
+    writeln!(
+        out,
+        "memory read bandwidth {bandwidth:.1} GB/s; a decode step streams {:.1} MB of weights",
+        weight_bytes / 1e6
+    )?;
+    for workload in report["workloads"].as_array().into_iter().flatten() {
+        for (name, fraction) in workload["bandwidth_fraction"]
+            .as_object()
+            .into_iter()
+            .flatten()
+        {
+            writeln!(
+                out,
+                "  {name} (batch {}): {:.0}% of the bandwidth limit",
+                workload["batch"],
+                fraction.as_f64().unwrap_or(0.0) * 100.0
+            )?;
         }
     }
     for (workload, results) in &profiles {
