@@ -72,6 +72,8 @@ pub struct VariantResult {
     /// What row 0's learned interventions decided (e.g. whether AutoSteer's gate opened).
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub decisions: Vec<Decision>,
+    /// Row 0's greedy ids in the last timed run (to check that runtimes agree on the output).
+    pub generated_ids: Vec<u32>,
     /// Milliseconds per step by segment, from one extra untimed run (segment chains only).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub profile: Option<ProfileSummary>,
@@ -83,6 +85,7 @@ struct Run {
     decode_s: f64,
     step_ms: Vec<f64>,
     decisions: Vec<Decision>,
+    generated_ids: Vec<u32>,
 }
 
 /// One repeat of one variant.
@@ -115,15 +118,15 @@ fn run_once(
     })?;
     let total = started.elapsed().as_secs_f64();
     let prefill = first_token.unwrap_or(total);
+    let first_row = generated.into_iter().next();
+    let (generated_ids, decisions) =
+        first_row.map_or_else(Default::default, |row| (row.token_ids, row.steering));
     Ok(Run {
         prefill_s: prefill,
         decode_s: total - prefill,
         step_ms: steps,
-        decisions: generated
-            .into_iter()
-            .next()
-            .map(|row| row.steering)
-            .unwrap_or_default(),
+        decisions,
+        generated_ids,
     })
 }
 
@@ -150,7 +153,7 @@ pub fn measure(
             )?;
         }
     }
-    type Samples = (Vec<f64>, Vec<f64>, Vec<f64>, Vec<Decision>);
+    type Samples = (Vec<f64>, Vec<f64>, Vec<f64>, Vec<Decision>, Vec<u32>);
     let mut samples: Vec<Samples> = vec![Default::default(); variants.len()];
     for _ in 0..repeats.max(1) {
         for (variant, sample) in variants.iter().zip(samples.iter_mut()) {
@@ -162,11 +165,14 @@ pub fn measure(
             );
             sample.2.extend(run.step_ms);
             sample.3 = run.decisions;
+            sample.4 = run.generated_ids;
             progress();
         }
     }
     let mut results = Vec::with_capacity(variants.len());
-    for (variant, (prefill, decode, steps, decisions)) in variants.iter().zip(samples) {
+    for (variant, (prefill, decode, steps, decisions, generated_ids)) in
+        variants.iter().zip(samples)
+    {
         // Profiled apart from the timed repeats, so the clock reads cannot skew them.
         let model = models[variant.model].as_mut();
         model.start_profile();
@@ -178,6 +184,7 @@ pub fn measure(
             decode_tokens_per_s: Stats::of(&decode),
             token_latency_ms: Stats::of(if steps.is_empty() { &[0.0] } else { &steps }),
             decisions,
+            generated_ids,
             profile,
         });
     }

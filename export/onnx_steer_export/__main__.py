@@ -30,7 +30,8 @@ def cmd_export(args: argparse.Namespace) -> None:
 def cmd_quantize(args: argparse.Namespace) -> None:
     from .quantize import quantize_bundle
 
-    manifest = quantize_bundle(Path(args.bundle), Path(args.out), args.weights, args.block_size, args.accuracy_level)
+    manifest = quantize_bundle(Path(args.bundle), Path(args.out), args.weights, args.block_size, args.accuracy_level,
+                               args.symmetric)
     print(f"wrote {args.out}: {args.weights} weights in blocks of {args.block_size}, {len(manifest['files'])} files")
 
 
@@ -211,6 +212,8 @@ def build_parser() -> argparse.ArgumentParser:
     quantize.add_argument("--block-size", type=int, default=32, help="weights sharing one scale")
     quantize.add_argument("--accuracy-level", type=int, default=4, choices=[0, 1, 2, 3, 4],
                           help="MatMulNBits compute type: 4 = int8 activations (fastest on CPU), 0 = fp32")
+    quantize.add_argument("--symmetric", action="store_true",
+                          help="symmetric blocks (no zero points); the default, asymmetric, keeps more accuracy")
     quantize.set_defaults(func=cmd_quantize)
 
     vector = commands.add_parser(

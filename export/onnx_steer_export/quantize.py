@@ -25,13 +25,14 @@ class QuantizeError(ValueError):
     """The bundle cannot be quantized as asked (unknown precision, already quantized, out == bundle)."""
 
 
-def quantize_graph(source: Path, target: Path, bits: int, block_size: int, accuracy_level: int) -> None:
-    """Quantize every constant MatMul weight of `source` into `target` (symmetric blocks)."""
+def quantize_graph(source: Path, target: Path, bits: int, block_size: int, accuracy_level: int,
+                   symmetric: bool) -> None:
+    """Quantize every constant MatMul weight of `source` into `target`."""
     import onnx  # heavy imports here: the CLI imports this module for QuantizeError alone
     from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
 
     logging.getLogger("onnxruntime.quantization.matmul_nbits_quantizer").setLevel(logging.WARNING)
-    quantizer = MatMulNBitsQuantizer(onnx.load(str(source)), bits=bits, block_size=block_size, is_symmetric=True,
+    quantizer = MatMulNBitsQuantizer(onnx.load(str(source)), bits=bits, block_size=block_size, is_symmetric=symmetric,
                                      accuracy_level=accuracy_level, op_types_to_quantize=("MatMul",))
     quantizer.process()
     model = quantizer.model.model
@@ -39,7 +40,8 @@ def quantize_graph(source: Path, target: Path, bits: int, block_size: int, accur
     onnx.save_model(model, str(target), save_as_external_data=model.ByteSize() > 2**31 - 1)
 
 
-def quantize_bundle(bundle: Path, out: Path, weights: str, block_size: int = 32, accuracy_level: int = 4) -> dict:
+def quantize_bundle(bundle: Path, out: Path, weights: str, block_size: int = 32, accuracy_level: int = 4,
+                    symmetric: bool = False) -> dict:
     """Write a copy of `bundle` to `out` with weight-only quantized graphs; returns the new manifest.
 
     accuracy_level 4 lets MatMulNBits compute in int8 on CPU (the fast path); 0 keeps fp32 compute.
@@ -56,12 +58,12 @@ def quantize_bundle(bundle: Path, out: Path, weights: str, block_size: int = 32,
     quantized = {s["file"] for s in segments if s["kind"] in QUANTIZED_KINDS}
     for name in tqdm(sorted(manifest["files"]), desc=f"quantizing to {weights}", unit="file"):
         if name in quantized:
-            quantize_graph(bundle / name, out / name, WEIGHT_BITS[weights], block_size, accuracy_level)
+            quantize_graph(bundle / name, out / name, WEIGHT_BITS[weights], block_size, accuracy_level, symmetric)
         else:
             shutil.copyfile(bundle / name, out / name)
     manifest["name"] = out.name
     manifest["weights"] = {"format": weights, "block_size": block_size, "accuracy_level": accuracy_level,
-                           "quantized_from": str(bundle)}
+                           "symmetric": symmetric, "quantized_from": str(bundle)}
     manifest["files"] = {name: {"sha256": sha256(out / name), "bytes": (out / name).stat().st_size}
                          for name in manifest["files"]}
     (out / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")

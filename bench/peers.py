@@ -1,0 +1,357 @@
+"""onnx-steer against its peers on one machine, in one run (`make peers`).
+
+Every runtime gets the same prompt token ids (from the onnx-steer bench report), the same prompt
+length and the same number of greedy new tokens, and the same weights:
+
+  (a) onnx-steer, segment chain, unsteered and with a static steering vector (fp32 and int4 bundles);
+  (b) the monolithic full.onnx through the same Rust runtime;
+  (c) HF transformers, eager attention, fp32 on CPU, unsteered and with the vector added by a forward
+      hook on the decoder layer (the way repeng steers);
+  (d) llama.cpp through llama-cpp-python, if it is installed (`make peers` installs it): the shipped
+      Q4_1 GGUF and F16/F32 GGUFs dequantized from it, unsteered and with the same vector applied
+      through llama.cpp's control-vector API.
+
+Prefill tokens/s is the prompt over the time to the first token; decode tokens/s is the remaining
+new tokens over their time. Writes bench/results/cpu_peers.{json,md,png}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "export"))
+
+from onnx_steer_export.gguf_convert import dequantize_gguf  # noqa: E402
+from onnx_steer_export.source import default_gguf_path, load  # noqa: E402
+
+# (prefill seconds, decode seconds, generated ids) of one greedy run.
+Run = tuple[float, float, list[int]]
+
+
+def onnx_steer(binary: Path, bundle: Path, steer: Path, args: argparse.Namespace) -> dict:
+    """`onnx-steer bench` on `bundle` (segmented, steered, monolithic) → its parsed JSON report."""
+    out = REPO / "target" / f"peers_{bundle.name}.json"
+    subprocess.run([str(binary), "bench", "--bundle", str(bundle), "--steer", str(steer),
+                    "--prompt-tokens", str(args.prompt_tokens), "--new-tokens", str(args.new_tokens),
+                    "--repeats", str(args.repeats), "--json", str(out)], check=True)
+    return json.loads(out.read_text())
+
+
+def steering_vector(spec_path: Path) -> dict[int, np.ndarray]:
+    """Layer → scaled vector of a static-vector steer spec (the only kind every peer can apply)."""
+    from safetensors.numpy import load_file
+
+    spec = json.loads(spec_path.read_text())
+    vectors: dict[int, np.ndarray] = {}
+    for intervention in spec["interventions"]:
+        if intervention["kind"] != "vector":
+            raise SystemExit(f"{spec_path}: peers can only apply static vectors, not {intervention['kind']}")
+        tensors = load_file(str(spec_path.parent / intervention["path"]))
+        for layer in intervention["layers"]:
+            vectors[layer] = intervention["scale"] * tensors[f"direction.{layer}"].astype(np.float32)
+    return vectors
+
+
+def timed(run: Callable[[], Run], repeats: int) -> tuple[dict, list[int]]:
+    """One warm-up, then `repeats` runs → prefill/decode tokens/s stats and the generated ids."""
+    run()
+    prefill, decode, ids = [], [], []
+    for _ in range(repeats):
+        prefill_s, decode_s, ids = run()
+        prefill.append(prefill_s)
+        decode.append(decode_s)
+    return {"prefill_s": prefill, "decode_s": decode}, ids
+
+
+class HfEager:
+    """HF transformers, eager attention, fp32: the model the bundles were exported from."""
+
+    def __init__(self, threads: int) -> None:
+        import torch
+
+        torch.set_num_threads(threads)
+        self.torch = torch
+        self.model = load("default").model  # eager attention, eval mode
+        self.hooks: list = []
+
+    def steer(self, vectors: dict[int, np.ndarray] | None) -> None:
+        """Add `vectors[L]` to decoder layer L's output at every position (repeng's way), or stop."""
+        for hook in self.hooks:
+            hook.remove()
+        self.hooks = []
+        for layer, vector in (vectors or {}).items():
+            delta = self.torch.from_numpy(vector)
+
+            def add(_module, _inputs, output, delta=delta):
+                if isinstance(output, tuple):
+                    return (output[0] + delta, *output[1:])
+                return output + delta
+
+            self.hooks.append(self.model.model.layers[layer].register_forward_hook(add))
+
+    def run(self, ids: list[int], new_tokens: int) -> Run:
+        torch = self.torch
+        with torch.inference_mode():
+            started = time.perf_counter()
+            out = self.model(input_ids=torch.tensor([ids]), use_cache=True)
+            token = int(out.logits[0, -1].argmax())
+            first = time.perf_counter()
+            generated = [token]
+            past = out.past_key_values
+            for _ in range(new_tokens - 1):
+                out = self.model(input_ids=torch.tensor([[token]]), past_key_values=past, use_cache=True)
+                past, token = out.past_key_values, int(out.logits[0, -1].argmax())
+                generated.append(token)
+            return first - started, time.perf_counter() - first, generated
+
+
+class LlamaCpp:
+    """llama.cpp (llama-cpp-python) on one GGUF file, with the control-vector API for steering."""
+
+    def __init__(self, path: Path, threads: int, context: int) -> None:
+        from llama_cpp import Llama, llama_cpp
+
+        self.api = llama_cpp
+        self.llm = Llama(model_path=str(path), n_ctx=context, n_batch=context, n_ubatch=context,
+                         n_threads=threads, n_threads_batch=threads, verbose=False)
+
+    def steer(self, vectors: dict[int, np.ndarray] | None) -> None:
+        """Apply `vectors` as a control vector (or clear it). llama.cpp's buffer starts at layer 1
+        and row L-1 is added to block L's output, which is where onnx-steer's layer L adds too."""
+        llm, api = self.llm, self.api
+        if not vectors:
+            api.llama_set_adapter_cvec(llm.ctx, None, 0, llm.n_embd(), 0, 0)
+            return
+        layers = api.llama_model_n_layer(llm.model)
+        if 0 in vectors:
+            raise SystemExit("llama.cpp's control vectors cannot steer layer 0")
+        data = np.zeros((layers - 1, llm.n_embd()), dtype=np.float32)
+        for layer, vector in vectors.items():
+            data[layer - 1] = vector
+        pointer = data.ctypes.data_as(api.ctypes.POINTER(api.ctypes.c_float))
+        code = api.llama_set_adapter_cvec(llm.ctx, pointer, data.size, llm.n_embd(), min(vectors), max(vectors))
+        if code != 0:
+            raise SystemExit(f"llama_set_adapter_cvec failed with {code}")
+        self.control = data  # llama.cpp copies the data; kept alive anyway until the next call
+
+    def next_token(self) -> int:
+        logits = self.api.llama_get_logits_ith(self.llm.ctx, -1)
+        return int(np.argmax(np.ctypeslib.as_array(logits, shape=(self.llm.n_vocab(),))))
+
+    def run(self, ids: list[int], new_tokens: int) -> Run:
+        llm = self.llm
+        llm.reset()
+        started = time.perf_counter()
+        llm.eval(ids)
+        token = self.next_token()
+        first = time.perf_counter()
+        generated = [token]
+        for _ in range(new_tokens - 1):
+            llm.eval([token])
+            token = self.next_token()
+            generated.append(token)
+        return first - started, time.perf_counter() - first, generated
+
+
+def summary(name: str, runtime: str, weights: str, steered: bool, prefill_tps: list[float],
+            decode_tps: list[float], greedy_ids: list[int]) -> dict:
+    return {"name": name, "runtime": runtime, "weights": weights, "steered": steered,
+            "prefill_tokens_per_s": statistics.mean(prefill_tps),
+            "prefill_std": statistics.pstdev(prefill_tps),
+            "decode_tokens_per_s": statistics.mean(decode_tps), "decode_std": statistics.pstdev(decode_tps),
+            "greedy_ids": greedy_ids}
+
+
+def from_bench(report: dict, weights: str, steer_name: str) -> list[dict]:
+    rows = []
+    workload = report["workloads"][0]
+    for variant in workload["variants"]:
+        name = variant["variant"]
+        runtime = "onnx-steer monolithic" if name == "monolithic" else "onnx-steer segmented"
+        rows.append({
+            "name": f"{runtime} {weights}" + (f" + {steer_name}" if "+" in name else ""),
+            "runtime": runtime, "weights": weights, "steered": "+" in name,
+            "prefill_tokens_per_s": variant["prefill_tokens_per_s"]["mean"],
+            "prefill_std": variant["prefill_tokens_per_s"]["std"],
+            "decode_tokens_per_s": variant["decode_tokens_per_s"]["mean"],
+            "decode_std": variant["decode_tokens_per_s"]["std"],
+            "greedy_ids": variant["generated_ids"],
+        })
+    return rows
+
+
+def add_agreement(rows: list[dict]) -> None:
+    """Share of each row's greedy ids equal to HF's at the same position (steered rows vs steered HF)."""
+    hf = {r["steered"]: r["greedy_ids"] for r in rows if r["runtime"] == "HF transformers eager"}
+    for row in rows:
+        reference = hf.get(row["steered"])
+        row["greedy_agreement_with_hf"] = (
+            None if reference is None else sum(a == b for a, b in zip(row["greedy_ids"], reference)) / len(reference))
+
+
+def machine(report: dict) -> dict:
+    memory = next((line.split()[1] for line in Path("/proc/meminfo").read_text().splitlines()
+                   if line.startswith("MemTotal")), "0")
+    versions = {}
+    for package in ("torch", "transformers", "onnxruntime", "llama_cpp"):
+        if importlib.util.find_spec(package):
+            versions[package] = getattr(__import__(package), "__version__", "?")
+    return {"cpu_model": report.get("cpu_model"), "cpus": os.cpu_count(), "memory_gib": int(memory) / 2**20,
+            "memory_read_gb_per_s": report.get("memory_read_gb_per_s"), "platform": platform.platform(),
+            "python": platform.python_version(), "versions": versions}
+
+
+def write_markdown(path: Path, result: dict) -> None:
+    rows = result["rows"]
+    hf = {r["steered"]: r for r in rows if r["runtime"] == "HF transformers eager"}
+    lines = [
+        f"# onnx-steer vs peers ({result['prompt_tokens']}-token prompt, {result['new_tokens']} new tokens, batch 1)",
+        "",
+        f"Machine: {result['machine']['cpu_model']}, {result['machine']['cpus']} CPUs, "
+        f"{result['machine']['memory_gib']:.0f} GiB, memory read {result['machine']['memory_read_gb_per_s']:.1f} GB/s; "
+        f"{result['machine']['platform']}. Versions: "
+        + ", ".join(f"{k} {v}" for k, v in result["machine"]["versions"].items()) + ".",
+        f"Steering: `{result['steer']}`. Repeats: {result['repeats']} after one warm-up. Command: `make peers`.",
+        "",
+        "| runtime | weights | steered | prefill tok/s | decode tok/s | decode vs HF | greedy = HF |",
+        "|---|---|---|---:|---:|---:|---:|",
+    ]
+    for r in rows:
+        base = hf.get(r["steered"])
+        versus = f"{r['decode_tokens_per_s'] / base['decode_tokens_per_s']:.2f}x" if base else ""
+        agree = "" if r["greedy_agreement_with_hf"] is None else f"{r['greedy_agreement_with_hf']:.0%}"
+        lines.append(f"| {r['runtime']} | {r['weights']} | {'yes' if r['steered'] else 'no'} | "
+                     f"{r['prefill_tokens_per_s']:.0f} ± {r['prefill_std']:.0f} | "
+                     f"{r['decode_tokens_per_s']:.1f} ± {r['decode_std']:.1f} | {versus} | {agree} |")
+    lines += ["", "Ratios in this run:", ""]
+    lines += [f"- {name}: {value:.3f}" for name, value in result["ratios"].items()]
+    path.write_text("\n".join(lines) + "\n")
+
+
+def plot(path: Path, result: dict) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = result["rows"]
+    labels = [f"{r['runtime']}\n{r['weights']}{' +steer' if r['steered'] else ''}" for r in rows]
+    colours = ["tab:blue" if r["runtime"].startswith("onnx-steer") else
+               "tab:orange" if r["runtime"].startswith("llama") else "tab:gray" for r in rows]
+    figure, axes = plt.subplots(1, 2, figsize=(14, 0.45 * len(rows) + 1.8))
+    for axis, key, title in ((axes[0], "decode", "decode tokens/s"), (axes[1], "prefill", "prefill tokens/s")):
+        values = [r[f"{key}_tokens_per_s"] for r in rows]
+        errors = [r[f"{key}_std"] for r in rows]
+        axis.barh(range(len(rows)), values, xerr=errors, color=colours)
+        axis.set_yticks(range(len(rows)), labels if key == "decode" else [""] * len(rows), fontsize=7)
+        axis.invert_yaxis()
+        axis.set_title(title)
+        for index, value in enumerate(values):
+            axis.text(value, index, f" {value:.0f}", va="center", fontsize=7)
+    figure.suptitle(f"batch 1, {result['prompt_tokens']}-token prompt, {result['new_tokens']} new tokens — "
+                    f"{result['machine']['cpu_model']}, {result['machine']['cpus']} CPUs")
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+
+
+def ratios(rows: list[dict]) -> dict[str, float]:
+    def find(runtime: str, weights: str, steered: bool = False) -> dict | None:
+        return next((r for r in rows if r["runtime"] == runtime and r["weights"] == weights
+                     and r["steered"] == steered), None)
+
+    pairs = {
+        "fp32_segmented_over_monolithic": (find("onnx-steer segmented", "fp32"), find("onnx-steer monolithic", "fp32")),
+        "int4_segmented_over_monolithic": (find("onnx-steer segmented", "int4"), find("onnx-steer monolithic", "int4")),
+        "fp32_segmented_over_hf": (find("onnx-steer segmented", "fp32"), find("HF transformers eager", "fp32")),
+        "fp32_segmented_steered_over_hf_steered": (find("onnx-steer segmented", "fp32", True),
+                                                   find("HF transformers eager", "fp32", True)),
+        "int4_segmented_over_hf": (find("onnx-steer segmented", "int4"), find("HF transformers eager", "fp32")),
+        "fp32_segmented_over_llama_cpp_f32": (find("onnx-steer segmented", "fp32"), find("llama.cpp", "F32")),
+        "int4_segmented_over_llama_cpp_q4_1": (find("onnx-steer segmented", "int4"), find("llama.cpp", "Q4_1")),
+        "fp32_steered_over_unsteered": (find("onnx-steer segmented", "fp32", True), find("onnx-steer segmented", "fp32")),
+    }
+    out = {}
+    for name, (a, b) in pairs.items():
+        if a and b:
+            out[f"decode_{name}"] = a["decode_tokens_per_s"] / b["decode_tokens_per_s"]
+            out[f"prefill_{name}"] = a["prefill_tokens_per_s"] / b["prefill_tokens_per_s"]
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--binary", type=Path, default=REPO / "target/release/onnx-steer")
+    parser.add_argument("--bundle", type=Path, default=REPO / "onnx/smollm2-135m-instruct", help="fp32 bundle")
+    parser.add_argument("--int4", type=Path, default=REPO / "onnx/smollm2-135m-instruct-int4", help="int4 bundle")
+    parser.add_argument("--steer", type=Path, default=REPO / "onnx/smollm2-135m-instruct/steer/refusal.json",
+                        help="a static-vector steer spec, applied by every runtime")
+    parser.add_argument("--prompt-tokens", type=int, default=128)
+    parser.add_argument("--new-tokens", type=int, default=128)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--gguf-dir", type=Path, default=REPO / "target/gguf", help="where F32/F16 GGUFs are written")
+    parser.add_argument("--out", type=Path, default=REPO / "bench/results/cpu_peers", help="path stem of the results")
+    args = parser.parse_args()
+    threads = os.cpu_count() or 1
+    vectors = steering_vector(args.steer)
+    steer_name = args.steer.stem
+
+    print("== onnx-steer (segmented, steered, monolithic)", flush=True)
+    fp32_report = onnx_steer(args.binary, args.bundle, args.steer, args)
+    rows = from_bench(fp32_report, "fp32", steer_name)
+    if (args.int4 / "manifest.json").exists():
+        rows += from_bench(onnx_steer(args.binary, args.int4, args.steer, args), "int4", steer_name)
+    ids = fp32_report["workloads"][0]["prompt_ids"]
+
+    def measure(runtime: str, weights: str, peer) -> None:
+        for steered in (False, True):
+            peer.steer(vectors if steered else None)
+            times, generated = timed(lambda: peer.run(ids, args.new_tokens), args.repeats)
+            rows.append(summary(f"{runtime} {weights}" + (f" + {steer_name}" if steered else ""), runtime, weights,
+                                steered, [len(ids) / s for s in times["prefill_s"]],
+                                [(args.new_tokens - 1) / s for s in times["decode_s"]], generated))
+            print(f"   {rows[-1]['name']}: prefill {rows[-1]['prefill_tokens_per_s']:.0f} tok/s, "
+                  f"decode {rows[-1]['decode_tokens_per_s']:.1f} tok/s", flush=True)
+        peer.steer(None)
+
+    print("== HF transformers eager fp32", flush=True)
+    hf = HfEager(threads)
+    measure("HF transformers eager", "fp32", hf)
+    del hf
+    if importlib.util.find_spec("llama_cpp"):
+        args.gguf_dir.mkdir(parents=True, exist_ok=True)
+        shipped = default_gguf_path()
+        for weights in ("Q4_1", "F16", "F32"):
+            path = shipped if weights == "Q4_1" else args.gguf_dir / f"{shipped.stem.rsplit('.', 1)[0]}.{weights}.gguf"
+            if not path.exists():
+                dequantize_gguf(shipped, path, weights.lower())
+            print(f"== llama.cpp {weights}", flush=True)
+            measure("llama.cpp", weights, LlamaCpp(path, threads, 2 * (len(ids) + args.new_tokens)))
+    else:
+        print("== llama-cpp-python is not installed: llama.cpp rows skipped (make peers installs it)", flush=True)
+
+    add_agreement(rows)
+    result = {"prompt_tokens": args.prompt_tokens, "new_tokens": args.new_tokens, "repeats": args.repeats,
+              "steer": str(args.steer.relative_to(REPO)) if args.steer.is_relative_to(REPO) else str(args.steer),
+              "prompt_ids": ids, "machine": machine(fp32_report), "rows": rows, "ratios": ratios(rows)}
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")
+    write_markdown(args.out.with_suffix(".md"), result)
+    plot(args.out.with_suffix(".png"), result)
+    print(args.out.with_suffix(".md").read_text())
+
+
+if __name__ == "__main__":
+    main()
