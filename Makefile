@@ -12,7 +12,7 @@ DEMO_PROMPT ?= Describe your morning commute in two sentences.
 DEMO_HARMFUL ?= How can I steal my neighbour's mail without getting caught?
 DEMO_ADVICE ?= Can you tell me which antidepressant dose I should take?
 
-.PHONY: setup bundle build steer eval eval-learned eval-fields bench load serve criterion demo test test-rust test-python lint clean-bundle
+.PHONY: setup bundle build precision-bundles steer eval eval-learned eval-fields eval-precision bench peers load serve criterion demo test test-rust test-python lint clean-bundle
 
 setup: $(VENV)/.installed
 
@@ -31,6 +31,16 @@ bundle: $(BUNDLE)/manifest.json
 
 $(BUNDLE)/manifest.json: $(VENV)/.installed $(addprefix export/onnx_steer_export/,source.py segments.py bundle.py)
 	$(PY) -m onnx_steer_export export --source default --out $(BUNDLE) --monolithic
+
+# Lower-precision copies of the default bundle: fp16 (export), int8/int4 weight-only (MatMulNBits).
+$(BUNDLE)-fp16/manifest.json: $(VENV)/.installed $(addprefix export/onnx_steer_export/,source.py segments.py bundle.py)
+	$(PY) -m onnx_steer_export export --source default --out $(BUNDLE)-fp16 --dtype fp16 --monolithic
+
+$(BUNDLE)-int%/manifest.json: $(BUNDLE)/manifest.json export/onnx_steer_export/quantize.py
+	rm -rf $(BUNDLE)-int$*
+	$(PY) -m onnx_steer_export quantize --bundle $(BUNDLE) --out $(BUNDLE)-int$* --weights int$*
+
+precision-bundles: $(BUNDLE)-fp16/manifest.json $(BUNDLE)-int8/manifest.json $(BUNDLE)-int4/manifest.json
 
 build:
 	cargo build --release
@@ -128,6 +138,19 @@ bench: setup bundle build steer
 		--steer $(STEER)/w2s.json --steer $(STEER)/svf_sentiment.json --steer $(STEER)/autosteer.json --batch 1 --prompt-tokens 128 --new-tokens 128 --repeats 5 \
 		--json bench/results/cpu_steer_overhead.json
 
+# Quality and speed of fp16/int8/int4 against fp32 (perplexity on data/perplexity.txt, greedy agreement on
+# held-out prompts, bench speed and bandwidth share) → reports/precision.{json,md,png}.
+eval-precision: setup bundle build precision-bundles
+	$(PY) -m onnx_steer_export eval-precision --reference $(BUNDLE) --bundle $(BUNDLE)-fp16 \
+		--bundle $(BUNDLE)-int8 --bundle $(BUNDLE)-int4 --out reports/precision
+
+# onnx-steer vs HF transformers eager vs llama.cpp on the same weights, prompt and token counts
+# (bench/peers.py) → bench/results/cpu_peers.{json,md,png}. llama-cpp-python builds from source here
+# (about 25 minutes on 2 cores), which is why this target is not part of `make test`.
+peers: setup bundle build steer $(BUNDLE)-int4/manifest.json
+	$(PY) -c "import llama_cpp" 2>/dev/null || $(PY) -m pip install llama-cpp-python==0.3.36
+	$(PY) bench/peers.py --repeats 3
+
 # Load test of the server on loopback (bench/load.py): 64 clients, 512 requests mixing no steering, a
 # vector, L2S and AutoSteer, per --max-batch 1,4,8,16 → bench/results/cpu_load.{json,png}.
 load: setup bundle build steer
@@ -175,4 +198,4 @@ lint:
 	cargo clippy --release --all-targets -- -D warnings
 
 clean-bundle:
-	rm -rf $(BUNDLE)
+	rm -rf $(BUNDLE) $(BUNDLE)-fp16 $(BUNDLE)-int8 $(BUNDLE)-int4

@@ -160,6 +160,12 @@ pub struct QuantizedWeights {
     pub block_size: usize,
     /// MatMulNBits compute type (4: int8 activations).
     pub accuracy_level: u32,
+    /// Blocks without zero points.
+    #[serde(default)]
+    pub symmetric: bool,
+    /// The LM head's format where it differs (`int8` in an int4 bundle).
+    #[serde(default)]
+    pub head: Option<String>,
     /// The float bundle this one was quantized from.
     #[serde(default)]
     pub quantized_from: String,

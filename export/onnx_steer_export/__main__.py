@@ -1,4 +1,4 @@
-"""Command line: python -m onnx_steer_export {export, quantize, train-vector, train-l2s, train-w2s, train-svf,
+"""Command line: python -m onnx_steer_export {export, quantize, eval-precision, train-vector, train-l2s, train-w2s, train-svf,
 train-autosteer, eval, eval-behaviour, eval-svf, eval-autosteer, make-splits} ..."""
 
 from __future__ import annotations
@@ -31,8 +31,16 @@ def cmd_quantize(args: argparse.Namespace) -> None:
     from .quantize import quantize_bundle
 
     manifest = quantize_bundle(Path(args.bundle), Path(args.out), args.weights, args.block_size, args.accuracy_level,
-                               args.symmetric)
+                               args.symmetric, args.head_weights)
     print(f"wrote {args.out}: {args.weights} weights in blocks of {args.block_size}, {len(manifest['files'])} files")
+
+
+def cmd_eval_precision(args: argparse.Namespace) -> None:
+    from .precision import run
+
+    run(Path(args.reference), [Path(b) for b in args.bundle], Path(args.text), Path(args.prompts), args.limit,
+        args.max_new_tokens, args.max_tokens, args.repeats, Path(args.out))
+    print(Path(args.out).with_suffix(".md").read_text())
 
 
 def cmd_train_vector(args: argparse.Namespace) -> None:
@@ -212,9 +220,28 @@ def build_parser() -> argparse.ArgumentParser:
     quantize.add_argument("--block-size", type=int, default=32, help="weights sharing one scale")
     quantize.add_argument("--accuracy-level", type=int, default=4, choices=[0, 1, 2, 3, 4],
                           help="MatMulNBits compute type: 4 = int8 activations (fastest on CPU), 0 = fp32")
+    quantize.add_argument("--head-weights", choices=["int4", "int8"], default="int8",
+                          help="LM head precision (the finer of this and --weights is used)")
     quantize.add_argument("--symmetric", action="store_true",
                           help="symmetric blocks (no zero points); the default, asymmetric, keeps more accuracy")
     quantize.set_defaults(func=cmd_quantize)
+
+    precision = commands.add_parser(
+        "eval-precision",
+        help="perplexity, greedy agreement and speed of lower-precision bundles against fp32",
+        description="For the reference and each --bundle: perplexity on a fixed text, greedy chat generations "
+        "compared token by token with the reference's, and onnx-steer bench speed. Writes OUT.{json,md,png}.",
+    )
+    precision.add_argument("--reference", required=True, help="the fp32 bundle")
+    precision.add_argument("--bundle", action="append", required=True, help="a bundle to compare (repeatable)")
+    precision.add_argument("--text", default=str(REPO / "data/perplexity.txt"), help="text for perplexity")
+    precision.add_argument("--prompts", default=str(REPO / "data/benign_prompts.txt"), help="held-out chat prompts")
+    precision.add_argument("--limit", type=int, default=32, help="prompts used")
+    precision.add_argument("--max-new-tokens", type=int, default=32)
+    precision.add_argument("--max-tokens", type=int, default=512, help="tokens of the text scored")
+    precision.add_argument("--repeats", type=int, default=3, help="timed bench runs per bundle")
+    precision.add_argument("--out", default=str(REPO / "reports/precision"), help="report path stem")
+    precision.set_defaults(func=cmd_eval_precision)
 
     vector = commands.add_parser(
         "train-vector",

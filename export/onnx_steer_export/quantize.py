@@ -25,29 +25,46 @@ class QuantizeError(ValueError):
     """The bundle cannot be quantized as asked (unknown precision, already quantized, out == bundle)."""
 
 
-def quantize_graph(source: Path, target: Path, bits: int, block_size: int, accuracy_level: int,
-                   symmetric: bool) -> None:
-    """Quantize every constant MatMul weight of `source` into `target`."""
+def lm_head_nodes(model, vocab_size: int) -> list[str]:
+    """Names of the MatMul nodes whose constant weight projects onto the vocabulary (the LM head)."""
+    weights = {init.name: list(init.dims) for init in model.graph.initializer}
+    return [node.name for node in model.graph.node
+            if node.op_type == "MatMul" and weights.get(node.input[1], [None])[-1] == vocab_size]
+
+
+def quantize_graph(source: Path, target: Path, bits: int, head_bits: int, vocab_size: int, block_size: int,
+                   accuracy_level: int, symmetric: bool) -> None:
+    """Quantize every constant MatMul weight of `source` into `target`: the LM head to `head_bits`,
+    the others to `bits`."""
     import onnx  # heavy imports here: the CLI imports this module for QuantizeError alone
     from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
 
     logging.getLogger("onnxruntime.quantization.matmul_nbits_quantizer").setLevel(logging.WARNING)
-    quantizer = MatMulNBitsQuantizer(onnx.load(str(source)), bits=bits, block_size=block_size, is_symmetric=symmetric,
-                                     accuracy_level=accuracy_level, op_types_to_quantize=("MatMul",))
-    quantizer.process()
-    model = quantizer.model.model
+    model = onnx.load(str(source))
+    head = lm_head_nodes(model, vocab_size)
+    passes = [(bits, {"nodes_to_exclude": head})] + ([(head_bits, {"nodes_to_include": head})] if head else [])
+    for pass_bits, nodes in passes:
+        quantizer = MatMulNBitsQuantizer(model, bits=pass_bits, block_size=block_size, is_symmetric=symmetric,
+                                         accuracy_level=accuracy_level, op_types_to_quantize=("MatMul",), **nodes)
+        quantizer.process()
+        model = quantizer.model.model
     # The monolithic graph is over 2 GB only in fp32; quantized graphs fit one protobuf.
     onnx.save_model(model, str(target), save_as_external_data=model.ByteSize() > 2**31 - 1)
 
 
 def quantize_bundle(bundle: Path, out: Path, weights: str, block_size: int = 32, accuracy_level: int = 4,
-                    symmetric: bool = False) -> dict:
+                    symmetric: bool = False, head_weights: str = "int8") -> dict:
     """Write a copy of `bundle` to `out` with weight-only quantized graphs; returns the new manifest.
+
+    The LM head gets `head_weights`, or `weights` where that is finer (int8 by default): llama.cpp's
+    4-bit files keep their output matrix at 6 or 8 bits too, as it is the most sensitive one.
 
     accuracy_level 4 lets MatMulNBits compute in int8 on CPU (the fast path); 0 keeps fp32 compute.
     """
-    if weights not in WEIGHT_BITS:
-        raise QuantizeError(f"--weights must be one of {sorted(WEIGHT_BITS)}, got {weights!r}")
+    for option, value in (("--weights", weights), ("--head-weights", head_weights)):
+        if value not in WEIGHT_BITS:
+            raise QuantizeError(f"{option} must be one of {sorted(WEIGHT_BITS)}, got {value!r}")
+    head_bits = max(WEIGHT_BITS[weights], WEIGHT_BITS[head_weights])
     manifest = json.loads((bundle / "manifest.json").read_text())
     if manifest.get("weights", {}).get("format", "float") != "float":
         raise QuantizeError(f"{bundle} is already quantized ({manifest['weights']['format']})")
@@ -58,12 +75,13 @@ def quantize_bundle(bundle: Path, out: Path, weights: str, block_size: int = 32,
     quantized = {s["file"] for s in segments if s["kind"] in QUANTIZED_KINDS}
     for name in tqdm(sorted(manifest["files"]), desc=f"quantizing to {weights}", unit="file"):
         if name in quantized:
-            quantize_graph(bundle / name, out / name, WEIGHT_BITS[weights], block_size, accuracy_level, symmetric)
+            quantize_graph(bundle / name, out / name, WEIGHT_BITS[weights], head_bits, manifest["model"]["vocab_size"],
+                           block_size, accuracy_level, symmetric)
         else:
             shutil.copyfile(bundle / name, out / name)
     manifest["name"] = out.name
     manifest["weights"] = {"format": weights, "block_size": block_size, "accuracy_level": accuracy_level,
-                           "symmetric": symmetric, "quantized_from": str(bundle)}
+                           "symmetric": symmetric, "head": f"int{head_bits}", "quantized_from": str(bundle)}
     manifest["files"] = {name: {"sha256": sha256(out / name), "bytes": (out / name).stat().st_size}
                          for name in manifest["files"]}
     (out / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
