@@ -135,7 +135,7 @@ eval: steer
 bench: setup bundle build steer
 	mkdir -p bench/results
 	$(BIN) bench --bundle $(BUNDLE) --steer $(STEER)/refusal.json --steer $(STEER)/l2s.json \
-		--steer $(STEER)/w2s.json --steer $(STEER)/svf_sentiment.json --steer $(STEER)/autosteer.json --batch 1 --prompt-tokens 128 --new-tokens 128 --repeats 5 \
+		--steer $(STEER)/w2s.json --steer $(STEER)/svf_sentiment.json --steer $(STEER)/autosteer.json --batch 1 --prompt-tokens 128 --new-tokens 128 --repeats 7 \
 		--json bench/results/cpu_steer_overhead.json
 
 # Quality and speed of fp16/int8/int4 against fp32 (perplexity on data/perplexity.txt, greedy agreement on

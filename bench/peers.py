@@ -169,9 +169,9 @@ class LlamaCpp:
 def summary(name: str, runtime: str, weights: str, steered: bool, prefill_tps: list[float],
             decode_tps: list[float], greedy_ids: list[int]) -> dict:
     return {"name": name, "runtime": runtime, "weights": weights, "steered": steered,
-            "prefill_tokens_per_s": statistics.mean(prefill_tps),
+            "prefill_tokens_per_s": statistics.median(prefill_tps),
             "prefill_std": statistics.pstdev(prefill_tps),
-            "decode_tokens_per_s": statistics.mean(decode_tps), "decode_std": statistics.pstdev(decode_tps),
+            "decode_tokens_per_s": statistics.median(decode_tps), "decode_std": statistics.pstdev(decode_tps),
             "greedy_ids": greedy_ids}
 
 
@@ -184,9 +184,9 @@ def from_bench(report: dict, weights: str, steer_name: str) -> list[dict]:
         rows.append({
             "name": f"{runtime} {weights}" + (f" + {steer_name}" if "+" in name else ""),
             "runtime": runtime, "weights": weights, "steered": "+" in name,
-            "prefill_tokens_per_s": variant["prefill_tokens_per_s"]["mean"],
+            "prefill_tokens_per_s": variant["prefill_tokens_per_s"]["p50"],
             "prefill_std": variant["prefill_tokens_per_s"]["std"],
-            "decode_tokens_per_s": variant["decode_tokens_per_s"]["mean"],
+            "decode_tokens_per_s": variant["decode_tokens_per_s"]["p50"],
             "decode_std": variant["decode_tokens_per_s"]["std"],
             "greedy_ids": variant["generated_ids"],
         })

@@ -199,22 +199,33 @@ pub fn cpu_model() -> Option<String> {
 }
 
 /// Sustained memory read bandwidth in GB/s: every available core sums its share of a 512 MiB
-/// buffer (far larger than any cache), best of three passes.
+/// buffer (far larger than any cache) with independent accumulators, best of five passes.
 ///
 /// Decode at batch 1 reads every weight once per token, so `weight bytes × tokens/s` over this is
-/// the fraction of the machine's bandwidth limit a variant reaches.
+/// the fraction of the machine's bandwidth limit a variant reaches. Neighbours on a shared host move
+/// this figure by ±20% between runs; compare fractions within one report.
 pub fn memory_read_gbs() -> f64 {
     const BYTES: usize = 512 << 20;
     let words = vec![1u64; BYTES / 8];
     let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
     let chunk = words.len().div_ceil(threads);
+    let sum = |part: &[u64]| {
+        // Eight independent lanes keep enough loads in flight to saturate the memory bus.
+        let mut lanes = [0u64; 8];
+        for block in part.chunks_exact(8) {
+            for (lane, word) in lanes.iter_mut().zip(block) {
+                *lane = lane.wrapping_add(*word);
+            }
+        }
+        lanes.iter().fold(0u64, |a, &l| a.wrapping_add(l))
+    };
     let mut best = f64::INFINITY;
-    for _ in 0..3 {
+    for _ in 0..5 {
         let started = Instant::now();
         let total: u64 = std::thread::scope(|scope| {
             let parts: Vec<_> = words
                 .chunks(chunk)
-                .map(|part| scope.spawn(move || part.iter().fold(0u64, |a, &w| a.wrapping_add(w))))
+                .map(|part| scope.spawn(move || sum(part)))
                 .collect();
             parts.into_iter().map(|p| p.join().unwrap_or(0)).sum()
         });

@@ -40,8 +40,8 @@ def speed(bundle: Path, repeats: int) -> dict:
         report = json.loads(out.read_text())
     workload = report["workloads"][0]
     segmented = workload["variants"][0]
-    return {"prefill_tokens_per_s": segmented["prefill_tokens_per_s"]["mean"],
-            "decode_tokens_per_s": segmented["decode_tokens_per_s"]["mean"],
+    return {"prefill_tokens_per_s": segmented["prefill_tokens_per_s"]["p50"],
+            "decode_tokens_per_s": segmented["decode_tokens_per_s"]["p50"],
             "bandwidth_fraction": workload["bandwidth_fraction"]["segmented"],
             "decode_weight_mb": report["decode_weight_bytes"] / 1e6,
             "memory_read_gb_per_s": report["memory_read_gb_per_s"]}

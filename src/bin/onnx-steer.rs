@@ -277,7 +277,8 @@ struct BenchArgs {
     /// Tokens generated per run (EOS does not stop a bench run).
     #[arg(long, default_value_t = 128)]
     new_tokens: usize,
-    /// Timed runs per variant and workload (interleaved across variants).
+    /// Timed runs per variant and workload (interleaved across variants); the table and the ratios
+    /// use their median, the JSON also has mean, spread and extremes.
     #[arg(long, default_value_t = 3)]
     repeats: usize,
     /// Untimed runs per variant before timing.
@@ -373,13 +374,13 @@ fn run_bench(args: BenchArgs) -> Result<(), CliError> {
             results
                 .iter()
                 .find(|r| r.variant == name)
-                .map(|r| r.decode_tokens_per_s.mean)
+                .map(|r| r.decode_tokens_per_s.p50)
         };
         let prefill = |name: &str| {
             results
                 .iter()
                 .find(|r| r.variant == name)
-                .map(|r| r.prefill_tokens_per_s.mean)
+                .map(|r| r.prefill_tokens_per_s.p50)
         };
         let ratio = |a: Option<f64>, b: Option<f64>| a.zip(b).map(|(a, b)| a / b);
         let mut ratios = serde_json::Map::new();
@@ -408,7 +409,7 @@ fn run_bench(args: BenchArgs) -> Result<(), CliError> {
         let bandwidth_fraction: serde_json::Map<String, serde_json::Value> = results
             .iter()
             .map(|r| {
-                let steps_per_s = r.decode_tokens_per_s.mean / batch as f64;
+                let steps_per_s = r.decode_tokens_per_s.p50 / batch as f64;
                 (
                     r.variant.clone(),
                     (weight_bytes * steps_per_s / 1e9 / bandwidth).into(),
@@ -446,8 +447,8 @@ fn run_bench(args: BenchArgs) -> Result<(), CliError> {
                 v["variant"].as_str().unwrap_or(""),
                 workload["batch"],
                 workload["prompt_tokens"],
-                v["prefill_tokens_per_s"]["mean"].as_f64().unwrap_or(0.0),
-                v["decode_tokens_per_s"]["mean"].as_f64().unwrap_or(0.0),
+                v["prefill_tokens_per_s"]["p50"].as_f64().unwrap_or(0.0),
+                v["decode_tokens_per_s"]["p50"].as_f64().unwrap_or(0.0),
                 v["token_latency_ms"]["p50"].as_f64().unwrap_or(0.0),
                 v["token_latency_ms"]["p99"].as_f64().unwrap_or(0.0),
             )?;
