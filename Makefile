@@ -149,7 +149,7 @@ eval-precision: setup bundle build precision-bundles
 # (about 25 minutes on 2 cores), which is why this target is not part of `make test`.
 peers: setup bundle build steer $(BUNDLE)-int4/manifest.json
 	$(PY) -c "import llama_cpp" 2>/dev/null || $(PY) -m pip install llama-cpp-python==0.3.36
-	$(PY) bench/peers.py --repeats 3
+	$(PY) bench/peers.py --repeats 5
 
 # Load test of the server on loopback (bench/load.py): 64 clients, 512 requests mixing no steering, a
 # vector, L2S and AutoSteer, per --max-batch 1,4,8,16 → bench/results/cpu_load.{json,png}.
