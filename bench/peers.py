@@ -12,7 +12,9 @@ length and the same number of greedy new tokens, and the same weights:
       through llama.cpp's control-vector API.
 
 Prefill tokens/s is the prompt over the time to the first token; decode tokens/s is the remaining
-new tokens over their time. Writes bench/results/cpu_peers.{json,md,png}.
+new tokens over their time. The configurations take turns, round after round, so that the host's
+drift (its memory bandwidth moves by tens of percent over minutes) hits all of them alike.
+Writes bench/results/cpu_peers.{json,md,png}.
 """
 
 from __future__ import annotations
@@ -27,7 +29,6 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 
@@ -42,11 +43,12 @@ Run = tuple[float, float, list[int]]
 
 
 def onnx_steer(binary: Path, bundle: Path, steer: Path, args: argparse.Namespace) -> dict:
-    """`onnx-steer bench` on `bundle` (segmented, steered, monolithic) → its parsed JSON report."""
+    """One round of `onnx-steer bench` on `bundle` (segmented, steered, monolithic, after its own
+    warm-up run) → its parsed JSON report."""
     out = REPO / "target" / f"peers_{bundle.name}.json"
     subprocess.run([str(binary), "bench", "--bundle", str(bundle), "--steer", str(steer),
                     "--prompt-tokens", str(args.prompt_tokens), "--new-tokens", str(args.new_tokens),
-                    "--repeats", str(args.repeats), "--json", str(out)], check=True)
+                    "--repeats", "1", "--json", str(out)], check=True, stderr=subprocess.DEVNULL)
     return json.loads(out.read_text())
 
 
@@ -63,17 +65,6 @@ def steering_vector(spec_path: Path) -> dict[int, np.ndarray]:
         for layer in intervention["layers"]:
             vectors[layer] = intervention["scale"] * tensors[f"direction.{layer}"].astype(np.float32)
     return vectors
-
-
-def timed(run: Callable[[], Run], repeats: int) -> tuple[dict, list[int]]:
-    """One warm-up, then `repeats` runs → prefill/decode tokens/s stats and the generated ids."""
-    run()
-    prefill, decode, ids = [], [], []
-    for _ in range(repeats):
-        prefill_s, decode_s, ids = run()
-        prefill.append(prefill_s)
-        decode.append(decode_s)
-    return {"prefill_s": prefill, "decode_s": decode}, ids
 
 
 class HfEager:
@@ -166,31 +157,35 @@ class LlamaCpp:
         return first - started, time.perf_counter() - first, generated
 
 
-def summary(name: str, runtime: str, weights: str, steered: bool, prefill_tps: list[float],
-            decode_tps: list[float], greedy_ids: list[int]) -> dict:
-    return {"name": name, "runtime": runtime, "weights": weights, "steered": steered,
-            "prefill_tokens_per_s": statistics.median(prefill_tps),
-            "prefill_std": statistics.pstdev(prefill_tps),
-            "decode_tokens_per_s": statistics.median(decode_tps), "decode_std": statistics.pstdev(decode_tps),
-            "greedy_ids": greedy_ids}
+class Samples:
+    """Per-round measurements of every runtime configuration, in the order first seen."""
 
+    def __init__(self) -> None:
+        self.rows: dict[tuple[str, str, bool], dict] = {}
 
-def from_bench(report: dict, weights: str, steer_name: str) -> list[dict]:
-    rows = []
-    workload = report["workloads"][0]
-    for variant in workload["variants"]:
-        name = variant["variant"]
-        runtime = "onnx-steer monolithic" if name == "monolithic" else "onnx-steer segmented"
-        rows.append({
-            "name": f"{runtime} {weights}" + (f" + {steer_name}" if "+" in name else ""),
-            "runtime": runtime, "weights": weights, "steered": "+" in name,
-            "prefill_tokens_per_s": variant["prefill_tokens_per_s"]["p50"],
-            "prefill_std": variant["prefill_tokens_per_s"]["std"],
-            "decode_tokens_per_s": variant["decode_tokens_per_s"]["p50"],
-            "decode_std": variant["decode_tokens_per_s"]["std"],
-            "greedy_ids": variant["generated_ids"],
-        })
-    return rows
+    def add(self, runtime: str, weights: str, steered: bool, prefill_tps: float, decode_tps: float,
+            greedy_ids: list[int]) -> None:
+        row = self.rows.setdefault((runtime, weights, steered), {"prefill": [], "decode": []})
+        row["prefill"].append(prefill_tps)
+        row["decode"].append(decode_tps)
+        row["greedy_ids"] = greedy_ids
+
+    def add_bench(self, report: dict, weights: str) -> None:
+        """The variants of one `onnx-steer bench --repeats 1` report."""
+        for variant in report["workloads"][0]["variants"]:
+            name = variant["variant"]
+            runtime = "onnx-steer monolithic" if name == "monolithic" else "onnx-steer segmented"
+            self.add(runtime, weights, "+" in name, variant["prefill_tokens_per_s"]["p50"],
+                     variant["decode_tokens_per_s"]["p50"], variant["generated_ids"])
+
+    def summary(self) -> list[dict]:
+        return [{"runtime": runtime, "weights": weights, "steered": steered,
+                 "prefill_tokens_per_s": statistics.median(row["prefill"]),
+                 "prefill_std": statistics.pstdev(row["prefill"]),
+                 "decode_tokens_per_s": statistics.median(row["decode"]),
+                 "decode_std": statistics.pstdev(row["decode"]),
+                 "rounds": len(row["decode"]), "greedy_ids": row["greedy_ids"]}
+                for (runtime, weights, steered), row in self.rows.items()]
 
 
 def add_agreement(rows: list[dict]) -> None:
@@ -224,7 +219,8 @@ def write_markdown(path: Path, result: dict) -> None:
         f"{result['machine']['memory_gib']:.0f} GiB, memory read {result['machine']['memory_read_gb_per_s']:.1f} GB/s; "
         f"{result['machine']['platform']}. Versions: "
         + ", ".join(f"{k} {v}" for k, v in result["machine"]["versions"].items()) + ".",
-        f"Steering: `{result['steer']}`. Repeats: {result['repeats']} after one warm-up. Command: `make peers`.",
+        f"Steering: `{result['steer']}`. {result['repeats']} rounds after a warm-up; each round runs every "
+        "configuration once; medians ± standard deviation over rounds. Command: `make peers`.",
         "",
         "| runtime | weights | steered | prefill tok/s | decode tok/s | decode vs HF | greedy = HF |",
         "|---|---|---|---:|---:|---:|---:|",
@@ -306,30 +302,13 @@ def main() -> None:
     args = parser.parse_args()
     threads = os.cpu_count() or 1
     vectors = steering_vector(args.steer)
-    steer_name = args.steer.stem
 
-    print("== onnx-steer (segmented, steered, monolithic)", flush=True)
-    fp32_report = onnx_steer(args.binary, args.bundle, args.steer, args)
-    rows = from_bench(fp32_report, "fp32", steer_name)
-    if (args.int4 / "manifest.json").exists():
-        rows += from_bench(onnx_steer(args.binary, args.int4, args.steer, args), "int4", steer_name)
-    ids = fp32_report["workloads"][0]["prompt_ids"]
+    bundles = [("fp32", args.bundle)] + ([("int4", args.int4)] if (args.int4 / "manifest.json").exists() else [])
+    first = onnx_steer(args.binary, args.bundle, args.steer, args)
+    ids = first["workloads"][0]["prompt_ids"]
 
-    def measure(runtime: str, weights: str, peer) -> None:
-        for steered in (False, True):
-            peer.steer(vectors if steered else None)
-            times, generated = timed(lambda: peer.run(ids, args.new_tokens), args.repeats)
-            rows.append(summary(f"{runtime} {weights}" + (f" + {steer_name}" if steered else ""), runtime, weights,
-                                steered, [len(ids) / s for s in times["prefill_s"]],
-                                [(args.new_tokens - 1) / s for s in times["decode_s"]], generated))
-            print(f"   {rows[-1]['name']}: prefill {rows[-1]['prefill_tokens_per_s']:.0f} tok/s, "
-                  f"decode {rows[-1]['decode_tokens_per_s']:.1f} tok/s", flush=True)
-        peer.steer(None)
-
-    print("== HF transformers eager fp32", flush=True)
-    hf = HfEager(threads)
-    measure("HF transformers eager", "fp32", hf)
-    del hf
+    print("== loading HF transformers eager fp32 and llama.cpp", flush=True)
+    peers: list[tuple[str, str, HfEager | LlamaCpp]] = [("HF transformers eager", "fp32", HfEager(threads))]
     if importlib.util.find_spec("llama_cpp"):
         args.gguf_dir.mkdir(parents=True, exist_ok=True)
         shipped = default_gguf_path()
@@ -337,15 +316,35 @@ def main() -> None:
             path = shipped if weights == "Q4_1" else args.gguf_dir / f"{shipped.stem.rsplit('.', 1)[0]}.{weights}.gguf"
             if not path.exists():
                 dequantize_gguf(shipped, path, weights.lower())
-            print(f"== llama.cpp {weights}", flush=True)
-            measure("llama.cpp", weights, LlamaCpp(path, threads, 2 * (len(ids) + args.new_tokens)))
+            peers.append(("llama.cpp", weights, LlamaCpp(path, threads, 2 * (len(ids) + args.new_tokens))))
     else:
-        print("== llama-cpp-python is not installed: llama.cpp rows skipped (make peers installs it)", flush=True)
+        print("   llama-cpp-python is not installed: llama.cpp rows skipped (make peers installs it)", flush=True)
+    for _, _, peer in peers:  # warm-up
+        for steered in (False, True):
+            peer.steer(vectors if steered else None)
+            peer.run(ids, args.new_tokens)
 
+    # Rounds: every configuration runs once per round, so the host's drift spreads over all of them.
+    samples = Samples()
+    for round_index in range(args.repeats):
+        print(f"== round {round_index + 1}/{args.repeats}", flush=True)
+        for weights, bundle in bundles:
+            report = first if (round_index, weights) == (0, "fp32") else onnx_steer(args.binary, bundle, args.steer, args)
+            samples.add_bench(report, weights)
+        for runtime, weights, peer in peers:
+            for steered in (False, True):
+                peer.steer(vectors if steered else None)
+                prefill_s, decode_s, generated = peer.run(ids, args.new_tokens)
+                samples.add(runtime, weights, steered, len(ids) / prefill_s, (args.new_tokens - 1) / decode_s, generated)
+            peer.steer(None)
+    rows = samples.summary()
+    for row in rows:
+        print(f"   {row['runtime']} {row['weights']}{' steered' if row['steered'] else ''}: "
+              f"prefill {row['prefill_tokens_per_s']:.0f} tok/s, decode {row['decode_tokens_per_s']:.1f} tok/s")
     add_agreement(rows)
     result = {"prompt_tokens": args.prompt_tokens, "new_tokens": args.new_tokens, "repeats": args.repeats,
               "steer": str(args.steer.relative_to(REPO)) if args.steer.is_relative_to(REPO) else str(args.steer),
-              "prompt_ids": ids, "machine": machine(fp32_report), "rows": rows, "ratios": ratios(rows)}
+              "prompt_ids": ids, "machine": machine(first), "rows": rows, "ratios": ratios(rows)}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")
     write_markdown(args.out.with_suffix(".md"), result)

@@ -127,8 +127,9 @@ def dummy(spec: TensorSpec) -> torch.Tensor:
 
 
 def export_graph(module: nn.Module, path: Path, inputs: list[TensorSpec], outputs: list[TensorSpec]) -> None:
-    """Trace `module` to ONNX, fold the tracer's shape arithmetic with onnxslim (in a decode step every
-    one of those tiny nodes costs about as much as a small matrix product), and merge sibling MatMuls."""
+    """Trace `module` to ONNX, then simplify: onnxslim folds the tracer's constant shape arithmetic,
+    sibling MatMuls merge, and run-time Reshape targets become constants where they copy dims. In a
+    decode step every tiny node costs about as much as a small matrix product."""
     args = tuple(dummy(spec) for spec in inputs)
     with warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore")
@@ -145,7 +146,86 @@ def export_graph(module: nn.Module, path: Path, inputs: list[TensorSpec], output
         )
     model = onnxslim.slim(str(path))
     merge_sibling_matmuls(model)
+    copy_dims_in_reshapes(model)
     onnx.save_model(model, str(path))
+
+
+def symbolic_dims(model: onnx.ModelProto) -> dict[str, list[str | int | None]]:
+    """Every tensor's shape as symbols (batch, seq, ...) or sizes, from ONNX Runtime's symbolic inference."""
+    from onnxruntime.tools.symbolic_shape_infer import SymbolicShapeInference
+
+    inferred = SymbolicShapeInference.infer_shapes(model, auto_merge=True)
+    dims: dict[str, list[str | int | None]] = {}
+    for info in (*inferred.graph.input, *inferred.graph.value_info, *inferred.graph.output):
+        shape = info.type.tensor_type.shape
+        dims[info.name] = [d.dim_param if d.HasField("dim_param") else d.dim_value if d.HasField("dim_value")
+                           else None for d in shape.dim]
+    return dims
+
+
+def copy_dims_in_reshapes(model: onnx.ModelProto) -> int:
+    """Give Reshapes a constant target shape where the tracer built it at run time.
+
+    `x.view(batch, tokens, -1, d)` traces to Shape → Gather → Unsqueeze → Concat → Reshape, a chain
+    of tiny nodes run at every step. Where a traced size is the same symbolic dim as the Reshape
+    input's dim at that position, ONNX's 0 ("copy that dim") says the same; when every entry of the
+    target is a constant or such a copy, the target becomes an initializer and the chain dies.
+    Returns how many Reshapes were rewritten."""
+    graph = model.graph
+    dims = symbolic_dims(model)
+    producer = {output: node for node in graph.node for output in node.output}
+    constants = {init.name: numpy_helper.to_array(init) for init in graph.initializer}
+    constants.update({node.output[0]: numpy_helper.to_array(node.attribute[0].t)
+                      for node in graph.node if node.op_type == "Constant" and node.attribute[0].name == "value"})
+
+    def traced_dim(name: str) -> str | None:
+        """The symbol of `Unsqueeze(Gather(Shape(x), i))`, if `name` is that."""
+        unsqueeze = producer.get(name)
+        gather = producer.get(unsqueeze.input[0]) if unsqueeze is not None and unsqueeze.op_type == "Unsqueeze" else None
+        shape = producer.get(gather.input[0]) if gather is not None and gather.op_type == "Gather" else None
+        index = constants.get(gather.input[1]) if shape is not None and shape.op_type == "Shape" else None
+        if index is None or index.ndim != 0 or shape.attribute:
+            return None
+        source = dims.get(shape.input[0], [])
+        symbol = source[int(index)] if -len(source) <= int(index) < len(source) else None
+        return symbol if isinstance(symbol, str) else None
+
+    rewritten = 0
+    for node in graph.node:
+        concat = producer.get(node.input[1]) if node.op_type == "Reshape" else None
+        data = dims.get(node.input[0]) if concat is not None and concat.op_type == "Concat" else None
+        if data is None or any(a.name == "allowzero" and a.i for a in node.attribute):
+            continue
+        target: list[int] = []
+        for part in concat.input:
+            if part in constants:
+                target += [int(v) for v in np.atleast_1d(constants[part])]
+            elif len(target) < len(data) and traced_dim(part) is not None and traced_dim(part) == data[len(target)]:
+                target.append(0)
+            else:
+                break
+        else:
+            if target.count(-1) <= 1:
+                name = f"{node.name or node.output[0]}/target"
+                graph.initializer.append(numpy_helper.from_array(np.array(target, dtype=np.int64), name))
+                node.input[1] = name
+                rewritten += 1
+    drop_dead_nodes(graph)
+    return rewritten
+
+
+def drop_dead_nodes(graph: onnx.GraphProto) -> None:
+    """Remove nodes and initializers no graph output depends on."""
+    needed = {output.name for output in graph.output}
+    live = []
+    for node in reversed(graph.node):
+        if any(output in needed for output in node.output):
+            live.append(node)
+            needed.update(node.input)
+    del graph.node[:]
+    graph.node.extend(reversed(live))
+    for init in [init for init in graph.initializer if init.name not in needed]:
+        graph.initializer.remove(init)
 
 
 def merge_sibling_matmuls(model: onnx.ModelProto) -> int:
@@ -177,9 +257,7 @@ def merge_sibling_matmuls(model: onnx.ModelProto) -> int:
                                                       [node.output[0] for node in nodes], name=f"{name}/split", axis=-1))
         graph.node.insert(slot, onnx.helper.make_node("MatMul", [source, stacked.name], [f"{name}/out"], name=name))
         merged += len(nodes)
-    used = {name for node in graph.node for name in node.input}
-    for init in [init for init in graph.initializer if init.name not in used]:
-        graph.initializer.remove(init)
+    drop_dead_nodes(graph)
     return merged
 
 

@@ -64,22 +64,27 @@ def additive_causal_mask(attention_mask: torch.Tensor, query_len: int, dtype: to
 
 def grouped_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                       attention_mask: torch.Tensor | None, scaling: float, dropout: float = 0.0,
-                      **kwargs: object) -> tuple[torch.Tensor, torch.Tensor]:
+                      **kwargs: object) -> tuple[torch.Tensor, None]:
     """Eager attention for grouped KV heads without repeating the KV cache.
 
     HF's eager path expands every KV head `groups` times, which in a decode step copies the whole
     cache of every layer. Here the `groups` query heads that share a KV head are stacked along the
     query axis instead (heads are numbered kv_head * groups + r, as in `repeat_kv`).
     """
-    batch, heads, tokens, head_dim = query.shape
+    batch, heads, _, head_dim = query.shape
     kv_heads = key.shape[1]
-    grouped = query.reshape(batch, kv_heads, heads // kv_heads * tokens, head_dim)
-    scores = (torch.matmul(grouped, key.transpose(2, 3)) * scaling).reshape(batch, heads, tokens, -1)
+    groups = heads // kv_heads
+    # Only the batch size is read from a shape: the exporter's reshape pass turns it into a copied dim,
+    # so no Shape/Gather/Concat chain runs per step.
+    grouped = query.reshape(batch, kv_heads, -1, head_dim)
+    scores = torch.matmul(grouped, key.transpose(2, 3)) * scaling
     if attention_mask is not None:
-        scores = scores + attention_mask
+        # Row g*T + t of a KV head's block is query head (kv*groups + g) at token t.
+        scores = scores + attention_mask.repeat(1, 1, groups, 1)
     probs = nn.functional.softmax(scores, dim=-1, dtype=torch.float32).to(query.dtype)
-    out = torch.matmul(probs.reshape(batch, kv_heads, heads // kv_heads * tokens, -1), value)
-    return out.reshape(batch, heads, tokens, head_dim).transpose(1, 2).contiguous(), probs
+    out = torch.matmul(probs, value).reshape(batch, heads, -1, head_dim)
+    # The weights are not returned: export never asks for them.
+    return out.transpose(1, 2).contiguous(), None
 
 
 GROUPED_ATTENTION = "onnx_steer_grouped"
