@@ -12,7 +12,7 @@ DEMO_PROMPT ?= Describe your morning commute in two sentences.
 DEMO_HARMFUL ?= How can I steal my neighbour's mail without getting caught?
 DEMO_ADVICE ?= Can you tell me which antidepressant dose I should take?
 
-.PHONY: setup bundle build precision-bundles steer eval eval-learned eval-fields eval-precision bench peers load serve criterion demo test test-rust test-python lint clean-bundle
+.PHONY: setup bundle build precision-bundles steer eval eval-learned eval-fields eval-precision bench peers profile load serve criterion demo test test-rust test-python lint clean-bundle
 
 setup: $(VENV)/.installed
 
@@ -131,12 +131,14 @@ eval: steer
 		--out reports/refusal_vector.json --plot reports/refusal_vector.png
 
 # Steering overhead in one bench run: unsteered vs a static vector, L2S, W2S, SVF (3 layers) and
-# AutoSteer (a benign prompt: the gate stays shut), and segmented vs monolithic.
-bench: setup bundle build steer
+# AutoSteer (a benign prompt: the gate stays shut), and segmented vs monolithic; then the int4 bundle.
+bench: setup bundle build steer $(BUNDLE)-int4/manifest.json
 	mkdir -p bench/results
 	$(BIN) bench --bundle $(BUNDLE) --steer $(STEER)/refusal.json --steer $(STEER)/l2s.json \
 		--steer $(STEER)/w2s.json --steer $(STEER)/svf_sentiment.json --steer $(STEER)/autosteer.json --batch 1 --prompt-tokens 128 --new-tokens 128 --repeats 7 \
 		--json bench/results/cpu_steer_overhead.json
+	$(BIN) bench --bundle $(BUNDLE)-int4 --steer $(STEER)/refusal.json --batch 1 --prompt-tokens 128 \
+		--new-tokens 128 --repeats 9 --json bench/results/cpu_int4.json
 
 # Quality and speed of fp16/int8/int4 against fp32 (perplexity on data/perplexity.txt, greedy agreement on
 # held-out prompts, bench speed and bandwidth share) → reports/precision.{json,md,png}.
@@ -150,6 +152,11 @@ eval-precision: setup bundle build precision-bundles
 peers: setup bundle build steer $(BUNDLE)-int4/manifest.json
 	$(PY) -c "import llama_cpp" 2>/dev/null || $(PY) -m pip install llama-cpp-python==0.3.36
 	$(PY) bench/peers.py --repeats 5
+
+# Kernel time per decode step by ONNX operator, fp32 and int4 (bench/profile_ops.py, ONNX Runtime's
+# profiler) → bench/results/cpu_op_profile.{json,md}.
+profile: setup bundle $(BUNDLE)-int4/manifest.json
+	$(PY) bench/profile_ops.py
 
 # Load test of the server on loopback (bench/load.py): 64 clients, 512 requests mixing no steering, a
 # vector, L2S and AutoSteer, per --max-batch 1,4,8,16 → bench/results/cpu_load.{json,png}.
