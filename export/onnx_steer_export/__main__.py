@@ -211,7 +211,7 @@ def build_parser() -> argparse.ArgumentParser:
         "quantize",
         help="copy a bundle with weight-only int4/int8 MatMul weights (MatMulNBits)",
         description="Quantize every constant MatMul weight of the layer, head and monolithic graphs in "
-        "symmetric blocks. Activations, KV cache and steering interfaces keep the bundle's dtype, so steer "
+        "blocks (the LM head to int8). Activations, KV cache and steering interfaces keep the bundle's dtype, so steer "
         "specs trained on the float bundle run unchanged.",
     )
     quantize.add_argument("--bundle", required=True, help="float bundle to read")

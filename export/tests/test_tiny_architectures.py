@@ -5,11 +5,13 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import onnx
 import pytest
 import torch
 from transformers import AutoModelForCausalLM, GemmaConfig, LlamaConfig, PretrainedConfig, Qwen2Config
 
 from onnx_steer_export.bundle import export_bundle
+from onnx_steer_export.quantize import QuantizeError, quantize_bundle
 from onnx_steer_export.parity import segment_parity
 from onnx_steer_export.source import LoadedModel, load
 
@@ -61,3 +63,25 @@ def test_tiny_greedy_generation_matches_hf(tiny: tuple[LoadedModel, Path], binar
         records = run_generate(binary, bundle, "--greedy", "--max-new-tokens", "20", "--prompt", prompt)
         ids = loaded.tokenizer(prompt)["input_ids"]
         assert records[0]["token_ids"] == hf_greedy(loaded, ids, 20), prompt
+
+
+@pytest.mark.parametrize("weights", ["int8", "int4"])
+def test_tiny_quantized_bundle_runs_and_keeps_an_int8_head(tiny: tuple[LoadedModel, Path], binary: Path,
+                                                          tmp_path: Path, weights: str) -> None:
+    _, bundle = tiny
+    out = tmp_path / f"{bundle.name}-{weights}"
+    manifest = quantize_bundle(bundle, out, weights)
+    assert manifest["weights"]["format"] == weights and manifest["weights"]["head"] == "int8"
+    head = onnx.load(str(out / "head.onnx"))
+    assert [a.i for n in head.graph.node if n.op_type == "MatMulNBits" for a in n.attribute if a.name == "bits"] == [8]
+    layer = onnx.load(str(out / "layer_00.onnx"))
+    assert not [n for n in layer.graph.node if n.op_type == "MatMul" and n.input[1] in
+                {i.name for i in layer.graph.initializer}], "every constant-weight MatMul is quantized"
+    prompt = "Once upon a time"
+    want = run_generate(binary, bundle, "--greedy", "--max-new-tokens", "8", "--prompt", prompt)[0]["token_ids"]
+    got = run_generate(binary, out, "--greedy", "--max-new-tokens", "8", "--prompt", prompt)[0]["token_ids"]
+    assert len(got) == len(want)
+    if weights == "int8":  # random tiny models have flat logits: only the first choice is robust
+        assert got[0] == want[0], "int8 weights keep the first greedy token"
+    with pytest.raises(QuantizeError, match="already quantized"):
+        quantize_bundle(out, tmp_path / "again", weights)
