@@ -23,7 +23,7 @@ from tqdm import tqdm
 
 from . import FORMAT_VERSION
 from .segments import (EmbedSegment, FullModel, HeadSegment, LayerSegment, NormSegment, PositionsSegment,
-                       decoder_layers, exported_attention)
+                       ProjectorSegment, VisionSegment, decoder_layers, exported_attention)
 from .source import LoadedModel
 
 OPSET = 17
@@ -55,7 +55,7 @@ class ModelDims:
 
     @classmethod
     def of(cls, model: nn.Module) -> "ModelDims":
-        config = model.config
+        config = model.config.get_text_config()
         heads = config.num_attention_heads
         return cls(
             hidden=config.hidden_size,
@@ -112,7 +112,7 @@ def full_io(dims: ModelDims, dtype: str) -> tuple[list[TensorSpec], list[TensorS
 
 
 TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "int64": torch.int64}
-DUMMY_SIZES = {"batch": 2, "tokens": 3, "past": 4, "total": 7, "steer_tokens": 1}
+DUMMY_SIZES = {"batch": 2, "tokens": 3, "past": 4, "total": 7, "steer_tokens": 1, "images": 2}
 
 
 def dummy(spec: TensorSpec) -> torch.Tensor:
@@ -276,10 +276,10 @@ def eos_token_ids(loaded: LoadedModel) -> list[int]:
 
 
 def model_section(loaded: LoadedModel, dims: ModelDims) -> dict:
-    config = loaded.model.config
+    config = loaded.model.config.get_text_config()
     rope = getattr(config, "rope_parameters", None) or {}
     return {
-        "architecture": config.model_type,
+        "architecture": loaded.model.config.model_type,
         "hidden_size": dims.hidden,
         "num_layers": dims.layers,
         "num_attention_heads": config.num_attention_heads,
@@ -295,12 +295,67 @@ def model_section(loaded: LoadedModel, dims: ModelDims) -> dict:
     }
 
 
+# PIL resampling codes the HF image processors store, by the name the runtime reads.
+RESAMPLE = {0: "nearest", 2: "bilinear", 3: "bicubic"}
+PROCESSOR_KEYS = ("do_convert_rgb", "do_pad", "do_resize", "size", "do_center_crop", "crop_size", "do_rescale",
+                  "rescale_factor", "do_normalize", "image_mean", "image_std")
+
+
+class VisionExportError(ValueError):
+    """The vision-language model's image processing cannot be expressed in the bundle."""
+
+
+def vision_io(loaded: LoadedModel, dtype: str) -> tuple[list[TensorSpec], list[TensorSpec], list[TensorSpec]]:
+    """pixel_values, image_features, image_embeds: the vision and projector interfaces (sizes from a trial run)."""
+    image = processor_settings(loaded)
+    height, width = image_size(image)
+    pixels = TensorSpec("pixel_values", dtype, ("images", 3, height, width))
+    with torch.no_grad():
+        features = VisionSegment(loaded.model)(dummy(pixels))
+    tokens, width_v = features.shape[1:]
+    return ([pixels], [TensorSpec("image_features", dtype, ("images", tokens, width_v))],
+            [TensorSpec("image_embeds", dtype, ("images", tokens, ModelDims.of(loaded.model).hidden))])
+
+
+def processor_settings(loaded: LoadedModel) -> dict:
+    assert loaded.processor is not None
+    settings = loaded.processor.image_processor.to_dict()
+    section = {key: settings.get(key) for key in PROCESSOR_KEYS}
+    resample = settings.get("resample")
+    if int(resample) not in RESAMPLE:
+        raise VisionExportError(f"image processor resample={resample} is not nearest, bilinear or bicubic")
+    section["resample"] = RESAMPLE[int(resample)]
+    return section
+
+
+def image_size(settings: dict) -> tuple[int, int]:
+    """The fixed (height, width) the vision tower sees: the crop, or a fixed resize."""
+    size = settings["crop_size"] if settings["do_center_crop"] else settings["size"]
+    if not size or "height" not in size:
+        raise VisionExportError(f"the image processor must end at a fixed height and width, got {size}")
+    return int(size["height"]), int(size["width"])
+
+
+def vision_section(loaded: LoadedModel, image_tokens: int) -> dict:
+    config = loaded.model.config
+    return {
+        "architecture": config.model_type,
+        "image_token_id": int(config.image_token_id),
+        "image_tokens": image_tokens,
+        # LLaVA's language model counts positions 1-D over text and image tokens alike, so the layer
+        # interface is unchanged; M-RoPE models (Qwen2-VL) would declare "mrope" and need 3-row positions.
+        "positions": "sequential",
+        "processor": processor_settings(loaded),
+    }
+
+
 def write_tokenizer(loaded: LoadedModel, out: Path) -> dict:
     tokenizer = loaded.tokenizer
     tokenizer.backend_tokenizer.save(str(out / "tokenizer.json"))
     section = {"file": "tokenizer.json", "chat_template": None, "bos_token": tokenizer.bos_token,
                "eos_token": tokenizer.eos_token}
-    template = tokenizer.chat_template
+    # A vision-language processor's template places the image placeholders; the tokenizer's does not.
+    template = (loaded.processor and loaded.processor.chat_template) or tokenizer.chat_template
     if isinstance(template, dict):
         template = template.get("default")
     if template:
@@ -333,6 +388,12 @@ def export_bundle(loaded: LoadedModel, out: Path, dtype: str = "fp32", monolithi
          [TensorSpec("normed", float_type, ("batch", dims.hidden))],
          [TensorSpec("logits", "float32", ("batch", dims.vocab))]),
     ]
+    vision = None
+    if loaded.processor is not None:
+        pixels, features, embeds = vision_io(loaded, float_type)
+        vision = vision_section(loaded, int(features[0].shape[1]))
+        jobs += [({"kind": "vision", "file": "vision.onnx"}, VisionSegment(model), pixels, features),
+                 ({"kind": "projector", "file": "projector.onnx"}, ProjectorSegment(model), features, embeds)]
     if monolithic:
         fin, fout = full_io(dims, float_type)
         jobs.append(({"kind": "full", "file": "full.onnx"}, FullModel(model), fin, fout))
@@ -354,6 +415,7 @@ def export_bundle(loaded: LoadedModel, out: Path, dtype: str = "fp32", monolithi
         "opset": OPSET,
         "model": model_section(loaded, dims),
         "tokenizer": tokenizer,
+        "vision": vision,
         "segments": [s for s in segments if s["kind"] != "full"],
         "monolithic": next((s for s in segments if s["kind"] == "full"), None),
         "files": {name: {"sha256": sha256(out / name), "bytes": (out / name).stat().st_size} for name in files},

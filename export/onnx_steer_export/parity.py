@@ -18,7 +18,7 @@ import onnxruntime as ort
 import torch
 from transformers import PreTrainedModel
 
-from .segments import decoder_layers
+from .segments import VisionSegment, decoder_layers, text_model
 
 
 @dataclass
@@ -40,10 +40,25 @@ def _session(path: Path) -> ort.InferenceSession:
     return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
 
+def vision_parity(bundle: Path, model: PreTrainedModel, pixel_values: torch.Tensor) -> list[SegmentError]:
+    """Errors of vision.onnx (against the selected vision-tower features) and projector.onnx (against
+    HF's image features) for a batch of preprocessed images."""
+    vision = VisionSegment(model)
+    with torch.no_grad():
+        features = vision(pixel_values)
+        embeds = torch.stack(list(model.model.get_image_features(pixel_values=pixel_values).pooler_output))
+    got_features = _session(bundle / "vision.onnx").run(None, {"pixel_values": pixel_values.numpy()})[0]
+    got_embeds = _session(bundle / "projector.onnx").run(None, {"image_features": features.numpy()})[0]
+    everywhere = np.ones(features.shape[:2], bool)
+    return [_errors("vision", got_features, features.numpy(), everywhere),
+            _errors("projector", got_embeds, embeds.numpy(), everywhere)]
+
+
 def segment_parity(bundle: Path, model: PreTrainedModel, input_ids: torch.Tensor,
-                   attention_mask: torch.Tensor) -> list[SegmentError]:
+                   attention_mask: torch.Tensor, pixel_values: torch.Tensor | None = None) -> list[SegmentError]:
     """Errors of embed, every layer (fed by the bundle's positions graph), the final norm and the head
-    for one left-padded batch."""
+    for one left-padded batch. With `pixel_values` (a vision-language model), the layers run on HF's
+    spliced embeddings and the embed graph is checked at the text positions."""
     layer_outputs: list[torch.Tensor] = []
     hooks = [layer.register_forward_hook(lambda _m, _i, out: layer_outputs.append(out[0] if isinstance(out, tuple) else out))
              for layer in decoder_layers(model)]
@@ -51,20 +66,22 @@ def segment_parity(bundle: Path, model: PreTrainedModel, input_ids: torch.Tensor
     try:
         with torch.no_grad():
             out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                        output_hidden_states=True)
+                        pixel_values=pixel_values, output_hidden_states=True)
     finally:
         for hook in hooks:
             hook.remove()
     embedded = out.hidden_states[0].numpy()
     mask = attention_mask.numpy()
     valid = mask.astype(bool)
-    dims = model.config
+    image_token = getattr(model.config, "image_token_id", None)
+    text = valid & (input_ids.numpy() != image_token) if pixel_values is not None else valid
+    dims = model.config.get_text_config()
     kv_heads = getattr(dims, "num_key_value_heads", None) or dims.num_attention_heads
     head_dim = getattr(dims, "head_dim", None) or dims.hidden_size // dims.num_attention_heads
     empty = np.zeros((mask.shape[0], kv_heads, 0, head_dim), dtype=embedded.dtype)
 
     results = [_errors("embed", _session(bundle / "embed.onnx").run(None, {"input_ids": input_ids.numpy()})[0],
-                       embedded, valid)]
+                       embedded, text)]
     bias, cos, sin = _session(bundle / "positions.onnx").run(
         None, {"position_ids": position_ids.numpy(), "attention_mask": mask})
     hidden_in = embedded
@@ -77,7 +94,7 @@ def segment_parity(bundle: Path, model: PreTrainedModel, input_ids: torch.Tensor
         hidden_in = reference.numpy()
     normed = _session(bundle / "norm.onnx").run(None, {"hidden_in": hidden_in})[0]
     with torch.no_grad():
-        reference_normed = model.model.norm(torch.from_numpy(hidden_in[:, -1])).numpy()
+        reference_normed = text_model(model).norm(torch.from_numpy(hidden_in[:, -1])).numpy()
     results.append(_errors("norm", normed, reference_normed, np.ones(normed.shape[0], bool)))
     logits = _session(bundle / "head.onnx").run(None, {"normed": normed})[0]
     results.append(_errors("head", logits, out.logits[:, -1].float().numpy(), np.ones(logits.shape[0], bool)))

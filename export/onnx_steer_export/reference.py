@@ -9,9 +9,7 @@ from typing import Callable, Iterator
 import torch
 from transformers import PreTrainedModel
 
-
-def decoder_layers(model: PreTrainedModel) -> torch.nn.ModuleList:
-    return model.model.layers
+from .segments import decoder_layers, text_model
 
 
 @contextmanager
@@ -97,7 +95,7 @@ def gated_head(model: PreTrainedModel, read_layer: int, p_toxic: Callable[[torch
         return out + kept["epsilon"].reshape(-1, 1, 1) * (out @ matrix.T)
 
     hooks = [decoder_layers(model)[read_layer].register_forward_hook(read),
-             model.model.norm.register_forward_hook(head)]
+             text_model(model).norm.register_forward_hook(head)]
     with hooked(hooks):
         yield kept
 

@@ -14,6 +14,11 @@ ONNX graphs have a plain tensor interface:
   head:      normed [B,d]                                   -> logits [B,V] (fp32)
   full:      the same chain in one graph (the benchmark baseline)
 
+Vision-language models (LLaVA) add two graphs; the runtime splices their output into `hidden`
+at the image-token positions before layer 0:
+  vision:    pixel_values [B,3,H,W]                         -> image_features [B,N,v] (the config's feature layer)
+  projector: image_features [B,N,v]                         -> image_embeds [B,N,d]
+
 The mask and the rotary tables are computed once per step by `positions`, not once per layer:
 in a decode step those small graphs cost as much as the layer's own matrix products.
 """
@@ -105,14 +110,19 @@ def exported_attention(model: PreTrainedModel) -> Iterator[None]:
         model.set_attn_implementation(before)
 
 
+def text_model(model: PreTrainedModel) -> nn.Module:
+    """The decoder stack: `model.model` for causal LMs, its `language_model` for vision-language models."""
+    return getattr(model.model, "language_model", model.model)
+
+
 def decoder_layers(model: PreTrainedModel) -> nn.ModuleList:
-    return model.model.layers
+    return text_model(model).layers
 
 
 class EmbedSegment(nn.Module):
     def __init__(self, model: PreTrainedModel) -> None:
         super().__init__()
-        self.embed_tokens = model.model.embed_tokens
+        self.embed_tokens = text_model(model).embed_tokens
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         return self.embed_tokens(input_ids)
@@ -123,7 +133,7 @@ class PositionsSegment(nn.Module):
 
     def __init__(self, model: PreTrainedModel) -> None:
         super().__init__()
-        self.rotary_emb = model.model.rotary_emb
+        self.rotary_emb = text_model(model).rotary_emb
         self.dtype = model.dtype
 
     def forward(self, position_ids: torch.Tensor,
@@ -168,7 +178,7 @@ class NormSegment(nn.Module):
 
     def __init__(self, model: PreTrainedModel) -> None:
         super().__init__()
-        self.norm = model.model.norm
+        self.norm = text_model(model).norm
 
     def forward(self, hidden_in: torch.Tensor) -> torch.Tensor:
         return self.norm(hidden_in[:, -1, :])
@@ -187,6 +197,35 @@ class HeadSegment(nn.Module):
         if self.softcap:
             logits = torch.tanh(logits / self.softcap) * self.softcap
         return logits
+
+
+class VisionSegment(nn.Module):
+    """The vision tower up to the configured feature layer(s), CLS dropped under the "default" strategy,
+    as `LlavaModel.get_image_features` selects them."""
+
+    def __init__(self, model: PreTrainedModel) -> None:
+        super().__init__()
+        config = model.config
+        self.tower = model.model.vision_tower
+        layer = config.vision_feature_layer
+        self.layers = [layer] if isinstance(layer, int) else list(layer)
+        self.drop_cls = config.vision_feature_select_strategy == "default"
+
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        states = self.tower(pixel_values, output_hidden_states=True).hidden_states
+        selected = [states[layer][:, 1:] if self.drop_cls else states[layer] for layer in self.layers]
+        return torch.cat(selected, dim=-1)
+
+
+class ProjectorSegment(nn.Module):
+    """Image features → language-model embeddings (LLaVA's MLP projector)."""
+
+    def __init__(self, model: PreTrainedModel) -> None:
+        super().__init__()
+        self.projector = model.model.multi_modal_projector
+
+    def forward(self, image_features: torch.Tensor) -> torch.Tensor:
+        return self.projector(image_features)
 
 
 class FullModel(nn.Module):

