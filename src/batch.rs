@@ -14,13 +14,13 @@ use rand::rngs::StdRng;
 use rand::SeedableRng;
 
 use crate::generate::{validate_prompts, FinishReason, GenerateError, Generated, Sampling};
-use crate::model::{CausalLm, KvCache, ModelError, Step};
+use crate::model::{CausalLm, KvCache, ModelError, Prompt, Step};
 use crate::steer::{BatchSteering, Decision, DecodeSteering, ResolvedSteering};
 
 /// One row to generate.
 #[derive(Debug, Clone)]
 pub struct RowRequest {
-    pub prompt: Vec<u32>,
+    pub prompt: Prompt,
     pub sampling: Sampling,
     pub max_new_tokens: usize,
     /// Token ids that end the row (not included in the output).
@@ -67,7 +67,7 @@ impl ActiveRow {
 
     fn into_generated(self) -> Generated {
         Generated {
-            prompt_tokens: self.request.prompt.len(),
+            prompt_tokens: self.request.prompt.ids.len(),
             token_ids: self.tokens,
             finish_reason: self.finish.unwrap_or(FinishReason::Length),
             prefill_ms: self.prefill_ms,
@@ -136,14 +136,14 @@ impl RunningBatch {
         on_token: &mut dyn FnMut(RowId, u32),
     ) -> Result<Vec<RowId>, GenerateError> {
         let context = model.config().max_position_embeddings;
-        let prompts: Vec<Vec<u32>> = requests.iter().map(|r| r.prompt.clone()).collect();
+        let prompts: Vec<Prompt> = requests.iter().map(|r| r.prompt.clone()).collect();
         validate_prompts(&prompts, context)?;
         for request in &requests {
             request.sampling.validate()?;
         }
         let group = BatchSteering::new(requests.iter().map(|r| r.steering.clone()).collect());
         let mut cache = model.new_cache(requests.len())?;
-        let step = Step::left_padded(&prompts, self.pad_id);
+        let step = Step::for_prompts(&prompts, self.pad_id);
         let started = Instant::now();
         let mut prefill = group.prefill(model.config());
         let logits = model.forward(&step, &mut cache, &mut prefill)?;
@@ -159,7 +159,7 @@ impl RunningBatch {
             .enumerate()
             .map(|(r, (request, decisions))| ActiveRow {
                 id: first_id + r as RowId,
-                next_position: request.prompt.len() as i64,
+                next_position: request.prompt.ids.len() as i64,
                 pending: self.pad_id,
                 tokens: Vec::new(),
                 finish: (request.max_new_tokens == 0).then_some(FinishReason::Length),
@@ -231,6 +231,7 @@ impl RunningBatch {
             input_ids,
             position_ids,
             attention_mask: shared.mask.clone(),
+            images: Vec::new(),
         };
         let started = Instant::now();
         let logits = model.forward(&step, &mut shared.cache, &mut shared.steering)?;

@@ -7,7 +7,7 @@ use std::time::Instant;
 use serde::Serialize;
 
 use crate::generate::{generate, GenerateError, GenerationConfig, Sampling};
-use crate::model::CausalLm;
+use crate::model::{CausalLm, Prompt};
 use crate::profile::ProfileSummary;
 use crate::steer::{BatchSteering, Decision};
 
@@ -105,7 +105,8 @@ fn run_once(
     let mut last = started;
     let mut first_token: Option<f64> = None;
     let mut steps = Vec::with_capacity(new_tokens);
-    let generated = generate(model, prompts, &config, steering, &mut |row, _| {
+    let prompts: Vec<Prompt> = prompts.iter().cloned().map(Prompt::from).collect();
+    let generated = generate(model, &prompts, &config, steering, &mut |row, _| {
         if row != 0 {
             return;
         }

@@ -88,6 +88,76 @@ pub struct TokenizerFiles {
     pub eos_token: Option<String>,
 }
 
+/// The vision side of a vision-language bundle (LLaVA): what the runtime needs to turn images into
+/// embeddings and splice them into the prompt.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct VisionConfig {
+    /// HF `model_type` of the whole model (`llava`).
+    pub architecture: String,
+    /// The placeholder token the chat template emits once per image.
+    pub image_token_id: u32,
+    /// Embeddings per image: each placeholder expands to this many image tokens.
+    pub image_tokens: usize,
+    /// How positions count over image tokens: `sequential` (1-D, the text layer interface) is the
+    /// one this runtime runs; M-RoPE models would declare another and need another layer interface.
+    pub positions: String,
+    /// The HF image processor's settings.
+    pub processor: ImageProcessorConfig,
+}
+
+/// HF image-processor settings (`preprocessor_config.json`), the steps [`crate::vision`] reproduces.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ImageProcessorConfig {
+    #[serde(default = "yes")]
+    pub do_convert_rgb: bool,
+    /// Pad to a square filled with the mean colour before resizing (LLaVA's `do_pad`).
+    #[serde(default)]
+    pub do_pad: bool,
+    pub do_resize: bool,
+    pub size: ImageSize,
+    pub resample: Resample,
+    pub do_center_crop: bool,
+    #[serde(default)]
+    pub crop_size: Option<ImageSize>,
+    pub do_rescale: bool,
+    pub rescale_factor: f64,
+    pub do_normalize: bool,
+    #[serde(default)]
+    pub image_mean: Vec<f32>,
+    #[serde(default)]
+    pub image_std: Vec<f32>,
+}
+
+fn yes() -> bool {
+    true
+}
+
+/// A resize or crop size as HF writes it: `shortest_edge`, or `height` and `width`.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct ImageSize {
+    #[serde(default)]
+    pub shortest_edge: Option<u32>,
+    #[serde(default)]
+    pub height: Option<u32>,
+    #[serde(default)]
+    pub width: Option<u32>,
+}
+
+impl ImageSize {
+    /// `(height, width)` when both are given.
+    pub fn fixed(&self) -> Option<(u32, u32)> {
+        self.height.zip(self.width)
+    }
+}
+
+/// Resampling filter of the resize (Pillow's, which HF uses).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Resample {
+    Bilinear,
+    Bicubic,
+}
+
 /// What a segment graph computes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -142,6 +212,9 @@ pub struct Manifest {
     pub opset: Option<u32>,
     pub model: ModelConfig,
     pub tokenizer: TokenizerFiles,
+    /// Present in vision-language bundles: image processing and the image placeholder.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vision: Option<VisionConfig>,
     pub segments: Vec<Segment>,
     #[serde(default)]
     pub monolithic: Option<Segment>,
@@ -373,7 +446,29 @@ impl Manifest {
                 self.tokenizer.file
             ));
         }
-        Ok(())
+        self.validate_vision()
+    }
+
+    /// A vision section needs its two graphs and 1-D positions; graphs without a section are unusable.
+    fn validate_vision(&self) -> Result<(), String> {
+        let count = |kind| self.segments.iter().filter(|s| s.kind == kind).count();
+        let graphs = (count(SegmentKind::Vision), count(SegmentKind::Projector));
+        match &self.vision {
+            None if graphs == (0, 0) => Ok(()),
+            None => Err("vision or projector segments without a \"vision\" section".into()),
+            Some(_) if graphs != (1, 1) => Err(format!(
+                "a vision bundle needs one vision and one projector segment, found {} and {}",
+                graphs.0, graphs.1
+            )),
+            Some(vision) if vision.positions != "sequential" => Err(format!(
+                "vision.positions {:?} is not supported: this runtime runs 1-D (sequential) positions",
+                vision.positions
+            )),
+            Some(vision) if vision.image_tokens == 0 => {
+                Err("vision.image_tokens must be positive".into())
+            }
+            Some(_) => Ok(()),
+        }
     }
 }
 

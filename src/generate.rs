@@ -5,7 +5,7 @@ use rand::rngs::StdRng;
 use rand::Rng;
 
 use crate::batch::{RowId, RowRequest, RunningBatch};
-use crate::model::{CausalLm, ModelError};
+use crate::model::{CausalLm, ModelError, Prompt};
 use crate::steer::{BatchSteering, Decision};
 
 /// Why a generation request was refused or failed.
@@ -174,11 +174,11 @@ fn sample(row: &[f32], temperature: f32, top_p: f32, top_k: usize, rng: &mut Std
 }
 
 /// Check a batch before any model work: non-empty, and every prompt fits the context.
-pub fn validate_prompts(prompts: &[Vec<u32>], context: usize) -> Result<(), GenerateError> {
+pub fn validate_prompts(prompts: &[Prompt], context: usize) -> Result<(), GenerateError> {
     if prompts.is_empty() {
         return Err(GenerateError::EmptyBatch);
     }
-    for (row, prompt) in prompts.iter().enumerate() {
+    for (row, Prompt { ids: prompt, .. }) in prompts.iter().enumerate() {
         if prompt.is_empty() {
             return Err(GenerateError::EmptyPrompt { row });
         }
@@ -200,7 +200,7 @@ pub fn validate_prompts(prompts: &[Vec<u32>], context: usize) -> Result<(), Gene
 /// [`RunningBatch`], and each leaves it as soon as it finishes.
 pub fn generate(
     model: &mut dyn CausalLm,
-    prompts: &[Vec<u32>],
+    prompts: &[Prompt],
     config: &GenerationConfig,
     steering: &BatchSteering,
     on_token: &mut dyn FnMut(usize, u32),

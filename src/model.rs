@@ -5,6 +5,7 @@
 //! (fp32 or fp16) and their device are whatever the provider produced.
 
 use std::borrow::Cow;
+use std::sync::Arc;
 use std::time::Instant;
 
 use ndarray::{Array, Array2, Array3, ArrayView2, ArrayView3, ArrayViewD};
@@ -40,26 +41,70 @@ pub enum ModelError {
     Intervention(String),
     #[error("the model produced non-finite values: {0}")]
     NotFinite(String),
+    #[error("the monolithic full.onnx takes token ids only; run image prompts on the segment chain")]
+    ImagesUnsupported,
 }
 
-fn run_error(segment: &str) -> impl FnOnce(ort::Error) -> ModelError + '_ {
+pub(crate) fn run_error(segment: &str) -> impl FnOnce(ort::Error) -> ModelError + '_ {
     move |source| ModelError::Run {
         segment: segment.to_string(),
         source,
     }
 }
 
+/// Image embeddings `[n, d]` that replace the token embeddings of a run of `n` image
+/// placeholders starting at `start` (made by [`crate::vision::VisionEncoder`]).
+#[derive(Debug, Clone)]
+pub struct ImageEmbeds {
+    pub start: usize,
+    pub embeds: Arc<Array2<f32>>,
+}
+
+/// A tokenized prompt and the images spliced into it (none for text).
+#[derive(Debug, Clone, Default)]
+pub struct Prompt {
+    pub ids: Vec<u32>,
+    pub images: Vec<ImageEmbeds>,
+}
+
+impl From<Vec<u32>> for Prompt {
+    fn from(ids: Vec<u32>) -> Self {
+        Self {
+            ids,
+            images: Vec::new(),
+        }
+    }
+}
+
 /// The tensors of one forward step: `T` new tokens for each of `B` rows.
 ///
 /// `attention_mask` covers the cached tokens plus the new ones (`[B, P+T]`); zeros mark padding.
+/// `images` are `(row, embeddings)` spliced over the token embeddings before layer 0 (prefill only).
 #[derive(Debug, Clone)]
 pub struct Step {
     pub input_ids: Array2<i64>,
     pub position_ids: Array2<i64>,
     pub attention_mask: Array2<i64>,
+    pub images: Vec<(usize, ImageEmbeds)>,
 }
 
 impl Step {
+    /// [`Step::left_padded`] for prompts with images: each image moves with its row's padding.
+    pub fn for_prompts(prompts: &[Prompt], pad_id: u32) -> Self {
+        let ids: Vec<Vec<u32>> = prompts.iter().map(|p| p.ids.clone()).collect();
+        let mut step = Self::left_padded(&ids, pad_id);
+        let width = step.input_ids.ncols();
+        for (row, prompt) in prompts.iter().enumerate() {
+            let offset = width - prompt.ids.len();
+            step.images.extend(prompt.images.iter().map(|image| {
+                let mut image = image.clone();
+                image.start += offset;
+                (row, image)
+            }));
+        }
+        step
+    }
+
     /// The prefill step of a batch: prompts left-padded with `pad_id` to the longest, positions
     /// counted from each prompt's first real token, padding masked out.
     pub fn left_padded(prompts: &[Vec<u32>], pad_id: u32) -> Self {
@@ -80,6 +125,7 @@ impl Step {
             input_ids,
             position_ids,
             attention_mask,
+            images: Vec::new(),
         }
     }
 
@@ -105,8 +151,43 @@ impl Step {
                 cache.batch
             )));
         }
+        for (row, image) in &self.images {
+            if *row >= batch || image.start + image.embeds.nrows() > tokens {
+                return Err(ModelError::Shape(format!(
+                    "image embeddings at row {row}, tokens {}..{} fall outside the {batch}x{tokens} step",
+                    image.start,
+                    image.start + image.embeds.nrows()
+                )));
+            }
+        }
         Ok(())
     }
+}
+
+/// `hidden` `[B, T, d]` with each image's embeddings written over its placeholder positions.
+fn splice_images(
+    hidden: &DynValue,
+    images: &[(usize, ImageEmbeds)],
+    dtype: Dtype,
+) -> Result<DynValue, ModelError> {
+    let mut array = hidden_to_f32(hidden)?;
+    for (row, image) in images {
+        let (count, width) = image.embeds.dim();
+        if width != array.dim().2 {
+            return Err(ModelError::Shape(format!(
+                "image embeddings are {width} wide, the model's hidden size is {}",
+                array.dim().2
+            )));
+        }
+        array
+            .slice_mut(ndarray::s![*row, image.start..image.start + count, ..])
+            .assign(&*image.embeds);
+    }
+    let value = match dtype {
+        Dtype::Fp32 => Tensor::from_array(array).map(Tensor::into_dyn),
+        Dtype::Fp16 => Tensor::from_array(array.mapv(half::f16::from_f32)).map(Tensor::into_dyn),
+    };
+    value.map_err(run_error("image splice"))
 }
 
 /// Per-layer key and value tensors `[B, kv_heads, P, head_dim]` kept between steps.
@@ -396,12 +477,12 @@ fn require_names(segment: &Segment, inputs: &[&str], outputs: &[&str]) -> Result
 }
 
 /// A session together with the manifest entry it was built from.
-struct LoadedSegment {
-    session: Session,
-    name: String,
+pub(crate) struct LoadedSegment {
+    pub(crate) session: Session,
+    pub(crate) name: String,
 }
 
-fn load_segment(
+pub(crate) fn load_segment(
     bundle: &Bundle,
     runtime: &Runtime,
     segment: &Segment,
@@ -418,7 +499,7 @@ fn load_segment(
     })
 }
 
-fn take(
+pub(crate) fn take(
     outputs: &mut ort::session::SessionOutputs<'_>,
     name: &str,
     segment: &str,
@@ -573,6 +654,9 @@ impl SegmentChain {
         })?;
         let mut hidden = take(&mut outputs, "hidden", &embed.name)?;
         drop(outputs);
+        if !step.images.is_empty() {
+            hidden = splice_images(&hidden, &step.images, self.dtype)?;
+        }
         let positions = &mut self.positions;
         let mut outputs = time_if(profile, decode, &positions.name, || {
             positions
@@ -683,7 +767,7 @@ fn with_hidden<D: ndarray::Dimension>(
 }
 
 /// A layer output `[B, T, d]` as fp32, whatever the bundle's dtype.
-fn hidden_to_f32(value: &DynValue) -> Result<Array3<f32>, ModelError> {
+pub(crate) fn hidden_to_f32(value: &DynValue) -> Result<Array3<f32>, ModelError> {
     with_hidden(value, |view| view.to_owned())
 }
 
@@ -803,6 +887,9 @@ impl CausalLm for Monolithic {
     ) -> Result<Array2<f32>, ModelError> {
         if hook.steers() {
             return Err(ModelError::SteeringUnsupported);
+        }
+        if !step.images.is_empty() {
+            return Err(ModelError::ImagesUnsupported);
         }
         step.check(cache)?;
         let full = &mut self.full;

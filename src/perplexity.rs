@@ -37,6 +37,7 @@ pub fn perplexity(
             input_ids: Array2::from_elem((1, 1), i64::from(pair[0])),
             position_ids: Array2::from_elem((1, 1), position as i64),
             attention_mask: Array2::ones((1, position + 1)),
+            images: Vec::new(),
         };
         let logits = model.forward(&step, &mut cache, &mut hook)?;
         total += negative_log_likelihood(logits.row(0).as_slice().unwrap_or(&[]), pair[1])?;

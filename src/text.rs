@@ -16,6 +16,27 @@ pub enum TextError {
     NoChatTemplate,
     #[error("chat template failed to render: {0}")]
     Template(#[from] minijinja::Error),
+    #[error("this bundle is text-only: images need a vision-language bundle")]
+    ImagesWithoutVision,
+}
+
+/// One chat turn: its role, its text and how many images come with it.
+#[derive(Debug, Clone, Copy)]
+pub struct Turn<'a> {
+    pub role: &'a str,
+    pub text: &'a str,
+    pub images: usize,
+}
+
+impl<'a> Turn<'a> {
+    /// A turn of text only.
+    pub fn text(role: &'a str, text: &'a str) -> Self {
+        Self {
+            role,
+            text,
+            images: 0,
+        }
+    }
 }
 
 /// Tokenizer plus chat template, loaded from a bundle.
@@ -27,6 +48,8 @@ pub struct TextCodec {
     chat: Option<Environment<'static>>,
     bos_token: String,
     eos_token: String,
+    /// Vision-language templates read `content` as a list of `{"type": "image"|"text"}` parts.
+    content_parts: bool,
 }
 
 const CHAT_TEMPLATE: &str = "chat";
@@ -56,22 +79,29 @@ impl TextCodec {
             chat,
             bos_token: files.bos_token.clone().unwrap_or_default(),
             eos_token: files.eos_token.clone().unwrap_or_default(),
+            content_parts: bundle.manifest().vision.is_some(),
         })
     }
 
-    /// Render a single user turn with the chat template, ending with the assistant prompt.
-    pub fn render_chat(&self, user: &str) -> Result<String, TextError> {
-        self.render_messages(&[("user", user)])
-    }
-
-    /// Render a conversation of `(role, content)` turns, ending with the assistant prompt.
-    pub fn render_messages(&self, turns: &[(&str, &str)]) -> Result<String, TextError> {
+    /// Render a conversation, ending with the assistant prompt. In a vision-language bundle each
+    /// turn's content is its image parts then its text part, as HF processors' templates expect.
+    pub fn render_messages(&self, turns: &[Turn<'_>]) -> Result<String, TextError> {
         let env = self.chat.as_ref().ok_or(TextError::NoChatTemplate)?;
         let template = env.get_template(CHAT_TEMPLATE)?;
-        let messages: Vec<_> = turns
+        let messages = turns
             .iter()
-            .map(|(role, content)| context! { role => role, content => content })
-            .collect();
+            .map(|turn| {
+                if !self.content_parts {
+                    return match turn.images {
+                        0 => Ok(context! { role => turn.role, content => turn.text }),
+                        _ => Err(TextError::ImagesWithoutVision),
+                    };
+                }
+                let mut parts = vec![context! { type => "image" }; turn.images];
+                parts.push(context! { type => "text", text => turn.text });
+                Ok(context! { role => turn.role, content => parts })
+            })
+            .collect::<Result<Vec<_>, _>>()?;
         Ok(template.render(context! {
             messages => messages,
             add_generation_prompt => true,
@@ -80,11 +110,22 @@ impl TextCodec {
         })?)
     }
 
-    /// Token ids for a prompt: through the chat template (no extra special tokens, as
-    /// `apply_chat_template` does) or as plain text with the tokenizer's own special tokens.
-    pub fn encode_prompt(&self, prompt: &str, chat: bool) -> Result<Vec<u32>, TextError> {
+    /// Token ids for a prompt: through the chat template as one user turn with `images` images
+    /// (no extra special tokens, as `apply_chat_template` does) or as plain text with the
+    /// tokenizer's own special tokens (a raw prompt writes its own image placeholders).
+    pub fn encode_prompt(
+        &self,
+        prompt: &str,
+        chat: bool,
+        images: usize,
+    ) -> Result<Vec<u32>, TextError> {
         if chat {
-            self.encode(&self.render_chat(prompt)?, false)
+            let turn = Turn {
+                role: "user",
+                text: prompt,
+                images,
+            };
+            self.encode(&self.render_messages(&[turn])?, false)
         } else {
             self.encode(prompt, true)
         }

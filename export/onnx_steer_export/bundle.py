@@ -296,7 +296,7 @@ def model_section(loaded: LoadedModel, dims: ModelDims) -> dict:
 
 
 # PIL resampling codes the HF image processors store, by the name the runtime reads.
-RESAMPLE = {0: "nearest", 2: "bilinear", 3: "bicubic"}
+RESAMPLE = {2: "bilinear", 3: "bicubic"}
 PROCESSOR_KEYS = ("do_convert_rgb", "do_pad", "do_resize", "size", "do_center_crop", "crop_size", "do_rescale",
                   "rescale_factor", "do_normalize", "image_mean", "image_std")
 
@@ -323,7 +323,7 @@ def processor_settings(loaded: LoadedModel) -> dict:
     section = {key: settings.get(key) for key in PROCESSOR_KEYS}
     resample = settings.get("resample")
     if int(resample) not in RESAMPLE:
-        raise VisionExportError(f"image processor resample={resample} is not nearest, bilinear or bicubic")
+        raise VisionExportError(f"image processor resample={resample} is not bilinear or bicubic (the runtime reproduces those two)")
     section["resample"] = RESAMPLE[int(resample)]
     return section
 

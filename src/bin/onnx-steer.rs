@@ -14,8 +14,11 @@ use onnx_steer::model::{CausalLm, Monolithic, SegmentChain};
 use onnx_steer::runtime::{ExecutionProvider, Runtime, RuntimeOptions};
 use onnx_steer::steer::{vector, BatchSteering, ResolvedSteering, SteerSpec};
 use onnx_steer::text::{StreamDecoder, TextCodec};
+use onnx_steer::model::Prompt;
+use onnx_steer::vision::{self, VisionEncoder};
 use onnx_steer::{
     Bundle, BundleError, Error, GenerateError, ModelError, RuntimeError, SteerError, TextError,
+    VisionError,
 };
 
 /// What the CLI reports: a library error, or a problem with the command line's own input.
@@ -44,7 +47,8 @@ cli_error_from_library!(
     ModelError,
     TextError,
     GenerateError,
-    SteerError
+    SteerError,
+    VisionError
 );
 
 #[derive(Parser)]
@@ -506,7 +510,8 @@ struct CaptureArgs {
     /// Bundle directory.
     #[arg(long)]
     bundle: PathBuf,
-    /// One prompt per line, or a .jsonl file of {"prompt": TEXT} or {"input_ids": [...]} objects.
+    /// One prompt per line, or a .jsonl file of {"prompt": TEXT} or {"input_ids": [...]} objects;
+    /// with a vision-language bundle a record may add {"images": [FILE, ...]} (relative to the file).
     #[arg(long)]
     prompts_file: PathBuf,
     /// Wrap text prompts in the chat template.
@@ -555,7 +560,10 @@ fn parse_layers(text: &str, num_layers: usize) -> Result<Vec<usize>, CliError> {
     Ok(layers)
 }
 
-fn read_capture_prompts(args: &CaptureArgs, codec: &TextCodec) -> Result<Vec<Vec<u32>>, CliError> {
+/// Token ids and decoded images of each prompt in a capture prompts file.
+type CapturePrompts = Vec<(Vec<u32>, Vec<image::RgbImage>)>;
+
+fn read_capture_prompts(args: &CaptureArgs, codec: &TextCodec) -> Result<CapturePrompts, CliError> {
     let path = &args.prompts_file;
     let text = std::fs::read_to_string(path).map_err(|e| {
         CliError::Input(format!(
@@ -564,16 +572,32 @@ fn read_capture_prompts(args: &CaptureArgs, codec: &TextCodec) -> Result<Vec<Vec
         ))
     })?;
     let jsonl = path.extension().is_some_and(|e| e == "jsonl");
+    let base = path.parent().unwrap_or(Path::new("."));
     let mut prompts = Vec::new();
     for (number, line) in text
         .lines()
         .enumerate()
         .filter(|(_, l)| !l.trim().is_empty())
     {
+        let mut images = Vec::new();
         let ids = if jsonl {
             let record: serde_json::Value = serde_json::from_str(line).map_err(|e| {
                 CliError::Input(format!("{}:{}: not JSON: {e}", path.display(), number + 1))
             })?;
+            if let Some(files) = record.get("images").and_then(|v| v.as_array()) {
+                let files = files
+                    .iter()
+                    .map(|f| f.as_str().map(|f| base.join(f)))
+                    .collect::<Option<Vec<_>>>()
+                    .ok_or_else(|| {
+                        CliError::Input(format!(
+                            "{}:{}: images must be file names",
+                            path.display(),
+                            number + 1
+                        ))
+                    })?;
+                images = read_images(&files)?;
+            }
             if let Some(ids) = record.get("input_ids").and_then(|v| v.as_array()) {
                 ids.iter()
                     .map(|id| id.as_u64().and_then(|id| u32::try_from(id).ok()))
@@ -586,7 +610,7 @@ fn read_capture_prompts(args: &CaptureArgs, codec: &TextCodec) -> Result<Vec<Vec
                         ))
                     })?
             } else if let Some(prompt) = record.get("prompt").and_then(|v| v.as_str()) {
-                codec.encode_prompt(prompt, args.chat)?
+                codec.encode_prompt(prompt, args.chat, images.len())?
             } else {
                 return Err(CliError::Input(format!(
                     "{}:{}: needs \"prompt\" or \"input_ids\"",
@@ -595,9 +619,9 @@ fn read_capture_prompts(args: &CaptureArgs, codec: &TextCodec) -> Result<Vec<Vec
                 )));
             }
         } else {
-            codec.encode_prompt(line, args.chat)?
+            codec.encode_prompt(line, args.chat, 0)?
         };
-        prompts.push(ids);
+        prompts.push((ids, images));
     }
     if prompts.is_empty() {
         return Err(CliError::Input(format!(
@@ -608,14 +632,49 @@ fn read_capture_prompts(args: &CaptureArgs, codec: &TextCodec) -> Result<Vec<Vec
     Ok(prompts)
 }
 
+/// Decode image files (before any model is loaded, so a broken image fails fast).
+fn read_images(paths: &[PathBuf]) -> Result<Vec<image::RgbImage>, CliError> {
+    paths
+        .iter()
+        .map(|path| {
+            let bytes = std::fs::read(path).map_err(|source| VisionError::Io {
+                path: path.display().to_string(),
+                source,
+            })?;
+            Ok(vision::decode(&bytes, &path.display().to_string())?)
+        })
+        .collect()
+}
+
+/// A prompt with its images embedded and spliced; text-only bundles take no images.
+fn vision_prompt(
+    encoder: Option<&mut VisionEncoder>,
+    ids: Vec<u32>,
+    images: &[image::RgbImage],
+) -> Result<Prompt, CliError> {
+    match encoder {
+        None if images.is_empty() => Ok(ids.into()),
+        None => Err(VisionError::TextOnlyBundle.into()),
+        Some(encoder) => {
+            let embeds = encoder.embed(images)?;
+            Ok(encoder.prompt(&ids, embeds)?)
+        }
+    }
+}
+
 fn run_capture(args: CaptureArgs) -> Result<(), CliError> {
     let bundle = Bundle::open(&args.bundle)?;
     let config = bundle.config().clone();
     let layers = parse_layers(&args.layers, config.num_layers)?;
     let codec = TextCodec::load(&bundle)?;
-    let prompts = read_capture_prompts(&args, &codec)?;
-    validate_prompts(&prompts, config.max_position_embeddings)?;
+    let lines = read_capture_prompts(&args, &codec)?;
     let runtime = args.runtime.runtime()?;
+    let mut encoder = VisionEncoder::load(&bundle, &runtime)?;
+    let prompts = lines
+        .into_iter()
+        .map(|(ids, images)| vision_prompt(encoder.as_mut(), ids, &images))
+        .collect::<Result<Vec<_>, _>>()?;
+    validate_prompts(&prompts, config.max_position_embeddings)?;
     let mut chain = SegmentChain::load(&bundle, &runtime)?;
     let pad = config.pad_token_id.unwrap_or(config.eos_token_ids[0]);
     let last_only = args.tokens == "last";
@@ -626,7 +685,7 @@ fn run_capture(args: CaptureArgs) -> Result<(), CliError> {
             .expect("static template"),
     );
     for chunk in prompts.chunks(args.batch_size.max(1)) {
-        let step = onnx_steer::model::Step::left_padded(chunk, pad);
+        let step = onnx_steer::model::Step::for_prompts(chunk, pad);
         let captured = chain.capture(&step, &layers)?;
         for (slot, states) in captured.iter().enumerate() {
             let width = states.dim().1;
@@ -634,7 +693,7 @@ fn run_capture(args: CaptureArgs) -> Result<(), CliError> {
                 let first = if last_only {
                     width - 1
                 } else {
-                    width - prompt.len()
+                    width - prompt.ids.len()
                 };
                 for t in first..width {
                     collected[slot].extend(states.slice(ndarray::s![r, t, ..]).iter());
@@ -646,7 +705,7 @@ fn run_capture(args: CaptureArgs) -> Result<(), CliError> {
     }
     bar.finish_and_clear();
     let d = config.hidden_size;
-    let lengths: Vec<f32> = prompts.iter().map(|p| p.len() as f32).collect();
+    let lengths: Vec<f32> = prompts.iter().map(|p| p.ids.len() as f32).collect();
     let mut tensors: Vec<(String, Vec<usize>, &[f32])> = layers
         .iter()
         .zip(&collected)
@@ -722,6 +781,10 @@ struct GenerateArgs {
     /// A file with one prompt per line, run together as one batch.
     #[arg(long)]
     prompts_file: Option<PathBuf>,
+    /// An image (PNG, JPEG or WebP) for --prompt, with a vision-language bundle; repeat for several.
+    /// With --chat each image gets a placeholder; a raw prompt writes one `<image>` per image.
+    #[arg(long = "image", value_name = "FILE", conflicts_with = "prompts_file")]
+    images: Vec<PathBuf>,
     /// Wrap each prompt as a user turn of the bundle's chat template.
     #[arg(long)]
     chat: bool,
@@ -881,14 +944,22 @@ fn row_steering(
 fn run_generate(args: GenerateArgs) -> Result<(), CliError> {
     let lines = read_prompts(&args)?;
     let bundle = Bundle::open(&args.bundle)?;
+    let images = read_images(&args.images)?;
+    if !images.is_empty() && bundle.manifest().vision.is_none() {
+        return Err(VisionError::TextOnlyBundle.into());
+    }
     let codec = TextCodec::load(&bundle)?;
+    let config = bundle.config();
+    let runtime = args.runtime.runtime()?;
+    let mut encoder = VisionEncoder::load(&bundle, &runtime)?;
     let encoded = lines
         .iter()
-        .map(|line| codec.encode_prompt(&line.prompt, args.chat))
+        .map(|line| {
+            let ids = codec.encode_prompt(&line.prompt, args.chat, images.len())?;
+            vision_prompt(encoder.as_mut(), ids, &images)
+        })
         .collect::<Result<Vec<_>, _>>()?;
-    let config = bundle.config();
     validate_prompts(&encoded, config.max_position_embeddings)?;
-    let runtime = args.runtime.runtime()?;
     let steering = row_steering(&lines, &args.steer, config, &runtime)?;
     let mut model = load_model(&bundle, &runtime, args.monolithic)?;
     let generation = GenerationConfig {

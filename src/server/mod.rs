@@ -29,7 +29,7 @@ use crate::bundle::ModelConfig;
 use crate::generate::{FinishReason, Generated, Sampling};
 use crate::runtime::Runtime;
 use crate::steer::{ResolvedSteering, SteerSpec};
-use crate::text::{StreamDecoder, TextCodec};
+use crate::text::{StreamDecoder, TextCodec, Turn};
 use engine::{EngineHandle, Job, JobEvent};
 use metrics::Metrics;
 use openai::{ErrorBody, ErrorDetail, Settings, Steering, Usage};
@@ -390,7 +390,7 @@ impl AppState {
         self.metrics.steering(&label);
         Ok(Prepared {
             request: RowRequest {
-                prompt,
+                prompt: prompt.into(),
                 sampling,
                 max_new_tokens: max_tokens,
                 stop_ids: self.config.eos_token_ids.clone(),
@@ -461,10 +461,10 @@ async fn chat(state: AppState, body: Bytes) -> Result<Response, ApiError> {
     if request.messages.is_empty() {
         return Err(ApiError::bad_request("messages must not be empty"));
     }
-    let turns: Vec<(&str, &str)> = request
+    let turns: Vec<Turn<'_>> = request
         .messages
         .iter()
-        .map(|m| (m.role.as_str(), m.content.as_str()))
+        .map(|m| Turn::text(m.role.as_str(), m.content.as_str()))
         .collect();
     let text = state
         .codec
@@ -520,7 +520,7 @@ async fn respond(
     endpoint: Endpoint,
 ) -> Result<Response, ApiError> {
     let prepared = state.prepare(ids, settings)?;
-    let prompt_tokens = prepared.request.prompt.len();
+    let prompt_tokens = prepared.request.prompt.ids.len();
     let mut receiver = state.submit(prepared.request)?;
     let id = format!("cmpl-{}", rand::random::<u64>());
     if prepared.stream {
