@@ -59,6 +59,7 @@ fn decode_step(seen: usize) -> Step {
         input_ids: Array2::from_elem((1, 1), 1234),
         position_ids: Array2::from_elem((1, 1), seen as i64),
         attention_mask: Array2::ones((1, seen + 1)),
+        images: Vec::new(),
     }
 }
 

@@ -83,6 +83,19 @@ enum Command {
     Vector(VectorCommand),
     /// Record residual-stream states (layer outputs) for training steering methods.
     Capture(CaptureArgs),
+    /// Preprocess images exactly as the vision tower sees them (the bundle's HF image processor)
+    /// and write `pixel_values` [N, 3, H, W] to a .safetensors file.
+    Preprocess {
+        /// A vision-language bundle directory.
+        #[arg(long)]
+        bundle: PathBuf,
+        /// Image files (PNG, JPEG or WebP), in order.
+        #[arg(long = "image", value_name = "FILE", required = true)]
+        images: Vec<PathBuf>,
+        /// Output .safetensors file.
+        #[arg(long)]
+        out: PathBuf,
+    },
     /// Measure prefill and decode speed: segmented vs monolithic, steered vs unsteered, in one run.
     Bench(BenchArgs),
     /// Serve OpenAI-compatible chat and text completions over HTTP, with steering per request.
@@ -662,6 +675,27 @@ fn vision_prompt(
     }
 }
 
+fn run_preprocess(bundle_dir: &Path, files: &[PathBuf], out: &Path) -> Result<(), CliError> {
+    let bundle = Bundle::open(bundle_dir)?;
+    let settings = &bundle
+        .manifest()
+        .vision
+        .as_ref()
+        .ok_or(VisionError::TextOnlyBundle)?
+        .processor;
+    let processor = vision::ImageProcessor::new(settings)?;
+    let rows: Vec<_> = read_images(files)?
+        .iter()
+        .map(|image| processor.preprocess(image))
+        .collect();
+    let shape = rows.first().map(|r| r.dim()).unwrap_or_default();
+    let data: Vec<f32> = rows.iter().flat_map(|r| r.iter().copied()).collect();
+    let dims = vec![rows.len(), shape.0, shape.1, shape.2];
+    vector::write_f32_tensors(out, &[("pixel_values".into(), dims, &data)])?;
+    eprintln!("wrote pixel_values {:?} to {}", [rows.len(), shape.0, shape.1, shape.2], out.display());
+    Ok(())
+}
+
 fn run_capture(args: CaptureArgs) -> Result<(), CliError> {
     let bundle = Bundle::open(&args.bundle)?;
     let config = bundle.config().clone();
@@ -1107,6 +1141,11 @@ fn main() -> ExitCode {
         Command::Inspect { bundle, json } => run_inspect(&bundle, json),
         Command::Generate(args) => run_generate(args),
         Command::Capture(args) => run_capture(args),
+        Command::Preprocess {
+            bundle,
+            images,
+            out,
+        } => run_preprocess(&bundle, &images, &out),
         Command::Serve(args) => run_serve(args),
         Command::Bench(args) => run_bench(args),
         Command::Perplexity(args) => run_perplexity(args),

@@ -7,6 +7,7 @@
 
 use std::io::Cursor;
 
+use image::metadata::Orientation;
 use image::{DynamicImage, ImageDecoder, ImageFormat, ImageReader, Limits, RgbImage, RgbaImage};
 use ndarray::Array3;
 
@@ -33,6 +34,7 @@ pub fn decode(bytes: &[u8], name: &str) -> Result<RgbImage, VisionError> {
         .with_guessed_format()
         .map_err(|e| decode_error(e.into()))?;
     match reader.format() {
+        Some(ImageFormat::Jpeg) => return decode_jpeg(bytes, name),
         Some(format) if FORMATS.contains(&format) => {}
         other => {
             return Err(VisionError::UnsupportedFormat {
@@ -43,6 +45,22 @@ pub fn decode(bytes: &[u8], name: &str) -> Result<RgbImage, VisionError> {
     }
     let mut decoder = reader.into_decoder().map_err(decode_error)?;
     let (width, height) = decoder.dimensions();
+    check_size(name, width, height)?;
+    let mut limits = Limits::default();
+    limits.max_alloc = Some(MAX_IMAGE_PIXELS * 8);
+    decoder.set_limits(limits).map_err(decode_error)?;
+    let orientation = decoder.orientation().map_err(decode_error)?;
+    let mut image = DynamicImage::from_decoder(decoder).map_err(decode_error)?;
+    image.apply_orientation(orientation);
+    Ok(if image.color().has_alpha() {
+        composite_on_white(&image.to_rgba8())
+    } else {
+        image.to_rgb8()
+    })
+}
+
+/// Refuse empty images and images over [`MAX_IMAGE_PIXELS`], before their pixels are allocated.
+fn check_size(name: &str, width: u32, height: u32) -> Result<(), VisionError> {
     let pixels = u64::from(width) * u64::from(height);
     if pixels == 0 {
         return Err(VisionError::Empty {
@@ -59,17 +77,50 @@ pub fn decode(bytes: &[u8], name: &str) -> Result<RgbImage, VisionError> {
             limit: MAX_IMAGE_PIXELS,
         });
     }
-    let mut limits = Limits::default();
-    limits.max_alloc = Some(MAX_IMAGE_PIXELS * 8);
-    decoder.set_limits(limits).map_err(decode_error)?;
-    let orientation = decoder.orientation().map_err(decode_error)?;
-    let mut image = DynamicImage::from_decoder(decoder).map_err(decode_error)?;
-    image.apply_orientation(orientation);
-    Ok(if image.color().has_alpha() {
-        composite_on_white(&image.to_rgba8())
-    } else {
-        image.to_rgb8()
-    })
+    Ok(())
+}
+
+/// JPEG through libjpeg-turbo's decoder (islow IDCT, fancy upsampling), Pillow's, so the pixels
+/// are the ones HF sees; the EXIF orientation comes from the APP1 marker.
+fn decode_jpeg(bytes: &[u8], name: &str) -> Result<RgbImage, VisionError> {
+    let corrupt = |problem: String| VisionError::Decode {
+        name: name.to_string(),
+        source: image::ImageError::Decoding(image::error::DecodingError::new(
+            ImageFormat::Jpeg.into(),
+            problem,
+        )),
+    };
+    // libjpeg fills a truncated scan with grey and only warns; Pillow refuses such files.
+    let tail = &bytes[bytes.len().saturating_sub(4096)..];
+    if !tail.windows(2).any(|w| w == [0xFF, 0xD9]) {
+        return Err(corrupt("no end-of-image marker: the file is truncated".into()));
+    }
+    let decoded = std::panic::catch_unwind(std::panic::AssertUnwindSafe(
+        || -> Result<RgbImage, VisionError> {
+            let decompress = mozjpeg::Decompress::with_markers(&[mozjpeg::Marker::APP(1)])
+                .from_mem(bytes)
+                .map_err(|e| corrupt(e.to_string()))?;
+            let (width, height) = (decompress.width() as u32, decompress.height() as u32);
+            check_size(name, width, height)?;
+            let orientation = decompress
+                .markers()
+                .filter_map(|marker| marker.data.strip_prefix(b"Exif\0\0"))
+                .find_map(Orientation::from_exif_chunk)
+                .unwrap_or(Orientation::NoTransforms);
+            let mut started = decompress.rgb().map_err(|e| corrupt(e.to_string()))?;
+            let pixels: Vec<[u8; 3]> = started
+                .read_scanlines()
+                .map_err(|e| corrupt(e.to_string()))?;
+            started.finish().map_err(|e| corrupt(e.to_string()))?;
+            let raw = pixels.into_iter().flatten().collect();
+            let image = RgbImage::from_raw(width, height, raw)
+                .ok_or_else(|| corrupt("fewer pixels than the header declares".into()))?;
+            let mut image = DynamicImage::ImageRgb8(image);
+            image.apply_orientation(orientation);
+            Ok(image.to_rgb8())
+        },
+    ));
+    decoded.unwrap_or_else(|_| Err(corrupt("libjpeg rejected the data".into())))
 }
 
 /// Pillow's `alpha_composite` onto opaque white, in its integer arithmetic (7 fractional bits).
