@@ -10,6 +10,7 @@ use crate::generate::{generate, GenerateError, GenerationConfig, Sampling};
 use crate::model::{CausalLm, Prompt};
 use crate::profile::ProfileSummary;
 use crate::steer::{BatchSteering, Decision};
+use crate::vision::{decode, VisionEncoder, VisionError};
 
 /// One configuration to measure: a model (by index into the models passed to [`measure`]) and
 /// the steering it runs with.
@@ -262,4 +263,45 @@ mod tests {
         assert!((s.std - 1.118_034).abs() < 1e-6);
         assert_eq!(s.p99, 4.0);
     }
+}
+
+/// Per-image cost of the vision side, each step timed on its own (`--image` of `onnx-steer bench`).
+#[derive(Debug, Clone, Serialize)]
+pub struct VisionTiming {
+    /// File bytes → upright RGB.
+    pub decode_ms: Stats,
+    /// HF image-processor steps → `pixel_values`.
+    pub preprocess_ms: Stats,
+    /// Vision tower + projector on one image.
+    pub encoder_ms: Stats,
+}
+
+/// Time decoding, preprocessing and encoding one image `repeats` times after one warm-up.
+pub fn measure_vision(
+    encoder: &mut VisionEncoder,
+    bytes: &[u8],
+    repeats: usize,
+) -> Result<VisionTiming, VisionError> {
+    let (mut decode_ms, mut preprocess_ms, mut encoder_ms) = (Vec::new(), Vec::new(), Vec::new());
+    let elapsed_ms = |started: Instant| started.elapsed().as_secs_f64() * 1e3;
+    for round in 0..=repeats.max(1) {
+        let started = Instant::now();
+        let image = decode(bytes, "bench image")?;
+        let decoded = elapsed_ms(started);
+        let started = Instant::now();
+        let pixels = encoder.preprocess(std::slice::from_ref(&image))?;
+        let preprocessed = elapsed_ms(started);
+        let started = Instant::now();
+        encoder.encode(pixels)?;
+        if round > 0 {
+            decode_ms.push(decoded);
+            preprocess_ms.push(preprocessed);
+            encoder_ms.push(elapsed_ms(started));
+        }
+    }
+    Ok(VisionTiming {
+        decode_ms: Stats::of(&decode_ms),
+        preprocess_ms: Stats::of(&preprocess_ms),
+        encoder_ms: Stats::of(&encoder_ms),
+    })
 }

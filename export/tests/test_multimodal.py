@@ -5,6 +5,7 @@ real photographs shipped by scikit-image."""
 
 from __future__ import annotations
 
+import base64
 import json
 import shutil
 import subprocess
@@ -13,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import requests
 import torch
 from PIL import Image, ImageOps
 from safetensors.numpy import load_file, save_file
@@ -27,6 +29,7 @@ from onnx_steer_export.reference import added
 from onnx_steer_export.source import LoadedModel, load
 
 from conftest import run_generate
+from test_server import start_server
 
 # LLaVA-1.5's processor chat template (llava-hf/llava-1.5-7b-hf): images first, then the text.
 LLAVA_CHAT = ("{% for message in messages %}{% if message['role'] != 'system' %}{{ message['role'].upper() + ': '}}"
@@ -252,3 +255,42 @@ def test_bad_images_get_clear_errors(llava: tuple[LoadedModel, Path], binary: Pa
     assert "2 image(s) given but the prompt has 1" in generate_failure(
         binary, bundle, "--prompt", "USER: <image>\nHi ASSISTANT:", *two)
     assert "text-only" in generate_failure(binary, bundle_dir, *chat, "--image", str(PHOTOS / "chelsea.png"))
+
+
+# --- server -------------------------------------------------------------------------------------
+
+def data_url(path: Path) -> str:
+    return f"data:image/png;base64,{base64.b64encode(path.read_bytes()).decode()}"
+
+
+def test_server_takes_image_url_parts_and_survives_bad_images(llava: tuple[LoadedModel, Path], binary: Path,
+                                                              tmp_path: Path) -> None:
+    _, bundle = llava
+    url, process = start_server(binary, bundle)
+    try:
+        def chat(content: object) -> requests.Response:
+            return requests.post(f"{url}/v1/chat/completions", timeout=120, json={
+                "messages": [{"role": "user", "content": content}], "max_tokens": 12, "temperature": 0})
+
+        image = PHOTOS / "chelsea.png"
+        reply = chat([{"type": "image_url", "image_url": {"url": data_url(image)}},
+                      {"type": "text", "text": "Describe the image."}])
+        assert reply.status_code == 200, reply.text
+        cli = run_generate(binary, bundle, "--chat", "--greedy", "--max-new-tokens", "12",
+                           "--prompt", "Describe the image.", "--image", str(image))[0]
+        assert reply.json()["choices"][0]["message"]["content"] == cli["text"]
+        assert reply.json()["usage"]["prompt_tokens"] == cli["prompt_tokens"]
+        truncated = tmp_path / "truncated.png"
+        truncated.write_bytes(image.read_bytes()[:5000])
+        bad = {
+            "http": ({"url": "http://example.com/cat.png"}, "only data:image"),
+            "base64": ({"url": "data:image/png;base64,@@@"}, "invalid base64"),
+            "truncated": ({"url": data_url(truncated)}, "could not be decoded"),
+        }
+        for label, (image_url, message) in bad.items():
+            reply = chat([{"type": "image_url", "image_url": image_url}, {"type": "text", "text": "Hi"}])
+            assert reply.status_code == 400 and message in reply.json()["error"]["message"], (label, reply.text)
+        assert chat("Still there?").status_code == 200
+    finally:
+        process.terminate()
+        process.wait(timeout=60)

@@ -210,6 +210,7 @@ fn run_serve(args: ServeArgs) -> Result<(), CliError> {
     let bundle = Bundle::open(&args.bundle)?;
     let runtime = std::sync::Arc::new(args.runtime.runtime()?);
     let model = SegmentChain::load(&bundle, &runtime)?;
+    let encoder = VisionEncoder::load(&bundle, &runtime)?;
     let config = bundle.config().clone();
     let (handle, engine_thread) = engine::spawn(
         Box::new(model),
@@ -233,6 +234,10 @@ fn run_serve(args: ServeArgs) -> Result<(), CliError> {
         args.steer_dir.clone(),
         limits,
     )?;
+    let state = match encoder {
+        Some(encoder) => state.with_vision(encoder),
+        None => state,
+    };
     let address = format!("{}:{}", args.host, args.port);
     let server = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -307,6 +312,10 @@ struct BenchArgs {
     /// Write the report here as JSON.
     #[arg(long)]
     json: Option<PathBuf>,
+    /// With a vision-language bundle: also time decoding, preprocessing and the vision encoder
+    /// (tower + projector) on this image, per image.
+    #[arg(long, value_name = "FILE")]
+    image: Option<PathBuf>,
     #[command(flatten)]
     runtime: RuntimeArgs,
 }
@@ -321,12 +330,26 @@ fn bench_prompt(codec: &TextCodec, tokens: usize) -> Result<Vec<u32>, CliError> 
 }
 
 fn run_bench(args: BenchArgs) -> Result<(), CliError> {
-    use onnx_steer::bench::{cpu_model, measure, memory_read_gbs, peak_rss_mib, Variant};
+    use onnx_steer::bench::{
+        cpu_model, measure, measure_vision, memory_read_gbs, peak_rss_mib, Variant,
+    };
 
     let bundle = Bundle::open(&args.bundle)?;
     let codec = TextCodec::load(&bundle)?;
     let config = bundle.config().clone();
     let runtime = args.runtime.runtime()?;
+    let vision = match &args.image {
+        None => None,
+        Some(path) => {
+            let bytes = std::fs::read(path).map_err(|source| VisionError::Io {
+                path: path.display().to_string(),
+                source,
+            })?;
+            let mut encoder =
+                VisionEncoder::load(&bundle, &runtime)?.ok_or(VisionError::TextOnlyBundle)?;
+            Some(measure_vision(&mut encoder, &bytes, args.repeats)?)
+        }
+    };
     let steered = args
         .steer
         .iter()
@@ -448,7 +471,7 @@ fn run_bench(args: BenchArgs) -> Result<(), CliError> {
         "cpu_model": cpu_model(),
         "onnxruntime": runtime.library(),
         "peak_rss_mib": peak_rss_mib(), "memory_read_gb_per_s": bandwidth,
-        "decode_weight_bytes": weight_bytes, "workloads": reports,
+        "decode_weight_bytes": weight_bytes, "workloads": reports, "vision_per_image": vision,
     });
     let mut out = std::io::stdout().lock();
     writeln!(
@@ -481,6 +504,13 @@ fn run_bench(args: BenchArgs) -> Result<(), CliError> {
         "memory read bandwidth {bandwidth:.1} GB/s; a decode step streams {:.1} MB of weights",
         weight_bytes / 1e6
     )?;
+    if let Some(vision) = &vision {
+        writeln!(
+            out,
+            "vision per image (p50): decode {:.2} ms, preprocess {:.2} ms, encoder {:.2} ms",
+            vision.decode_ms.p50, vision.preprocess_ms.p50, vision.encoder_ms.p50
+        )?;
+    }
     for workload in report["workloads"].as_array().into_iter().flatten() {
         for (name, fraction) in workload["bandwidth_fraction"]
             .as_object()

@@ -12,7 +12,7 @@ pub mod openai;
 use std::collections::HashMap;
 use std::convert::Infallible;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, RwLock};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use axum::body::Bytes;
@@ -29,7 +29,9 @@ use crate::bundle::ModelConfig;
 use crate::generate::{FinishReason, Generated, Sampling};
 use crate::runtime::Runtime;
 use crate::steer::{ResolvedSteering, SteerSpec};
+use crate::model::Prompt;
 use crate::text::{StreamDecoder, TextCodec, Turn};
+use crate::vision::{self, VisionEncoder};
 use engine::{EngineHandle, Job, JobEvent};
 use metrics::Metrics;
 use openai::{ErrorBody, ErrorDetail, Settings, Steering, Usage};
@@ -57,6 +59,7 @@ pub struct AppState {
     steer_dir: Option<PathBuf>,
     limits: Limits,
     metrics: Metrics,
+    vision: Option<Arc<Mutex<VisionEncoder>>>,
 }
 
 impl AppState {
@@ -104,6 +107,7 @@ impl AppState {
                 path: PathBuf::from("metrics"),
                 message: e.to_string(),
             })?,
+            vision: None,
         })
     }
 }
@@ -299,6 +303,39 @@ fn confine(spec: &serde_json::Value, dir: &Path) -> Result<(), ApiError> {
 }
 
 impl AppState {
+    /// Accept images (`image_url` content parts) with this bundle's vision encoder.
+    pub fn with_vision(mut self, encoder: VisionEncoder) -> Self {
+        self.vision = Some(Arc::new(Mutex::new(encoder)));
+        self
+    }
+
+    /// Decode the data-URL images of a request and splice their embeddings into `ids`; the
+    /// encoder runs on a blocking thread so the async workers keep serving.
+    async fn with_images(&self, ids: Vec<u32>, urls: Vec<String>) -> Result<Prompt, ApiError> {
+        let Some(encoder) = self.vision.clone() else {
+            return match urls.is_empty() {
+                true => Ok(ids.into()),
+                false => Err(ApiError::bad_request(vision::VisionError::TextOnlyBundle.to_string())),
+            };
+        };
+        let images = urls
+            .iter()
+            .enumerate()
+            .map(|(index, url)| decode_data_url(url, index))
+            .collect::<Result<Vec<_>, _>>()?;
+        let spliced = tokio::task::spawn_blocking(move || {
+            let mut encoder = encoder.lock().map_err(|_| "vision encoder lock poisoned".to_string())?;
+            let embeds = encoder.embed(&images).map_err(|e| e.to_string())?;
+            encoder.prompt(&ids, embeds).map_err(|e| e.to_string())
+        })
+        .await
+        .map_err(|e| ApiError {
+            status: StatusCode::INTERNAL_SERVER_ERROR,
+            message: format!("vision encoder task failed: {e}"),
+        })?;
+        spliced.map_err(ApiError::bad_request)
+    }
+
     fn steering(
         &self,
         steering: Option<Steering>,
@@ -332,7 +369,8 @@ impl AppState {
         }
     }
 
-    fn prepare(&self, prompt: Vec<u32>, settings: Settings) -> Result<Prepared, ApiError> {
+    fn prepare(&self, full_prompt: Prompt, settings: Settings) -> Result<Prepared, ApiError> {
+        let prompt = &full_prompt.ids;
         let label = match &settings.steering {
             None => "none".to_string(),
             Some(Steering::Named(name)) => name.clone(),
@@ -390,7 +428,7 @@ impl AppState {
         self.metrics.steering(&label);
         Ok(Prepared {
             request: RowRequest {
-                prompt: prompt.into(),
+                prompt: full_prompt,
                 sampling,
                 max_new_tokens: max_tokens,
                 stop_ids: self.config.eos_token_ids.clone(),
@@ -461,10 +499,20 @@ async fn chat(state: AppState, body: Bytes) -> Result<Response, ApiError> {
     if request.messages.is_empty() {
         return Err(ApiError::bad_request("messages must not be empty"));
     }
+    let contents: Vec<(String, Vec<&str>)> = request.messages.iter().map(|m| m.content.split()).collect();
     let turns: Vec<Turn<'_>> = request
         .messages
         .iter()
-        .map(|m| Turn::text(m.role.as_str(), m.content.as_str()))
+        .zip(&contents)
+        .map(|(m, (text, images))| Turn {
+            role: m.role.as_str(),
+            text,
+            images: images.len(),
+        })
+        .collect();
+    let urls: Vec<String> = contents
+        .iter()
+        .flat_map(|(_, images)| images.iter().map(|url| url.to_string()))
         .collect();
     let text = state
         .codec
@@ -474,7 +522,8 @@ async fn chat(state: AppState, body: Bytes) -> Result<Response, ApiError> {
         .codec
         .encode(&text, false)
         .map_err(|e| ApiError::bad_request(e.to_string()))?;
-    respond(state, ids, request.settings, Endpoint::Chat).await
+    let prompt = state.with_images(ids, urls).await?;
+    respond(state, prompt, request.settings, Endpoint::Chat).await
 }
 
 async fn completion(state: AppState, body: Bytes) -> Result<Response, ApiError> {
@@ -483,7 +532,8 @@ async fn completion(state: AppState, body: Bytes) -> Result<Response, ApiError> 
         .codec
         .encode(&request.prompt, true)
         .map_err(|e| ApiError::bad_request(e.to_string()))?;
-    respond(state, ids, request.settings, Endpoint::Completion).await
+    let prompt = state.with_images(ids, Vec::new()).await?;
+    respond(state, prompt, request.settings, Endpoint::Completion).await
 }
 
 /// Cut `text` at the first stop string; returns whether one was found.
@@ -513,13 +563,32 @@ fn created() -> u64 {
         .map_or(0, |d| d.as_secs())
 }
 
+/// The bytes of a `data:image/...;base64,...` URL, decoded to RGB.
+fn decode_data_url(url: &str, index: usize) -> Result<image::RgbImage, ApiError> {
+    use base64::Engine;
+    let name = format!("image_url[{index}]");
+    let payload = url
+        .strip_prefix("data:")
+        .and_then(|rest| rest.split_once(";base64,"))
+        .map(|(_, payload)| payload)
+        .ok_or_else(|| {
+            ApiError::bad_request(format!(
+                "{name}: only data:image/...;base64, URLs are accepted (the server fetches nothing)"
+            ))
+        })?;
+    let bytes = base64::engine::general_purpose::STANDARD
+        .decode(payload.trim())
+        .map_err(|e| ApiError::bad_request(format!("{name}: invalid base64: {e}")))?;
+    vision::decode(&bytes, &name).map_err(|e| ApiError::bad_request(e.to_string()))
+}
+
 async fn respond(
     state: AppState,
-    ids: Vec<u32>,
+    prompt: Prompt,
     settings: Settings,
     endpoint: Endpoint,
 ) -> Result<Response, ApiError> {
-    let prepared = state.prepare(ids, settings)?;
+    let prepared = state.prepare(prompt, settings)?;
     let prompt_tokens = prepared.request.prompt.ids.len();
     let mut receiver = state.submit(prepared.request)?;
     let id = format!("cmpl-{}", rand::random::<u64>());

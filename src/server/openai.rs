@@ -56,7 +56,49 @@ pub struct Settings {
 #[derive(Debug, Clone, Deserialize)]
 pub struct Message {
     pub role: String,
-    pub content: String,
+    pub content: Content,
+}
+
+/// A turn's content: a string, or OpenAI content parts (text and `image_url`).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(untagged)]
+pub enum Content {
+    Text(String),
+    Parts(Vec<ContentPart>),
+}
+
+/// One content part.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum ContentPart {
+    Text { text: String },
+    ImageUrl { image_url: ImageUrl },
+}
+
+/// An image given inline as a `data:image/...;base64,` URL (the server fetches nothing).
+#[derive(Debug, Clone, Deserialize)]
+pub struct ImageUrl {
+    pub url: String,
+}
+
+impl Content {
+    /// The text parts joined by newlines, and the image URLs in order.
+    pub fn split(&self) -> (String, Vec<&str>) {
+        match self {
+            Content::Text(text) => (text.clone(), Vec::new()),
+            Content::Parts(parts) => {
+                let mut texts = Vec::new();
+                let mut images = Vec::new();
+                for part in parts {
+                    match part {
+                        ContentPart::Text { text } => texts.push(text.as_str()),
+                        ContentPart::ImageUrl { image_url } => images.push(image_url.url.as_str()),
+                    }
+                }
+                (texts.join("\n"), images)
+            }
+        }
+    }
 }
 
 /// `POST /v1/chat/completions`.

@@ -72,13 +72,24 @@ impl VisionEncoder {
         if images.is_empty() {
             return Ok(Vec::new());
         }
+        let pixels = self.preprocess(images)?;
+        self.encode(pixels)
+    }
+
+    /// `pixel_values` `[N, 3, H, W]` of `images` (the HF image processor's output).
+    pub fn preprocess(&self, images: &[RgbImage]) -> Result<Array4<f32>, VisionError> {
         let rows: Vec<_> = images
             .iter()
             .map(|image| self.processor.preprocess(image))
             .collect();
         let views: Vec<_> = rows.iter().map(|row| row.view()).collect();
-        let pixels: Array4<f32> = ndarray::stack(Axis(0), &views)
-            .map_err(|e| ModelError::Shape(format!("images do not stack: {e}")))?;
+        Ok(ndarray::stack(Axis(0), &views)
+            .map_err(|e| ModelError::Shape(format!("images do not stack: {e}")))?)
+    }
+
+    /// Run preprocessed `pixels` through the vision tower and projector: one `[image_tokens, d]`
+    /// matrix per image.
+    pub fn encode(&mut self, pixels: Array4<f32>) -> Result<Vec<Arc<Array2<f32>>>, VisionError> {
         let pixels = match self.dtype {
             Dtype::Fp32 => Tensor::from_array(pixels).map(Tensor::into_dyn),
             Dtype::Fp16 => Tensor::from_array(pixels.mapv(half::f16::from_f32)).map(Tensor::into_dyn),
