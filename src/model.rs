@@ -41,7 +41,9 @@ pub enum ModelError {
     Intervention(String),
     #[error("the model produced non-finite values: {0}")]
     NotFinite(String),
-    #[error("the monolithic full.onnx takes token ids only; run image prompts on the segment chain")]
+    #[error(
+        "the monolithic full.onnx takes token ids only; run image prompts on the segment chain"
+    )]
     ImagesUnsupported,
 }
 

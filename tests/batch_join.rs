@@ -16,7 +16,10 @@ fn request(
     steering: Option<Arc<onnx_steer::steer::ResolvedSteering>>,
 ) -> RowRequest {
     RowRequest {
-        prompt: codec.encode_prompt(prompt, true, 0).expect("prompt encodes").into(),
+        prompt: codec
+            .encode_prompt(prompt, true, 0)
+            .expect("prompt encodes")
+            .into(),
         sampling: Sampling::Greedy,
         max_new_tokens,
         stop_ids: vec![2],

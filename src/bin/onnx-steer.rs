@@ -10,11 +10,11 @@ use clap::{Args, Parser, Subcommand};
 use indicatif::{ProgressBar, ProgressStyle};
 use onnx_steer::bundle::ModelConfig;
 use onnx_steer::generate::{generate, validate_prompts, Generated, GenerationConfig, Sampling};
+use onnx_steer::model::Prompt;
 use onnx_steer::model::{CausalLm, Monolithic, SegmentChain};
 use onnx_steer::runtime::{ExecutionProvider, Runtime, RuntimeOptions};
 use onnx_steer::steer::{vector, BatchSteering, ResolvedSteering, SteerSpec};
 use onnx_steer::text::{StreamDecoder, TextCodec};
-use onnx_steer::model::Prompt;
 use onnx_steer::vision::{self, VisionEncoder};
 use onnx_steer::{
     Bundle, BundleError, Error, GenerateError, ModelError, RuntimeError, SteerError, TextError,
@@ -722,7 +722,11 @@ fn run_preprocess(bundle_dir: &Path, files: &[PathBuf], out: &Path) -> Result<()
     let data: Vec<f32> = rows.iter().flat_map(|r| r.iter().copied()).collect();
     let dims = vec![rows.len(), shape.0, shape.1, shape.2];
     vector::write_f32_tensors(out, &[("pixel_values".into(), dims, &data)])?;
-    eprintln!("wrote pixel_values {:?} to {}", [rows.len(), shape.0, shape.1, shape.2], out.display());
+    eprintln!(
+        "wrote pixel_values {:?} to {}",
+        [rows.len(), shape.0, shape.1, shape.2],
+        out.display()
+    );
     Ok(())
 }
 

@@ -27,9 +27,9 @@ use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver};
 use crate::batch::RowRequest;
 use crate::bundle::ModelConfig;
 use crate::generate::{FinishReason, Generated, Sampling};
+use crate::model::Prompt;
 use crate::runtime::Runtime;
 use crate::steer::{ResolvedSteering, SteerSpec};
-use crate::model::Prompt;
 use crate::text::{StreamDecoder, TextCodec, Turn};
 use crate::vision::{self, VisionEncoder};
 use engine::{EngineHandle, Job, JobEvent};
@@ -315,7 +315,9 @@ impl AppState {
         let Some(encoder) = self.vision.clone() else {
             return match urls.is_empty() {
                 true => Ok(ids.into()),
-                false => Err(ApiError::bad_request(vision::VisionError::TextOnlyBundle.to_string())),
+                false => Err(ApiError::bad_request(
+                    vision::VisionError::TextOnlyBundle.to_string(),
+                )),
             };
         };
         let images = urls
@@ -324,7 +326,9 @@ impl AppState {
             .map(|(index, url)| decode_data_url(url, index))
             .collect::<Result<Vec<_>, _>>()?;
         let spliced = tokio::task::spawn_blocking(move || {
-            let mut encoder = encoder.lock().map_err(|_| "vision encoder lock poisoned".to_string())?;
+            let mut encoder = encoder
+                .lock()
+                .map_err(|_| "vision encoder lock poisoned".to_string())?;
             let embeds = encoder.embed(&images).map_err(|e| e.to_string())?;
             encoder.prompt(&ids, embeds).map_err(|e| e.to_string())
         })
@@ -499,7 +503,8 @@ async fn chat(state: AppState, body: Bytes) -> Result<Response, ApiError> {
     if request.messages.is_empty() {
         return Err(ApiError::bad_request("messages must not be empty"));
     }
-    let contents: Vec<(String, Vec<&str>)> = request.messages.iter().map(|m| m.content.split()).collect();
+    let contents: Vec<(String, Vec<&str>)> =
+        request.messages.iter().map(|m| m.content.split()).collect();
     let turns: Vec<Turn<'_>> = request
         .messages
         .iter()

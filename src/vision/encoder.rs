@@ -10,8 +10,7 @@ use ort::value::Tensor;
 use super::{ImageProcessor, VisionError};
 use crate::bundle::{Bundle, Dtype, SegmentKind, VisionConfig};
 use crate::model::{
-    hidden_to_f32, load_segment, run_error, take, ImageEmbeds, LoadedSegment, ModelError,
-    Prompt,
+    hidden_to_f32, load_segment, run_error, take, ImageEmbeds, LoadedSegment, ModelError, Prompt,
 };
 use crate::runtime::Runtime;
 
@@ -92,7 +91,9 @@ impl VisionEncoder {
     pub fn encode(&mut self, pixels: Array4<f32>) -> Result<Vec<Arc<Array2<f32>>>, VisionError> {
         let pixels = match self.dtype {
             Dtype::Fp32 => Tensor::from_array(pixels).map(Tensor::into_dyn),
-            Dtype::Fp16 => Tensor::from_array(pixels.mapv(half::f16::from_f32)).map(Tensor::into_dyn),
+            Dtype::Fp16 => {
+                Tensor::from_array(pixels.mapv(half::f16::from_f32)).map(Tensor::into_dyn)
+            }
         }
         .map_err(run_error("pixel_values"))?;
         let vision = &mut self.vision;
@@ -133,7 +134,10 @@ fn expand_placeholders(
     config: &VisionConfig,
     images: Vec<Arc<Array2<f32>>>,
 ) -> Result<Prompt, VisionError> {
-    let placeholders = ids.iter().filter(|&&id| id == config.image_token_id).count();
+    let placeholders = ids
+        .iter()
+        .filter(|&&id| id == config.image_token_id)
+        .count();
     if placeholders != images.len() {
         return Err(VisionError::PlaceholderMismatch {
             images: images.len(),
@@ -163,9 +167,10 @@ fn expand_placeholders(
             start: prompt.ids.len(),
             embeds,
         });
-        prompt
-            .ids
-            .extend(std::iter::repeat_n(config.image_token_id, config.image_tokens));
+        prompt.ids.extend(std::iter::repeat_n(
+            config.image_token_id,
+            config.image_tokens,
+        ));
     }
     Ok(prompt)
 }
@@ -204,8 +209,8 @@ mod tests {
 
     #[test]
     fn each_placeholder_expands_and_carries_its_image() {
-        let prompt = expand_placeholders(&[1, 9, 2, 9, 3], &config(), vec![image(0.5), image(1.5)])
-            .unwrap();
+        let prompt =
+            expand_placeholders(&[1, 9, 2, 9, 3], &config(), vec![image(0.5), image(1.5)]).unwrap();
         assert_eq!(prompt.ids, vec![1, 9, 9, 9, 2, 9, 9, 9, 3]);
         let starts: Vec<usize> = prompt.images.iter().map(|i| i.start).collect();
         assert_eq!(starts, vec![1, 5]);
@@ -214,8 +219,12 @@ mod tests {
 
     #[test]
     fn more_images_than_placeholders_is_refused() {
-        let err = expand_placeholders(&[1, 9, 2], &config(), vec![image(0.0), image(0.0)])
-            .unwrap_err();
-        assert!(err.to_string().contains("2 image(s) given but the prompt has 1"), "{err}");
+        let err =
+            expand_placeholders(&[1, 9, 2], &config(), vec![image(0.0), image(0.0)]).unwrap_err();
+        assert!(
+            err.to_string()
+                .contains("2 image(s) given but the prompt has 1"),
+            "{err}"
+        );
     }
 }

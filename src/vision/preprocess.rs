@@ -93,7 +93,9 @@ fn decode_jpeg(bytes: &[u8], name: &str) -> Result<RgbImage, VisionError> {
     // libjpeg fills a truncated scan with grey and only warns; Pillow refuses such files.
     let tail = &bytes[bytes.len().saturating_sub(4096)..];
     if !tail.windows(2).any(|w| w == [0xFF, 0xD9]) {
-        return Err(corrupt("no end-of-image marker: the file is truncated".into()));
+        return Err(corrupt(
+            "no end-of-image marker: the file is truncated".into(),
+        ));
     }
     let decoded = std::panic::catch_unwind(std::panic::AssertUnwindSafe(
         || -> Result<RgbImage, VisionError> {
@@ -181,7 +183,8 @@ impl ImageProcessor {
         let mut image = image.clone();
         if c.do_pad {
             // HF fills with int(mean * 255) per channel.
-            let fill = [0, 1, 2].map(|ch| (c.image_mean.get(ch).copied().unwrap_or(0.0) * 255.0) as u8);
+            let fill =
+                [0, 1, 2].map(|ch| (c.image_mean.get(ch).copied().unwrap_or(0.0) * 255.0) as u8);
             image = pad_to_square(&image, fill);
         }
         if c.do_resize {
@@ -424,6 +427,9 @@ mod tests {
     #[test]
     fn garbage_bytes_are_an_unsupported_format() {
         let err = decode(b"definitely not an image", "junk.bin").unwrap_err();
-        assert!(matches!(err, VisionError::UnsupportedFormat { .. }), "{err}");
+        assert!(
+            matches!(err, VisionError::UnsupportedFormat { .. }),
+            "{err}"
+        );
     }
 }
