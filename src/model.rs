@@ -185,11 +185,7 @@ fn splice_images(
             .slice_mut(ndarray::s![*row, image.start..image.start + count, ..])
             .assign(&*image.embeds);
     }
-    let value = match dtype {
-        Dtype::Fp32 => Tensor::from_array(array).map(Tensor::into_dyn),
-        Dtype::Fp16 => Tensor::from_array(array.mapv(half::f16::from_f32)).map(Tensor::into_dyn),
-    };
-    value.map_err(run_error("image splice"))
+    value_in(array, dtype, "image splice")
 }
 
 /// Per-layer key and value tensors `[B, kv_heads, P, head_dim]` kept between steps.
@@ -539,11 +535,20 @@ fn steer_value(delta: Array2<f32>, dtype: Dtype) -> Result<DynValue, ModelError>
     let delta = delta
         .into_shape_with_order((batch, 1, hidden))
         .map_err(|e| ModelError::Shape(e.to_string()))?;
+    value_in(delta, dtype, "steer_delta")
+}
+
+/// An fp32 array as a graph input of the bundle's dtype (`what` names it in errors).
+pub(crate) fn value_in<D: ndarray::Dimension + 'static>(
+    array: Array<f32, D>,
+    dtype: Dtype,
+    what: &str,
+) -> Result<DynValue, ModelError> {
     let value = match dtype {
-        Dtype::Fp32 => Tensor::from_array(delta).map(Tensor::into_dyn),
-        Dtype::Fp16 => Tensor::from_array(delta.mapv(half::f16::from_f32)).map(Tensor::into_dyn),
+        Dtype::Fp32 => Tensor::from_array(array).map(Tensor::into_dyn),
+        Dtype::Fp16 => Tensor::from_array(array.mapv(half::f16::from_f32)).map(Tensor::into_dyn),
     };
-    value.map_err(run_error("steer_delta"))
+    value.map_err(run_error(what))
 }
 
 /// The segmented model: one ONNX Runtime session per embed, decoder layer, final norm and head.

@@ -5,12 +5,12 @@ use std::sync::Arc;
 use image::RgbImage;
 use ndarray::{Array2, Array4, Axis};
 use ort::session::SessionInputValue;
-use ort::value::Tensor;
 
 use super::{ImageProcessor, VisionError};
 use crate::bundle::{Bundle, Dtype, SegmentKind, VisionConfig};
 use crate::model::{
-    hidden_to_f32, load_segment, run_error, take, ImageEmbeds, LoadedSegment, ModelError, Prompt,
+    hidden_to_f32, load_segment, run_error, take, value_in, ImageEmbeds, LoadedSegment, ModelError,
+    Prompt,
 };
 use crate::runtime::Runtime;
 
@@ -89,13 +89,7 @@ impl VisionEncoder {
     /// Run preprocessed `pixels` through the vision tower and projector: one `[image_tokens, d]`
     /// matrix per image.
     pub fn encode(&mut self, pixels: Array4<f32>) -> Result<Vec<Arc<Array2<f32>>>, VisionError> {
-        let pixels = match self.dtype {
-            Dtype::Fp32 => Tensor::from_array(pixels).map(Tensor::into_dyn),
-            Dtype::Fp16 => {
-                Tensor::from_array(pixels.mapv(half::f16::from_f32)).map(Tensor::into_dyn)
-            }
-        }
-        .map_err(run_error("pixel_values"))?;
+        let pixels = value_in(pixels, self.dtype, "pixel_values")?;
         let vision = &mut self.vision;
         let mut outputs = vision
             .session

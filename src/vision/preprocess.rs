@@ -340,36 +340,40 @@ fn clip8(sum: i64) -> u8 {
 fn resample(image: &RgbImage, width: u32, height: u32, filter: Resample) -> RgbImage {
     let mut current = image.clone();
     if width != current.width() {
-        let taps = taps(current.width(), width, filter);
-        let source = &current;
-        current = RgbImage::from_fn(width, source.height(), |x, y| {
-            let (first, weights) = (taps.first[x as usize], &taps.weights[x as usize]);
-            let mut sums = [1i64 << (PRECISION_BITS - 1); 3];
-            for (i, &w) in weights.iter().enumerate() {
-                let pixel = source.get_pixel((first + i) as u32, y).0;
-                for (sum, &value) in sums.iter_mut().zip(&pixel) {
-                    *sum += i64::from(value) * i64::from(w);
-                }
-            }
-            image::Rgb(sums.map(clip8))
-        });
+        current = resample_pass(&current, width, filter, true);
     }
     if height != current.height() {
-        let taps = taps(current.height(), height, filter);
-        let source = &current;
-        current = RgbImage::from_fn(source.width(), height, |x, y| {
-            let (first, weights) = (taps.first[y as usize], &taps.weights[y as usize]);
-            let mut sums = [1i64 << (PRECISION_BITS - 1); 3];
-            for (i, &w) in weights.iter().enumerate() {
-                let pixel = source.get_pixel(x, (first + i) as u32).0;
-                for (sum, &value) in sums.iter_mut().zip(&pixel) {
-                    *sum += i64::from(value) * i64::from(w);
-                }
-            }
-            image::Rgb(sums.map(clip8))
-        });
+        current = resample_pass(&current, height, filter, false);
     }
     current
+}
+
+/// One separable pass: resize along x (`horizontal`) or y to `size`, in 8-bit fixed point.
+fn resample_pass(source: &RgbImage, size: u32, filter: Resample, horizontal: bool) -> RgbImage {
+    let (width, height) = source.dimensions();
+    let taps = taps(if horizontal { width } else { height }, size, filter);
+    let (out_width, out_height) = if horizontal {
+        (size, height)
+    } else {
+        (width, size)
+    };
+    RgbImage::from_fn(out_width, out_height, |x, y| {
+        let along = if horizontal { x } else { y } as usize;
+        let (first, weights) = (taps.first[along], &taps.weights[along]);
+        let mut sums = [1i64 << (PRECISION_BITS - 1); 3];
+        for (i, &w) in weights.iter().enumerate() {
+            let tap = (first + i) as u32;
+            let pixel = if horizontal {
+                source.get_pixel(tap, y)
+            } else {
+                source.get_pixel(x, tap)
+            };
+            for (sum, &value) in sums.iter_mut().zip(&pixel.0) {
+                *sum += i64::from(value) * i64::from(w);
+            }
+        }
+        image::Rgb(sums.map(clip8))
+    })
 }
 
 #[cfg(test)]
