@@ -1,47 +1,39 @@
 //! onnx-steer: run decoder LLMs exported one decoder layer per ONNX segment, chained by ONNX
-//! Runtime, with room for steering interventions between the segments.
+//! Runtime, with steering interventions between the segments.
 //!
-//! Data flows `bundle` (what is on disk) → `runtime` (ONNX Runtime and its provider) → `model`
-//! (the segment chain and KV cache) → `batch` (rows that decode together, joining and leaving)
-//! → `generate` (sampling, stop rules), with `text` turning prompts into ids and back and `vision`
-//! turning images into embeddings spliced over the prompt's image placeholders. Each layer has its own error enum; [`Error`] wraps them.
+//! The modules read as the pipeline, and imports run one way (each uses only those below it):
+//!
+//! | module | owns |
+//! | --- | --- |
+//! | [`bundle`] | what is on disk: the manifest, its validation, verified file reads |
+//! | [`runtime`] | ONNX Runtime: the library, the execution provider, sessions, tensor values |
+//! | [`chain`] | the model: segment sessions in order, the KV cache, where steering hooks in |
+//! | [`steer`] | steer specs, resolving them against a model, per-row steering of a batch |
+//! | [`generate`] | the running batch, sampling, stop rules, one-shot generation |
+//! | [`text`], [`vision`] | prompts to ids and back; images to embeddings spliced into a prompt |
+//! | [`tools`] | bench, perplexity and capture: library code behind CLI subcommands |
+//! | [`server`] | the OpenAI-compatible HTTP server and its engine thread |
+//!
+//! Each module has its own error enum; [`Error`] wraps them.
 
-pub mod batch;
-pub mod bench;
+#![warn(missing_docs)]
+
 pub mod bundle;
+pub mod chain;
+mod error;
 pub mod generate;
-pub mod model;
-pub mod perplexity;
-pub mod profile;
 pub mod runtime;
 pub mod server;
 pub mod steer;
 pub mod text;
+pub mod tools;
 pub mod vision;
 
 pub use bundle::{Bundle, BundleError};
+pub use chain::{CausalLm, ModelError, Monolithic, SegmentChain};
+pub use error::Error;
 pub use generate::{generate, GenerateError, Generated, GenerationConfig, Sampling};
-pub use model::{CausalLm, ModelError, Monolithic, SegmentChain};
 pub use runtime::{ExecutionProvider, Runtime, RuntimeError, RuntimeOptions};
 pub use steer::{SteerError, SteerSpec};
 pub use text::{TextCodec, TextError};
 pub use vision::{VisionEncoder, VisionError};
-
-/// Any error of the library, one variant per layer of the system.
-#[derive(Debug, thiserror::Error)]
-pub enum Error {
-    #[error(transparent)]
-    Bundle(#[from] BundleError),
-    #[error(transparent)]
-    Runtime(#[from] RuntimeError),
-    #[error(transparent)]
-    Model(#[from] ModelError),
-    #[error(transparent)]
-    Text(#[from] TextError),
-    #[error(transparent)]
-    Generate(#[from] GenerateError),
-    #[error(transparent)]
-    Steer(#[from] SteerError),
-    #[error(transparent)]
-    Vision(#[from] VisionError),
-}

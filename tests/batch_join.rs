@@ -5,7 +5,7 @@ mod common;
 
 use std::sync::Arc;
 
-use onnx_steer::batch::{RowRequest, RunningBatch};
+use onnx_steer::generate::{RowRequest, RunningBatch};
 use onnx_steer::steer::{vector, SteerSpec};
 use onnx_steer::{Bundle, Runtime, RuntimeOptions, Sampling, SegmentChain, TextCodec};
 

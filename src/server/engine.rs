@@ -12,9 +12,9 @@ use std::sync::Arc;
 
 use tokio::sync::mpsc::UnboundedSender;
 
-use crate::batch::{RowId, RowRequest, RunningBatch};
+use crate::chain::CausalLm;
+use crate::generate::batch::{RowId, RowRequest, RunningBatch};
 use crate::generate::{validate_prompts, Generated};
-use crate::model::CausalLm;
 
 /// What the engine tells a request about its row.
 #[derive(Debug)]

@@ -24,10 +24,10 @@ use axum::routing::{delete, get, post};
 use axum::{Json, Router};
 use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver};
 
-use crate::batch::RowRequest;
 use crate::bundle::ModelConfig;
+use crate::chain::Prompt;
+use crate::generate::batch::RowRequest;
 use crate::generate::{FinishReason, Generated, Sampling};
-use crate::model::Prompt;
 use crate::runtime::Runtime;
 use crate::steer::{ResolvedSteering, SteerSpec};
 use crate::text::{StreamDecoder, TextCodec, Turn};

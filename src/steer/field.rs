@@ -7,38 +7,20 @@
 //! multi-attribute SVF is the sum of its fields, as in the paper. Rows with scale 0 come out as
 //! they went in.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::Mutex;
 
 use ndarray::{Array1, ArrayView1};
 use ort::session::{Session, SessionInputValue};
 use ort::value::{DynValue, TensorRef};
-use serde::{Deserialize, Serialize};
 
-use super::learned::read_pinned;
-use super::{check_finite, check_layer, default_scale, Positions, SteerError};
+use super::files::read_pinned;
+use super::resolve::{check_finite, check_layer};
+use super::spec::{Positions, SvfIntervention};
+use super::SteerError;
 use crate::bundle::ModelConfig;
-use crate::model::{ModelError, Site};
+use crate::chain::{ModelError, Site};
 use crate::runtime::Runtime;
-
-/// Steering Vector Field: at every token of each listed layer, `h ← h + scale · ∇s(h)/‖∇s(h)‖`,
-/// where `s` is a learned concept scorer and `path` its exported field graph. Several SVF entries
-/// (one per concept) sum, each with its own scale.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct SvfIntervention {
-    /// The field graph's ONNX file (relative to the spec file).
-    pub path: PathBuf,
-    #[serde(default)]
-    pub sha256: Option<String>,
-    /// Layers to steer; each must be one the scorer was trained on (the graph's `layers` metadata).
-    pub layers: Vec<usize>,
-    /// Step length along the unit field; negative values move against the concept.
-    #[serde(default = "default_scale")]
-    pub scale: f32,
-    #[serde(default)]
-    pub positions: Positions,
-}
 
 /// A loaded rewrite graph, shared by every row and request that uses it.
 pub(crate) struct FieldGraph {
@@ -119,12 +101,12 @@ impl FieldGraph {
     }
 
     /// Check that the graph can steer `layer` (it was trained there).
-    fn supports(&self, layer: usize) -> Result<(), String> {
+    fn supports(&self, layer: usize) -> Result<(), SteerError> {
         match &self.layers {
-            Some(trained) if !trained.contains(&layer) => Err(format!(
+            Some(trained) if !trained.contains(&layer) => Err(SteerError::Rule(format!(
                 "{} was trained for layers {trained:?}, not layer {layer}",
                 self.name
-            )),
+            ))),
             _ => Ok(()),
         }
     }
@@ -191,10 +173,12 @@ impl FieldUse {
         base_dir: &Path,
         config: &ModelConfig,
         runtime: &Runtime,
-    ) -> Result<Self, String> {
+    ) -> Result<Self, SteerError> {
         check_finite("scale", spec.scale)?;
         if spec.layers.is_empty() {
-            return Err("an svf entry needs at least one layer".into());
+            return Err(SteerError::Rule(
+                "an svf entry needs at least one layer".into(),
+            ));
         }
         for &layer in &spec.layers {
             check_layer(layer, config)?;
@@ -204,13 +188,12 @@ impl FieldUse {
             spec.sha256.as_deref(),
             config,
             runtime,
-        )
-        .map_err(|e| e.to_string())?;
+        )?;
         if !graph.takes_layer {
-            return Err(format!(
+            return Err(SteerError::Rule(format!(
                 "{} takes no layer input; it is not an SVF field graph",
                 graph.name
-            ));
+            )));
         }
         for &layer in &spec.layers {
             graph.supports(layer)?;

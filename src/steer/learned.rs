@@ -9,97 +9,33 @@ use std::sync::{Arc, Mutex};
 use ndarray::{Array2, ArrayView1};
 use ort::session::Session;
 use ort::value::TensorRef;
-use serde::{Deserialize, Serialize};
-use sha2::{Digest, Sha256};
+use serde::Serialize;
 
 use super::field::FieldGraph;
-use super::{
-    check_finite, check_layer, default_scale, Directions, LayerAddition, Positions, SteerError,
-};
+use super::files::{read_pinned, NetFile};
+use super::resolve::{check_direction, check_finite, check_layer, LayerAddition};
+use super::spec::{AutoSteerIntervention, L2sIntervention, Positions, W2sIntervention};
+use super::{Directions, SteerError};
 use crate::bundle::ModelConfig;
 use crate::runtime::Runtime;
 
-/// L2S: add `scale * net(state at read_layer)` at `layer`; `net` is `state [B, d] -> vector [B, d]`.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct L2sIntervention {
-    /// The net's ONNX file (relative to the spec file).
-    pub path: PathBuf,
-    /// Expected sha256 of `path`; checked at load when given.
-    #[serde(default)]
-    pub sha256: Option<String>,
-    /// L′: the layer whose last prompt token the net reads (below `layer`).
-    pub read_layer: usize,
-    /// L*: the layer the predicted vector is added to.
-    pub layer: usize,
-    #[serde(default = "default_scale")]
-    pub scale: f32,
-    #[serde(default)]
-    pub positions: Positions,
-}
-
-fn default_top_k() -> usize {
-    1
-}
-
-/// W2S: a router `state [B, d] -> probs [B, K]` over the bank's layers (ascending) picks where
-/// the bank's vector for that layer is added; `top_k > 1` mixes the k best, weighted by probability.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct W2sIntervention {
-    /// The router's ONNX file (relative to the spec file).
-    pub router: PathBuf,
-    #[serde(default)]
-    pub router_sha256: Option<String>,
-    /// Vector file with `direction.{L}` for every candidate layer.
-    pub bank: PathBuf,
-    #[serde(default)]
-    pub bank_sha256: Option<String>,
-    /// The early layer whose last prompt token the router reads (below every candidate layer).
-    pub read_layer: usize,
-    #[serde(default = "default_top_k")]
-    pub top_k: usize,
-    #[serde(default = "default_scale")]
-    pub scale: f32,
-    #[serde(default)]
-    pub positions: Positions,
-}
-
-fn default_threshold() -> f32 {
-    0.5
-}
-
-/// AutoSteer: a prober `state [B, d] -> probs [B, 2]` reads the last prompt token at `read_layer`;
-/// rows whose p(toxic) exceeds `threshold` get the refusal head `n ← n + ε·S·n` (ε = epsilon ·
-/// strength) between the final norm and the LM head for the whole generation; other rows run untouched.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct AutoSteerIntervention {
-    /// The prober's ONNX file (relative to the spec file).
-    pub prober: PathBuf,
-    #[serde(default)]
-    pub prober_sha256: Option<String>,
-    /// The layer the prober reads (chosen by the Safety Awareness Score at training).
-    pub read_layer: usize,
-    /// The refusal head's rewrite graph (`state [B, d]` → `steered`).
-    pub head: PathBuf,
-    #[serde(default)]
-    pub head_sha256: Option<String>,
-    /// Gate: p(toxic) above this turns the refusal head on for the row.
-    #[serde(default = "default_threshold")]
-    pub threshold: f32,
-    /// ε₀, the head strength the refusal head was trained with.
-    pub epsilon: f32,
-    /// Multiplies ε₀; 0 disables the head while still reporting p(toxic).
-    #[serde(default = "default_scale")]
-    pub strength: f32,
+/// Which learned intervention made a [`Decision`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum DecisionKind {
+    /// Learning to Steer: the net predicted the vector.
+    L2s,
+    /// Where to Steer: the router picked the layers.
+    W2s,
+    /// AutoSteer: the prober gated the refusal head.
+    Autosteer,
 }
 
 /// What a learned intervention decided for one row, reported with the generation.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct Decision {
-    /// `l2s`, `w2s` or `autosteer`.
-    pub kind: &'static str,
+    /// Which intervention decided.
+    pub kind: DecisionKind,
     /// Layers steered for this row (none for AutoSteer, which acts before the head).
     pub layers: Vec<usize>,
     /// Weight of each layer (W2S router probability renormalised over the top k; 1 for L2S).
@@ -149,83 +85,16 @@ pub(crate) struct Learned {
     scale: f32,
     positions: Positions,
     net: Mutex<Session>,
-    net_name: String,
+    net_path: PathBuf,
     action: Action,
 }
 
 impl std::fmt::Debug for Learned {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Learned")
-            .field("net", &self.net_name)
+            .field("net", &self.net_path)
             .field("read_layer", &self.read_layer)
             .finish_non_exhaustive()
-    }
-}
-
-/// Read a file named by a spec, checking the pinned sha256 when there is one.
-pub(crate) fn read_pinned(path: &Path, sha256: Option<&str>) -> Result<Vec<u8>, SteerError> {
-    let bytes = std::fs::read(path).map_err(|_| SteerError::MissingFile {
-        path: path.to_path_buf(),
-    })?;
-    if let Some(expected) = sha256 {
-        let actual = hex::encode(Sha256::digest(&bytes));
-        if !actual.eq_ignore_ascii_case(expected) {
-            return Err(SteerError::HashMismatch {
-                path: path.to_path_buf(),
-                expected: expected.to_string(),
-                actual,
-            });
-        }
-    }
-    Ok(bytes)
-}
-
-/// A net a spec names: its file, pinned hash, and the `[batch, width]` output it must have.
-struct NetFile<'a> {
-    path: PathBuf,
-    sha256: Option<&'a str>,
-    output: &'static str,
-    width: usize,
-}
-
-impl NetFile<'_> {
-    /// Verify and load the net, and check it maps `state [B, hidden]` to `output [B, width]`.
-    fn load(&self, runtime: &Runtime, hidden: usize) -> Result<Session, SteerError> {
-        let bytes = read_pinned(&self.path, self.sha256)?;
-        let bad = |message: String| SteerError::Net {
-            path: self.path.clone(),
-            message,
-        };
-        let session = runtime
-            .session(&bytes, &self.path.display().to_string())
-            .map_err(|e| bad(e.to_string()))?;
-        let shape_of =
-            |outlets: &[ort::value::Outlet], name: &str| -> Result<Vec<i64>, SteerError> {
-                let outlet = outlets
-                    .iter()
-                    .find(|o| o.name() == name)
-                    .ok_or_else(|| bad(format!("the graph has no tensor named {name:?}")))?;
-                outlet
-                    .dtype()
-                    .tensor_shape()
-                    .map(|shape| shape.to_vec())
-                    .ok_or_else(|| bad(format!("{name:?} is not a tensor")))
-            };
-        for (name, shape, want) in [
-            ("state", shape_of(session.inputs(), "state")?, hidden),
-            (
-                self.output,
-                shape_of(session.outputs(), self.output)?,
-                self.width,
-            ),
-        ] {
-            if shape.len() != 2 || shape[1] != want as i64 {
-                return Err(bad(format!(
-                "{name:?} has shape {shape:?}, expected [batch, {want}] (is it for another model?)"
-            )));
-            }
-        }
-        Ok(session)
     }
 }
 
@@ -235,14 +104,14 @@ impl Learned {
         base_dir: &Path,
         config: &ModelConfig,
         runtime: &Runtime,
-    ) -> Result<Self, String> {
+    ) -> Result<Self, SteerError> {
         check_finite("scale", spec.scale)?;
         check_layer(spec.layer, config)?;
         if spec.read_layer >= spec.layer {
-            return Err(format!(
+            return Err(SteerError::Rule(format!(
                 "read_layer {} must be below layer {}: the state is read before it is steered",
                 spec.read_layer, spec.layer
-            ));
+            )));
         }
         let net = NetFile {
             path: base_dir.join(&spec.path),
@@ -267,36 +136,36 @@ impl Learned {
         base_dir: &Path,
         config: &ModelConfig,
         runtime: &Runtime,
-    ) -> Result<Self, String> {
+    ) -> Result<Self, SteerError> {
         check_finite("scale", spec.scale)?;
         let bank_path = base_dir.join(&spec.bank);
-        read_pinned(&bank_path, spec.bank_sha256.as_deref()).map_err(|e| e.to_string())?;
-        let directions = Directions::load(&bank_path).map_err(|e| e.to_string())?;
+        read_pinned(&bank_path, spec.bank_sha256.as_deref())?;
+        let directions = Directions::load(&bank_path)?;
         let layers = directions.layers().ok_or_else(|| {
-            format!(
+            SteerError::Rule(format!(
                 "bank {} must name its layers (direction.{{L}})",
                 bank_path.display()
-            )
+            ))
         })?;
         let mut bank = Vec::with_capacity(layers.len());
         for layer in layers {
             check_layer(layer, config)?;
             if layer <= spec.read_layer {
-                return Err(format!(
+                return Err(SteerError::Rule(format!(
                     "bank layer {layer} is not above read_layer {}: the router reads before it steers",
                     spec.read_layer
-                ));
+                )));
             }
             let vector = directions.for_layer(layer).unwrap_or_default();
-            super::check_direction(vector, layer, config)?;
+            check_direction(vector, layer, config)?;
             bank.push((layer, vector.to_vec()));
         }
         if spec.top_k == 0 || spec.top_k > bank.len() {
-            return Err(format!(
+            return Err(SteerError::Rule(format!(
                 "top_k must be between 1 and the bank's {} layers, got {}",
                 bank.len(),
                 spec.top_k
-            ));
+            )));
         }
         let net = NetFile {
             path: base_dir.join(&spec.router),
@@ -324,13 +193,13 @@ impl Learned {
         base_dir: &Path,
         config: &ModelConfig,
         runtime: &Runtime,
-    ) -> Result<Self, String> {
+    ) -> Result<Self, SteerError> {
         check_layer(spec.read_layer, config)?;
         if !(0.0..=1.0).contains(&spec.threshold) {
-            return Err(format!(
+            return Err(SteerError::Rule(format!(
                 "threshold must be a probability in [0, 1], got {}",
                 spec.threshold
-            ));
+            )));
         }
         check_finite("epsilon", spec.epsilon)?;
         check_finite("strength", spec.strength)?;
@@ -339,8 +208,7 @@ impl Learned {
             spec.head_sha256.as_deref(),
             config,
             runtime,
-        )
-        .map_err(|e| e.to_string())?;
+        )?;
         let net = NetFile {
             path: base_dir.join(&spec.prober),
             sha256: spec.prober_sha256.as_deref(),
@@ -371,16 +239,14 @@ impl Learned {
         scale: f32,
         positions: Positions,
         action: Action,
-    ) -> Result<Self, String> {
-        let session = net
-            .load(runtime, config.hidden_size)
-            .map_err(|e| e.to_string())?;
+    ) -> Result<Self, SteerError> {
+        let session = net.load(runtime, config.hidden_size)?;
         Ok(Self {
             read_layer,
             scale,
             positions,
             net: Mutex::new(session),
-            net_name: net.path.display().to_string(),
+            net_path: net.path.clone(),
             action,
         })
     }
@@ -391,18 +257,15 @@ impl Learned {
     }
 
     /// Run the net on one row's state and return what it decides for that row.
-    pub(crate) fn decide(&self, state: ArrayView1<'_, f32>) -> Result<Outcome, String> {
+    pub(crate) fn decide(&self, state: ArrayView1<'_, f32>) -> Result<Outcome, SteerError> {
         let input = state
             .to_owned()
             .into_shape_with_order((1, state.len()))
-            .map_err(|e| e.to_string())?;
+            .map_err(|e| self.failed(e.to_string()))?;
         let output = self.run(input)?;
         let output = output.row(0);
         if let Some(bad) = output.iter().position(|x| !x.is_finite()) {
-            return Err(format!(
-                "{} produced a non-finite value at index {bad}",
-                self.net_name
-            ));
+            return Err(self.failed(format!("produced a non-finite value at index {bad}")));
         }
         let chosen: Vec<(usize, f32, Vec<f32>)> = match &self.action {
             Action::Gate {
@@ -419,7 +282,7 @@ impl Learned {
                         epsilon: *epsilon,
                     }),
                     decision: Decision {
-                        kind: "autosteer",
+                        kind: DecisionKind::Autosteer,
                         layers: Vec::new(),
                         weights: Vec::new(),
                         norm: 0.0,
@@ -447,9 +310,9 @@ impl Learned {
         let mut additions = Vec::with_capacity(chosen.len());
         let mut decision = Decision {
             kind: if matches!(self.action, Action::Predict { .. }) {
-                "l2s"
+                DecisionKind::L2s
             } else {
-                "w2s"
+                DecisionKind::W2s
             },
             layers: Vec::new(),
             weights: Vec::new(),
@@ -476,18 +339,25 @@ impl Learned {
         })
     }
 
-    fn run(&self, input: Array2<f32>) -> Result<Array2<f32>, String> {
-        let error = |e: ort::Error| format!("{}: {e}", self.net_name);
+    fn failed(&self, message: String) -> SteerError {
+        SteerError::Net {
+            path: self.net_path.clone(),
+            message,
+        }
+    }
+
+    fn run(&self, input: Array2<f32>) -> Result<Array2<f32>, SteerError> {
+        let error = |e: ort::Error| self.failed(e.to_string());
         let mut net = self
             .net
             .lock()
-            .map_err(|_| format!("{}: session lock poisoned", self.net_name))?;
+            .map_err(|_| self.failed("session lock poisoned".into()))?;
         let value = TensorRef::from_array_view(input.view()).map_err(error)?;
         let outputs = net.run(ort::inputs!["state" => value]).map_err(error)?;
         let array = outputs[0].try_extract_array::<f32>().map_err(error)?;
         array
             .into_dimensionality::<ndarray::Ix2>()
             .map(|a| a.to_owned())
-            .map_err(|e| format!("{}: output is not [batch, width]: {e}", self.net_name))
+            .map_err(|e| self.failed(format!("output is not [batch, width]: {e}")))
     }
 }

@@ -12,691 +12,138 @@
 //! llama.cpp. The runtime adds each layer's summed delta inside that layer's graph
 //! (`steer_delta` input), so activations never leave the execution provider to be steered.
 
+//!
+//! Modules, in the order data flows: [`spec`] (the JSON schema), [`resolve`] (files read, checked
+//! and loaded against a model), [`files`], [`vector`] and [`gguf`] (file formats), [`learned`] and
+//! [`field`] (the learned nets and rewrite graphs), [`batch`] (per-row steering of a batch).
+
+pub mod batch;
 pub mod field;
+pub mod files;
 pub mod gguf;
 pub mod learned;
+pub mod resolve;
+pub mod spec;
 pub mod vector;
 
-use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::path::PathBuf;
 
-use ndarray::{Array1, Array2};
-use ort::value::DynValue;
-use serde::{Deserialize, Serialize};
-
-use crate::bundle::ModelConfig;
-use crate::model::{last_position_f32, FixedDeltas, LayerHook, ModelError, Site};
-use crate::runtime::Runtime;
-pub use field::SvfIntervention;
-use field::{FieldGraph, FieldUse};
-pub use learned::{AutoSteerIntervention, Decision, L2sIntervention, W2sIntervention};
-use learned::{HeadGate, Learned};
+pub use batch::{BatchSteering, DecodeSteering, PrefillSteering};
+pub use learned::Decision;
+pub use resolve::ResolvedSteering;
+pub use spec::{
+    AutoSteerIntervention, Intervention, L2sIntervention, Phase, Positions, SteerSpec,
+    SvfIntervention, VectorIntervention, W2sIntervention,
+};
 pub use vector::Directions;
 
 /// Why a steer spec or a file it names is unusable.
 #[derive(Debug, thiserror::Error)]
 pub enum SteerError {
+    /// The spec file does not exist.
     #[error("steer spec {path} not found")]
-    MissingSpec { path: PathBuf },
-    #[error("steer spec {path}: {message}")]
-    Syntax { path: PathBuf, message: String },
-    #[error("steer spec {spec}: intervention {index}: {problem}")]
-    Invalid {
-        spec: String,
-        index: usize,
-        problem: String,
+    MissingSpec {
+        /// The spec file.
+        path: PathBuf,
     },
+    /// The spec is not valid JSON for the schema.
+    #[error("steer spec {path}: {message}")]
+    Syntax {
+        /// The spec file (or where an inline spec came from).
+        path: PathBuf,
+        /// What serde said.
+        message: String,
+    },
+    /// One intervention of a spec is unusable; `source` says why.
+    #[error("steer spec {spec}: intervention {index}: {source}")]
+    Invalid {
+        /// Where the spec came from.
+        spec: String,
+        /// The intervention's position in `interventions`.
+        index: usize,
+        /// Why it is unusable.
+        #[source]
+        source: Box<SteerError>,
+    },
+    /// A value breaks a rule of the schema or of the model (a layer out of range, a non-finite scale).
+    #[error("{0}")]
+    Rule(String),
+    /// A file the spec names does not exist.
     #[error("{path} not found (paths are relative to the spec file)")]
-    MissingFile { path: PathBuf },
+    MissingFile {
+        /// The file, resolved against the spec's directory.
+        path: PathBuf,
+    },
+    /// A file exists but could not be read (permissions, a directory, an I/O error).
+    #[error("could not read {path}: {source}")]
+    Io {
+        /// The file.
+        path: PathBuf,
+        /// The operating system's error, with its kind.
+        #[source]
+        source: std::io::Error,
+    },
+    /// A vector file is malformed.
     #[error("vector file {path}: {message}")]
-    VectorFile { path: PathBuf, message: String },
+    VectorFile {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong with it.
+        message: String,
+    },
+    /// A file's sha256 differs from the one the spec pins.
     #[error("{path} has sha256 {actual}, the spec pins {expected}; retrain or fix the spec")]
     HashMismatch {
+        /// The file.
         path: PathBuf,
+        /// The pinned hash.
         expected: String,
+        /// The file's hash.
         actual: String,
     },
+    /// A learned net or rewrite graph does not load or has the wrong interface.
     #[error("steering net {path}: {message}")]
-    Net { path: PathBuf, message: String },
+    Net {
+        /// The graph file.
+        path: PathBuf,
+        /// What is wrong with it.
+        message: String,
+    },
 }
 
-/// Which token positions an intervention touches.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Positions {
-    /// Prompt tokens and generated tokens.
-    #[default]
-    All,
-    /// Only the prompt (the prefill step).
-    Prompt,
-    /// Only generated tokens (decode steps).
-    Generated,
-}
-
-impl Positions {
-    fn covers(self, phase: Phase) -> bool {
-        matches!(
-            (self, phase),
-            (Positions::All, _)
-                | (Positions::Prompt, Phase::Prefill)
-                | (Positions::Generated, Phase::Decode)
-        )
-    }
-}
-
-/// The step kind a delta is built for.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Phase {
-    /// The prompt, all at once.
-    Prefill,
-    /// One generated token per row.
-    Decode,
-}
-
-pub(crate) fn default_scale() -> f32 {
-    1.0
-}
-
-/// Add `scale * direction` at the given layers (a static steering vector).
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct VectorIntervention {
-    /// A `.safetensors` or `.gguf` file of `direction.{layer}` tensors (relative to the spec file).
-    pub path: PathBuf,
-    /// Strength; negative values steer the other way.
-    #[serde(default = "default_scale")]
-    pub scale: f32,
-    /// Layers to steer; default: every layer the file has a direction for.
-    #[serde(default)]
-    pub layers: Option<Vec<usize>>,
-    #[serde(default)]
-    pub positions: Positions,
-    /// Rescale each direction to unit L2 norm before applying `scale`.
-    #[serde(default)]
-    pub normalize: bool,
-}
-
-/// One entry of a steer spec; `kind` selects the variant.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(tag = "kind", rename_all = "lowercase")]
-pub enum Intervention {
-    /// A static vector (mean difference, PCA, repeng / llama.cpp control vector).
-    Vector(VectorIntervention),
-    /// Learning to Steer: a net predicts the vector from the prompt.
-    L2s(L2sIntervention),
-    /// Where to Steer: a router picks the layer from the prompt.
-    W2s(W2sIntervention),
-    /// Steering Vector Field: a concept scorer's normalised gradient, re-evaluated at every token.
-    Svf(SvfIntervention),
-    /// AutoSteer: a prober gates a refusal head before the LM head.
-    Autosteer(AutoSteerIntervention),
-}
-
-/// Check one direction against the model: hidden size and finite values.
-pub(crate) fn check_direction(
-    direction: &[f32],
-    layer: usize,
-    config: &ModelConfig,
-) -> Result<(), String> {
-    if direction.len() != config.hidden_size {
-        return Err(format!(
-            "direction for layer {layer} has length {}, the model's hidden size is {}",
-            direction.len(),
-            config.hidden_size
-        ));
-    }
-    if let Some(bad) = direction.iter().position(|x| !x.is_finite()) {
-        return Err(format!(
-            "direction for layer {layer} has a non-finite value ({}) at index {bad}",
-            direction[bad]
-        ));
-    }
-    Ok(())
-}
-
-/// `what` must be a finite number (scales, strengths).
-pub(crate) fn check_finite(what: &str, value: f32) -> Result<(), String> {
-    if value.is_finite() {
-        Ok(())
-    } else {
-        Err(format!("{what} must be finite, got {value}"))
-    }
-}
-
-/// `layer` must be one of the model's layers.
-pub(crate) fn check_layer(layer: usize, config: &ModelConfig) -> Result<(), String> {
-    if layer < config.num_layers {
-        Ok(())
-    } else {
-        Err(format!(
-            "layer {layer} is out of range; the model has layers 0..{}",
-            config.num_layers - 1
-        ))
-    }
-}
-
-/// A steer spec: which interventions run, where and how strong. Several compose by summing.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct SteerSpec {
-    pub interventions: Vec<Intervention>,
-    /// Directory relative paths resolve against (the spec file's directory).
-    #[serde(skip)]
-    pub base_dir: PathBuf,
-    /// Where the spec came from, for error messages.
-    #[serde(skip)]
-    pub origin: String,
-}
-
-impl SteerSpec {
-    /// Read and parse a spec file; relative vector paths resolve against its directory.
-    pub fn load(path: &Path) -> Result<Self, SteerError> {
-        let text = std::fs::read_to_string(path).map_err(|_| SteerError::MissingSpec {
-            path: path.to_path_buf(),
-        })?;
-        let base = path.parent().unwrap_or(Path::new(".")).to_path_buf();
-        Self::parse(&text, &base, &path.display().to_string())
-    }
-
-    /// Parse spec JSON; `origin` names it in errors.
-    pub fn parse(text: &str, base_dir: &Path, origin: &str) -> Result<Self, SteerError> {
-        let mut spec: SteerSpec = serde_json::from_str(text).map_err(|e| SteerError::Syntax {
-            path: PathBuf::from(origin),
-            message: e.to_string(),
-        })?;
-        spec.base_dir = base_dir.to_path_buf();
-        spec.origin = origin.to_string();
-        Ok(spec)
-    }
-
-    /// Load every file the spec names, check it against the model and create the sessions of
-    /// learned interventions on `runtime`; the result is ready to apply (and to share).
-    pub fn resolve(
-        &self,
-        config: &ModelConfig,
-        runtime: &Runtime,
-    ) -> Result<ResolvedSteering, SteerError> {
-        let mut resolved = ResolvedSteering::default();
-        for (index, intervention) in self.interventions.iter().enumerate() {
-            let invalid = |problem: String| SteerError::Invalid {
-                spec: self.origin.clone(),
-                index,
-                problem,
-            };
-            match intervention {
-                Intervention::Vector(v) => {
-                    resolved
-                        .additions
-                        .extend(self.vector_additions(v, config).map_err(|e| match e {
-                            VectorProblem::File(e) => e,
-                            VectorProblem::Invalid(problem) => invalid(problem),
-                        })?)
-                }
-                Intervention::L2s(l2s) => resolved
-                    .learned
-                    .push(Learned::l2s(l2s, &self.base_dir, config, runtime).map_err(invalid)?),
-                Intervention::W2s(w2s) => resolved
-                    .learned
-                    .push(Learned::w2s(w2s, &self.base_dir, config, runtime).map_err(invalid)?),
-                Intervention::Svf(svf) => resolved
-                    .fields
-                    .push(FieldUse::svf(svf, &self.base_dir, config, runtime).map_err(invalid)?),
-                Intervention::Autosteer(autosteer) => resolved.learned.push(
-                    Learned::autosteer(autosteer, &self.base_dir, config, runtime)
-                        .map_err(invalid)?,
-                ),
-            }
-        }
-        Ok(resolved)
-    }
-
-    fn vector_additions(
-        &self,
-        v: &VectorIntervention,
-        config: &ModelConfig,
-    ) -> Result<Vec<LayerAddition>, VectorProblem> {
-        check_finite("scale", v.scale).map_err(VectorProblem::Invalid)?;
-        let path = self.base_dir.join(&v.path);
-        let directions = Directions::load(&path).map_err(VectorProblem::File)?;
-        let layers = match &v.layers {
-            Some(layers) => layers.clone(),
-            None => directions.layers().ok_or_else(|| {
-                VectorProblem::Invalid(
-                    "the file holds a single direction; say which \"layers\" to steer".into(),
-                )
-            })?,
-        };
-        let mut additions = Vec::with_capacity(layers.len());
-        for layer in layers {
-            if layer >= config.num_layers {
-                return Err(VectorProblem::Invalid(format!(
-                    "layer {layer} is out of range; the model has layers 0..{}",
-                    config.num_layers - 1
-                )));
-            }
-            let direction = directions.for_layer(layer).ok_or_else(|| {
-                VectorProblem::Invalid(format!(
-                    "{} has no direction for layer {layer}",
-                    path.display()
-                ))
-            })?;
-            check_direction(direction, layer, config).map_err(VectorProblem::Invalid)?;
-            let norm = if v.normalize {
-                direction
-                    .iter()
-                    .map(|x| x * x)
-                    .sum::<f32>()
-                    .sqrt()
-                    .max(f32::MIN_POSITIVE)
-            } else {
-                1.0
-            };
-            additions.push(LayerAddition {
-                layer,
-                positions: v.positions,
-                delta: direction.iter().map(|x| x * v.scale / norm).collect(),
-            });
-        }
-        Ok(additions)
-    }
-}
-
-enum VectorProblem {
-    File(SteerError),
-    Invalid(String),
-}
-
-/// A vector added at one layer's output on the positions it covers.
-#[derive(Debug, Clone)]
-pub(crate) struct LayerAddition {
-    layer: usize,
-    positions: Positions,
-    delta: Vec<f32>,
-}
-
-/// Sum of the `additions` at `layer` that apply in `phase`, if any.
-fn sum_at<'a>(
-    additions: impl Iterator<Item = &'a LayerAddition>,
-    layer: usize,
-    phase: Phase,
-) -> Option<Vec<f32>> {
-    let mut sum: Option<Vec<f32>> = None;
-    for add in additions.filter(|a| a.layer == layer && a.positions.covers(phase)) {
-        match &mut sum {
-            Some(total) => total.iter_mut().zip(&add.delta).for_each(|(t, d)| *t += d),
-            None => sum = Some(add.delta.clone()),
-        }
-    }
-    sum
-}
-
-/// A spec checked against a model: static vectors per layer, learned interventions and SVF fields
-/// with their sessions. Share it across requests (`Arc`).
-#[derive(Debug, Default)]
-pub struct ResolvedSteering {
-    additions: Vec<LayerAddition>,
-    learned: Vec<Learned>,
-    fields: Vec<FieldUse>,
-}
-
-/// The rewrite graphs to run at one site, each with every row's scale (0 leaves a row untouched).
-type Plan = Vec<(Arc<FieldGraph>, Array1<f32>)>;
-
-/// Add `scale` for `row` to `graph`'s entry of `plan`.
-fn add_to_plan(plan: &mut Plan, graph: &Arc<FieldGraph>, row: usize, rows: usize, scale: f32) {
-    match plan.iter_mut().find(|(g, _)| Arc::ptr_eq(g, graph)) {
-        Some((_, scales)) => scales[row] += scale,
-        None => {
-            let mut scales = Array1::zeros(rows);
-            scales[row] = scale;
-            plan.push((graph.clone(), scales));
-        }
-    }
-}
-
-/// What runs at `site` in `phase`: the rows' SVF fields at a layer, their open gates at the head.
-fn plan_at(
-    rows: &[Option<Arc<ResolvedSteering>>],
-    gates: &[Option<HeadGate>],
-    site: Site,
-    phase: Phase,
-) -> Plan {
-    let mut plan = Plan::new();
-    match site {
-        Site::Layer(layer) => {
-            for (r, row) in rows.iter().enumerate() {
-                for field in row.iter().flat_map(|s| s.fields.iter()) {
-                    if field.layers.contains(&layer) && field.positions.covers(phase) {
-                        add_to_plan(&mut plan, &field.graph, r, rows.len(), field.scale);
-                    }
-                }
-            }
-        }
-        Site::Head => {
-            for (r, gate) in gates.iter().enumerate() {
-                if let Some(gate) = gate {
-                    add_to_plan(&mut plan, &gate.graph, r, rows.len(), gate.epsilon);
-                }
-            }
-        }
-    }
-    plan
-}
-
-/// Run `plan` on `state`: each graph adds its term, all evaluated at the same incoming state.
-fn apply_plan(plan: &Plan, site: Site, state: DynValue) -> Result<DynValue, ModelError> {
-    let mut steered: Option<DynValue> = None;
-    for (graph, scales) in plan {
-        let base = steered.as_ref().unwrap_or(&state);
-        steered = Some(graph.run(&state, base, scales.view(), site)?);
-    }
-    Ok(steered.unwrap_or(state))
-}
-
-impl ResolvedSteering {
-    /// Several resolved specs applied together, as if their interventions were listed in one spec.
-    pub fn compose(parts: impl IntoIterator<Item = ResolvedSteering>) -> Self {
-        parts.into_iter().fold(Self::default(), |mut all, part| {
-            all.additions.extend(part.additions);
-            all.learned.extend(part.learned);
-            all.fields.extend(part.fields);
-            all
-        })
-    }
-
-    /// Sum of the static additions at `layer` that apply in `phase`, if any.
-    pub fn delta(&self, layer: usize, phase: Phase) -> Option<Vec<f32>> {
-        sum_at(self.additions.iter(), layer, phase)
-    }
-}
-
-/// The steering of each row of a batch (rows may differ, or have none).
-#[derive(Debug, Clone, Default)]
-pub struct BatchSteering {
-    rows: Vec<Option<Arc<ResolvedSteering>>>,
-}
-
-impl BatchSteering {
-    /// One entry per row; `None` leaves that row unsteered.
-    pub fn new(rows: Vec<Option<Arc<ResolvedSteering>>>) -> Self {
-        Self { rows }
-    }
-
-    /// The same steering for every row.
-    pub fn uniform(steering: Option<Arc<ResolvedSteering>>, batch: usize) -> Self {
-        Self {
-            rows: vec![steering; batch],
+impl SteerError {
+    /// Map an I/O error on `path` to [`SteerError::MissingFile`] when the file is not there, and
+    /// to [`SteerError::Io`] (keeping its kind) otherwise.
+    pub fn io(path: &std::path::Path) -> impl FnOnce(std::io::Error) -> Self + '_ {
+        move |source| match source.kind() {
+            std::io::ErrorKind::NotFound => Self::MissingFile {
+                path: path.to_path_buf(),
+            },
+            _ => Self::Io {
+                path: path.to_path_buf(),
+                source,
+            },
         }
     }
 
-    /// Number of rows.
-    pub fn len(&self) -> usize {
-        self.rows.len()
-    }
-
-    /// Each row's steering.
-    pub fn rows(&self) -> &[Option<Arc<ResolvedSteering>>] {
-        &self.rows
-    }
-
-    /// True for a batch of no rows.
-    pub fn is_empty(&self) -> bool {
-        self.rows.is_empty()
-    }
-
-    /// The hook for the prefill step: static prompt deltas, and learned interventions reading
-    /// their layer and deciding each row's additions. Afterwards, [`PrefillSteering::decode`]
-    /// gives the fixed deltas of every decode step.
-    pub fn prefill(&self, config: &ModelConfig) -> PrefillSteering<'_> {
-        PrefillSteering {
-            batch: self,
-            num_layers: config.num_layers,
-            hidden: config.hidden_size,
-            decided: vec![Vec::new(); self.rows.len()],
-            decisions: vec![Vec::new(); self.rows.len()],
-            gates: vec![None; self.rows.len()],
-            current: None,
+    /// This error as the cause of intervention `index` of spec `spec` being unusable.
+    pub(crate) fn in_intervention(self, spec: &str, index: usize) -> Self {
+        Self::Invalid {
+            spec: spec.to_string(),
+            index,
+            source: Box::new(self),
         }
-    }
-}
-
-/// Prefill-time steering of a batch (a [`LayerHook`]): see [`BatchSteering::prefill`].
-pub struct PrefillSteering<'a> {
-    batch: &'a BatchSteering,
-    num_layers: usize,
-    hidden: usize,
-    /// Additions learned interventions decided, per row.
-    decided: Vec<Vec<LayerAddition>>,
-    decisions: Vec<Vec<Decision>>,
-    /// Refusal heads AutoSteer switched on, per row.
-    gates: Vec<Option<HeadGate>>,
-    current: Option<Array2<f32>>,
-}
-
-impl PrefillSteering<'_> {
-    /// `[B, d]` delta of `layer` in `phase` over all rows; `None` if no row steers it.
-    fn batch_delta(&self, layer: usize, phase: Phase) -> Option<Array2<f32>> {
-        let per_row: Vec<Option<Vec<f32>>> = self
-            .batch
-            .rows
-            .iter()
-            .zip(&self.decided)
-            .map(|(row, decided)| {
-                let static_additions = row.iter().flat_map(|s| s.additions.iter());
-                sum_at(static_additions.chain(decided.iter()), layer, phase)
-            })
-            .collect();
-        if per_row.iter().all(Option::is_none) {
-            return None;
-        }
-        let mut deltas = Array2::<f32>::zeros((per_row.len(), self.hidden));
-        for (r, delta) in per_row.into_iter().enumerate() {
-            if let Some(delta) = delta {
-                deltas.row_mut(r).assign(&ndarray::ArrayView1::from(&delta));
-            }
-        }
-        Some(deltas)
-    }
-
-    /// The steering of every decode step, now that each row's learned interventions have decided.
-    pub fn decode(&self) -> DecodeSteering {
-        let rows = &self.batch.rows;
-        DecodeSteering {
-            deltas: FixedDeltas(
-                (0..self.num_layers)
-                    .map(|layer| self.batch_delta(layer, Phase::Decode))
-                    .collect(),
-            ),
-            layer_plans: (0..self.num_layers)
-                .map(|layer| plan_at(rows, &self.gates, Site::Layer(layer), Phase::Decode))
-                .collect(),
-            head_plan: plan_at(rows, &self.gates, Site::Head, Phase::Decode),
-        }
-    }
-
-    /// What each row's learned interventions decided (empty for rows without any).
-    pub fn decisions(&self) -> &[Vec<Decision>] {
-        &self.decisions
-    }
-}
-
-impl LayerHook for PrefillSteering<'_> {
-    fn delta(&mut self, layer: usize) -> Option<&Array2<f32>> {
-        self.current = self.batch_delta(layer, Phase::Prefill);
-        self.current.as_ref()
-    }
-
-    fn observes(&self, layer: usize) -> bool {
-        self.batch
-            .rows
-            .iter()
-            .flatten()
-            .any(|s| s.learned.iter().any(|l| l.read_layer() == layer))
-    }
-
-    fn observe(&mut self, layer: usize, hidden: &DynValue) -> Result<(), ModelError> {
-        // Prompts are left-padded, so every row's last prompt token is the last position.
-        let states = last_position_f32(hidden)?;
-        for (r, row) in self.batch.rows.iter().enumerate() {
-            for learned in row.iter().flat_map(|s| s.learned.iter()) {
-                if learned.read_layer() != layer {
-                    continue;
-                }
-                let outcome = learned
-                    .decide(states.row(r))
-                    .map_err(ModelError::Intervention)?;
-                self.decided[r].extend(outcome.additions);
-                self.decisions[r].push(outcome.decision);
-                if outcome.gate.is_some() {
-                    self.gates[r] = outcome.gate;
-                }
-            }
-        }
-        Ok(())
-    }
-
-    fn rewrites(&self, site: Site) -> bool {
-        !plan_at(&self.batch.rows, &self.gates, site, Phase::Prefill).is_empty()
-    }
-
-    fn rewrite(&mut self, site: Site, state: DynValue) -> Result<DynValue, ModelError> {
-        let plan = plan_at(&self.batch.rows, &self.gates, site, Phase::Prefill);
-        apply_plan(&plan, site, state)
-    }
-
-    fn steers(&self) -> bool {
-        self.batch.rows.iter().any(Option::is_some)
-    }
-}
-
-/// Decode-step steering of a batch (a [`LayerHook`]): the deltas and rewrites each row's spec and
-/// prefill decisions fixed. See [`PrefillSteering::decode`].
-#[derive(Default)]
-pub struct DecodeSteering {
-    deltas: FixedDeltas,
-    layer_plans: Vec<Plan>,
-    head_plan: Plan,
-}
-
-impl DecodeSteering {
-    fn plan(&self, site: Site) -> Option<&Plan> {
-        match site {
-            Site::Layer(layer) => self.layer_plans.get(layer),
-            Site::Head => Some(&self.head_plan),
-        }
-    }
-
-    /// The fixed `[B, d]` delta of each layer (`None` where no row steers it).
-    pub fn deltas(&self) -> &FixedDeltas {
-        &self.deltas
-    }
-
-    /// Keep the rows `keep`, in that order (finished requests leave a running batch); sites no
-    /// remaining row steers are dropped.
-    pub fn retain_rows(&mut self, keep: &[usize]) {
-        let axis = ndarray::Axis(0);
-        for delta in self.deltas.0.iter_mut() {
-            *delta = delta
-                .take()
-                .map(|d| d.select(axis, keep))
-                .filter(|d| d.iter().any(|&x| x != 0.0));
-        }
-        for plan in self.layer_plans.iter_mut().chain([&mut self.head_plan]) {
-            for (_, scales) in plan.iter_mut() {
-                *scales = scales.select(axis, keep);
-            }
-            plan.retain(|(_, scales)| scales.iter().any(|&x| x != 0.0));
-        }
-    }
-
-    /// Append the steering of `other`'s rows below these `rows` (a newly prefilled group joins a
-    /// running batch, in the order its KV cache is appended).
-    pub fn append_rows(
-        &mut self,
-        rows: usize,
-        other: DecodeSteering,
-        other_rows: usize,
-    ) -> Result<(), ModelError> {
-        let stack = |mine: Option<Array2<f32>>, theirs: Option<Array2<f32>>| match (mine, theirs) {
-            (None, None) => Ok(None),
-            (mine, theirs) => {
-                let width = mine.as_ref().or(theirs.as_ref()).map_or(0, Array2::ncols);
-                let mine = mine.unwrap_or_else(|| Array2::zeros((rows, width)));
-                let theirs = theirs.unwrap_or_else(|| Array2::zeros((other_rows, width)));
-                ndarray::concatenate(ndarray::Axis(0), &[mine.view(), theirs.view()])
-                    .map(Some)
-                    .map_err(|e| ModelError::Shape(format!("steering deltas do not stack: {e}")))
-            }
-        };
-        let layers = self.deltas.0.len().max(other.deltas.0.len());
-        let mut theirs = other.deltas.0.into_iter();
-        let mut mine = std::mem::take(&mut self.deltas.0).into_iter();
-        self.deltas.0 = (0..layers)
-            .map(|_| stack(mine.next().flatten(), theirs.next().flatten()))
-            .collect::<Result<_, _>>()?;
-        self.layer_plans.resize_with(
-            other.layer_plans.len().max(self.layer_plans.len()),
-            Plan::new,
-        );
-        let joined = self.layer_plans.iter_mut().zip(
-            other
-                .layer_plans
-                .into_iter()
-                .chain(std::iter::repeat_with(Plan::new)),
-        );
-        for (plan, theirs) in joined.chain([(&mut self.head_plan, other.head_plan)]) {
-            append_plan(plan, rows, theirs, other_rows);
-        }
-        Ok(())
-    }
-}
-
-/// `theirs` (for `other_rows` rows) below `plan` (for `rows` rows), one entry per graph.
-fn append_plan(plan: &mut Plan, rows: usize, theirs: Plan, other_rows: usize) {
-    let pad = |scales: &Array1<f32>, before: usize, after: usize| {
-        let mut padded = Array1::zeros(before + scales.len() + after);
-        padded
-            .slice_mut(ndarray::s![before..before + scales.len()])
-            .assign(scales);
-        padded
-    };
-    for (_, scales) in plan.iter_mut() {
-        *scales = pad(scales, 0, other_rows);
-    }
-    for (graph, scales) in theirs {
-        match plan.iter_mut().find(|(g, _)| Arc::ptr_eq(g, &graph)) {
-            Some((_, mine)) => mine.slice_mut(ndarray::s![rows..]).assign(&scales),
-            None => plan.push((graph, pad(&scales, rows, 0))),
-        }
-    }
-}
-
-impl LayerHook for DecodeSteering {
-    fn delta(&mut self, layer: usize) -> Option<&Array2<f32>> {
-        self.deltas.delta(layer)
-    }
-
-    fn rewrites(&self, site: Site) -> bool {
-        self.plan(site).is_some_and(|plan| !plan.is_empty())
-    }
-
-    fn rewrite(&mut self, site: Site, state: DynValue) -> Result<DynValue, ModelError> {
-        match self.plan(site) {
-            Some(plan) => apply_plan(plan, site, state),
-            None => Ok(state),
-        }
-    }
-
-    fn steers(&self) -> bool {
-        self.deltas.steers()
-            || !self.head_plan.is_empty()
-            || self.layer_plans.iter().any(|plan| !plan.is_empty())
     }
 }
 
 #[cfg(test)]
 mod tests {
+    use std::path::Path;
+    use std::sync::Arc;
+
     use super::*;
+    use crate::bundle::ModelConfig;
+    use crate::chain::{LayerHook, Site};
 
     fn config() -> ModelConfig {
         serde_json::from_value(serde_json::json!({

@@ -8,10 +8,9 @@ use ort::session::SessionInputValue;
 
 use super::{ImageProcessor, VisionError};
 use crate::bundle::{Bundle, Dtype, SegmentKind, VisionConfig};
-use crate::model::{
-    hidden_to_f32, load_segment, run_error, take, value_in, ImageEmbeds, LoadedSegment, ModelError,
-    Prompt,
-};
+use crate::chain::segment::{load_segment, take, LoadedSegment};
+use crate::chain::{run_error, ImageEmbeds, ModelError, Prompt};
+use crate::runtime::values::{hidden_to_f32, value_in};
 use crate::runtime::Runtime;
 
 /// Images → embeddings in the language model's space, one `[image_tokens, d]` matrix per image.
@@ -172,14 +171,14 @@ fn expand_placeholders(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::bundle::{ImageProcessorConfig, ImageSize, Resample};
+    use crate::bundle::{ImageProcessorConfig, ImageSize, Resample, VisionPositions};
 
     fn config() -> VisionConfig {
         VisionConfig {
             architecture: "llava".into(),
             image_token_id: 9,
             image_tokens: 3,
-            positions: "sequential".into(),
+            positions: VisionPositions::Sequential,
             processor: ImageProcessorConfig {
                 do_convert_rgb: true,
                 do_pad: false,

@@ -2,7 +2,7 @@
 //! graphs, and splicing image embeddings over the prompt's placeholders ([`encoder`]).
 //!
 //! Data flows file bytes → [`decode`] → [`ImageProcessor::preprocess`] → [`VisionEncoder::embed`]
-//! → [`VisionEncoder::prompt`] (a [`crate::model::Prompt`] whose images replace the placeholder
+//! → [`VisionEncoder::prompt`] (a [`crate::chain::Prompt`] whose images replace the placeholder
 //! embeddings before layer 0, so every steering intervention sees the spliced residual stream).
 
 pub mod encoder;
@@ -11,7 +11,7 @@ pub mod preprocess;
 pub use encoder::VisionEncoder;
 pub use preprocess::{decode, ImageProcessor, MAX_IMAGE_PIXELS};
 
-use crate::model::ModelError;
+use crate::chain::ModelError;
 
 /// Why an image could not be used.
 #[derive(Debug, thiserror::Error)]
@@ -54,4 +54,6 @@ pub enum VisionError {
     Unsupported(String),
     #[error(transparent)]
     Model(#[from] ModelError),
+    #[error(transparent)]
+    Runtime(#[from] crate::runtime::RuntimeError),
 }

@@ -1,7 +1,7 @@
 //! Wall time per segment of the chain, split into prefill and decode steps: where a token's time
 //! goes, for `onnx-steer bench` and for deciding what to optimise next.
 //!
-//! Timing is off unless [`crate::model::CausalLm::start_profile`] turned it on; then each session
+//! Timing is off unless [`crate::chain::CausalLm::start_profile`] turned it on; then each session
 //! run and each steering call is bracketed by two clock reads (tens of nanoseconds).
 
 use std::collections::BTreeMap;

@@ -1,31 +1,10 @@
-//! Token generation over any [`CausalLm`]: left-padded batches, KV-cached decode, sampling
-//! (greedy, temperature, top-k, top-p, seeded), stop rules and per-token callbacks for streaming.
+//! How the next token is chosen from a row's logits: greedy, or temperature, top-k and top-p with a
+//! seeded generator.
 
 use rand::rngs::StdRng;
 use rand::Rng;
 
-use crate::batch::{RowId, RowRequest, RunningBatch};
-use crate::model::{CausalLm, ModelError, Prompt};
-use crate::steer::{BatchSteering, Decision};
-
-/// Why a generation request was refused or failed.
-#[derive(Debug, thiserror::Error)]
-pub enum GenerateError {
-    #[error("no prompts given")]
-    EmptyBatch,
-    #[error("prompt {row} is empty after tokenization")]
-    EmptyPrompt { row: usize },
-    #[error("prompt {row} has {tokens} tokens but the model's context is {context}; shorten it")]
-    PromptTooLong {
-        row: usize,
-        tokens: usize,
-        context: usize,
-    },
-    #[error("invalid sampling settings: {0}")]
-    Sampling(String),
-    #[error(transparent)]
-    Model(#[from] ModelError),
-}
+use super::GenerateError;
 
 /// How the next token is chosen from the logits.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -79,52 +58,6 @@ impl Sampling {
     }
 }
 
-/// Settings of one generation call.
-#[derive(Debug, Clone)]
-pub struct GenerationConfig {
-    pub max_new_tokens: usize,
-    pub sampling: Sampling,
-    /// Token ids that end a row (the model's EOS ids).
-    pub stop_ids: Vec<u32>,
-    /// Filler for left padding and for rows that already stopped.
-    pub pad_id: u32,
-}
-
-/// Why a row stopped.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
-#[serde(rename_all = "snake_case")]
-pub enum FinishReason {
-    /// A stop id was produced (it is not included in the output).
-    Stop,
-    /// `max_new_tokens` or the model context was reached.
-    Length,
-}
-
-/// One row's result.
-#[derive(Debug, Clone, serde::Serialize)]
-pub struct Generated {
-    pub token_ids: Vec<u32>,
-    pub finish_reason: FinishReason,
-    pub prompt_tokens: usize,
-    pub prefill_ms: f64,
-    pub decode_ms: f64,
-    /// What the row's learned interventions (L2S, W2S, AutoSteer) decided at prefill.
-    #[serde(skip_serializing_if = "Vec::is_empty")]
-    pub steering: Vec<Decision>,
-}
-
-impl Generated {
-    /// Decode throughput: tokens after the first (which comes from prefill) per second.
-    pub fn decode_tokens_per_s(&self) -> f64 {
-        let decoded = self.token_ids.len().saturating_sub(1) as f64;
-        if self.decode_ms > 0.0 {
-            decoded / (self.decode_ms / 1000.0)
-        } else {
-            0.0
-        }
-    }
-}
-
 fn argmax(row: &[f32]) -> u32 {
     let mut best = 0;
     for (i, &v) in row.iter().enumerate() {
@@ -171,69 +104,6 @@ fn sample(row: &[f32], temperature: f32, top_p: f32, top_k: usize, rng: &mut Std
         }
     }
     candidates[keep - 1].0 as u32
-}
-
-/// Check a batch before any model work: non-empty, and every prompt fits the context.
-pub fn validate_prompts(prompts: &[Prompt], context: usize) -> Result<(), GenerateError> {
-    if prompts.is_empty() {
-        return Err(GenerateError::EmptyBatch);
-    }
-    for (row, Prompt { ids: prompt, .. }) in prompts.iter().enumerate() {
-        if prompt.is_empty() {
-            return Err(GenerateError::EmptyPrompt { row });
-        }
-        if prompt.len() > context {
-            return Err(GenerateError::PromptTooLong {
-                row,
-                tokens: prompt.len(),
-                context,
-            });
-        }
-    }
-    Ok(())
-}
-
-/// Generate for a batch of tokenized prompts; each row's output equals what it gives alone.
-///
-/// `steering` gives each row its own interventions (or none). `on_token(row, id)` fires for
-/// every kept token as soon as it is chosen (for streaming). The rows run as one group of a
-/// [`RunningBatch`], and each leaves it as soon as it finishes.
-pub fn generate(
-    model: &mut dyn CausalLm,
-    prompts: &[Prompt],
-    config: &GenerationConfig,
-    steering: &BatchSteering,
-    on_token: &mut dyn FnMut(usize, u32),
-) -> Result<Vec<Generated>, GenerateError> {
-    if steering.len() != prompts.len() {
-        return Err(ModelError::Shape(format!(
-            "{} steering rows for {} prompts",
-            steering.len(),
-            prompts.len()
-        ))
-        .into());
-    }
-    let requests = prompts
-        .iter()
-        .zip(steering.rows())
-        .map(|(prompt, steering)| RowRequest {
-            prompt: prompt.clone(),
-            sampling: config.sampling,
-            max_new_tokens: config.max_new_tokens,
-            stop_ids: config.stop_ids.clone(),
-            steering: steering.clone(),
-        })
-        .collect();
-    let mut on_row_token = |id: RowId, token: u32| on_token(id as usize, token);
-    let mut batch = RunningBatch::new(config.pad_id);
-    batch.join(model, requests, &mut on_row_token)?;
-    let mut done = batch.take_finished()?;
-    while batch.has_unfinished() {
-        batch.step(model, &mut on_row_token)?;
-        done.extend(batch.take_finished()?);
-    }
-    done.sort_by_key(|(id, _)| *id);
-    Ok(done.into_iter().map(|(_, generated)| generated).collect())
 }
 
 #[cfg(test)]

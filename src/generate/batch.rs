@@ -13,8 +13,8 @@ use ndarray::{Array2, ArrayView2};
 use rand::rngs::StdRng;
 use rand::SeedableRng;
 
-use crate::generate::{validate_prompts, FinishReason, GenerateError, Generated, Sampling};
-use crate::model::{CausalLm, KvCache, ModelError, Prompt, Step};
+use super::{validate_prompts, FinishReason, GenerateError, Generated, Sampling};
+use crate::chain::{CausalLm, KvCache, ModelError, Prompt, Step};
 use crate::steer::{BatchSteering, Decision, DecodeSteering, ResolvedSteering};
 
 /// One row to generate.
@@ -185,7 +185,7 @@ impl RunningBatch {
                 steering,
             },
             Some(mut shared) => {
-                let (pad_running, pad_group) = shared.cache.append_rows(cache)?;
+                let (pad_running, pad_group) = shared.cache.append_rows(&cache)?;
                 let running = pad_mask(shared.mask.view(), pad_running);
                 let group_mask = pad_mask(step.attention_mask.view(), pad_group);
                 shared.mask =

@@ -2,13 +2,19 @@
 //! (segmented, segmented + steering, monolithic), interleaved repeat by repeat so that machine
 //! drift hits every variant alike, and ratios computed inside one run.
 
+use std::collections::BTreeMap;
+use std::io::Write;
+use std::path::PathBuf;
 use std::time::Instant;
 
 use serde::Serialize;
 
+use crate::bundle::{Dtype, QuantizedWeights};
+use crate::runtime::ExecutionProvider;
+
+use crate::chain::profile::ProfileSummary;
+use crate::chain::{CausalLm, Prompt};
 use crate::generate::{generate, GenerateError, GenerationConfig, Sampling};
-use crate::model::{CausalLm, Prompt};
-use crate::profile::ProfileSummary;
 use crate::steer::{BatchSteering, Decision};
 use crate::vision::{decode, VisionEncoder, VisionError};
 
@@ -246,25 +252,6 @@ pub fn peak_rss_mib() -> Option<f64> {
     Some(kib / 1024.0)
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn memory_bandwidth_is_plausible() {
-        let gbs = memory_read_gbs();
-        assert!(gbs > 0.5 && gbs < 10_000.0, "{gbs} GB/s");
-    }
-
-    #[test]
-    fn stats_of_known_sample() {
-        let s = Stats::of(&[4.0, 1.0, 3.0, 2.0]);
-        assert_eq!((s.min, s.max, s.mean), (1.0, 4.0, 2.5));
-        assert!((s.std - 1.118_034).abs() < 1e-6);
-        assert_eq!(s.p99, 4.0);
-    }
-}
-
 /// Per-image cost of the vision side, each step timed on its own (`--image` of `onnx-steer bench`).
 #[derive(Debug, Clone, Serialize)]
 pub struct VisionTiming {
@@ -304,4 +291,224 @@ pub fn measure_vision(
         preprocess_ms: Stats::of(&preprocess_ms),
         encoder_ms: Stats::of(&encoder_ms),
     })
+}
+
+/// One workload of a report: its shape, every variant's results, and the ratios between them.
+#[derive(Debug, Clone, Serialize)]
+pub struct WorkloadReport {
+    /// Rows decoding together.
+    pub batch: usize,
+    /// Tokens in each prompt.
+    pub prompt_tokens: usize,
+    /// Tokens generated per run.
+    pub new_tokens: usize,
+    /// The prompt every row ran.
+    pub prompt_ids: Vec<u32>,
+    /// Timed runs per variant.
+    pub repeats: usize,
+    /// Untimed runs per variant before timing.
+    pub warmup: usize,
+    /// Share of the memory bandwidth limit each variant's decode reaches (weights read per step).
+    pub bandwidth_fraction: BTreeMap<String, f64>,
+    /// Median decode and prefill speed of each steered variant over `segmented`, and of
+    /// `segmented` over `monolithic` (`None` where a side was not measured).
+    pub ratios: BTreeMap<String, Option<f64>>,
+    /// What each variant measured.
+    pub variants: Vec<VariantResult>,
+}
+
+impl WorkloadReport {
+    /// The report of one workload from [`measure`]'s results; `steered` names the steered variants,
+    /// `weight_bytes` is what a decode step streams and `bandwidth` the machine's limit in GB/s.
+    pub fn new(
+        workload: Workload,
+        prompt_ids: Vec<u32>,
+        (repeats, warmup): (usize, usize),
+        variants: Vec<VariantResult>,
+        steered: &[String],
+        (weight_bytes, bandwidth): (f64, f64),
+    ) -> Self {
+        let median = |name: &str, of: fn(&VariantResult) -> &Stats| {
+            variants
+                .iter()
+                .find(|r| r.variant == name)
+                .map(|r| of(r).p50)
+        };
+        fn decode(r: &VariantResult) -> &Stats {
+            &r.decode_tokens_per_s
+        }
+        fn prefill(r: &VariantResult) -> &Stats {
+            &r.prefill_tokens_per_s
+        }
+        let ratio = |a: Option<f64>, b: Option<f64>| a.zip(b).map(|(a, b)| a / b);
+        let mut ratios = BTreeMap::new();
+        let pairs = steered
+            .iter()
+            .map(|name| (name.as_str(), "segmented"))
+            .chain([("segmented", "monolithic")]);
+        for (top, bottom) in pairs {
+            let phases: [(&str, fn(&VariantResult) -> &Stats); 2] =
+                [("decode", decode), ("prefill", prefill)];
+            for (phase, of) in phases {
+                ratios.insert(
+                    format!("{phase}_{top}_over_{bottom}"),
+                    ratio(median(top, of), median(bottom, of)),
+                );
+            }
+        }
+        let bandwidth_fraction = variants
+            .iter()
+            .map(|r| {
+                let steps_per_s = r.decode_tokens_per_s.p50 / workload.batch as f64;
+                (
+                    r.variant.clone(),
+                    weight_bytes * steps_per_s / 1e9 / bandwidth,
+                )
+            })
+            .collect();
+        Self {
+            batch: workload.batch,
+            prompt_tokens: workload.prompt_tokens,
+            new_tokens: workload.new_tokens,
+            prompt_ids,
+            repeats,
+            warmup,
+            bandwidth_fraction,
+            ratios,
+            variants,
+        }
+    }
+}
+
+/// The machine a report was measured on.
+#[derive(Debug, Clone, Serialize)]
+pub struct Machine {
+    /// Execution provider the sessions ran on.
+    pub provider: ExecutionProvider,
+    /// The ONNX Runtime library that was loaded.
+    pub onnxruntime: PathBuf,
+    /// `--threads`, if given.
+    pub threads: Option<usize>,
+    /// Cores the process may use.
+    pub cpus: Option<usize>,
+    /// The CPU's model name.
+    pub cpu_model: Option<String>,
+    /// Peak resident memory of the process, MiB.
+    pub peak_rss_mib: Option<f64>,
+    /// Memory read bandwidth, GB/s ([`memory_read_gbs`]).
+    pub memory_read_gb_per_s: f64,
+}
+
+/// Everything `onnx-steer bench` measured; the JSON file and the printed table both come from it.
+#[derive(Debug, Clone, Serialize)]
+pub struct BenchReport {
+    /// Bundle name.
+    pub bundle: String,
+    /// Activation dtype.
+    pub dtype: Dtype,
+    /// Quantized weights, if any.
+    pub weights: Option<QuantizedWeights>,
+    /// The steer spec files measured.
+    pub steer: Vec<PathBuf>,
+    /// Where it ran.
+    #[serde(flatten)]
+    pub machine: Machine,
+    /// Bytes of weights a decode step streams.
+    pub decode_weight_bytes: f64,
+    /// One entry per batch size and prompt length.
+    pub workloads: Vec<WorkloadReport>,
+    /// Per-image vision costs, with `--image`.
+    pub vision_per_image: Option<VisionTiming>,
+}
+
+impl BenchReport {
+    /// The human-readable summary: a row per variant and workload, the ratios, the bandwidth
+    /// shares and the decode breakdown by segment.
+    pub fn write_table(&self, out: &mut impl Write) -> std::io::Result<()> {
+        writeln!(
+            out,
+            "{:<28} {:>5} {:>6} {:>14} {:>14} {:>9} {:>9}",
+            "variant", "batch", "prompt", "prefill tok/s", "decode tok/s", "p50 ms", "p99 ms"
+        )?;
+        for workload in &self.workloads {
+            for v in &workload.variants {
+                writeln!(
+                    out,
+                    "{:<28} {:>5} {:>6} {:>14.1} {:>14.1} {:>9.2} {:>9.2}",
+                    v.variant,
+                    workload.batch,
+                    workload.prompt_tokens,
+                    v.prefill_tokens_per_s.p50,
+                    v.decode_tokens_per_s.p50,
+                    v.token_latency_ms.p50,
+                    v.token_latency_ms.p99,
+                )?;
+            }
+            for (name, value) in &workload.ratios {
+                if let Some(value) = value {
+                    writeln!(out, "  {name}: {value:.3}")?;
+                }
+            }
+        }
+        writeln!(
+            out,
+            "memory read bandwidth {:.1} GB/s; a decode step streams {:.1} MB of weights",
+            self.machine.memory_read_gb_per_s,
+            self.decode_weight_bytes / 1e6
+        )?;
+        if let Some(vision) = &self.vision_per_image {
+            writeln!(
+                out,
+                "vision per image (p50): decode {:.2} ms, preprocess {:.2} ms, encoder {:.2} ms",
+                vision.decode_ms.p50, vision.preprocess_ms.p50, vision.encoder_ms.p50
+            )?;
+        }
+        for workload in &self.workloads {
+            for (name, fraction) in &workload.bandwidth_fraction {
+                writeln!(
+                    out,
+                    "  {name} (batch {}): {:.0}% of the bandwidth limit",
+                    workload.batch,
+                    fraction * 100.0
+                )?;
+            }
+        }
+        for workload in &self.workloads {
+            writeln!(
+                out,
+                "decode breakdown, batch {}, {}-token prompt:",
+                workload.batch, workload.prompt_tokens
+            )?;
+            for result in &workload.variants {
+                if let Some(profile) = &result.profile {
+                    writeln!(
+                        out,
+                        "  {:<26} {}",
+                        result.variant,
+                        profile.decode.one_line()
+                    )?;
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn memory_bandwidth_is_plausible() {
+        let gbs = memory_read_gbs();
+        assert!(gbs > 0.5 && gbs < 10_000.0, "{gbs} GB/s");
+    }
+
+    #[test]
+    fn stats_of_known_sample() {
+        let s = Stats::of(&[4.0, 1.0, 3.0, 2.0]);
+        assert_eq!((s.min, s.max, s.mean), (1.0, 4.0, 2.5));
+        assert!((s.std - 1.118_034).abs() < 1e-6);
+        assert_eq!(s.p99, 4.0);
+    }
 }

@@ -4,7 +4,7 @@
 use ndarray::Array2;
 use serde::Serialize;
 
-use crate::model::{CausalLm, FixedDeltas, ModelError, Step};
+use crate::chain::{CausalLm, FixedDeltas, ModelError, Step};
 
 /// Mean negative log-likelihood of each next token, and its exponential.
 #[derive(Debug, Clone, Copy, Serialize)]

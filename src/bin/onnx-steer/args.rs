@@ -1,0 +1,103 @@
+//! What several subcommands share: the runtime flags, model loading with a spinner, images.
+
+use std::path::PathBuf;
+
+use clap::Args;
+use indicatif::{ProgressBar, ProgressStyle};
+use onnx_steer::chain::Prompt;
+use onnx_steer::runtime::{ExecutionProvider, Runtime, RuntimeOptions};
+use onnx_steer::vision::{self, VisionEncoder, VisionError};
+use onnx_steer::{Bundle, CausalLm, Error, Monolithic, SegmentChain};
+
+use crate::CliError;
+
+/// Where to run when `--ep` cannot be registered.
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+pub(crate) enum Fallback {
+    /// ONNX Runtime's CPU kernels, with a warning.
+    Cpu,
+}
+
+/// The runtime flags every model-loading subcommand takes.
+#[derive(Args)]
+pub(crate) struct RuntimeArgs {
+    /// Execution provider for every segment.
+    #[arg(long, value_enum, default_value_t = ExecutionProvider::Cpu)]
+    pub(crate) ep: ExecutionProvider,
+    /// Provider to fall back to (with a warning) when --ep cannot be registered.
+    #[arg(long, value_enum)]
+    pub(crate) ep_fallback: Option<Fallback>,
+    /// Threads in the global ONNX Runtime pool (default: all cores).
+    #[arg(long)]
+    pub(crate) threads: Option<usize>,
+}
+
+impl RuntimeArgs {
+    /// Load ONNX Runtime with these settings.
+    pub(crate) fn runtime(&self) -> Result<Runtime, Error> {
+        let mut options = RuntimeOptions::default()
+            .with_provider(self.ep)
+            .with_cpu_fallback(self.ep_fallback.is_some());
+        if let Some(threads) = self.threads {
+            options = options.with_intra_threads(threads);
+        }
+        Ok(Runtime::new(options)?)
+    }
+}
+
+/// Decode image files (before any model is loaded, so a broken image fails fast).
+pub(crate) fn read_images(paths: &[PathBuf]) -> Result<Vec<image::RgbImage>, CliError> {
+    paths
+        .iter()
+        .map(|path| {
+            let bytes = std::fs::read(path).map_err(|source| VisionError::Io {
+                path: path.display().to_string(),
+                source,
+            })?;
+            Ok(vision::decode(&bytes, &path.display().to_string())?)
+        })
+        .collect()
+}
+
+/// A prompt with its images embedded and spliced; text-only bundles take no images.
+pub(crate) fn vision_prompt(
+    encoder: Option<&mut VisionEncoder>,
+    ids: Vec<u32>,
+    images: &[image::RgbImage],
+) -> Result<Prompt, CliError> {
+    match encoder {
+        None if images.is_empty() => Ok(ids.into()),
+        None => Err(VisionError::TextOnlyBundle.into()),
+        Some(encoder) => {
+            let embeds = encoder.embed(images)?;
+            Ok(encoder.prompt(&ids, embeds)?)
+        }
+    }
+}
+
+/// The segment chain, or the monolithic baseline, with a spinner while the sessions build.
+pub(crate) fn load_model(
+    bundle: &Bundle,
+    runtime: &Runtime,
+    monolithic: bool,
+) -> Result<Box<dyn CausalLm>, Error> {
+    let spinner = ProgressBar::new_spinner().with_style(bar_style("{spinner} {msg} ({elapsed})"));
+    spinner.set_message(format!(
+        "loading {} on {}",
+        bundle.manifest().name,
+        runtime.provider()
+    ));
+    spinner.enable_steady_tick(std::time::Duration::from_millis(120));
+    let model: Box<dyn CausalLm> = if monolithic {
+        Box::new(Monolithic::load(bundle, runtime)?)
+    } else {
+        Box::new(SegmentChain::load(bundle, runtime)?)
+    };
+    spinner.finish_and_clear();
+    Ok(model)
+}
+
+/// A progress style from a fixed template.
+pub(crate) fn bar_style(template: &'static str) -> ProgressStyle {
+    ProgressStyle::with_template(template).expect("static template")
+}

@@ -1,0 +1,183 @@
+//! The bundle directory written by `export/`: `manifest.json` plus the files it lists.
+//!
+//! [`Manifest`] mirrors the JSON that `onnx_steer_export.bundle` writes; [`Bundle::open`] parses and
+//! validates it so that everything after it can trust the shapes and file names.
+
+pub mod manifest;
+pub mod validate;
+
+use std::io::Read;
+use std::path::{Path, PathBuf};
+
+use sha2::{Digest, Sha256};
+
+pub use manifest::*;
+pub use validate::ManifestError;
+
+/// Why a bundle could not be opened or one of its files could not be read.
+#[derive(Debug, thiserror::Error)]
+pub enum BundleError {
+    #[error("bundle directory {0} does not exist; export one with `python -m onnx_steer_export export --source default --out {0}`")]
+    MissingDir(PathBuf),
+    #[error(
+        "{0} has no manifest.json; is it a bundle directory written by `onnx_steer_export export`?"
+    )]
+    MissingManifest(PathBuf),
+    #[error("manifest {path} is not valid: {source}")]
+    ManifestSyntax {
+        path: PathBuf,
+        #[source]
+        source: serde_json::Error,
+    },
+    #[error("manifest {path}: {source}")]
+    Invalid {
+        path: PathBuf,
+        #[source]
+        source: ManifestError,
+    },
+    #[error("bundle file {0} is missing; re-export the bundle")]
+    MissingFile(PathBuf),
+    #[error("bundle file {path} is corrupt: sha256 is {actual}, manifest says {expected}; re-export the bundle")]
+    Sha256Mismatch {
+        path: PathBuf,
+        expected: String,
+        actual: String,
+    },
+    #[error("could not read {path}: {source}")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// An opened, validated bundle directory.
+///
+/// Use [`Bundle::open`] before anything else touches a bundle; [`Bundle::read_verified`] is how
+/// the runtime reads a file, so a corrupt file is reported before ONNX Runtime sees it.
+#[derive(Debug, Clone)]
+pub struct Bundle {
+    dir: PathBuf,
+    manifest: Manifest,
+}
+
+impl Bundle {
+    /// Parse `DIR/manifest.json` and check that it is complete and consistent.
+    ///
+    /// File contents are hashed later, when they are read ([`Bundle::read_verified`]).
+    pub fn open(dir: impl AsRef<Path>) -> Result<Self, BundleError> {
+        let dir = dir.as_ref().to_path_buf();
+        if !dir.is_dir() {
+            return Err(BundleError::MissingDir(dir));
+        }
+        let path = dir.join("manifest.json");
+        if !path.is_file() {
+            return Err(BundleError::MissingManifest(dir));
+        }
+        let text = std::fs::read_to_string(&path).map_err(|source| BundleError::Io {
+            path: path.clone(),
+            source,
+        })?;
+        let manifest: Manifest =
+            serde_json::from_str(&text).map_err(|source| BundleError::ManifestSyntax {
+                path: path.clone(),
+                source,
+            })?;
+        manifest
+            .validate()
+            .map_err(|source| BundleError::Invalid { path, source })?;
+        let bundle = Self { dir, manifest };
+        for name in bundle.manifest.files.keys() {
+            let file = bundle.dir.join(name);
+            if !file.is_file() {
+                return Err(BundleError::MissingFile(file));
+            }
+        }
+        Ok(bundle)
+    }
+
+    /// The bundle directory.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// The parsed manifest.
+    pub fn manifest(&self) -> &Manifest {
+        &self.manifest
+    }
+
+    /// Model hyper-parameters.
+    pub fn config(&self) -> &ModelConfig {
+        &self.manifest.model
+    }
+
+    /// Absolute path of a file named in the manifest.
+    pub fn path(&self, file: &str) -> PathBuf {
+        self.dir.join(file)
+    }
+
+    /// The segment of `kind` (the first one, for kinds that occur once).
+    pub fn segment(&self, kind: SegmentKind) -> Option<&Segment> {
+        self.manifest.segments.iter().find(|s| s.kind == kind)
+    }
+
+    /// Decoder layer segments, ordered by index.
+    pub fn layers(&self) -> Vec<&Segment> {
+        let mut layers: Vec<&Segment> = self
+            .manifest
+            .segments
+            .iter()
+            .filter(|s| s.kind == SegmentKind::Layer)
+            .collect();
+        layers.sort_by_key(|s| s.index);
+        layers
+    }
+
+    /// Bytes of the graphs a decode step streams in full (layers, final norm, head): the weight
+    /// traffic per token at batch 1. The embedding is left out, as a step reads one row of it.
+    pub fn decode_weight_bytes(&self) -> u64 {
+        let streamed = [SegmentKind::Layer, SegmentKind::Norm, SegmentKind::Head];
+        self.manifest
+            .segments
+            .iter()
+            .filter(|s| streamed.contains(&s.kind))
+            .filter_map(|s| self.manifest.files.get(&s.file))
+            .map(|entry| entry.bytes)
+            .sum()
+    }
+
+    /// Read a manifest-listed file and check its sha256; the bytes go straight to ONNX Runtime.
+    pub fn read_verified(&self, file: &str) -> Result<Vec<u8>, BundleError> {
+        let path = self.path(file);
+        let entry = self
+            .manifest
+            .files
+            .get(file)
+            .ok_or_else(|| BundleError::Invalid {
+                path: self.dir.join("manifest.json"),
+                source: ManifestError::Unlisted {
+                    what: "bundle",
+                    file: file.to_string(),
+                },
+            })?;
+        let mut bytes = Vec::with_capacity(entry.bytes as usize);
+        std::fs::File::open(&path)
+            .and_then(|mut f| f.read_to_end(&mut bytes))
+            .map_err(|source| match source.kind() {
+                std::io::ErrorKind::NotFound => BundleError::MissingFile(path.clone()),
+                _ => BundleError::Io {
+                    path: path.clone(),
+                    source,
+                },
+            })?;
+        let actual = hex::encode(Sha256::digest(&bytes));
+        if !actual.eq_ignore_ascii_case(&entry.sha256) {
+            return Err(BundleError::Sha256Mismatch {
+                path,
+                expected: entry.sha256.clone(),
+                actual,
+            });
+        }
+        Ok(bytes)
+    }
+}

@@ -1,0 +1,98 @@
+//! The model as a chain of segment sessions (embed → layer 0 … layer N-1 → norm → head), its KV cache,
+//! and the monolithic `full.onnx` baseline behind the same [`CausalLm`] interface.
+//!
+//! - [`step`]: what one forward step feeds ([`Step`], [`Prompt`] with images);
+//! - [`kv_cache`]: per-layer keys and values kept between steps;
+//! - [`hook`]: where steering takes part in a step ([`LayerHook`], [`Site`]);
+//! - [`segmented`]: the production chain, one session per segment; [`monolithic`]: the baseline;
+//! - [`profile`]: per-segment timing for `onnx-steer bench`.
+//!
+//! Activations and caches stay as ONNX Runtime values between segments, so their element type
+//! (fp32 or fp16) and their device are whatever the provider produced.
+
+pub mod hook;
+pub mod kv_cache;
+pub mod monolithic;
+pub mod profile;
+pub(crate) mod segment;
+pub mod segmented;
+pub mod step;
+
+use ndarray::Array2;
+
+use crate::bundle::{BundleError, Dtype, ModelConfig};
+use crate::runtime::RuntimeError;
+pub use hook::{FixedDeltas, LayerHook, Site};
+pub use kv_cache::KvCache;
+pub use monolithic::Monolithic;
+pub use profile::SegmentProfile;
+pub use segmented::SegmentChain;
+pub use step::{ImageEmbeds, Prompt, Step};
+
+/// Why a model could not be loaded or run.
+#[derive(Debug, thiserror::Error)]
+pub enum ModelError {
+    #[error(transparent)]
+    Bundle(#[from] BundleError),
+    #[error(transparent)]
+    Runtime(#[from] RuntimeError),
+    #[error("segment {file} does not have the interface the manifest promises: {problem}; re-export the bundle")]
+    Interface { file: String, problem: String },
+    #[error("bundle has no monolithic full.onnx; export it with --monolithic")]
+    NoMonolithic,
+    #[error("{segment} failed: {source}")]
+    Run {
+        segment: String,
+        #[source]
+        source: ort::Error,
+    },
+    #[error("step inputs disagree: {0}")]
+    Shape(String),
+    #[error("the monolithic full.onnx has no steering inputs; steer the segment chain instead")]
+    SteeringUnsupported,
+    #[error("steering intervention failed: {0}")]
+    Intervention(String),
+    #[error("the model produced non-finite values: {0}")]
+    NotFinite(String),
+    #[error(
+        "the monolithic full.onnx takes token ids only; run image prompts on the segment chain"
+    )]
+    ImagesUnsupported,
+}
+
+pub(crate) fn run_error(segment: &str) -> impl FnOnce(ort::Error) -> ModelError + '_ {
+    move |source| ModelError::Run {
+        segment: segment.to_string(),
+        source,
+    }
+}
+
+/// A causal LM that maps a step to last-position logits `[B, vocab]` and updates its cache.
+///
+/// Implemented by the segmented [`SegmentChain`] and the monolithic [`Monolithic`] baseline, so
+/// generation and benchmarks drive both the same way.
+pub trait CausalLm {
+    /// Hyper-parameters of the model.
+    fn config(&self) -> &ModelConfig;
+    /// Element type of activations and cache.
+    fn dtype(&self) -> Dtype;
+    /// An empty KV cache for `batch` rows.
+    fn new_cache(&self, batch: usize) -> Result<KvCache, ModelError> {
+        KvCache::empty(self.config(), self.dtype(), batch)
+    }
+    /// Run one step and return fp32 logits of each row's last position; `hook` steers it
+    /// (`FixedDeltas::default()` for an unsteered step, [`crate::steer::BatchSteering`] for specs).
+    fn forward(
+        &mut self,
+        step: &Step,
+        cache: &mut KvCache,
+        hook: &mut dyn LayerHook,
+    ) -> Result<Array2<f32>, ModelError>;
+    /// Start timing each segment call (`onnx-steer bench` reports the breakdown); a model of one
+    /// graph has no segments and ignores this.
+    fn start_profile(&mut self) {}
+    /// Stop timing and return what was measured since [`CausalLm::start_profile`].
+    fn take_profile(&mut self) -> Option<SegmentProfile> {
+        None
+    }
+}

@@ -1,0 +1,337 @@
+//! The segmented model: one ONNX Runtime session per embed, positions, decoder layer, final norm
+//! and head, with steering hooks at the layer boundaries.
+
+use std::borrow::Cow;
+use std::time::Instant;
+
+use ndarray::{Array2, Array3};
+use ort::session::SessionInputValue;
+use ort::value::DynValue;
+
+use super::hook::{LayerHook, Site};
+use super::profile::{time_if, SegmentProfile, STEERING};
+use super::segment::{load_segment, logits_of, take, LoadedSegment};
+use super::step::{ImageEmbeds, Step};
+use super::{run_error, CausalLm, KvCache, ModelError};
+use crate::bundle::{Bundle, Dtype, ModelConfig, SegmentKind};
+use crate::runtime::values::{hidden_to_f32, value_in, view_input};
+use crate::runtime::Runtime;
+
+/// `hidden` `[B, T, d]` with each image's embeddings written over its placeholder positions.
+fn splice_images(
+    hidden: &DynValue,
+    images: &[(usize, ImageEmbeds)],
+    dtype: Dtype,
+) -> Result<DynValue, ModelError> {
+    let mut array = hidden_to_f32(hidden)?;
+    for (row, image) in images {
+        let (count, width) = image.embeds.dim();
+        if width != array.dim().2 {
+            return Err(ModelError::Shape(format!(
+                "image embeddings are {width} wide, the model's hidden size is {}",
+                array.dim().2
+            )));
+        }
+        array
+            .slice_mut(ndarray::s![*row, image.start..image.start + count, ..])
+            .assign(&*image.embeds);
+    }
+    Ok(value_in(array, dtype, "image splice")?)
+}
+
+/// Keeps fp32 copies of chosen layers' outputs (for `capture`).
+struct Capture<'a> {
+    layers: &'a [usize],
+    captured: Vec<Option<Array3<f32>>>,
+}
+
+impl LayerHook for Capture<'_> {
+    fn delta(&mut self, _layer: usize) -> Option<&Array2<f32>> {
+        None
+    }
+
+    fn observes(&self, layer: usize) -> bool {
+        self.layers.contains(&layer)
+    }
+
+    fn observe(&mut self, layer: usize, hidden: &DynValue) -> Result<(), ModelError> {
+        let array = hidden_to_f32(hidden)?;
+        for (slot, _) in self.layers.iter().enumerate().filter(|(_, &l)| l == layer) {
+            self.captured[slot] = Some(array.clone());
+        }
+        Ok(())
+    }
+
+    fn steers(&self) -> bool {
+        false
+    }
+}
+
+/// A `[B, d]` delta as the layer graph's `steer_delta` input `[B, 1, d]` in the bundle's dtype.
+fn steer_value(delta: Array2<f32>, dtype: Dtype) -> Result<DynValue, ModelError> {
+    let (batch, hidden) = delta.dim();
+    let delta = delta
+        .into_shape_with_order((batch, 1, hidden))
+        .map_err(|e| ModelError::Shape(e.to_string()))?;
+    Ok(value_in(delta, dtype, "steer_delta")?)
+}
+
+/// The segmented model: one ONNX Runtime session per embed, decoder layer, final norm and head.
+///
+/// This is the production path; steering interventions run at its layer boundaries.
+pub struct SegmentChain {
+    config: ModelConfig,
+    dtype: Dtype,
+    embed: LoadedSegment,
+    positions: LoadedSegment,
+    layers: Vec<LoadedSegment>,
+    norm: LoadedSegment,
+    head: LoadedSegment,
+    profile: Option<SegmentProfile>,
+}
+
+/// Inputs and outputs every layer segment has (the manifest contract).
+pub const LAYER_INPUTS: [&str; 7] = [
+    "hidden_in",
+    "attention_bias",
+    "cos",
+    "sin",
+    "past_key",
+    "past_value",
+    "steer_delta",
+];
+/// Outputs every layer segment has.
+pub const LAYER_OUTPUTS: [&str; 3] = ["hidden_out", "present_key", "present_value"];
+/// What the positions segment computes once per step for every layer.
+const POSITION_OUTPUTS: [&str; 3] = ["attention_bias", "cos", "sin"];
+
+impl SegmentChain {
+    /// Build one session per segment, verifying each file's sha256 as it is read.
+    pub fn load(bundle: &Bundle, runtime: &Runtime) -> Result<Self, ModelError> {
+        let find = |kind| {
+            bundle.segment(kind).ok_or_else(|| ModelError::Interface {
+                file: "manifest.json".into(),
+                problem: format!("no {kind:?} segment"),
+            })
+        };
+        let embed = load_segment(
+            bundle,
+            runtime,
+            find(SegmentKind::Embed)?,
+            &["input_ids"],
+            &["hidden"],
+        )?;
+        let positions = load_segment(
+            bundle,
+            runtime,
+            find(SegmentKind::Positions)?,
+            &["position_ids", "attention_mask"],
+            &POSITION_OUTPUTS,
+        )?;
+        let layers = bundle
+            .layers()
+            .into_iter()
+            .map(|segment| load_segment(bundle, runtime, segment, &LAYER_INPUTS, &LAYER_OUTPUTS))
+            .collect::<Result<Vec<_>, _>>()?;
+        let norm = load_segment(
+            bundle,
+            runtime,
+            find(SegmentKind::Norm)?,
+            &["hidden_in"],
+            &["normed"],
+        )?;
+        let head = load_segment(
+            bundle,
+            runtime,
+            find(SegmentKind::Head)?,
+            &["normed"],
+            &["logits"],
+        )?;
+        Ok(Self {
+            config: bundle.config().clone(),
+            dtype: bundle.manifest().dtype,
+            embed,
+            positions,
+            layers,
+            norm,
+            head,
+            profile: None,
+        })
+    }
+}
+
+impl SegmentChain {
+    /// Embed and run every layer with `hook`'s deltas, showing it the outputs it observes;
+    /// returns the last layer's output.
+    fn run_layers(
+        &mut self,
+        step: &Step,
+        cache: &mut KvCache,
+        hook: &mut dyn LayerHook,
+    ) -> Result<DynValue, ModelError> {
+        step.check(cache)?;
+        let batch = step.input_ids.nrows();
+        let decode = step.input_ids.ncols() == 1;
+        let profile = &mut self.profile;
+        let unsteered = steer_value(Array2::zeros((batch, self.config.hidden_size)), self.dtype)?;
+        let embed = &mut self.embed;
+        let mut outputs = time_if(profile, decode, &embed.name, || {
+            embed
+                .session
+                .run(vec![(
+                    Cow::Borrowed("input_ids"),
+                    view_input(step.input_ids.view(), &embed.name)?,
+                )])
+                .map_err(run_error(&embed.name))
+        })?;
+        let mut hidden = take(&mut outputs, "hidden", &embed.name)?;
+        drop(outputs);
+        if !step.images.is_empty() {
+            hidden = splice_images(&hidden, &step.images, self.dtype)?;
+        }
+        let positions = &mut self.positions;
+        let mut outputs = time_if(profile, decode, &positions.name, || {
+            positions
+                .session
+                .run(vec![
+                    (
+                        Cow::Borrowed("position_ids"),
+                        view_input(step.position_ids.view(), &positions.name)?,
+                    ),
+                    (
+                        Cow::Borrowed("attention_mask"),
+                        view_input(step.attention_mask.view(), &positions.name)?,
+                    ),
+                ])
+                .map_err(run_error(&positions.name))
+        })?;
+        let [bias, cos, sin] =
+            POSITION_OUTPUTS.map(|name| take(&mut outputs, name, &positions.name));
+        let (bias, cos, sin) = (bias?, cos?, sin?);
+        drop(outputs);
+
+        for (index, layer) in self.layers.iter_mut().enumerate() {
+            let steered = time_if(profile, decode, STEERING, || {
+                hook.delta(index)
+                    .map(|delta| steer_value(delta.clone(), self.dtype))
+                    .transpose()
+            })?;
+            let inputs: Vec<(Cow<'_, str>, SessionInputValue<'_>)> = vec![
+                (Cow::Borrowed("hidden_in"), (&hidden).into()),
+                (Cow::Borrowed("attention_bias"), (&bias).into()),
+                (Cow::Borrowed("cos"), (&cos).into()),
+                (Cow::Borrowed("sin"), (&sin).into()),
+                (Cow::Borrowed("past_key"), (&cache.keys[index]).into()),
+                (Cow::Borrowed("past_value"), (&cache.values[index]).into()),
+                (
+                    Cow::Borrowed("steer_delta"),
+                    steered.as_ref().unwrap_or(&unsteered).into(),
+                ),
+            ];
+            let mut outputs = time_if(profile, decode, &layer.name, || {
+                layer.session.run(inputs).map_err(run_error(&layer.name))
+            })?;
+            let next = take(&mut outputs, "hidden_out", &layer.name)?;
+            cache.keys[index] = take(&mut outputs, "present_key", &layer.name)?;
+            cache.values[index] = take(&mut outputs, "present_value", &layer.name)?;
+            drop(outputs);
+            hidden = next;
+            hidden = time_if(profile, decode, STEERING, || {
+                if hook.rewrites(Site::Layer(index)) {
+                    hidden = hook.rewrite(Site::Layer(index), hidden)?;
+                }
+                if hook.observes(index) {
+                    hook.observe(index, &hidden)?;
+                }
+                Ok::<_, ModelError>(hidden)
+            })?;
+        }
+        cache.len += step.input_ids.ncols();
+        Ok(hidden)
+    }
+
+    /// One unsteered prefill of `step` that returns the outputs of `layers` (`[B, T, d]`, fp32).
+    ///
+    /// This is how `onnx-steer capture` reads the residual stream for training steering methods.
+    pub fn capture(
+        &mut self,
+        step: &Step,
+        layers: &[usize],
+    ) -> Result<Vec<Array3<f32>>, ModelError> {
+        let mut cache = self.new_cache(step.input_ids.nrows())?;
+        let mut capture = Capture {
+            layers,
+            captured: vec![None; layers.len()],
+        };
+        self.run_layers(step, &mut cache, &mut capture)?;
+        capture
+            .captured
+            .into_iter()
+            .zip(layers)
+            .map(|(array, layer)| {
+                array.ok_or_else(|| ModelError::Shape(format!("layer {layer} is out of range")))
+            })
+            .collect()
+    }
+}
+
+impl CausalLm for SegmentChain {
+    fn config(&self) -> &ModelConfig {
+        &self.config
+    }
+
+    fn dtype(&self) -> Dtype {
+        self.dtype
+    }
+
+    fn forward(
+        &mut self,
+        step: &Step,
+        cache: &mut KvCache,
+        hook: &mut dyn LayerHook,
+    ) -> Result<Array2<f32>, ModelError> {
+        let started = Instant::now();
+        let decode = step.input_ids.ncols() == 1;
+        let hidden = self.run_layers(step, cache, hook)?;
+        let profile = &mut self.profile;
+        let norm = &mut self.norm;
+        let mut outputs = time_if(profile, decode, &norm.name, || {
+            norm.session
+                .run(vec![(
+                    Cow::Borrowed("hidden_in"),
+                    SessionInputValue::from(&hidden),
+                )])
+                .map_err(run_error(&norm.name))
+        })?;
+        let mut normed = take(&mut outputs, "normed", &norm.name)?;
+        drop(outputs);
+        if hook.rewrites(Site::Head) {
+            normed = time_if(profile, decode, STEERING, || {
+                hook.rewrite(Site::Head, normed)
+            })?;
+        }
+        let head = &mut self.head;
+        let logits = time_if(profile, decode, &head.name, || {
+            let outputs = head
+                .session
+                .run(vec![(
+                    Cow::Borrowed("normed"),
+                    SessionInputValue::from(&normed),
+                )])
+                .map_err(run_error(&head.name))?;
+            logits_of(&outputs["logits"], &head.name)
+        })?;
+        if let Some(profile) = profile {
+            profile.add_step(decode, started.elapsed());
+        }
+        Ok(logits)
+    }
+
+    fn start_profile(&mut self) {
+        self.profile = Some(SegmentProfile::default());
+    }
+
+    fn take_profile(&mut self) -> Option<SegmentProfile> {
+        self.profile.take()
+    }
+}

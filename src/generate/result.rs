@@ -1,0 +1,38 @@
+//! What a generated row returns.
+
+use crate::steer::Decision;
+
+/// Why a row stopped.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum FinishReason {
+    /// A stop id was produced (it is not included in the output).
+    Stop,
+    /// `max_new_tokens` or the model context was reached.
+    Length,
+}
+
+/// One row's result.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Generated {
+    pub token_ids: Vec<u32>,
+    pub finish_reason: FinishReason,
+    pub prompt_tokens: usize,
+    pub prefill_ms: f64,
+    pub decode_ms: f64,
+    /// What the row's learned interventions (L2S, W2S, AutoSteer) decided at prefill.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub steering: Vec<Decision>,
+}
+
+impl Generated {
+    /// Decode throughput: tokens after the first (which comes from prefill) per second.
+    pub fn decode_tokens_per_s(&self) -> f64 {
+        let decoded = self.token_ids.len().saturating_sub(1) as f64;
+        if self.decode_ms > 0.0 {
+            decoded / (self.decode_ms / 1000.0)
+        } else {
+            0.0
+        }
+    }
+}

@@ -1,0 +1,202 @@
+//! ONNX Runtime: finding and loading the shared library, one environment with one global
+//! thread pool, and the execution-provider policy that every segment session shares.
+//!
+//! One global intra-op pool matters: 30+ sessions with their own spinning pools fight over the
+//! cores and run an order of magnitude slower (measured on this project's decode step). The one pool does spin: a decode
+//! step runs some 1,500 small nodes, and waking sleeping workers for each cost 13% of decode speed.
+//! CPU sessions allocate from the heap rather than a per-session arena, so that the growing KV
+//! caches of 30 sessions reuse one pool of freed blocks.
+
+//!
+//! [`library`] finds the shared library, [`provider`] settles the execution provider, [`values`]
+//! moves tensors between ndarray and ONNX Runtime values.
+
+pub mod library;
+pub mod provider;
+pub mod values;
+
+use std::path::{Path, PathBuf};
+
+use ort::environment::{Environment, GlobalThreadPoolOptions};
+use ort::session::builder::{GraphOptimizationLevel, SessionBuilder};
+use ort::session::Session;
+
+pub use library::{find_library, ORT_DYLIB_ENV};
+pub use provider::ExecutionProvider;
+
+/// Why ONNX Runtime or a session could not be set up.
+#[derive(Debug, thiserror::Error)]
+pub enum RuntimeError {
+    #[error("ONNX Runtime library not found: {0}. Run `make setup` (it installs onnxruntime into .venv) or set ORT_DYLIB_PATH to libonnxruntime.so")]
+    LibraryNotFound(String),
+    #[error("could not load ONNX Runtime from {path}: {message}")]
+    LibraryLoad { path: PathBuf, message: String },
+    #[error("unknown execution provider {0:?}; choose cpu, cuda or tensorrt")]
+    UnknownProvider(String),
+    #[error("execution provider {provider} is not available: {reason}. Install onnxruntime-gpu with a matching CUDA, or pass --ep-fallback cpu")]
+    ProviderUnavailable {
+        provider: ExecutionProvider,
+        reason: String,
+    },
+    #[error("{0}")]
+    Shape(String),
+    #[error("ONNX Runtime could not make or read the tensor {what}: {source}")]
+    Tensor {
+        what: String,
+        #[source]
+        source: ort::Error,
+    },
+    #[error("ONNX Runtime failed to {context}: {source}")]
+    Ort {
+        context: String,
+        #[source]
+        source: ort::Error,
+    },
+}
+
+impl RuntimeError {
+    pub(crate) fn ort(context: impl Into<String>) -> impl FnOnce(ort::Error) -> Self {
+        let context = context.into();
+        move |source| Self::Ort { context, source }
+    }
+
+    pub(crate) fn tensor(what: &str) -> impl FnOnce(ort::Error) -> Self + '_ {
+        move |source| Self::Tensor {
+            what: what.to_string(),
+            source,
+        }
+    }
+}
+
+/// How to build the ONNX Runtime environment; [`Runtime::new`] consumes it.
+///
+/// Use the builder methods; the defaults (CPU, all cores, no fallback) suit a CLI run.
+#[derive(Debug, Clone, Default)]
+pub struct RuntimeOptions {
+    provider: ExecutionProvider,
+    fallback_to_cpu: bool,
+    intra_threads: Option<usize>,
+    library: Option<PathBuf>,
+}
+
+impl RuntimeOptions {
+    /// The execution provider for every segment.
+    pub fn with_provider(mut self, provider: ExecutionProvider) -> Self {
+        self.provider = provider;
+        self
+    }
+
+    /// Run on CPU (with a warning) when the requested provider cannot be registered.
+    pub fn with_cpu_fallback(mut self, fallback: bool) -> Self {
+        self.fallback_to_cpu = fallback;
+        self
+    }
+
+    /// Size of the one global intra-op thread pool (default: available cores).
+    pub fn with_intra_threads(mut self, threads: usize) -> Self {
+        self.intra_threads = Some(threads);
+        self
+    }
+
+    /// Use this libonnxruntime instead of searching `ORT_DYLIB_PATH` and the project venv.
+    pub fn with_library(mut self, path: impl Into<PathBuf>) -> Self {
+        self.library = Some(path.into());
+        self
+    }
+}
+
+/// A loaded ONNX Runtime with its environment and the provider that sessions will use.
+///
+/// Create one per process with [`Runtime::new`] and build every segment session from it with
+/// [`Runtime::session`].
+pub struct Runtime {
+    environment: Environment,
+    provider: ExecutionProvider,
+    library: PathBuf,
+}
+
+impl std::fmt::Debug for Runtime {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Runtime")
+            .field("provider", &self.provider)
+            .field("library", &self.library)
+            .finish()
+    }
+}
+
+impl Runtime {
+    /// Load the ONNX Runtime library, create the environment and settle the provider.
+    ///
+    /// Fails with [`RuntimeError::ProviderUnavailable`] when a GPU provider was asked for but this
+    /// ONNX Runtime build cannot register it, unless CPU fallback was allowed.
+    pub fn new(options: RuntimeOptions) -> Result<Self, RuntimeError> {
+        let library = match options.library {
+            Some(path) => library::check_library(&path)?,
+            None => find_library()?,
+        };
+        // Checked above: init_from on a missing file has hung in some ort releases.
+        let builder = ort::init_from(&library).map_err(|err| RuntimeError::LibraryLoad {
+            path: library.clone(),
+            message: err.to_string(),
+        })?;
+        let threads = options.intra_threads.unwrap_or_else(|| {
+            std::thread::available_parallelism()
+                .map(|n| n.get())
+                .unwrap_or(1)
+        });
+        let pool = GlobalThreadPoolOptions::default()
+            .with_intra_threads(threads)
+            .and_then(|p| p.with_inter_threads(1))
+            .and_then(|p| p.with_spin_control(true))
+            .map_err(RuntimeError::ort("configure the global thread pool"))?;
+        let environment = builder
+            .with_name("onnx-steer")
+            .with_global_thread_pool(pool)
+            .build()
+            .map_err(RuntimeError::ort("create the environment"))?;
+        let provider = options.provider.settle(options.fallback_to_cpu)?;
+        tracing::info!(library = %library.display(), %provider, threads, "ONNX Runtime ready");
+        Ok(Self {
+            environment,
+            provider,
+            library,
+        })
+    }
+
+    /// The provider sessions actually run on (CPU after a fallback).
+    pub fn provider(&self) -> ExecutionProvider {
+        self.provider
+    }
+
+    /// The shared library that was loaded.
+    pub fn library(&self) -> &Path {
+        &self.library
+    }
+
+    /// Build a session from ONNX bytes on this runtime's provider and global thread pool.
+    pub fn session(&self, model: &[u8], name: &str) -> Result<Session, RuntimeError> {
+        let context = || format!("create the session for {name}");
+        // Builder errors carry the builder back; only their message is kept.
+        let builder_error = |e: ort::Error<SessionBuilder>| RuntimeError::Ort {
+            context: context(),
+            source: ort::Error::new(e.message()),
+        };
+        let builder = Session::builder(&self.environment)
+            .map_err(RuntimeError::ort(context()))?
+            .with_optimization_level(GraphOptimizationLevel::Level3)
+            .map_err(builder_error)?;
+        let mut builder = builder
+            .with_execution_providers(self.provider.dispatch())
+            .map_err(builder_error)?;
+        builder
+            .commit_from_memory(model)
+            .map_err(RuntimeError::ort(context()))
+    }
+}
+
+/// One runtime for all unit tests (it loads libonnxruntime, which tensors need too).
+#[cfg(test)]
+pub(crate) fn test_runtime() -> &'static Runtime {
+    static RUNTIME: std::sync::OnceLock<Runtime> = std::sync::OnceLock::new();
+    RUNTIME.get_or_init(|| Runtime::new(RuntimeOptions::default()).expect("ONNX Runtime"))
+}

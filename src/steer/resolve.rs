@@ -1,0 +1,189 @@
+//! Resolving a spec against a model: every file it names is read, verified and checked, learned
+//! nets get their sessions, and static vectors become per-layer additions.
+
+use super::field::FieldUse;
+use super::learned::Learned;
+use super::spec::{Intervention, Phase, Positions, SteerSpec, VectorIntervention};
+use super::{Directions, SteerError};
+use crate::bundle::ModelConfig;
+use crate::runtime::Runtime;
+
+/// Check one direction against the model: hidden size and finite values.
+pub(crate) fn check_direction(
+    direction: &[f32],
+    layer: usize,
+    config: &ModelConfig,
+) -> Result<(), SteerError> {
+    if direction.len() != config.hidden_size {
+        return Err(SteerError::Rule(format!(
+            "direction for layer {layer} has length {}, the model's hidden size is {}",
+            direction.len(),
+            config.hidden_size
+        )));
+    }
+    if let Some(bad) = direction.iter().position(|x| !x.is_finite()) {
+        return Err(SteerError::Rule(format!(
+            "direction for layer {layer} has a non-finite value ({}) at index {bad}",
+            direction[bad]
+        )));
+    }
+    Ok(())
+}
+
+/// `what` must be a finite number (scales, strengths).
+pub(crate) fn check_finite(what: &str, value: f32) -> Result<(), SteerError> {
+    if value.is_finite() {
+        Ok(())
+    } else {
+        Err(SteerError::Rule(format!(
+            "{what} must be finite, got {value}"
+        )))
+    }
+}
+
+/// `layer` must be one of the model's layers.
+pub(crate) fn check_layer(layer: usize, config: &ModelConfig) -> Result<(), SteerError> {
+    if layer < config.num_layers {
+        Ok(())
+    } else {
+        Err(SteerError::Rule(format!(
+            "layer {layer} is out of range; the model has layers 0..{}",
+            config.num_layers - 1
+        )))
+    }
+}
+
+impl SteerSpec {
+    /// Load every file the spec names, check it against the model and create the sessions of
+    /// learned interventions on `runtime`; the result is ready to apply (and to share).
+    pub fn resolve(
+        &self,
+        config: &ModelConfig,
+        runtime: &Runtime,
+    ) -> Result<ResolvedSteering, SteerError> {
+        let mut resolved = ResolvedSteering::default();
+        let base = &self.base_dir;
+        for (index, intervention) in self.interventions.iter().enumerate() {
+            let invalid = |e: SteerError| e.in_intervention(&self.origin, index);
+            match intervention {
+                // A vector's own file errors stand alone; its rule breaks say where they are.
+                Intervention::Vector(v) => {
+                    resolved
+                        .additions
+                        .extend(self.vector_additions(v, config).map_err(|e| match e {
+                            SteerError::Rule(_) => invalid(e),
+                            file => file,
+                        })?)
+                }
+                Intervention::L2s(l2s) => resolved
+                    .learned
+                    .push(Learned::l2s(l2s, base, config, runtime).map_err(invalid)?),
+                Intervention::W2s(w2s) => resolved
+                    .learned
+                    .push(Learned::w2s(w2s, base, config, runtime).map_err(invalid)?),
+                Intervention::Svf(svf) => resolved
+                    .fields
+                    .push(FieldUse::svf(svf, base, config, runtime).map_err(invalid)?),
+                Intervention::Autosteer(autosteer) => resolved
+                    .learned
+                    .push(Learned::autosteer(autosteer, base, config, runtime).map_err(invalid)?),
+            }
+        }
+        Ok(resolved)
+    }
+
+    fn vector_additions(
+        &self,
+        v: &VectorIntervention,
+        config: &ModelConfig,
+    ) -> Result<Vec<LayerAddition>, SteerError> {
+        check_finite("scale", v.scale)?;
+        let path = self.base_dir.join(&v.path);
+        let directions = Directions::load(&path)?;
+        let layers = match &v.layers {
+            Some(layers) => layers.clone(),
+            None => directions.layers().ok_or_else(|| {
+                SteerError::Rule(
+                    "the file holds a single direction; say which \"layers\" to steer".into(),
+                )
+            })?,
+        };
+        let mut additions = Vec::with_capacity(layers.len());
+        for layer in layers {
+            check_layer(layer, config)?;
+            let direction = directions.for_layer(layer).ok_or_else(|| {
+                SteerError::Rule(format!(
+                    "{} has no direction for layer {layer}",
+                    path.display()
+                ))
+            })?;
+            check_direction(direction, layer, config)?;
+            let norm = if v.normalize {
+                direction
+                    .iter()
+                    .map(|x| x * x)
+                    .sum::<f32>()
+                    .sqrt()
+                    .max(f32::MIN_POSITIVE)
+            } else {
+                1.0
+            };
+            additions.push(LayerAddition {
+                layer,
+                positions: v.positions,
+                delta: direction.iter().map(|x| x * v.scale / norm).collect(),
+            });
+        }
+        Ok(additions)
+    }
+}
+
+/// A vector added at one layer's output on the positions it covers.
+#[derive(Debug, Clone)]
+pub(crate) struct LayerAddition {
+    pub(crate) layer: usize,
+    pub(crate) positions: Positions,
+    pub(crate) delta: Vec<f32>,
+}
+
+/// Sum of the `additions` at `layer` that apply in `phase`, if any.
+pub(crate) fn sum_at<'a>(
+    additions: impl Iterator<Item = &'a LayerAddition>,
+    layer: usize,
+    phase: Phase,
+) -> Option<Vec<f32>> {
+    let mut sum: Option<Vec<f32>> = None;
+    for add in additions.filter(|a| a.layer == layer && a.positions.covers(phase)) {
+        match &mut sum {
+            Some(total) => total.iter_mut().zip(&add.delta).for_each(|(t, d)| *t += d),
+            None => sum = Some(add.delta.clone()),
+        }
+    }
+    sum
+}
+
+/// A spec checked against a model: static vectors per layer, learned interventions and SVF fields
+/// with their sessions. Share it across requests (`Arc`).
+#[derive(Debug, Default)]
+pub struct ResolvedSteering {
+    pub(super) additions: Vec<LayerAddition>,
+    pub(super) learned: Vec<Learned>,
+    pub(super) fields: Vec<FieldUse>,
+}
+
+impl ResolvedSteering {
+    /// Several resolved specs applied together, as if their interventions were listed in one spec.
+    pub fn compose(parts: impl IntoIterator<Item = ResolvedSteering>) -> Self {
+        parts.into_iter().fold(Self::default(), |mut all, part| {
+            all.additions.extend(part.additions);
+            all.learned.extend(part.learned);
+            all.fields.extend(part.fields);
+            all
+        })
+    }
+
+    /// Sum of the static additions at `layer` that apply in `phase`, if any.
+    pub fn delta(&self, layer: usize, phase: Phase) -> Option<Vec<f32>> {
+        sum_at(self.additions.iter(), layer, phase)
+    }
+}

@@ -1,0 +1,96 @@
+//! Residual-stream capture for training steering methods: one unsteered prefill per batch of
+//! prompts, keeping the chosen layers' outputs at the chosen positions.
+
+use crate::chain::{CausalLm, ModelError, Prompt, SegmentChain, Step};
+use crate::steer::vector::write_f32_tensors;
+use crate::steer::SteerError;
+
+/// Which positions of each prompt are recorded.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum CaptureTokens {
+    /// Each prompt's last token: `[N, d]` per layer.
+    Last,
+    /// Every real (unpadded) token: `[total, d]` per layer, plus each prompt's length.
+    All,
+}
+
+/// The recorded states: for each layer, the rows of every prompt's chosen positions, in order.
+#[derive(Debug)]
+pub struct Captured {
+    layers: Vec<usize>,
+    states: Vec<Vec<f32>>,
+    lengths: Vec<f32>,
+    tokens: CaptureTokens,
+    hidden: usize,
+}
+
+impl Captured {
+    /// Prompts recorded.
+    pub fn prompts(&self) -> usize {
+        self.lengths.len()
+    }
+
+    /// Write tensors `layer.{L}` (and `lengths` [N] for [`CaptureTokens::All`]) to a
+    /// `.safetensors` file.
+    pub fn write(&self, path: &std::path::Path) -> Result<(), SteerError> {
+        let d = self.hidden;
+        let mut tensors: Vec<(String, Vec<usize>, &[f32])> = self
+            .layers
+            .iter()
+            .zip(&self.states)
+            .map(|(layer, data)| {
+                (
+                    format!("layer.{layer}"),
+                    vec![data.len() / d, d],
+                    data.as_slice(),
+                )
+            })
+            .collect();
+        if self.tokens == CaptureTokens::All {
+            tensors.push((
+                "lengths".into(),
+                vec![self.prompts()],
+                self.lengths.as_slice(),
+            ));
+        }
+        write_f32_tensors(path, &tensors)
+    }
+}
+
+/// Run `prompts` through `chain` in batches of `batch_size` (left-padded with `pad`) and record the
+/// outputs of `layers` at `tokens`; `on_batch(n)` follows progress.
+pub fn capture(
+    chain: &mut SegmentChain,
+    prompts: &[Prompt],
+    layers: &[usize],
+    tokens: CaptureTokens,
+    batch_size: usize,
+    pad: u32,
+    mut on_batch: impl FnMut(usize),
+) -> Result<Captured, ModelError> {
+    let mut states: Vec<Vec<f32>> = vec![Vec::new(); layers.len()];
+    for chunk in prompts.chunks(batch_size.max(1)) {
+        let step = Step::for_prompts(chunk, pad);
+        let captured = chain.capture(&step, layers)?;
+        for (slot, layer_states) in captured.iter().enumerate() {
+            let width = layer_states.dim().1;
+            for (r, prompt) in chunk.iter().enumerate() {
+                let first = match tokens {
+                    CaptureTokens::Last => width - 1,
+                    CaptureTokens::All => width - prompt.ids.len(),
+                };
+                for t in first..width {
+                    states[slot].extend(layer_states.slice(ndarray::s![r, t, ..]).iter());
+                }
+            }
+        }
+        on_batch(chunk.len());
+    }
+    Ok(Captured {
+        layers: layers.to_vec(),
+        states,
+        lengths: prompts.iter().map(|p| p.ids.len() as f32).collect(),
+        tokens,
+        hidden: chain.config().hidden_size,
+    })
+}
