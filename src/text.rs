@@ -8,14 +8,24 @@ use crate::bundle::Bundle;
 /// Why text could not be turned into tokens or back.
 #[derive(Debug, thiserror::Error)]
 pub enum TextError {
+    /// The tokenizer or the chat template file could not be read or parsed.
     #[error("could not load tokenizer {path}: {message}")]
-    Load { path: String, message: String },
+    Load {
+        /// The file.
+        path: String,
+        /// Why it failed.
+        message: String,
+    },
+    /// The tokenizer failed to encode or decode.
     #[error("tokenizer failed: {0}")]
     Tokenizer(String),
+    /// A chat prompt was asked for, but the bundle has no chat template.
     #[error("--chat needs a chat template, but this bundle has none")]
     NoChatTemplate,
+    /// The chat template failed to compile or render.
     #[error("chat template failed to render: {0}")]
     Template(#[from] minijinja::Error),
+    /// A turn has images, but the bundle is text-only.
     #[error("this bundle is text-only: images need a vision-language bundle")]
     ImagesWithoutVision,
 }
@@ -23,8 +33,11 @@ pub enum TextError {
 /// One chat turn: its role, its text and how many images come with it.
 #[derive(Debug, Clone, Copy)]
 pub struct Turn<'a> {
+    /// Who speaks: `system`, `user` or `assistant`.
     pub role: &'a str,
+    /// What the turn says.
     pub text: &'a str,
+    /// Images that come with the turn; each becomes an image part before the text.
     pub images: usize,
 }
 

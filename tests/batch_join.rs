@@ -23,6 +23,7 @@ fn request(
         sampling: Sampling::Greedy,
         max_new_tokens,
         stop_ids: vec![2],
+        stop_strings: Vec::new(),
         steering,
     }
 }
@@ -67,7 +68,7 @@ fn joining_and_leaving_rows_match_their_solo_runs() {
             while batch.has_unfinished() {
                 batch.step(&mut model, &mut |_, _| {}).unwrap();
             }
-            batch.take_finished().unwrap().remove(0).1.token_ids
+            batch.take_finished().unwrap().remove(0).1.unwrap().token_ids
         })
         .collect();
 
@@ -88,7 +89,7 @@ fn joining_and_leaving_rows_match_their_solo_runs() {
         done.extend(batch.take_finished().unwrap());
     }
     done.sort_by_key(|(id, _)| *id);
-    let together: Vec<Vec<u32>> = done.into_iter().map(|(_, g)| g.token_ids).collect();
+    let together: Vec<Vec<u32>> = done.into_iter().map(|(_, g)| g.unwrap().token_ids).collect();
     assert_eq!(together, solo);
     assert!(batch.is_empty());
 }

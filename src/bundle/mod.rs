@@ -17,35 +17,52 @@ pub use validate::ManifestError;
 /// Why a bundle could not be opened or one of its files could not be read.
 #[derive(Debug, thiserror::Error)]
 pub enum BundleError {
+    /// The bundle directory does not exist.
     #[error("bundle directory {0} does not exist; export one with `python -m onnx_steer_export export --source default --out {0}`")]
     MissingDir(PathBuf),
+    /// The directory has no `manifest.json`.
     #[error(
         "{0} has no manifest.json; is it a bundle directory written by `onnx_steer_export export`?"
     )]
     MissingManifest(PathBuf),
+    /// `manifest.json` is not valid JSON or does not match the [`Manifest`] schema.
     #[error("manifest {path} is not valid: {source}")]
     ManifestSyntax {
+        /// The manifest's path.
         path: PathBuf,
+        /// The parse error.
         #[source]
         source: serde_json::Error,
     },
+    /// The manifest parsed but is inconsistent ([`Manifest::validate`]), or a file that was read
+    /// is not listed in it.
     #[error("manifest {path}: {source}")]
     Invalid {
+        /// The manifest's path.
         path: PathBuf,
+        /// The first problem found.
         #[source]
         source: ManifestError,
     },
+    /// A file the manifest lists is not in the bundle directory.
     #[error("bundle file {0} is missing; re-export the bundle")]
     MissingFile(PathBuf),
+    /// A file's contents do not hash to the sha256 the manifest lists.
     #[error("bundle file {path} is corrupt: sha256 is {actual}, manifest says {expected}; re-export the bundle")]
     Sha256Mismatch {
+        /// The file.
         path: PathBuf,
+        /// The sha256 the manifest lists (hex).
         expected: String,
+        /// The sha256 of the bytes read (hex).
         actual: String,
     },
+    /// A file exists but could not be read.
     #[error("could not read {path}: {source}")]
     Io {
+        /// The file.
         path: PathBuf,
+        /// The I/O error.
         #[source]
         source: std::io::Error,
     },

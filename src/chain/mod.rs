@@ -32,28 +32,46 @@ pub use step::{ImageEmbeds, Prompt, Step};
 /// Why a model could not be loaded or run.
 #[derive(Debug, thiserror::Error)]
 pub enum ModelError {
+    /// The bundle could not be opened, or one of its files could not be read.
     #[error(transparent)]
     Bundle(#[from] BundleError),
+    /// ONNX Runtime could not set up a session or convert a tensor.
     #[error(transparent)]
     Runtime(#[from] RuntimeError),
+    /// A segment graph's inputs or outputs differ from the manifest's, or lack one the runtime
+    /// needs.
     #[error("segment {file} does not have the interface the manifest promises: {problem}; re-export the bundle")]
-    Interface { file: String, problem: String },
+    Interface {
+        /// The segment file (`manifest.json` when a segment is missing altogether).
+        file: String,
+        /// What differs.
+        problem: String,
+    },
+    /// [`Monolithic`] was asked for, but the bundle has no `full.onnx`.
     #[error("bundle has no monolithic full.onnx; export it with --monolithic")]
     NoMonolithic,
+    /// A session run failed.
     #[error("{segment} failed: {source}")]
     Run {
+        /// The segment (or graph) that failed.
         segment: String,
+        /// ONNX Runtime's error.
         #[source]
         source: ort::Error,
     },
+    /// Step inputs, the KV cache or steering deltas have sizes that do not fit together.
     #[error("step inputs disagree: {0}")]
     Shape(String),
+    /// Steering was asked of the monolithic baseline, which has no steering inputs.
     #[error("the monolithic full.onnx has no steering inputs; steer the segment chain instead")]
     SteeringUnsupported,
+    /// A steering intervention's graph or decision failed.
     #[error("steering intervention failed: {0}")]
     Intervention(String),
+    /// The model produced NaN or infinite values where finite ones were needed.
     #[error("the model produced non-finite values: {0}")]
     NotFinite(String),
+    /// An image prompt was given to the monolithic baseline, which takes token ids only.
     #[error(
         "the monolithic full.onnx takes token ids only; run image prompts on the segment chain"
     )]

@@ -103,7 +103,9 @@ pub fn time_if<T>(
 /// One phase's breakdown: whole-step time and each part's share, in milliseconds per step.
 #[derive(Debug, Clone, Serialize)]
 pub struct PhaseProfile {
+    /// Forward steps measured in this phase.
     pub steps: usize,
+    /// Mean wall time of a whole step, in milliseconds.
     pub step_ms: f64,
     /// Keyed by segment file (`layer_07.onnx`), [`STEERING`] and [`OTHER`]; parts sum to `step_ms`.
     pub ms_per_step: BTreeMap<String, f64>,
@@ -139,7 +141,9 @@ impl PhaseProfile {
 /// Prefill and decode breakdowns of one profiled run.
 #[derive(Debug, Clone, Serialize)]
 pub struct ProfileSummary {
+    /// Prefill steps (whole prompts).
     pub prefill: PhaseProfile,
+    /// Decode steps (one new token per row).
     pub decode: PhaseProfile,
 }
 

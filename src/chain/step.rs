@@ -11,14 +11,18 @@ use super::{KvCache, ModelError};
 /// placeholders starting at `start` (made by [`crate::vision::VisionEncoder`]).
 #[derive(Debug, Clone)]
 pub struct ImageEmbeds {
+    /// Index of the first placeholder token it replaces.
     pub start: usize,
+    /// The embeddings, `[n, hidden_size]`, one row per placeholder.
     pub embeds: Arc<Array2<f32>>,
 }
 
 /// A tokenized prompt and the images spliced into it (none for text).
 #[derive(Debug, Clone, Default)]
 pub struct Prompt {
+    /// Token ids, image placeholders included.
     pub ids: Vec<u32>,
+    /// Image embeddings spliced over runs of placeholders, in prompt order.
     pub images: Vec<ImageEmbeds>,
 }
 
@@ -37,9 +41,13 @@ impl From<Vec<u32>> for Prompt {
 /// `images` are `(row, embeddings)` spliced over the token embeddings before layer 0 (prefill only).
 #[derive(Debug, Clone)]
 pub struct Step {
+    /// `[B, T]` ids of the new tokens.
     pub input_ids: Array2<i64>,
+    /// `[B, T]` position of each new token, counted from its row's first real token.
     pub position_ids: Array2<i64>,
+    /// `[B, P+T]`: 1 for real tokens (cached and new), 0 for padding.
     pub attention_mask: Array2<i64>,
+    /// `(row, embeddings)` spliced over the token embeddings before layer 0 (prefill only).
     pub images: Vec<(usize, ImageEmbeds)>,
 }
 

@@ -5,6 +5,7 @@
 //!
 //! Each row keeps its own positions, sampling, stop rules and steering, so it produces exactly
 //! what it produces alone: joining left-pads the shorter KV cache and masks the padding out.
+//! Joining and leaving are all or nothing: a failure leaves the running rows as they were.
 
 use std::sync::Arc;
 use std::time::Instant;
@@ -16,20 +17,37 @@ use rand::SeedableRng;
 use super::{validate_prompts, FinishReason, GenerateError, Generated, Sampling};
 use crate::chain::{CausalLm, KvCache, ModelError, Prompt, Step};
 use crate::steer::{BatchSteering, Decision, DecodeSteering, ResolvedSteering};
+use crate::text::{StreamDecoder, TextCodec};
 
 /// One row to generate.
 #[derive(Debug, Clone)]
 pub struct RowRequest {
+    /// The tokenized prompt, with its images.
     pub prompt: Prompt,
+    /// How each next token is chosen.
     pub sampling: Sampling,
+    /// Most tokens to generate.
     pub max_new_tokens: usize,
     /// Token ids that end the row (not included in the output).
     pub stop_ids: Vec<u32>,
+    /// Strings that end the row once the generated text contains one (needs
+    /// [`RunningBatch::with_text`]); the token that completes one is kept.
+    pub stop_strings: Vec<String>,
+    /// The row's steering, if any.
     pub steering: Option<Arc<ResolvedSteering>>,
 }
 
 /// Identifies a row for its whole life in a [`RunningBatch`].
 pub type RowId = u64;
+
+/// What a row that left the batch produced, or why it failed.
+pub type RowResult = Result<Generated, GenerateError>;
+
+/// The generated text of a row with stop strings, decoded as it grows.
+struct StopText {
+    decoder: StreamDecoder,
+    text: String,
+}
 
 struct ActiveRow {
     id: RowId,
@@ -39,16 +57,35 @@ struct ActiveRow {
     pending: u32,
     tokens: Vec<u32>,
     finish: Option<FinishReason>,
+    failure: Option<GenerateError>,
     rng: Option<StdRng>,
+    stop_text: Option<StopText>,
     prefill_ms: f64,
     decode_ms: f64,
     decisions: Vec<Decision>,
 }
 
 impl ActiveRow {
+    fn done(&self) -> bool {
+        self.finish.is_some() || self.failure.is_some()
+    }
+
     /// Choose this row's next token from its logits; `on_token` sees every kept token.
-    fn pick(&mut self, logits: &[f32], context: usize, on_token: &mut dyn FnMut(RowId, u32)) {
-        if self.finish.is_some() {
+    fn pick(
+        &mut self,
+        logits: &[f32],
+        context: usize,
+        codec: Option<&TextCodec>,
+        on_token: &mut dyn FnMut(RowId, u32),
+    ) {
+        if self.done() {
+            return;
+        }
+        if logits.is_empty() || logits.iter().any(|x| !x.is_finite()) {
+            self.failure = Some(GenerateError::NonFiniteLogits {
+                row: self.id,
+                token: self.tokens.len(),
+            });
             return;
         }
         let id = self.request.sampling.pick(logits, self.rng.as_mut());
@@ -59,21 +96,35 @@ impl ActiveRow {
         self.tokens.push(id);
         self.pending = id;
         on_token(self.id, id);
+        if let (Some(stop), Some(codec)) = (self.stop_text.as_mut(), codec) {
+            match stop.decoder.push(codec, id) {
+                Ok(delta) => stop.text.push_str(&delta),
+                Err(e) => self.failure = Some(GenerateError::Sampling(e.to_string())),
+            }
+            let strings = &self.request.stop_strings;
+            if strings.iter().any(|s| stop.text.contains(s.as_str())) {
+                self.finish = Some(FinishReason::Stop);
+                return;
+            }
+        }
         let full = self.next_position as usize + 1 > context;
         if self.tokens.len() >= self.request.max_new_tokens || full {
             self.finish = Some(FinishReason::Length);
         }
     }
 
-    fn into_generated(self) -> Generated {
-        Generated {
+    fn into_result(self) -> RowResult {
+        if let Some(failure) = self.failure {
+            return Err(failure);
+        }
+        Ok(Generated {
             prompt_tokens: self.request.prompt.ids.len(),
             token_ids: self.tokens,
             finish_reason: self.finish.unwrap_or(FinishReason::Length),
             prefill_ms: self.prefill_ms,
             decode_ms: self.decode_ms,
             steering: self.decisions,
-        }
+        })
     }
 }
 
@@ -91,6 +142,7 @@ pub struct RunningBatch {
     shared: Option<Shared>,
     pad_id: u32,
     next_id: RowId,
+    codec: Option<Arc<TextCodec>>,
 }
 
 /// `mask` with `pad` zero columns in front.
@@ -109,7 +161,15 @@ impl RunningBatch {
             shared: None,
             pad_id,
             next_id: 0,
+            codec: None,
         }
+    }
+
+    /// Let rows end on stop strings: the batch decodes their text with `codec` as it grows.
+    #[must_use]
+    pub fn with_text(mut self, codec: Arc<TextCodec>) -> Self {
+        self.codec = Some(codec);
+        self
     }
 
     /// Rows in the batch, finished ones included until [`RunningBatch::take_finished`].
@@ -124,11 +184,12 @@ impl RunningBatch {
 
     /// True while some row still generates.
     pub fn has_unfinished(&self) -> bool {
-        self.rows.iter().any(|row| row.finish.is_none())
+        self.rows.iter().any(|row| !row.done())
     }
 
     /// Prefill `requests` as one group, choose each one's first token, and add them to the batch.
-    /// Returns their ids, in order.
+    /// Returns their ids, in order. All or nothing: on error no row joins and the running rows
+    /// are as they were.
     pub fn join(
         &mut self,
         model: &mut dyn CausalLm,
@@ -140,6 +201,9 @@ impl RunningBatch {
         validate_prompts(&prompts, context)?;
         for request in &requests {
             request.sampling.validate()?;
+            if !request.stop_strings.is_empty() && self.codec.is_none() {
+                return Err(GenerateError::StopStringsWithoutText);
+            }
         }
         let group = BatchSteering::new(requests.iter().map(|r| r.steering.clone()).collect());
         let mut cache = model.new_cache(requests.len())?;
@@ -150,9 +214,12 @@ impl RunningBatch {
         let prefill_ms = started.elapsed().as_secs_f64() * 1e3;
         let steering = prefill.decode();
         let decisions = prefill.decisions().to_vec();
+        let group_rows = requests.len();
+        self.merge(cache, step.attention_mask, steering, group_rows)?;
 
         let first_id = self.next_id;
-        self.next_id += requests.len() as RowId;
+        self.next_id += group_rows as RowId;
+        let codec = self.codec.clone();
         let mut joined: Vec<ActiveRow> = requests
             .into_iter()
             .zip(decisions)
@@ -163,10 +230,15 @@ impl RunningBatch {
                 pending: self.pad_id,
                 tokens: Vec::new(),
                 finish: (request.max_new_tokens == 0).then_some(FinishReason::Length),
+                failure: None,
                 rng: match request.sampling {
                     Sampling::Greedy => None,
                     Sampling::Random { seed, .. } => Some(StdRng::seed_from_u64(seed)),
                 },
+                stop_text: (!request.stop_strings.is_empty()).then(|| StopText {
+                    decoder: StreamDecoder::default(),
+                    text: String::new(),
+                }),
                 prefill_ms,
                 decode_ms: 0.0,
                 decisions,
@@ -174,33 +246,48 @@ impl RunningBatch {
             })
             .collect();
         for (row, scores) in joined.iter_mut().zip(logits.rows()) {
-            row.pick(scores.as_slice().unwrap_or(&[]), context, on_token);
+            let scores = scores.as_slice().unwrap_or(&[]);
+            row.pick(scores, context, codec.as_deref(), on_token);
         }
         let ids = joined.iter().map(|row| row.id).collect();
-        let group_rows = joined.len();
-        self.shared = Some(match self.shared.take() {
-            None => Shared {
-                cache,
-                mask: step.attention_mask,
-                steering,
-            },
-            Some(mut shared) => {
-                let (pad_running, pad_group) = shared.cache.append_rows(&cache)?;
-                let running = pad_mask(shared.mask.view(), pad_running);
-                let group_mask = pad_mask(step.attention_mask.view(), pad_group);
-                shared.mask =
-                    ndarray::concatenate(ndarray::Axis(0), &[running.view(), group_mask.view()])
-                        .map_err(|e| {
-                            ModelError::Shape(format!("attention masks do not stack: {e}"))
-                        })?;
-                shared
-                    .steering
-                    .append_rows(self.rows.len(), steering, group_rows)?;
-                shared
-            }
-        });
         self.rows.extend(joined);
         Ok(ids)
+    }
+
+    /// Add a prefilled group's cache, mask and steering below the running rows. Every fallible
+    /// step runs before anything changes, so an error leaves the batch as it was.
+    fn merge(
+        &mut self,
+        cache: KvCache,
+        mask: Array2<i64>,
+        steering: DecodeSteering,
+        group_rows: usize,
+    ) -> Result<(), GenerateError> {
+        let Some(shared) = self.shared.as_mut() else {
+            if !self.rows.is_empty() {
+                return Err(GenerateError::LostState);
+            }
+            self.shared = Some(Shared {
+                cache,
+                mask,
+                steering,
+            });
+            return Ok(());
+        };
+        let running_rows = self.rows.len();
+        let mut merged_steering = shared.steering.clone();
+        merged_steering.append_rows(running_rows, steering, group_rows)?;
+        let (running_len, group_len) = (shared.mask.ncols(), mask.ncols());
+        let width = running_len.max(group_len);
+        let running = pad_mask(shared.mask.view(), width - running_len);
+        let group = pad_mask(mask.view(), width - group_len);
+        let merged_mask = ndarray::concatenate(ndarray::Axis(0), &[running.view(), group.view()])
+            .map_err(|e| ModelError::Shape(format!("attention masks do not stack: {e}")))?;
+        // The last fallible step, itself all or nothing.
+        shared.cache.append_rows(&cache)?;
+        shared.mask = merged_mask;
+        shared.steering = merged_steering;
+        Ok(())
     }
 
     /// One decode step: every row feeds its pending token (finished rows feed padding until they
@@ -211,16 +298,19 @@ impl RunningBatch {
         on_token: &mut dyn FnMut(RowId, u32),
     ) -> Result<(), GenerateError> {
         let Some(shared) = self.shared.as_mut() else {
-            return Ok(());
+            return match self.rows.is_empty() {
+                true => Ok(()),
+                false => Err(GenerateError::LostState),
+            };
         };
         let context = model.config().max_position_embeddings;
         let batch = self.rows.len();
         let pad = self.pad_id as i64;
-        let feed = |row: &ActiveRow| row.finish.map_or(row.pending as i64, |_| pad);
+        let feed = |row: &ActiveRow| if row.done() { pad } else { row.pending as i64 };
         let input_ids = Array2::from_shape_fn((batch, 1), |(r, _)| feed(&self.rows[r]));
         let position_ids = Array2::from_shape_fn((batch, 1), |(r, _)| self.rows[r].next_position);
         let seen = shared.mask.ncols();
-        shared.mask = Array2::from_shape_fn((batch, seen + 1), |(r, c)| {
+        let mask = Array2::from_shape_fn((batch, seen + 1), |(r, c)| {
             if c < seen {
                 shared.mask[[r, c]]
             } else {
@@ -230,40 +320,43 @@ impl RunningBatch {
         let step = Step {
             input_ids,
             position_ids,
-            attention_mask: shared.mask.clone(),
+            attention_mask: mask,
             images: Vec::new(),
         };
         let started = Instant::now();
         let logits = model.forward(&step, &mut shared.cache, &mut shared.steering)?;
+        shared.mask = step.attention_mask;
         let elapsed = started.elapsed().as_secs_f64() * 1e3;
+        let codec = self.codec.as_deref();
         for (row, scores) in self.rows.iter_mut().zip(logits.rows()) {
-            if row.finish.is_none() {
+            if !row.done() {
                 row.decode_ms += elapsed;
             }
             row.next_position += 1;
-            row.pick(scores.as_slice().unwrap_or(&[]), context, on_token);
+            row.pick(scores.as_slice().unwrap_or(&[]), context, codec, on_token);
         }
         Ok(())
     }
 
-    /// Take finished rows out of the batch (their KV cache is freed) and return their results.
-    pub fn take_finished(&mut self) -> Result<Vec<(RowId, Generated)>, GenerateError> {
-        self.remove(|row| row.finish.is_some())
+    /// Take finished (or failed) rows out of the batch (their KV cache is freed) and return
+    /// what each produced.
+    pub fn take_finished(&mut self) -> Result<Vec<(RowId, RowResult)>, GenerateError> {
+        self.remove(ActiveRow::done)
     }
 
     /// Take a row out whether or not it finished (a client went away); returns what it made.
-    pub fn cancel(&mut self, id: RowId) -> Result<Option<Generated>, GenerateError> {
+    pub fn cancel(&mut self, id: RowId) -> Result<Option<RowResult>, GenerateError> {
         Ok(self
             .remove(|row| row.id == id)?
             .into_iter()
             .next()
-            .map(|(_, generated)| generated))
+            .map(|(_, result)| result))
     }
 
     fn remove(
         &mut self,
         leaves: impl Fn(&ActiveRow) -> bool,
-    ) -> Result<Vec<(RowId, Generated)>, GenerateError> {
+    ) -> Result<Vec<(RowId, RowResult)>, GenerateError> {
         let keep: Vec<usize> = (0..self.rows.len())
             .filter(|&r| !leaves(&self.rows[r]))
             .collect();
@@ -273,6 +366,7 @@ impl RunningBatch {
         if keep.is_empty() {
             self.shared = None;
         } else if let Some(shared) = self.shared.as_mut() {
+            // The cache goes first: it is the one step that can fail, and it fails unchanged.
             shared.cache.retain_rows(&keep)?;
             shared.mask = shared.mask.select(ndarray::Axis(0), &keep);
             shared.steering.retain_rows(&keep);
@@ -281,7 +375,7 @@ impl RunningBatch {
         let mut stayed = Vec::with_capacity(keep.len());
         for row in std::mem::take(&mut self.rows) {
             if leaves(&row) {
-                left.push((row.id, row.into_generated()));
+                left.push((row.id, row.into_result()));
             } else {
                 stayed.push(row);
             }

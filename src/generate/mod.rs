@@ -18,18 +18,43 @@ pub use sampling::Sampling;
 /// Why a generation request was refused or failed.
 #[derive(Debug, thiserror::Error)]
 pub enum GenerateError {
+    /// The batch has no rows.
     #[error("no prompts given")]
     EmptyBatch,
+    /// A prompt has no tokens.
     #[error("prompt {row} is empty after tokenization")]
-    EmptyPrompt { row: usize },
-    #[error("prompt {row} has {tokens} tokens but the model's context is {context}; shorten it")]
-    PromptTooLong {
+    EmptyPrompt {
+        /// The row.
         row: usize,
+    },
+    /// A prompt leaves no room in the context for a generated token ([`check_prompt_length`]).
+    #[error("prompt {row} has {tokens} tokens but the model's context is {context} and must leave room for at least one new token; shorten it")]
+    PromptTooLong {
+        /// The row.
+        row: usize,
+        /// Its tokens.
         tokens: usize,
+        /// The model's context (`max_position_embeddings`).
         context: usize,
     },
+    /// Temperature or top-p out of range.
     #[error("invalid sampling settings: {0}")]
     Sampling(String),
+    /// The model produced NaN or infinite logits for a row; the row ends instead of sampling garbage.
+    #[error("row {row}: the model produced non-finite logits at generated token {token}")]
+    NonFiniteLogits {
+        /// The row (its index in the batch call, or its id in a running batch).
+        row: u64,
+        /// How many tokens the row had generated.
+        token: usize,
+    },
+    /// Stop strings need the tokenizer to see the text: [`RunningBatch::with_text`].
+    #[error("stop strings were given but the batch has no tokenizer to detect them")]
+    StopStringsWithoutText,
+    /// The batch's shared state was lost after an earlier failure; its rows cannot continue.
+    #[error("the running batch lost its KV cache after an earlier failure; its rows cannot continue")]
+    LostState,
+    /// The model failed.
     #[error(transparent)]
     Model(#[from] ModelError),
 }
@@ -37,7 +62,9 @@ pub enum GenerateError {
 /// Settings of one generation call.
 #[derive(Debug, Clone)]
 pub struct GenerationConfig {
+    /// Most tokens each row generates.
     pub max_new_tokens: usize,
+    /// How each next token is chosen.
     pub sampling: Sampling,
     /// Token ids that end a row (the model's EOS ids).
     pub stop_ids: Vec<u32>,
@@ -45,22 +72,45 @@ pub struct GenerationConfig {
     pub pad_id: u32,
 }
 
-/// Check a batch before any model work: non-empty, and every prompt fits the context.
+/// The one prompt-length rule of the library, the engine and the server: a prompt must be
+/// non-empty and leave room in the context for at least one generated token.
+pub fn check_prompt_length(row: usize, tokens: usize, context: usize) -> Result<(), GenerateError> {
+    if tokens == 0 {
+        return Err(GenerateError::EmptyPrompt { row });
+    }
+    if tokens >= context {
+        return Err(GenerateError::PromptTooLong {
+            row,
+            tokens,
+            context,
+        });
+    }
+    Ok(())
+}
+
+/// Check a batch before any model work: non-empty, and every prompt fits [`check_prompt_length`].
 pub fn validate_prompts(prompts: &[Prompt], context: usize) -> Result<(), GenerateError> {
     if prompts.is_empty() {
         return Err(GenerateError::EmptyBatch);
     }
-    for (row, Prompt { ids: prompt, .. }) in prompts.iter().enumerate() {
-        if prompt.is_empty() {
-            return Err(GenerateError::EmptyPrompt { row });
-        }
-        if prompt.len() > context {
-            return Err(GenerateError::PromptTooLong {
-                row,
-                tokens: prompt.len(),
-                context,
-            });
-        }
+    for (row, prompt) in prompts.iter().enumerate() {
+        check_prompt_length(row, prompt.ids.len(), context)?;
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_prompt_must_leave_room_for_one_token() {
+        assert!(check_prompt_length(0, 7, 8).is_ok());
+        let full = check_prompt_length(0, 8, 8).unwrap_err();
+        assert!(matches!(full, GenerateError::PromptTooLong { tokens: 8, .. }), "{full}");
+        assert!(matches!(
+            check_prompt_length(3, 0, 8),
+            Err(GenerateError::EmptyPrompt { row: 3 })
+        ));
+    }
 }

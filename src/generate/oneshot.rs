@@ -9,7 +9,8 @@ use crate::steer::BatchSteering;
 ///
 /// `steering` gives each row its own interventions (or none). `on_token(row, id)` fires for
 /// every kept token as soon as it is chosen (for streaming). The rows run as one group of a
-/// [`RunningBatch`], and each leaves it as soon as it finishes.
+/// [`RunningBatch`], and each leaves it as soon as it finishes. A row that fails (non-finite
+/// logits) fails the call.
 pub fn generate(
     model: &mut dyn CausalLm,
     prompts: &[Prompt],
@@ -33,6 +34,7 @@ pub fn generate(
             sampling: config.sampling,
             max_new_tokens: config.max_new_tokens,
             stop_ids: config.stop_ids.clone(),
+            stop_strings: Vec::new(),
             steering: steering.clone(),
         })
         .collect();
@@ -45,5 +47,6 @@ pub fn generate(
         done.extend(batch.take_finished()?);
     }
     done.sort_by_key(|(id, _)| *id);
-    Ok(done.into_iter().map(|(_, generated)| generated).collect())
+    // Row ids count from 0 in a fresh batch, so a failed row's error names its prompt.
+    done.into_iter().map(|(_, result)| result).collect()
 }

@@ -6,7 +6,8 @@ use crate::steer::Decision;
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
 #[serde(rename_all = "snake_case")]
 pub enum FinishReason {
-    /// A stop id was produced (it is not included in the output).
+    /// A stop id was produced (it is not included in the output), or the text reached a stop
+    /// string.
     Stop,
     /// `max_new_tokens` or the model context was reached.
     Length,
@@ -15,10 +16,15 @@ pub enum FinishReason {
 /// One row's result.
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct Generated {
+    /// The generated ids, stop id excluded (with a stop string, up to the token that completed it).
     pub token_ids: Vec<u32>,
+    /// Why the row stopped.
     pub finish_reason: FinishReason,
+    /// Tokens in the prompt.
     pub prompt_tokens: usize,
+    /// Time of the prefill step this row took part in.
     pub prefill_ms: f64,
+    /// Time of the decode steps while this row was generating.
     pub decode_ms: f64,
     /// What the row's learned interventions (L2S, W2S, AutoSteer) decided at prefill.
     #[serde(skip_serializing_if = "Vec::is_empty")]

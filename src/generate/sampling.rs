@@ -13,16 +13,39 @@ pub enum Sampling {
     Greedy,
     /// Temperature, then top-k, then nucleus (top-p) filtering, sampled with a seeded RNG.
     Random {
+        /// Logits are divided by this; below [`MIN_TEMPERATURE`] the pick is greedy.
         temperature: f32,
+        /// Keep the smallest set of tokens with this much probability (1 keeps all).
         top_p: f32,
+        /// Keep only the k most likely tokens (0 keeps all).
         top_k: usize,
+        /// Seed of the row's generator: the same seed gives the same tokens.
         seed: u64,
     },
 }
 
+/// Temperatures below this sample greedily: dividing logits by less overflows f32 to infinities
+/// whose softmax is NaN (vLLM treats temperatures under 1e-5 the same way).
+pub const MIN_TEMPERATURE: f32 = 1e-5;
+
 impl Sampling {
+    /// Random sampling with these settings, or [`Sampling::Greedy`] when `temperature` is below
+    /// [`MIN_TEMPERATURE`] (0 included).
+    pub fn with_temperature(temperature: f32, top_p: f32, top_k: usize, seed: u64) -> Self {
+        if (0.0..MIN_TEMPERATURE).contains(&temperature) {
+            Sampling::Greedy
+        } else {
+            Sampling::Random {
+                temperature,
+                top_p,
+                top_k,
+                seed,
+            }
+        }
+    }
+
     /// The next token from one row's logits; `rng` is that row's seeded generator (random
-    /// sampling without one falls back to greedy).
+    /// sampling without one, or below [`MIN_TEMPERATURE`], is greedy).
     pub fn pick(&self, logits: &[f32], rng: Option<&mut StdRng>) -> u32 {
         match (*self, rng) {
             (
@@ -33,12 +56,13 @@ impl Sampling {
                     ..
                 },
                 Some(rng),
-            ) => sample(logits, temperature, top_p, top_k, rng),
+            ) if temperature >= MIN_TEMPERATURE => sample(logits, temperature, top_p, top_k, rng),
             _ => argmax(logits),
         }
     }
 
-    pub(crate) fn validate(&self) -> Result<(), GenerateError> {
+    /// Temperature must be positive and finite, top-p in (0, 1].
+    pub fn validate(&self) -> Result<(), GenerateError> {
         if let Sampling::Random {
             temperature, top_p, ..
         } = *self
@@ -157,6 +181,23 @@ mod tests {
             distinct.len() > 1,
             "uniform-ish logits should not always give one token"
         );
+    }
+
+    #[test]
+    fn tiny_temperatures_are_greedy() {
+        let logits = [0.5, 40.0, 39.0, -3.0];
+        let tiny = Sampling::with_temperature(1e-38, 1.0, 0, 1);
+        assert_eq!(tiny, Sampling::Greedy);
+        let mut rng = StdRng::seed_from_u64(1);
+        let raw = Sampling::Random {
+            temperature: 1e-38,
+            top_p: 1.0,
+            top_k: 0,
+            seed: 1,
+        };
+        for _ in 0..20 {
+            assert_eq!(raw.pick(&logits, Some(&mut rng)), 1);
+        }
     }
 
     #[test]

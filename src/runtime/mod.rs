@@ -27,28 +27,46 @@ pub use provider::ExecutionProvider;
 /// Why ONNX Runtime or a session could not be set up.
 #[derive(Debug, thiserror::Error)]
 pub enum RuntimeError {
+    /// No ONNX Runtime shared library at `ORT_DYLIB_PATH`, at the given path or in a `.venv`.
     #[error("ONNX Runtime library not found: {0}. Run `make setup` (it installs onnxruntime into .venv) or set ORT_DYLIB_PATH to libonnxruntime.so")]
     LibraryNotFound(String),
+    /// The library was found, but ONNX Runtime could not be initialised from it.
     #[error("could not load ONNX Runtime from {path}: {message}")]
-    LibraryLoad { path: PathBuf, message: String },
+    LibraryLoad {
+        /// The library file.
+        path: PathBuf,
+        /// ONNX Runtime's error.
+        message: String,
+    },
+    /// A provider name other than `cpu`, `cuda` or `tensorrt` (`trt`).
     #[error("unknown execution provider {0:?}; choose cpu, cuda or tensorrt")]
     UnknownProvider(String),
+    /// The requested provider is not in this ONNX Runtime build, and CPU fallback is off.
     #[error("execution provider {provider} is not available: {reason}. Install onnxruntime-gpu with a matching CUDA, or pass --ep-fallback cpu")]
     ProviderUnavailable {
+        /// The provider asked for.
         provider: ExecutionProvider,
+        /// Why it cannot be registered.
         reason: String,
     },
+    /// A tensor does not have the shape expected of it.
     #[error("{0}")]
     Shape(String),
+    /// A tensor could not be made from an array, or read back into one.
     #[error("ONNX Runtime could not make or read the tensor {what}: {source}")]
     Tensor {
+        /// Which tensor.
         what: String,
+        /// ONNX Runtime's error.
         #[source]
         source: ort::Error,
     },
+    /// Another ONNX Runtime call failed (thread pool, environment, session).
     #[error("ONNX Runtime failed to {context}: {source}")]
     Ort {
+        /// What was being done (`create the session for layer_00.onnx`).
         context: String,
+        /// ONNX Runtime's error.
         #[source]
         source: ort::Error,
     },
@@ -81,24 +99,28 @@ pub struct RuntimeOptions {
 
 impl RuntimeOptions {
     /// The execution provider for every segment.
+    #[must_use]
     pub fn with_provider(mut self, provider: ExecutionProvider) -> Self {
         self.provider = provider;
         self
     }
 
     /// Run on CPU (with a warning) when the requested provider cannot be registered.
+    #[must_use]
     pub fn with_cpu_fallback(mut self, fallback: bool) -> Self {
         self.fallback_to_cpu = fallback;
         self
     }
 
     /// Size of the one global intra-op thread pool (default: available cores).
+    #[must_use]
     pub fn with_intra_threads(mut self, threads: usize) -> Self {
         self.intra_threads = Some(threads);
         self
     }
 
     /// Use this libonnxruntime instead of searching `ORT_DYLIB_PATH` and the project venv.
+    #[must_use]
     pub fn with_library(mut self, path: impl Into<PathBuf>) -> Self {
         self.library = Some(path.into());
         self

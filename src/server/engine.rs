@@ -6,15 +6,16 @@
 //! its KV cache is freed at once.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::mpsc::{self, Receiver, SyncSender, TryRecvError, TrySendError};
 use std::sync::Arc;
 
 use tokio::sync::mpsc::UnboundedSender;
 
 use crate::chain::CausalLm;
-use crate::generate::batch::{RowId, RowRequest, RunningBatch};
+use crate::generate::batch::{RowId, RowRequest, RowResult, RunningBatch};
 use crate::generate::{validate_prompts, Generated};
+use crate::text::TextCodec;
 
 /// What the engine tells a request about its row.
 #[derive(Debug)]
@@ -29,7 +30,9 @@ pub enum JobEvent {
 
 /// One request's row, and where its events go.
 pub struct Job {
+    /// What to generate.
     pub request: RowRequest,
+    /// Where the row's events go.
     pub events: UnboundedSender<JobEvent>,
 }
 
@@ -44,10 +47,28 @@ pub struct EngineOptions {
     pub pad_id: u32,
 }
 
-/// The queue is full; retry later.
+/// Why a job was not queued.
 #[derive(Debug, thiserror::Error)]
-#[error("the server is busy ({0} requests waiting); retry later")]
-pub struct QueueFull(pub usize);
+pub enum SubmitError {
+    /// The queue is full; retry later (HTTP 429).
+    #[error("the server is busy ({0} requests waiting); retry later")]
+    QueueFull(usize),
+    /// The engine thread has stopped (HTTP 503); the server cannot generate any more.
+    #[error("the engine has stopped; the server cannot generate (restart it)")]
+    EngineStopped,
+}
+
+/// Clears the alive flag when the engine thread ends, by return or by panic.
+struct AliveGuard(Arc<AtomicBool>);
+
+impl Drop for AliveGuard {
+    fn drop(&mut self) {
+        self.0.store(false, Ordering::Relaxed);
+        if std::thread::panicking() {
+            tracing::error!("the engine thread panicked");
+        }
+    }
+}
 
 /// Sends jobs to the engine thread; cheap to clone.
 #[derive(Clone)]
@@ -55,21 +76,27 @@ pub struct EngineHandle {
     jobs: SyncSender<Job>,
     waiting: Arc<AtomicUsize>,
     running: Arc<AtomicUsize>,
+    alive: Arc<AtomicBool>,
     max_queue: usize,
 }
 
 impl EngineHandle {
-    /// Queue `job`, or refuse it at once when the queue is full.
-    pub fn submit(&self, job: Job) -> Result<(), QueueFull> {
-        match self.jobs.try_send(job) {
-            Ok(()) => {
-                self.waiting.fetch_add(1, Ordering::Relaxed);
-                Ok(())
-            }
-            Err(TrySendError::Full(_) | TrySendError::Disconnected(_)) => {
-                Err(QueueFull(self.max_queue))
-            }
-        }
+    /// Queue `job`, or refuse it at once when the queue is full or the engine has stopped.
+    pub fn submit(&self, job: Job) -> Result<(), SubmitError> {
+        // Counted before the send, so the engine's decrement never runs ahead of it.
+        self.waiting.fetch_add(1, Ordering::Relaxed);
+        let refused = match self.jobs.try_send(job) {
+            Ok(()) => return Ok(()),
+            Err(TrySendError::Full(_)) => SubmitError::QueueFull(self.max_queue),
+            Err(TrySendError::Disconnected(_)) => SubmitError::EngineStopped,
+        };
+        self.waiting.fetch_sub(1, Ordering::Relaxed);
+        Err(refused)
+    }
+
+    /// False once the engine thread has ended (a panic included).
+    pub fn is_alive(&self) -> bool {
+        self.alive.load(Ordering::Relaxed)
     }
 
     /// Jobs waiting to join the batch.
@@ -84,35 +111,40 @@ impl EngineHandle {
 }
 
 /// Start the engine thread on `model`; it runs until every handle is dropped and the batch drains.
+/// `codec` decodes rows' text so that stop strings end them.
 pub fn spawn(
     model: Box<dyn CausalLm + Send>,
+    codec: Arc<TextCodec>,
     options: EngineOptions,
-) -> (EngineHandle, std::thread::JoinHandle<()>) {
+) -> std::io::Result<(EngineHandle, std::thread::JoinHandle<()>)> {
     let (jobs, queue) = mpsc::sync_channel(options.max_queue.max(1));
     let waiting = Arc::new(AtomicUsize::new(0));
     let running = Arc::new(AtomicUsize::new(0));
+    let alive = Arc::new(AtomicBool::new(true));
     let handle = EngineHandle {
         jobs,
         waiting: waiting.clone(),
         running: running.clone(),
+        alive: alive.clone(),
         max_queue: options.max_queue,
     };
     let thread = std::thread::Builder::new()
         .name("onnx-steer-engine".into())
         .spawn(move || {
+            let _alive = AliveGuard(alive);
             Engine {
                 model,
                 options,
                 queue,
                 waiting,
                 running,
-                batch: RunningBatch::new(options.pad_id),
+                batch: RunningBatch::new(options.pad_id).with_text(codec.clone()),
+                codec,
                 listeners: HashMap::new(),
             }
             .run()
-        })
-        .expect("spawning the engine thread");
-    (handle, thread)
+        })?;
+    Ok((handle, thread))
 }
 
 struct Engine {
@@ -122,6 +154,7 @@ struct Engine {
     waiting: Arc<AtomicUsize>,
     running: Arc<AtomicUsize>,
     batch: RunningBatch,
+    codec: Arc<TextCodec>,
     listeners: HashMap<RowId, UnboundedSender<JobEvent>>,
 }
 
@@ -235,9 +268,9 @@ impl Engine {
     fn finish(&mut self) {
         match self.batch.take_finished() {
             Ok(done) => {
-                for (id, generated) in done {
+                for (id, result) in done {
                     if let Some(sender) = self.listeners.remove(&id) {
-                        let _ = sender.send(JobEvent::Done(generated));
+                        let _ = sender.send(event_of(result));
                     }
                 }
             }
@@ -251,7 +284,15 @@ impl Engine {
         for (_, sender) in self.listeners.drain() {
             let _ = sender.send(JobEvent::Failed(message.to_string()));
         }
-        self.batch = RunningBatch::new(self.options.pad_id);
+        self.batch = RunningBatch::new(self.options.pad_id).with_text(self.codec.clone());
+    }
+}
+
+/// A row's result as the event its request gets.
+fn event_of(result: RowResult) -> JobEvent {
+    match result {
+        Ok(generated) => JobEvent::Done(generated),
+        Err(e) => JobEvent::Failed(e.to_string()),
     }
 }
 

@@ -5,15 +5,21 @@
 
 use serde::{Deserialize, Serialize};
 
+use crate::generate::FinishReason;
+use crate::steer::Decision;
+
 /// `stop`: one string or several.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(untagged)]
 pub enum Stop {
+    /// One stop string.
     One(String),
+    /// Several.
     Many(Vec<String>),
 }
 
 impl Stop {
+    /// The stop strings as a list.
     pub fn into_vec(self) -> Vec<String> {
         match self {
             Stop::One(s) => vec![s],
@@ -26,7 +32,9 @@ impl Stop {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(untagged)]
 pub enum Steering {
+    /// A spec registered on the server (`--steer-dir` or `POST /v1/steering`).
     Named(String),
+    /// A spec in the request; its files must lie inside `--steer-dir`.
     Inline(serde_json::Value),
 }
 
@@ -120,12 +128,16 @@ pub struct CompletionRequest {
 /// Token counts of a response.
 #[derive(Debug, Clone, Copy, Serialize)]
 pub struct Usage {
+    /// Tokens in the prompt.
     pub prompt_tokens: usize,
+    /// Tokens generated and kept (up to a stop string, not past it).
     pub completion_tokens: usize,
+    /// Both.
     pub total_tokens: usize,
 }
 
 impl Usage {
+    /// Counts with their total.
     pub fn new(prompt_tokens: usize, completion_tokens: usize) -> Self {
         Self {
             prompt_tokens,
@@ -135,16 +147,158 @@ impl Usage {
     }
 }
 
+/// Which endpoint a response is for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Endpoint {
+    /// `POST /v1/chat/completions`.
+    Chat,
+    /// `POST /v1/completions`.
+    Completion,
+}
+
+impl Endpoint {
+    /// The label of this endpoint in metrics.
+    pub fn label(self) -> &'static str {
+        match self {
+            Endpoint::Chat => "chat",
+            Endpoint::Completion => "completions",
+        }
+    }
+
+    /// The `object` of a response, or of one streamed chunk.
+    pub fn object(self, chunk: bool) -> Object {
+        match (self, chunk) {
+            (Endpoint::Chat, false) => Object::ChatCompletion,
+            (Endpoint::Chat, true) => Object::ChatCompletionChunk,
+            (Endpoint::Completion, _) => Object::TextCompletion,
+        }
+    }
+
+    /// A choice carrying `text`: the whole message (or a delta, in a chunk) for chat, the text for
+    /// completions.
+    pub fn choice(self, text: String, chunk: bool, finish_reason: Option<FinishReason>) -> Choice {
+        let content = match (self, chunk) {
+            (Endpoint::Chat, false) => ChoiceContent::Message {
+                message: AssistantMessage {
+                    role: "assistant",
+                    content: text,
+                },
+            },
+            (Endpoint::Chat, true) => ChoiceContent::Delta {
+                delta: Delta { content: text },
+            },
+            (Endpoint::Completion, _) => ChoiceContent::Text { text },
+        };
+        Choice {
+            index: 0,
+            content,
+            finish_reason,
+        }
+    }
+}
+
+/// The `object` field of a response.
+#[derive(Debug, Clone, Copy, Serialize)]
+pub enum Object {
+    /// A whole chat completion.
+    #[serde(rename = "chat.completion")]
+    ChatCompletion,
+    /// One streamed chat chunk.
+    #[serde(rename = "chat.completion.chunk")]
+    ChatCompletionChunk,
+    /// A text completion, whole or streamed.
+    #[serde(rename = "text_completion")]
+    TextCompletion,
+}
+
+/// The assistant's reply in a chat choice.
+#[derive(Debug, Clone, Serialize)]
+pub struct AssistantMessage {
+    /// Always `assistant`.
+    pub role: &'static str,
+    /// The reply text.
+    pub content: String,
+}
+
+/// New text in a streamed chat chunk.
+#[derive(Debug, Clone, Serialize)]
+pub struct Delta {
+    /// The text since the last chunk.
+    pub content: String,
+}
+
+/// What a choice carries: a chat message, a chat delta, or completion text.
+#[derive(Debug, Clone, Serialize)]
+#[serde(untagged)]
+pub enum ChoiceContent {
+    /// A whole chat reply.
+    Message {
+        /// The reply.
+        message: AssistantMessage,
+    },
+    /// Part of a streamed chat reply.
+    Delta {
+        /// The new text.
+        delta: Delta,
+    },
+    /// Completion text (whole, or part of a stream).
+    Text {
+        /// The text.
+        text: String,
+    },
+}
+
+/// One choice of a response (the server makes one).
+#[derive(Debug, Clone, Serialize)]
+pub struct Choice {
+    /// Its position among the choices.
+    pub index: usize,
+    /// The text it carries.
+    #[serde(flatten)]
+    pub content: ChoiceContent,
+    /// Why generation ended (`null` in chunks before the last).
+    pub finish_reason: Option<FinishReason>,
+}
+
+/// A chat or text completion response, or one streamed chunk of one.
+#[derive(Debug, Clone, Serialize)]
+pub struct Completion<'a> {
+    /// The response id, shared by all chunks of a stream.
+    pub id: &'a str,
+    /// Which kind of response.
+    pub object: Object,
+    /// Unix seconds.
+    pub created: u64,
+    /// The bundle's name.
+    pub model: &'a str,
+    /// The choices.
+    pub choices: Vec<Choice>,
+    /// Token counts (on whole responses and the last chunk).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub usage: Option<Usage>,
+    /// onnx-steer: the sampler seed used (given, or drawn for the request), when sampling.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub seed: Option<u64>,
+    /// onnx-steer: what the request's learned steering decided (L2S, W2S, AutoSteer).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub steering: Option<&'a [Decision]>,
+}
+
 /// An error body: `{"error": {"message", "type", "code"}}`.
 #[derive(Debug, Serialize)]
 pub struct ErrorBody {
+    /// The error.
     pub error: ErrorDetail,
 }
 
+/// What went wrong, as OpenAI reports it.
 #[derive(Debug, Serialize)]
 pub struct ErrorDetail {
+    /// For people.
     pub message: String,
+    /// `invalid_request_error`, `not_found_error`, `rate_limit_error` or `server_error`.
     #[serde(rename = "type")]
     pub kind: &'static str,
+    /// The HTTP status.
     pub code: u16,
 }

@@ -230,7 +230,7 @@ impl LayerHook for PrefillSteering<'_> {
 
 /// Decode-step steering of a batch (a [`LayerHook`]): the deltas and rewrites each row's spec and
 /// prefill decisions fixed. See [`PrefillSteering::decode`].
-#[derive(Default)]
+#[derive(Clone, Default)]
 pub struct DecodeSteering {
     deltas: FixedDeltas,
     layer_plans: Vec<Plan>,

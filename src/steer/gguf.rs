@@ -8,14 +8,24 @@ use std::io::{Read, Write};
 /// Why a GGUF file could not be read as a control vector.
 #[derive(Debug, thiserror::Error)]
 pub enum GgufError {
+    /// The file does not start with the `GGUF` magic (holds the four bytes found).
     #[error("not a GGUF file (magic {0:?})")]
     Magic([u8; 4]),
+    /// A GGUF version other than 2 or 3.
     #[error("GGUF version {0} is not supported (2 or 3)")]
     Version(u32),
+    /// The file is truncated or its structure is inconsistent.
     #[error("GGUF is truncated or malformed: {0}")]
     Malformed(String),
+    /// A tensor is not F32.
     #[error("tensor {name} has type {ggml_type}; control vectors must be F32 (type 0)")]
-    TensorType { name: String, ggml_type: u32 },
+    TensorType {
+        /// The tensor's name.
+        name: String,
+        /// Its GGML type id.
+        ggml_type: u32,
+    },
+    /// Reading or writing the file failed.
     #[error(transparent)]
     Io(#[from] std::io::Error),
 }
@@ -98,14 +108,18 @@ impl<'a> Cursor<'a> {
 /// A metadata value this module keeps.
 #[derive(Debug, Clone, PartialEq)]
 pub enum MetaValue {
+    /// A `UINT32` value (`controlvector.layer_count`).
     U32(u32),
+    /// A string value (`general.architecture`, `controlvector.model_hint`).
     Str(String),
 }
 
 /// A parsed control-vector GGUF: metadata it understands plus every F32 tensor, flattened.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct GgufVectors {
+    /// Metadata by key; values other than u32 and string are skipped when parsing.
     pub metadata: BTreeMap<String, MetaValue>,
+    /// Every tensor by name (`direction.{layer}`), its F32 values flattened.
     pub tensors: BTreeMap<String, Vec<f32>>,
 }
 

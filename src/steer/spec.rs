@@ -56,6 +56,7 @@ pub struct VectorIntervention {
     /// Layers to steer; default: every layer the file has a direction for.
     #[serde(default)]
     pub layers: Option<Vec<usize>>,
+    /// Which token positions are steered.
     #[serde(default)]
     pub positions: Positions,
     /// Rescale each direction to unit L2 norm before applying `scale`.
@@ -92,8 +93,10 @@ pub struct L2sIntervention {
     pub read_layer: usize,
     /// L*: the layer the predicted vector is added to.
     pub layer: usize,
+    /// Multiplies the predicted vector.
     #[serde(default = "default_scale")]
     pub scale: f32,
+    /// Which token positions are steered.
     #[serde(default)]
     pub positions: Positions,
 }
@@ -109,18 +112,23 @@ fn default_top_k() -> usize {
 pub struct W2sIntervention {
     /// The router's ONNX file (relative to the spec file).
     pub router: PathBuf,
+    /// Expected sha256 of `router`; checked at load when given.
     #[serde(default)]
     pub router_sha256: Option<String>,
     /// Vector file with `direction.{L}` for every candidate layer.
     pub bank: PathBuf,
+    /// Expected sha256 of `bank`; checked at load when given.
     #[serde(default)]
     pub bank_sha256: Option<String>,
     /// The early layer whose last prompt token the router reads (below every candidate layer).
     pub read_layer: usize,
+    /// How many of the router's most probable layers are steered (default 1).
     #[serde(default = "default_top_k")]
     pub top_k: usize,
+    /// Multiplies the bank's vector.
     #[serde(default = "default_scale")]
     pub scale: f32,
+    /// Which token positions are steered.
     #[serde(default)]
     pub positions: Positions,
 }
@@ -137,12 +145,14 @@ fn default_threshold() -> f32 {
 pub struct AutoSteerIntervention {
     /// The prober's ONNX file (relative to the spec file).
     pub prober: PathBuf,
+    /// Expected sha256 of `prober`; checked at load when given.
     #[serde(default)]
     pub prober_sha256: Option<String>,
     /// The layer the prober reads (chosen by the Safety Awareness Score at training).
     pub read_layer: usize,
     /// The refusal head's rewrite graph (`state [B, d]` → `steered`).
     pub head: PathBuf,
+    /// Expected sha256 of `head`; checked at load when given.
     #[serde(default)]
     pub head_sha256: Option<String>,
     /// Gate: p(toxic) above this turns the refusal head on for the row.
@@ -163,6 +173,7 @@ pub struct AutoSteerIntervention {
 pub struct SvfIntervention {
     /// The field graph's ONNX file (relative to the spec file).
     pub path: PathBuf,
+    /// Expected sha256 of `path`; checked at load when given.
     #[serde(default)]
     pub sha256: Option<String>,
     /// Layers to steer; each must be one the scorer was trained on (the graph's `layers` metadata).
@@ -170,6 +181,7 @@ pub struct SvfIntervention {
     /// Step length along the unit field; negative values move against the concept.
     #[serde(default = "default_scale")]
     pub scale: f32,
+    /// Which token positions are steered.
     #[serde(default)]
     pub positions: Positions,
 }
@@ -201,6 +213,7 @@ impl Intervention {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct SteerSpec {
+    /// The interventions to run; their effects sum.
     pub interventions: Vec<Intervention>,
     /// Directory relative paths resolve against (the spec file's directory).
     #[serde(skip)]

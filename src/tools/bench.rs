@@ -23,26 +23,37 @@ use crate::vision::{decode, VisionEncoder, VisionError};
 pub struct Variant {
     /// Name in the report, e.g. `segmented`, `segmented+refusal` (a spec's file stem), `monolithic`.
     pub name: String,
+    /// Index into the models passed to [`measure`].
     pub model: usize,
+    /// The steering the variant runs with.
     pub steering: BatchSteering,
 }
 
 /// Shape of one measured workload.
 #[derive(Debug, Clone, Copy, Serialize)]
 pub struct Workload {
+    /// Rows generated together.
     pub batch: usize,
+    /// Prompt length of each row, in tokens.
     pub prompt_tokens: usize,
+    /// Tokens generated for each row.
     pub new_tokens: usize,
 }
 
 /// Summary of a sample: mean, spread and percentiles.
 #[derive(Debug, Clone, Serialize)]
 pub struct Stats {
+    /// Arithmetic mean.
     pub mean: f64,
+    /// Population standard deviation.
     pub std: f64,
+    /// Smallest value.
     pub min: f64,
+    /// Largest value.
     pub max: f64,
+    /// Median (nearest rank).
     pub p50: f64,
+    /// 99th percentile (nearest rank).
     pub p99: f64,
 }
 
@@ -71,8 +82,12 @@ impl Stats {
 /// What one variant measured on one workload.
 #[derive(Debug, Clone, Serialize)]
 pub struct VariantResult {
+    /// The variant's [`Variant::name`].
     pub variant: String,
+    /// Prompt tokens per second over the whole batch, one value per timed repeat.
     pub prefill_tokens_per_s: Stats,
+    /// Generated tokens per second over the whole batch, one value per timed repeat (the first
+    /// token, which prefill produces, is not counted).
     pub decode_tokens_per_s: Stats,
     /// Per decode step (one new token for every row), milliseconds, pooled over repeats.
     pub token_latency_ms: Stats,

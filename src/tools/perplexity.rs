@@ -11,7 +11,9 @@ use crate::chain::{CausalLm, FixedDeltas, ModelError, Step};
 pub struct Perplexity {
     /// Tokens scored (the sequence length minus the first token).
     pub tokens: usize,
+    /// Mean negative log-likelihood per scored token, in nats.
     pub mean_nll: f64,
+    /// `exp(mean_nll)`.
     pub perplexity: f64,
 }
 

@@ -27,6 +27,8 @@ pub(crate) enum CliError {
     Input(String),
     #[error("could not write output: {0}")]
     Output(#[from] std::io::Error),
+    #[error(transparent)]
+    Server(#[from] onnx_steer::server::ServerError),
 }
 
 macro_rules! cli_error_from_library {

@@ -1,8 +1,10 @@
 //! `onnx-steer serve`: the OpenAI-compatible server on one bundle.
 
 use std::path::PathBuf;
+use std::sync::Arc;
 
 use clap::Args;
+use onnx_steer::server::engine::EngineHandle;
 use onnx_steer::text::TextCodec;
 use onnx_steer::vision::VisionEncoder;
 use onnx_steer::{Bundle, SegmentChain};
@@ -51,14 +53,17 @@ pub(crate) fn run(args: ServeArgs) -> Result<(), CliError> {
     let model = SegmentChain::load(&bundle, &runtime)?;
     let encoder = VisionEncoder::load(&bundle, &runtime)?;
     let config = bundle.config().clone();
+    let codec = Arc::new(TextCodec::load(&bundle)?);
     let (handle, engine_thread) = engine::spawn(
         Box::new(model),
+        codec.clone(),
         engine::EngineOptions {
             max_batch: args.max_batch.max(1),
             max_queue: args.max_queue.max(1),
             pad_id: config.pad_token_id.unwrap_or(config.eos_token_ids[0]),
         },
-    );
+    )?;
+    let engine = handle.clone();
     let limits = Limits {
         max_body_bytes: args.max_body_bytes,
         default_max_tokens: args.default_max_tokens,
@@ -66,7 +71,7 @@ pub(crate) fn run(args: ServeArgs) -> Result<(), CliError> {
     };
     let state = AppState::new(
         handle,
-        TextCodec::load(&bundle)?,
+        codec,
         config,
         runtime,
         bundle.manifest().name.clone(),
@@ -87,18 +92,30 @@ pub(crate) fn run(args: ServeArgs) -> Result<(), CliError> {
         tracing::info!("serving {} on http://{address}", args.bundle.display());
         eprintln!("listening on http://{address}");
         axum::serve(listener, router(state))
-            .with_graceful_shutdown(shutdown_signal())
+            .with_graceful_shutdown(shutdown_signal(engine.clone()))
             .await
     })?;
+    if !engine.is_alive() && !engine_thread.is_finished() {
+        tracing::warn!("waiting for the engine thread to finish");
+    }
     // The router (and with it every engine handle) is gone: the engine drains and stops.
-    engine_thread
-        .join()
-        .map_err(|_| CliError::Input("the engine thread panicked".into()))?;
+    let joined = engine_thread.join();
+    if joined.is_err() {
+        return Err(CliError::Input(
+            "the engine thread panicked; the server stopped (a supervisor should restart it)".into(),
+        ));
+    }
     Ok(())
 }
 
-/// Ctrl-C or SIGTERM: stop accepting, let requests in flight finish.
-async fn shutdown_signal() {
+/// Ctrl-C, SIGTERM, or the engine thread ending: stop accepting, let requests in flight finish.
+async fn shutdown_signal(engine: EngineHandle) {
+    let engine_stopped = async {
+        while engine.is_alive() {
+            tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+        }
+        eprintln!("the engine thread stopped");
+    };
     let interrupt = async {
         let _ = tokio::signal::ctrl_c().await;
     };
@@ -116,6 +133,7 @@ async fn shutdown_signal() {
     tokio::select! {
         () = interrupt => {},
         () = terminate => {},
+        () = engine_stopped => {},
     }
     eprintln!("shutting down: finishing requests in flight");
 }

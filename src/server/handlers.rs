@@ -1,0 +1,370 @@
+//! The HTTP handlers. A completion request goes: body → [`openai`](super::openai) request →
+//! prompt ids (chat template) and images → [`prepare`] (limits, sampling, steering) → a
+//! [`Job`] for the engine → its events → a JSON body, or server-sent events ([`super::stream`]).
+
+use std::sync::Arc;
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
+
+use axum::body::Bytes;
+use axum::extract::{Path as UrlPath, State};
+use axum::http::{header, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver};
+
+use super::engine::{Job, JobEvent, SubmitError};
+use super::error::ApiError;
+use super::images::with_images;
+use super::openai::{self, Completion, Endpoint, Settings, Steering, Usage};
+use super::state::AppState;
+use super::stream::stream;
+use crate::chain::Prompt;
+use crate::generate::{check_prompt_length, FinishReason, Generated, RowRequest, Sampling};
+use crate::steer::ResolvedSteering;
+use crate::text::Turn;
+
+/// `GET /health`: 200 while the engine runs, 503 once it has stopped.
+pub(crate) async fn health(State(state): State<AppState>) -> Response {
+    let alive = state.engine.is_alive();
+    let body = Json(serde_json::json!({
+        "status": if alive { "ok" } else { "engine stopped" },
+        "queue_depth": state.engine.queue_depth(),
+        "batch_size": state.engine.batch_size(),
+    }));
+    let status = match alive {
+        true => StatusCode::OK,
+        false => StatusCode::SERVICE_UNAVAILABLE,
+    };
+    (status, body).into_response()
+}
+
+/// `GET /v1/models`: the one bundle.
+pub(crate) async fn models(State(state): State<AppState>) -> Json<serde_json::Value> {
+    Json(serde_json::json!({
+        "object": "list",
+        "data": [{"id": state.model_name, "object": "model", "owned_by": "onnx-steer"}],
+    }))
+}
+
+/// `GET /metrics`: Prometheus text.
+pub(crate) async fn metrics(State(state): State<AppState>) -> Response {
+    let text = state
+        .metrics
+        .render(state.engine.queue_depth(), state.engine.batch_size());
+    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], text).into_response()
+}
+
+/// `GET /v1/steering`: the registered names.
+pub(crate) async fn list_steering(
+    State(state): State<AppState>,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    let names = state.registry.names()?;
+    Ok(Json(serde_json::json!({ "object": "list", "data": names })))
+}
+
+/// `POST /v1/steering` `{"name", "spec"}`: the spec is checked and resolved first (on a blocking
+/// thread), then swapped in; requests in flight keep the version they started with.
+pub(crate) async fn register_steering(
+    State(state): State<AppState>,
+    body: Body,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    #[derive(serde::Deserialize)]
+    struct Registration {
+        name: String,
+        spec: serde_json::Value,
+    }
+    let registration: Registration = parse(&read_body(body)?)?;
+    let valid_name = !registration.name.is_empty()
+        && registration.name.len() <= 64
+        && registration
+            .name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-');
+    if !valid_name {
+        return Err(ApiError::bad_request(
+            "a steering name is 1 to 64 letters, digits, '_' or '-'",
+        ));
+    }
+    let resolved = state.registry.inline(registration.spec).await?;
+    let replaced = state
+        .registry
+        .register(registration.name.clone(), resolved)?;
+    Ok(Json(
+        serde_json::json!({ "name": registration.name, "replaced": replaced }),
+    ))
+}
+
+/// `DELETE /v1/steering/{name}`.
+pub(crate) async fn unregister_steering(
+    State(state): State<AppState>,
+    UrlPath(name): UrlPath<String>,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    match state.registry.unregister(&name)? {
+        true => Ok(Json(serde_json::json!({ "name": name, "deleted": true }))),
+        false => Err(ApiError::not_found(format!(
+            "no steering spec named {name:?} is registered"
+        ))),
+    }
+}
+
+/// A request body, or why it could not be read (too large, for one) as an API error.
+pub(crate) type Body = Result<Bytes, axum::extract::rejection::BytesRejection>;
+
+fn read_body(body: Body) -> Result<Bytes, ApiError> {
+    body.map_err(|rejection| ApiError::new(rejection.status(), rejection.body_text()))
+}
+
+fn parse<T: serde::de::DeserializeOwned>(body: &Bytes) -> Result<T, ApiError> {
+    let text = std::str::from_utf8(body)
+        .map_err(|e| ApiError::bad_request(format!("the body is not UTF-8: {e}")))?;
+    serde_json::from_str(text).map_err(|e| ApiError::bad_request(format!("invalid request: {e}")))
+}
+
+/// `POST /v1/chat/completions`.
+pub(crate) async fn chat_completions(State(state): State<AppState>, body: Body) -> Response {
+    let handler = async { chat(state.clone(), read_body(body)?).await };
+    measured(&state, Endpoint::Chat, handler).await
+}
+
+/// `POST /v1/completions`.
+pub(crate) async fn completions(State(state): State<AppState>, body: Body) -> Response {
+    let handler = async { completion(state.clone(), read_body(body)?).await };
+    measured(&state, Endpoint::Completion, handler).await
+}
+
+/// Count a request and its latency under its endpoint.
+async fn measured(
+    state: &AppState,
+    endpoint: Endpoint,
+    handler: impl std::future::Future<Output = Result<Response, ApiError>>,
+) -> Response {
+    let started = Instant::now();
+    let response = handler.await.into_response();
+    state.metrics.request(
+        endpoint.label(),
+        response.status().as_u16(),
+        started.elapsed().as_secs_f64(),
+    );
+    response
+}
+
+async fn chat(state: AppState, body: Bytes) -> Result<Response, ApiError> {
+    let request: openai::ChatRequest = parse(&body)?;
+    if request.messages.is_empty() {
+        return Err(ApiError::bad_request("messages must not be empty"));
+    }
+    let contents: Vec<(String, Vec<&str>)> =
+        request.messages.iter().map(|m| m.content.split()).collect();
+    let turns: Vec<Turn<'_>> = request
+        .messages
+        .iter()
+        .zip(&contents)
+        .map(|(m, (text, images))| Turn {
+            role: m.role.as_str(),
+            text,
+            images: images.len(),
+        })
+        .collect();
+    let urls: Vec<String> = contents
+        .iter()
+        .flat_map(|(_, images)| images.iter().map(|url| url.to_string()))
+        .collect();
+    let text = state
+        .codec
+        .render_messages(&turns)
+        .map_err(|e| ApiError::bad_request(e.to_string()))?;
+    let ids = state
+        .codec
+        .encode(&text, false)
+        .map_err(|e| ApiError::bad_request(e.to_string()))?;
+    let prompt = with_images(state.vision.clone(), ids, urls).await?;
+    respond(state, prompt, request.settings, Endpoint::Chat).await
+}
+
+async fn completion(state: AppState, body: Bytes) -> Result<Response, ApiError> {
+    let request: openai::CompletionRequest = parse(&body)?;
+    let ids = state
+        .codec
+        .encode(&request.prompt, true)
+        .map_err(|e| ApiError::bad_request(e.to_string()))?;
+    let prompt = with_images(state.vision.clone(), ids, Vec::new()).await?;
+    respond(state, prompt, request.settings, Endpoint::Completion).await
+}
+
+/// A request turned into what the engine runs, with what the response needs.
+pub(crate) struct Prepared {
+    pub(crate) request: RowRequest,
+    pub(crate) stops: Vec<String>,
+    pub(crate) stream: bool,
+    /// The sampler seed, when sampling (given, or drawn for this request).
+    pub(crate) seed: Option<u64>,
+}
+
+/// Check a request against the limits and turn it into a row: length, sampling (a fresh seed when
+/// the request gives none), stop strings and steering (resolved off the async workers).
+async fn prepare(state: &AppState, prompt: Prompt, settings: Settings) -> Result<Prepared, ApiError> {
+    let label = match &settings.steering {
+        None => "none".to_string(),
+        Some(Steering::Named(name)) => name.clone(),
+        Some(Steering::Inline(_)) => "inline".to_string(),
+    };
+    let context = state.config.max_position_embeddings;
+    let tokens = prompt.ids.len();
+    check_prompt_length(0, tokens, context).map_err(|e| {
+        ApiError::bad_request(format!(
+            "the prompt has {tokens} tokens; the model's context is {context}: {e}"
+        ))
+    })?;
+    let room = context - tokens;
+    let max_tokens = match settings.max_completion_tokens.or(settings.max_tokens) {
+        None => state.limits.default_max_tokens.min(room),
+        Some(n) if n < 0 => {
+            return Err(ApiError::bad_request(format!(
+                "max_tokens must not be negative, got {n}"
+            )))
+        }
+        Some(n) if n as u64 > room as u64 => {
+            return Err(ApiError::bad_request(format!(
+                "max_tokens {n} does not fit: the prompt has {tokens} tokens and the context is {context}"
+            )))
+        }
+        Some(n) => n as usize,
+    };
+    if let Some(top_p) = settings.top_p.filter(|p| !(*p > 0.0 && *p <= 1.0)) {
+        return Err(ApiError::bad_request(format!(
+            "top_p must be in (0, 1], got {top_p}"
+        )));
+    }
+    let seed = settings.seed.unwrap_or_else(rand::random);
+    let sampling = match settings.temperature {
+        None => Sampling::Greedy,
+        Some(t) if t < 0.0 || !t.is_finite() => {
+            return Err(ApiError::bad_request(format!(
+                "temperature must be a number >= 0, got {t}"
+            )))
+        }
+        Some(t) => Sampling::with_temperature(t, settings.top_p.unwrap_or(1.0), 0, seed),
+    };
+    sampling
+        .validate()
+        .map_err(|e| ApiError::bad_request(e.to_string()))?;
+    let stops = settings
+        .stop
+        .map(openai::Stop::into_vec)
+        .unwrap_or_default();
+    if stops.iter().any(String::is_empty) {
+        return Err(ApiError::bad_request("stop strings must not be empty"));
+    }
+    let steering = steering(state, settings.steering).await?;
+    state.metrics.steering(&label);
+    Ok(Prepared {
+        request: RowRequest {
+            prompt,
+            sampling,
+            max_new_tokens: max_tokens,
+            stop_ids: state.config.eos_token_ids.clone(),
+            stop_strings: stops.clone(),
+            steering,
+        },
+        stops,
+        stream: settings.stream,
+        seed: matches!(sampling, Sampling::Random { .. }).then_some(seed),
+    })
+}
+
+async fn steering(
+    state: &AppState,
+    steering: Option<Steering>,
+) -> Result<Option<Arc<ResolvedSteering>>, ApiError> {
+    match steering {
+        None => Ok(None),
+        Some(Steering::Named(name)) => state.registry.named(&name).map(Some),
+        Some(Steering::Inline(spec)) => state.registry.inline(spec).await.map(Some),
+    }
+}
+
+fn submit(state: &AppState, request: RowRequest) -> Result<UnboundedReceiver<JobEvent>, ApiError> {
+    let (events, receiver) = unbounded_channel();
+    state
+        .engine
+        .submit(Job { request, events })
+        .map_err(|e| match e {
+            SubmitError::QueueFull(_) => ApiError::new(StatusCode::TOO_MANY_REQUESTS, e.to_string()),
+            SubmitError::EngineStopped => ApiError::unavailable(e.to_string()),
+        })?;
+    Ok(receiver)
+}
+
+/// Unix seconds, for `created`.
+pub(crate) fn created() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+/// Cut `text` at the first stop string; returns whether one was found.
+pub(crate) fn cut_at_stop(text: &mut String, stops: &[String]) -> bool {
+    let first = stops.iter().filter_map(|s| text.find(s.as_str())).min();
+    if let Some(at) = first {
+        text.truncate(at);
+        true
+    } else {
+        false
+    }
+}
+
+async fn respond(
+    state: AppState,
+    prompt: Prompt,
+    settings: Settings,
+    endpoint: Endpoint,
+) -> Result<Response, ApiError> {
+    let prepared = prepare(&state, prompt, settings).await?;
+    let prompt_tokens = prepared.request.prompt.ids.len();
+    let (stops, seed) = (prepared.stops, prepared.seed);
+    let mut receiver = submit(&state, prepared.request)?;
+    let id = format!("cmpl-{}", rand::random::<u64>());
+    if prepared.stream {
+        let response = stream(state, receiver, stops, endpoint, id, prompt_tokens, seed);
+        return Ok(response.into_response());
+    }
+    let generated = tokio::time::timeout(state.limits.timeout, async {
+        loop {
+            match receiver.recv().await {
+                Some(JobEvent::Done(generated)) => return Ok(generated),
+                Some(JobEvent::Failed(message)) => return Err(ApiError::internal(message)),
+                Some(JobEvent::Token(_)) => {}
+                None => return Err(ApiError::unavailable("the engine stopped")),
+            }
+        }
+    })
+    .await
+    .map_err(|_| {
+        ApiError::new(
+            StatusCode::GATEWAY_TIMEOUT,
+            format!("the request took longer than {:?}", state.limits.timeout),
+        )
+    })??;
+    state.metrics.tokens(generated.token_ids.len());
+    let mut text = state.codec.decode(&generated.token_ids).unwrap_or_default();
+    let finish = finish_reason(&generated, cut_at_stop(&mut text, &stops));
+    let body = Completion {
+        id: &id,
+        object: endpoint.object(false),
+        created: created(),
+        model: &state.model_name,
+        choices: vec![endpoint.choice(text, false, Some(finish))],
+        usage: Some(Usage::new(generated.prompt_tokens, generated.token_ids.len())),
+        seed,
+        steering: Some(&generated.steering),
+    };
+    Ok(Json(body).into_response())
+}
+
+/// The OpenAI finish reason: `stop` for an EOS or a stop string, `length` otherwise.
+pub(crate) fn finish_reason(generated: &Generated, stopped_by_string: bool) -> FinishReason {
+    match stopped_by_string {
+        true => FinishReason::Stop,
+        false => generated.finish_reason,
+    }
+}

@@ -1,0 +1,202 @@
+//! Steering specs the server knows: the registered ones by name (`--steer-dir`, `POST
+//! /v1/steering`), and inline specs resolved once per distinct content. Inline specs may only name
+//! files inside the steering directory ([`confine`]). Resolution reads files, hashes them and
+//! builds ONNX sessions, so it always runs on a blocking thread.
+
+use std::collections::{HashMap, VecDeque};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, RwLock};
+
+use sha2::{Digest, Sha256};
+
+use super::error::ApiError;
+use crate::bundle::ModelConfig;
+use crate::runtime::Runtime;
+use crate::steer::{ResolvedSteering, SteerError, SteerSpec};
+
+/// Resolved inline specs kept, most recent first; older ones are resolved again when they return.
+const INLINE_CACHE: usize = 64;
+
+/// Every path a spec names must lie inside the steering directory (after following links).
+pub fn confine(spec: &SteerSpec, dir: &Path) -> Result<(), ApiError> {
+    let root = dir
+        .canonicalize()
+        .map_err(|_| ApiError::bad_request("the server's steering directory is unreadable"))?;
+    for (_, path) in spec.interventions.iter().flat_map(|entry| entry.paths()) {
+        let inside = root
+            .join(path)
+            .canonicalize()
+            .map(|p| p.starts_with(&root))
+            .unwrap_or(false);
+        if !inside {
+            return Err(ApiError::bad_request(format!(
+                "steering file {:?} is not a file inside the server's steering directory",
+                path.display().to_string()
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// What resolving needs, shared with the blocking threads that do it.
+struct Resolver {
+    config: ModelConfig,
+    runtime: Arc<Runtime>,
+    steer_dir: Option<PathBuf>,
+}
+
+impl Resolver {
+    /// Parse, confine and resolve an inline spec (blocking: reads files, builds sessions).
+    fn inline(&self, spec: &serde_json::Value) -> Result<ResolvedSteering, ApiError> {
+        let dir = self.steer_dir.as_deref().ok_or_else(|| {
+            ApiError::bad_request("inline steering specs need the server to run with --steer-dir")
+        })?;
+        if !spec.get("interventions").is_some_and(|v| v.is_array()) {
+            return Err(ApiError::bad_request(
+                "an inline steering spec needs \"interventions\"",
+            ));
+        }
+        let parsed = SteerSpec::parse(&spec.to_string(), dir, "request steering")
+            .map_err(|e| ApiError::bad_request(e.to_string()))?;
+        confine(&parsed, dir)?;
+        parsed
+            .resolve(&self.config, &self.runtime)
+            .map_err(|e| ApiError::bad_request(e.to_string()))
+    }
+}
+
+/// Named and inline steering specs, resolved and ready to share across requests.
+pub struct SteeringRegistry {
+    resolver: Arc<Resolver>,
+    named: RwLock<HashMap<String, Arc<ResolvedSteering>>>,
+    /// Inline specs by the sha256 of their JSON, most recently used first.
+    inline: Mutex<VecDeque<([u8; 32], Arc<ResolvedSteering>)>>,
+}
+
+fn poisoned() -> ApiError {
+    ApiError::internal("steering registry lock poisoned")
+}
+
+impl SteeringRegistry {
+    /// A registry with every `*.json` spec of `steer_dir` registered under its file stem (files
+    /// that are not specs, such as labels or reports, are skipped with a warning).
+    pub fn new(
+        config: ModelConfig,
+        runtime: Arc<Runtime>,
+        steer_dir: Option<PathBuf>,
+    ) -> Result<Self, SteerError> {
+        let mut named = HashMap::new();
+        if let Some(dir) = &steer_dir {
+            let mut files: Vec<PathBuf> = std::fs::read_dir(dir)
+                .map_err(SteerError::io(dir))?
+                .filter_map(|entry| entry.ok().map(|e| e.path()))
+                .filter(|path| path.extension().is_some_and(|e| e == "json"))
+                .collect();
+            files.sort();
+            for path in files {
+                let Some(name) = path.file_stem().map(|s| s.to_string_lossy().into_owned()) else {
+                    continue;
+                };
+                match SteerSpec::load(&path).and_then(|spec| spec.resolve(&config, &runtime)) {
+                    Ok(resolved) => {
+                        named.insert(name, Arc::new(resolved));
+                    }
+                    Err(e) => tracing::warn!("not registering {}: {e}", path.display()),
+                }
+            }
+        }
+        Ok(Self {
+            resolver: Arc::new(Resolver {
+                config,
+                runtime,
+                steer_dir,
+            }),
+            named: RwLock::new(named),
+            inline: Mutex::new(VecDeque::new()),
+        })
+    }
+
+    /// The registered names, sorted.
+    pub fn names(&self) -> Result<Vec<String>, ApiError> {
+        let named = self.named.read().map_err(|_| poisoned())?;
+        let mut names: Vec<String> = named.keys().cloned().collect();
+        names.sort();
+        Ok(names)
+    }
+
+    /// The spec registered as `name`.
+    pub fn named(&self, name: &str) -> Result<Arc<ResolvedSteering>, ApiError> {
+        let named = self.named.read().map_err(|_| poisoned())?;
+        named.get(name).cloned().ok_or_else(|| {
+            ApiError::not_found(format!(
+                "no steering spec named {name:?} is registered (GET /v1/steering lists them)"
+            ))
+        })
+    }
+
+    /// Register (or replace) `name`; returns whether it replaced one. Requests in flight keep the
+    /// version they started with.
+    pub fn register(&self, name: String, spec: Arc<ResolvedSteering>) -> Result<bool, ApiError> {
+        let mut named = self.named.write().map_err(|_| poisoned())?;
+        Ok(named.insert(name, spec).is_some())
+    }
+
+    /// Forget `name`; returns whether it was registered.
+    pub fn unregister(&self, name: &str) -> Result<bool, ApiError> {
+        let mut named = self.named.write().map_err(|_| poisoned())?;
+        Ok(named.remove(name).is_some())
+    }
+
+    /// An inline spec, resolved on a blocking thread the first time its content is seen and
+    /// shared afterwards (its files are read once, like a registered spec's).
+    pub async fn inline(&self, spec: serde_json::Value) -> Result<Arc<ResolvedSteering>, ApiError> {
+        let key: [u8; 32] = Sha256::digest(spec.to_string().as_bytes()).into();
+        if let Some(found) = self.cached(&key)? {
+            return Ok(found);
+        }
+        let resolver = self.resolver.clone();
+        let resolved = tokio::task::spawn_blocking(move || resolver.inline(&spec))
+            .await
+            .map_err(|e| ApiError::internal(format!("steering resolution failed: {e}")))??;
+        let resolved = Arc::new(resolved);
+        let mut cache = self.inline.lock().map_err(|_| poisoned())?;
+        cache.push_front((key, resolved.clone()));
+        cache.truncate(INLINE_CACHE);
+        Ok(resolved)
+    }
+
+    fn cached(&self, key: &[u8; 32]) -> Result<Option<Arc<ResolvedSteering>>, ApiError> {
+        let mut cache = self.inline.lock().map_err(|_| poisoned())?;
+        let Some(at) = cache.iter().position(|(k, _)| k == key) else {
+            return Ok(None);
+        };
+        let entry = cache.remove(at).ok_or_else(poisoned)?;
+        let found = entry.1.clone();
+        cache.push_front(entry);
+        Ok(Some(found))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn spec(path: &str) -> SteerSpec {
+        let text = serde_json::json!({"interventions": [
+            {"kind": "w2s", "router": "r.onnx", "bank": path, "read_layer": 1}
+        ]})
+        .to_string();
+        SteerSpec::parse(&text, Path::new("."), "t").unwrap()
+    }
+
+    #[test]
+    fn every_file_field_is_confined() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("r.onnx"), b"").unwrap();
+        std::fs::write(dir.path().join("b.safetensors"), b"").unwrap();
+        assert!(confine(&spec("b.safetensors"), dir.path()).is_ok());
+        // The second file field of the entry escapes: caught although the first is fine.
+        let err = confine(&spec("../../etc/passwd"), dir.path()).unwrap_err();
+        assert!(err.message.contains("not a file inside"), "{}", err.message);
+    }
+}
