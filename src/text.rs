@@ -178,29 +178,37 @@ fn chat_environment(source: String) -> Result<Environment<'static>, TextError> {
 }
 
 /// Turns a growing list of token ids into text deltas for streaming, never splitting a
-/// multi-byte character (decoding the whole tail and emitting only what became stable).
+/// multi-byte character.
+///
+/// Incremental, as in HF's `TextStreamer` and vLLM: each push decodes only the ids since the last
+/// emitted chunk (plus that chunk, so that tokenizers which drop a leading space on a fresh decode
+/// see their context), so a long generation costs O(n) decode work, not O(n²).
 #[derive(Debug, Default)]
 pub struct StreamDecoder {
     ids: Vec<u32>,
-    emitted: usize,
+    /// Start of the window that is decoded again on each push.
+    prefix: usize,
+    /// End of the text already emitted, in ids.
+    read: usize,
 }
 
 impl StreamDecoder {
     /// Add a token and return the new text it completes (possibly empty).
     pub fn push(&mut self, codec: &TextCodec, id: u32) -> Result<String, TextError> {
         self.ids.push(id);
-        let text = codec.decode(&self.ids)?;
-        if text.ends_with('\u{FFFD}') {
+        let emitted = codec.decode(&self.ids[self.prefix..self.read])?;
+        let text = codec.decode(&self.ids[self.prefix..])?;
+        // An incomplete UTF-8 sequence decodes to U+FFFD: wait for the bytes that complete it.
+        if text.ends_with('\u{FFFD}') || text.len() <= emitted.len() {
             return Ok(String::new());
         }
-        match text.get(self.emitted..) {
-            Some(delta) => {
-                let delta = delta.to_string();
-                self.emitted = text.len();
-                Ok(delta)
-            }
-            None => Ok(String::new()),
-        }
+        let Some(delta) = text.get(emitted.len()..) else {
+            return Ok(String::new());
+        };
+        let delta = delta.to_string();
+        self.prefix = self.read;
+        self.read = self.ids.len();
+        Ok(delta)
     }
 }
 

@@ -68,7 +68,13 @@ fn joining_and_leaving_rows_match_their_solo_runs() {
             while batch.has_unfinished() {
                 batch.step(&mut model, &mut |_, _| {}).unwrap();
             }
-            batch.take_finished().unwrap().remove(0).1.unwrap().token_ids
+            batch
+                .take_finished()
+                .unwrap()
+                .remove(0)
+                .1
+                .unwrap()
+                .token_ids
         })
         .collect();
 
@@ -89,7 +95,81 @@ fn joining_and_leaving_rows_match_their_solo_runs() {
         done.extend(batch.take_finished().unwrap());
     }
     done.sort_by_key(|(id, _)| *id);
-    let together: Vec<Vec<u32>> = done.into_iter().map(|(_, g)| g.unwrap().token_ids).collect();
+    let together: Vec<Vec<u32>> = done
+        .into_iter()
+        .map(|(_, g)| g.unwrap().token_ids)
+        .collect();
     assert_eq!(together, solo);
     assert!(batch.is_empty());
+}
+
+/// Run `request` alone to the end and return its result.
+fn solo(
+    model: &mut SegmentChain,
+    batch: RunningBatch,
+    request: RowRequest,
+) -> Result<onnx_steer::Generated, onnx_steer::GenerateError> {
+    let mut batch = batch;
+    batch.join(model, vec![request], &mut |_, _| {})?;
+    while batch.has_unfinished() {
+        batch.step(model, &mut |_, _| {})?;
+    }
+    batch.take_finished()?.remove(0).1
+}
+
+#[test]
+fn a_stop_string_ends_the_row_where_the_text_reaches_it() {
+    let bundle = Bundle::open(common::bundle_dir()).expect("bundle");
+    let runtime = Runtime::new(RuntimeOptions::default()).expect("runtime");
+    let mut model = SegmentChain::load(&bundle, &runtime).expect("model");
+    let codec = Arc::new(TextCodec::load(&bundle).expect("tokenizer"));
+    let base = request(&codec, "Name three colours.", 24, None);
+    let full = solo(&mut model, RunningBatch::new(0), base.clone()).unwrap();
+    let text = codec.decode(&full.token_ids).unwrap();
+    // A stop string from the middle of the unstopped text: the row must end on the token that
+    // completes it, keeping exactly the tokens before.
+    let words: Vec<&str> = text.split_whitespace().collect();
+    assert!(words.len() > 4, "{text:?}");
+    let stop = words[words.len() / 2].to_string();
+    let stopped_request = RowRequest {
+        stop_strings: vec![stop.clone()],
+        ..base.clone()
+    };
+    let without_text = solo(&mut model, RunningBatch::new(0), stopped_request.clone());
+    assert!(matches!(
+        without_text,
+        Err(onnx_steer::GenerateError::StopStringsWithoutText)
+    ));
+    let batch = RunningBatch::new(0).with_text(codec.clone());
+    let stopped = solo(&mut model, batch, stopped_request).unwrap();
+    assert_eq!(
+        stopped.finish_reason,
+        onnx_steer::generate::FinishReason::Stop
+    );
+    assert!(stopped.token_ids.len() < full.token_ids.len());
+    assert_eq!(
+        stopped.token_ids[..],
+        full.token_ids[..stopped.token_ids.len()]
+    );
+    let kept = codec.decode(&stopped.token_ids).unwrap();
+    let before = codec
+        .decode(&stopped.token_ids[..stopped.token_ids.len() - 1])
+        .unwrap();
+    assert!(kept.contains(&stop) && !before.contains(&stop), "{kept:?}");
+}
+
+#[test]
+fn streamed_text_equals_the_whole_decode() {
+    let bundle = Bundle::open(common::bundle_dir()).expect("bundle");
+    let codec = TextCodec::load(&bundle).expect("tokenizer");
+    let text = "Café au lait, naïve résumé — 東京 and 🙂 emoji; then plain ASCII words again.";
+    let ids = codec.encode(text, false).unwrap();
+    let mut decoder = onnx_steer::text::StreamDecoder::default();
+    let mut streamed = String::new();
+    for &id in &ids {
+        let delta = decoder.push(&codec, id).unwrap();
+        assert!(!delta.contains('\u{FFFD}'), "{delta:?}");
+        streamed.push_str(&delta);
+    }
+    assert_eq!(streamed, codec.decode(&ids).unwrap());
 }

@@ -174,4 +174,21 @@ mod tests {
         let values = kv.values[0].try_extract_array::<f32>().unwrap();
         assert_eq!(values[[1, 0, 2, 0]], 1100.0);
     }
+
+    #[test]
+    fn a_failed_append_leaves_the_cache_as_it_was() {
+        let mut kv = cache(1, 3, 0);
+        // Keys stack, values do not (a head_dim of 3 against 2): the merge fails at the values,
+        // after the keys were already stacked, and must not keep them.
+        let mut other = cache(1, 2, 1);
+        other.values = vec![
+            Tensor::from_array(ndarray::Array4::<f32>::zeros((1, 1, 2, 3)))
+                .unwrap()
+                .into_dyn(),
+        ];
+        assert!(kv.append_rows(&other).is_err());
+        assert_eq!((kv.batch(), kv.len()), (1, 3));
+        assert_eq!(keys(&kv).shape(), &[1, 1, 3, 2]);
+        assert_eq!(keys(&kv)[[0, 0, 2, 0]], 2.0);
+    }
 }

@@ -281,8 +281,9 @@ impl RunningBatch {
         let width = running_len.max(group_len);
         let running = pad_mask(shared.mask.view(), width - running_len);
         let group = pad_mask(mask.view(), width - group_len);
-        let merged_mask = ndarray::concatenate(ndarray::Axis(0), &[running.view(), group.view()])
-            .map_err(|e| ModelError::Shape(format!("attention masks do not stack: {e}")))?;
+        let merged_mask =
+            ndarray::concatenate(ndarray::Axis(0), &[running.view(), group.view()])
+                .map_err(|e| ModelError::Shape(format!("attention masks do not stack: {e}")))?;
         // The last fallible step, itself all or nothing.
         shared.cache.append_rows(&cache)?;
         shared.mask = merged_mask;
@@ -382,5 +383,77 @@ impl RunningBatch {
         }
         self.rows = stayed;
         Ok(left)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn row(sampling: Sampling) -> ActiveRow {
+        ActiveRow {
+            id: 4,
+            request: RowRequest {
+                prompt: vec![1, 2].into(),
+                sampling,
+                max_new_tokens: 8,
+                stop_ids: vec![0],
+                stop_strings: Vec::new(),
+                steering: None,
+            },
+            next_position: 2,
+            pending: 0,
+            tokens: Vec::new(),
+            finish: None,
+            failure: None,
+            rng: Some(StdRng::seed_from_u64(0)),
+            stop_text: None,
+            prefill_ms: 0.0,
+            decode_ms: 0.0,
+            decisions: Vec::new(),
+        }
+    }
+
+    #[test]
+    fn non_finite_logits_fail_the_row_instead_of_picking_a_token() {
+        let sampling = Sampling::with_temperature(0.7, 1.0, 0, 3);
+        for logits in [[1.0, f32::NAN, 0.5], [f32::INFINITY, 0.0, 0.0]] {
+            let mut seen = Vec::new();
+            let mut row = row(sampling);
+            row.pick(&logits, 64, None, &mut |_, id| seen.push(id));
+            assert!(row.done() && seen.is_empty() && row.tokens.is_empty());
+            let err = row.into_result().unwrap_err();
+            assert!(
+                matches!(err, GenerateError::NonFiniteLogits { row: 4, token: 0 }),
+                "{err}"
+            );
+        }
+        let mut fine = row(Sampling::Greedy);
+        fine.pick(&[0.0, 3.0, 1.0], 64, None, &mut |_, _| {});
+        assert_eq!(fine.tokens, vec![1]);
+    }
+
+    #[test]
+    fn joining_a_batch_that_lost_its_cache_is_an_error() {
+        crate::runtime::test_runtime();
+        let mut batch = RunningBatch::new(0);
+        batch.rows.push(row(Sampling::Greedy));
+        let empty = KvCache::empty(
+            &serde_json::from_value(serde_json::json!({
+                "architecture": "llama", "hidden_size": 2, "num_layers": 1, "num_attention_heads": 1,
+                "num_key_value_heads": 1, "head_dim": 2, "vocab_size": 3, "max_position_embeddings": 8,
+                "eos_token_ids": [0]
+            }))
+            .unwrap(),
+            crate::bundle::Dtype::Fp32,
+            1,
+        );
+        let merged = batch.merge(
+            empty.unwrap(),
+            Array2::ones((1, 1)),
+            DecodeSteering::default(),
+            1,
+        );
+        assert!(matches!(merged, Err(GenerateError::LostState)));
     }
 }

@@ -52,7 +52,9 @@ pub enum GenerateError {
     #[error("stop strings were given but the batch has no tokenizer to detect them")]
     StopStringsWithoutText,
     /// The batch's shared state was lost after an earlier failure; its rows cannot continue.
-    #[error("the running batch lost its KV cache after an earlier failure; its rows cannot continue")]
+    #[error(
+        "the running batch lost its KV cache after an earlier failure; its rows cannot continue"
+    )]
     LostState,
     /// The model failed.
     #[error(transparent)]
@@ -107,7 +109,10 @@ mod tests {
     fn a_prompt_must_leave_room_for_one_token() {
         assert!(check_prompt_length(0, 7, 8).is_ok());
         let full = check_prompt_length(0, 8, 8).unwrap_err();
-        assert!(matches!(full, GenerateError::PromptTooLong { tokens: 8, .. }), "{full}");
+        assert!(
+            matches!(full, GenerateError::PromptTooLong { tokens: 8, .. }),
+            "{full}"
+        );
         assert!(matches!(
             check_prompt_length(3, 0, 8),
             Err(GenerateError::EmptyPrompt { row: 3 })

@@ -218,7 +218,9 @@ impl Runtime {
 
 /// One runtime for all unit tests (it loads libonnxruntime, which tensors need too).
 #[cfg(test)]
-pub(crate) fn test_runtime() -> &'static Runtime {
-    static RUNTIME: std::sync::OnceLock<Runtime> = std::sync::OnceLock::new();
-    RUNTIME.get_or_init(|| Runtime::new(RuntimeOptions::default()).expect("ONNX Runtime"))
+pub(crate) fn test_runtime() -> &'static std::sync::Arc<Runtime> {
+    static RUNTIME: std::sync::OnceLock<std::sync::Arc<Runtime>> = std::sync::OnceLock::new();
+    RUNTIME.get_or_init(|| {
+        std::sync::Arc::new(Runtime::new(RuntimeOptions::default()).expect("ONNX Runtime"))
+    })
 }

@@ -301,3 +301,64 @@ fn send(listeners: &HashMap<RowId, UnboundedSender<JobEvent>>, id: RowId, event:
         let _ = sender.send(event);
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn handle(capacity: usize) -> (EngineHandle, Receiver<Job>) {
+        let (jobs, queue) = mpsc::sync_channel(capacity);
+        let handle = EngineHandle {
+            jobs,
+            waiting: Arc::new(AtomicUsize::new(0)),
+            running: Arc::new(AtomicUsize::new(0)),
+            alive: Arc::new(AtomicBool::new(true)),
+            max_queue: capacity,
+        };
+        (handle, queue)
+    }
+
+    fn job() -> Job {
+        let (events, _) = tokio::sync::mpsc::unbounded_channel();
+        Job {
+            request: RowRequest {
+                prompt: vec![1].into(),
+                sampling: crate::generate::Sampling::Greedy,
+                max_new_tokens: 1,
+                stop_ids: Vec::new(),
+                stop_strings: Vec::new(),
+                steering: None,
+            },
+            events,
+        }
+    }
+
+    #[test]
+    fn a_full_queue_is_busy_and_a_stopped_engine_is_unavailable() {
+        let (handle, queue) = handle(1);
+        assert!(handle.submit(job()).is_ok());
+        assert!(matches!(
+            handle.submit(job()),
+            Err(SubmitError::QueueFull(1))
+        ));
+        assert_eq!(handle.queue_depth(), 1, "a refused job is not counted");
+        drop(queue);
+        assert!(matches!(
+            handle.submit(job()),
+            Err(SubmitError::EngineStopped)
+        ));
+        assert_eq!(handle.queue_depth(), 1);
+    }
+
+    #[test]
+    fn the_alive_flag_drops_when_the_engine_thread_panics() {
+        let alive = Arc::new(AtomicBool::new(true));
+        let guard_flag = alive.clone();
+        let thread = std::thread::spawn(move || {
+            let _guard = AliveGuard(guard_flag);
+            panic!("engine failure");
+        });
+        assert!(thread.join().is_err());
+        assert!(!alive.load(Ordering::Relaxed));
+    }
+}

@@ -202,7 +202,11 @@ pub(crate) struct Prepared {
 
 /// Check a request against the limits and turn it into a row: length, sampling (a fresh seed when
 /// the request gives none), stop strings and steering (resolved off the async workers).
-async fn prepare(state: &AppState, prompt: Prompt, settings: Settings) -> Result<Prepared, ApiError> {
+async fn prepare(
+    state: &AppState,
+    prompt: Prompt,
+    settings: Settings,
+) -> Result<Prepared, ApiError> {
     let label = match &settings.steering {
         None => "none".to_string(),
         Some(Steering::Named(name)) => name.clone(),
@@ -289,7 +293,9 @@ fn submit(state: &AppState, request: RowRequest) -> Result<UnboundedReceiver<Job
         .engine
         .submit(Job { request, events })
         .map_err(|e| match e {
-            SubmitError::QueueFull(_) => ApiError::new(StatusCode::TOO_MANY_REQUESTS, e.to_string()),
+            SubmitError::QueueFull(_) => {
+                ApiError::new(StatusCode::TOO_MANY_REQUESTS, e.to_string())
+            }
             SubmitError::EngineStopped => ApiError::unavailable(e.to_string()),
         })?;
     Ok(receiver)
@@ -354,7 +360,10 @@ async fn respond(
         created: created(),
         model: &state.model_name,
         choices: vec![endpoint.choice(text, false, Some(finish))],
-        usage: Some(Usage::new(generated.prompt_tokens, generated.token_ids.len())),
+        usage: Some(Usage::new(
+            generated.prompt_tokens,
+            generated.token_ids.len(),
+        )),
         seed,
         steering: Some(&generated.steering),
     };

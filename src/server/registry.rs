@@ -199,4 +199,37 @@ mod tests {
         let err = confine(&spec("../../etc/passwd"), dir.path()).unwrap_err();
         assert!(err.message.contains("not a file inside"), "{}", err.message);
     }
+
+    #[tokio::test]
+    async fn an_inline_spec_is_resolved_once_per_content() {
+        let dir = tempfile::tempdir().unwrap();
+        crate::steer::vector::write_safetensors(
+            &dir.path().join("v.safetensors"),
+            &[("direction.1".into(), vec![1.0, 0.0, 0.0])],
+        )
+        .unwrap();
+        let config: ModelConfig = serde_json::from_value(serde_json::json!({
+            "architecture": "llama", "hidden_size": 3, "num_layers": 2, "num_attention_heads": 1,
+            "num_key_value_heads": 1, "head_dim": 3, "vocab_size": 5, "max_position_embeddings": 8,
+            "eos_token_ids": [0]
+        }))
+        .unwrap();
+        let runtime = crate::runtime::test_runtime().clone();
+        let registry =
+            SteeringRegistry::new(config, runtime, Some(dir.path().to_path_buf())).unwrap();
+        let spec = |scale: f32| {
+            serde_json::json!({"interventions": [
+                {"kind": "vector", "path": "v.safetensors", "scale": scale}
+            ]})
+        };
+        let first = registry.inline(spec(1.0)).await.unwrap();
+        let again = registry.inline(spec(1.0)).await.unwrap();
+        let other = registry.inline(spec(2.0)).await.unwrap();
+        assert!(Arc::ptr_eq(&first, &again));
+        assert!(!Arc::ptr_eq(&first, &other));
+        let escape = serde_json::json!({"interventions": [
+            {"kind": "vector", "path": "../v.safetensors", "scale": 1.0}
+        ]});
+        assert!(registry.inline(escape).await.is_err());
+    }
 }

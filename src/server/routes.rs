@@ -18,10 +18,7 @@ pub fn router(state: AppState) -> Router {
             "/v1/steering",
             get(handlers::list_steering).post(handlers::register_steering),
         )
-        .route(
-            "/v1/steering/{name}",
-            delete(handlers::unregister_steering),
-        )
+        .route("/v1/steering/{name}", delete(handlers::unregister_steering))
         .route("/v1/chat/completions", post(handlers::chat_completions))
         .route("/v1/completions", post(handlers::completions))
         .layer(DefaultBodyLimit::max(limit))

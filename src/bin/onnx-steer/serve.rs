@@ -102,7 +102,8 @@ pub(crate) fn run(args: ServeArgs) -> Result<(), CliError> {
     let joined = engine_thread.join();
     if joined.is_err() {
         return Err(CliError::Input(
-            "the engine thread panicked; the server stopped (a supervisor should restart it)".into(),
+            "the engine thread panicked; the server stopped (a supervisor should restart it)"
+                .into(),
         ));
     }
     Ok(())
