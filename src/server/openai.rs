@@ -41,21 +41,28 @@ pub enum Steering {
 /// Sampling and length settings shared by both endpoints.
 #[derive(Debug, Clone, Deserialize)]
 pub struct Settings {
+    /// Most tokens to generate (the server's default when absent).
     #[serde(default)]
     pub max_tokens: Option<i64>,
     /// The newer name of `max_tokens` in the chat API.
     #[serde(default)]
     pub max_completion_tokens: Option<i64>,
+    /// Sampling temperature; absent or below 1e-5 is greedy.
     #[serde(default)]
     pub temperature: Option<f32>,
+    /// Nucleus sampling mass, in (0, 1].
     #[serde(default)]
     pub top_p: Option<f32>,
+    /// Sampler seed; without one the server draws a fresh seed and reports it.
     #[serde(default)]
     pub seed: Option<u64>,
+    /// Strings that end generation (the text is cut before them).
     #[serde(default)]
     pub stop: Option<Stop>,
+    /// Answer with server-sent events.
     #[serde(default)]
     pub stream: bool,
+    /// onnx-steer: the steering of this request.
     #[serde(default)]
     pub steering: Option<Steering>,
 }
@@ -63,7 +70,9 @@ pub struct Settings {
 /// One chat turn.
 #[derive(Debug, Clone, Deserialize)]
 pub struct Message {
+    /// `system`, `user` or `assistant`.
     pub role: String,
+    /// What the turn says.
     pub content: Content,
 }
 
@@ -71,7 +80,9 @@ pub struct Message {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(untagged)]
 pub enum Content {
+    /// Plain text.
     Text(String),
+    /// Text and image parts.
     Parts(Vec<ContentPart>),
 }
 
@@ -79,13 +90,22 @@ pub enum Content {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(tag = "type", rename_all = "snake_case")]
 pub enum ContentPart {
-    Text { text: String },
-    ImageUrl { image_url: ImageUrl },
+    /// `{"type": "text", "text"}`.
+    Text {
+        /// The text.
+        text: String,
+    },
+    /// `{"type": "image_url", "image_url": {"url"}}`.
+    ImageUrl {
+        /// The image.
+        image_url: ImageUrl,
+    },
 }
 
 /// An image given inline as a `data:image/...;base64,` URL (the server fetches nothing).
 #[derive(Debug, Clone, Deserialize)]
 pub struct ImageUrl {
+    /// A `data:image/...;base64,` URL.
     pub url: String,
 }
 
@@ -112,7 +132,9 @@ impl Content {
 /// `POST /v1/chat/completions`.
 #[derive(Debug, Clone, Deserialize)]
 pub struct ChatRequest {
+    /// The conversation, rendered with the bundle's chat template.
     pub messages: Vec<Message>,
+    /// Sampling, length, stop and steering settings.
     #[serde(flatten)]
     pub settings: Settings,
 }
@@ -120,7 +142,9 @@ pub struct ChatRequest {
 /// `POST /v1/completions`.
 #[derive(Debug, Clone, Deserialize)]
 pub struct CompletionRequest {
+    /// The raw prompt (encoded with the tokenizer's special tokens).
     pub prompt: String,
+    /// Sampling, length, stop and steering settings.
     #[serde(flatten)]
     pub settings: Settings,
 }

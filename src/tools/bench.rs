@@ -308,6 +308,9 @@ pub fn measure_vision(
     })
 }
 
+/// Picks one statistic of a variant's results.
+type StatOf = fn(&VariantResult) -> &Stats;
+
 /// One workload of a report: its shape, every variant's results, and the ratios between them.
 #[derive(Debug, Clone, Serialize)]
 pub struct WorkloadReport {
@@ -343,7 +346,7 @@ impl WorkloadReport {
         steered: &[String],
         (weight_bytes, bandwidth): (f64, f64),
     ) -> Self {
-        let median = |name: &str, of: fn(&VariantResult) -> &Stats| {
+        let median = |name: &str, of: StatOf| {
             variants
                 .iter()
                 .find(|r| r.variant == name)
@@ -362,8 +365,7 @@ impl WorkloadReport {
             .map(|name| (name.as_str(), "segmented"))
             .chain([("segmented", "monolithic")]);
         for (top, bottom) in pairs {
-            let phases: [(&str, fn(&VariantResult) -> &Stats); 2] =
-                [("decode", decode), ("prefill", prefill)];
+            let phases: [(&str, StatOf); 2] = [("decode", decode), ("prefill", prefill)];
             for (phase, of) in phases {
                 ratios.insert(
                     format!("{phase}_{top}_over_{bottom}"),
