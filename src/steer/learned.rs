@@ -79,6 +79,23 @@ enum Action {
     },
 }
 
+/// Where a learned net reads, and how its additions apply.
+struct Reading {
+    layer: usize,
+    scale: f32,
+    positions: Positions,
+}
+
+impl Reading {
+    fn at(layer: usize, scale: f32, positions: Positions) -> Self {
+        Self {
+            layer,
+            scale,
+            positions,
+        }
+    }
+}
+
 /// A learned intervention checked against the model, with its session, ready to run.
 pub(crate) struct Learned {
     read_layer: usize,
@@ -120,15 +137,8 @@ impl Learned {
             width: config.hidden_size,
         };
         let action = Action::Predict { layer: spec.layer };
-        Self::load(
-            runtime,
-            config,
-            net,
-            spec.read_layer,
-            spec.scale,
-            spec.positions,
-            action,
-        )
+        let reading = Reading::at(spec.read_layer, spec.scale, spec.positions);
+        Self::load(runtime, config, net, reading, action)
     }
 
     pub(crate) fn w2s(
@@ -177,15 +187,8 @@ impl Learned {
             bank,
             top_k: spec.top_k,
         };
-        Self::load(
-            runtime,
-            config,
-            net,
-            spec.read_layer,
-            spec.scale,
-            spec.positions,
-            action,
-        )
+        let reading = Reading::at(spec.read_layer, spec.scale, spec.positions);
+        Self::load(runtime, config, net, reading, action)
     }
 
     pub(crate) fn autosteer(
@@ -220,31 +223,22 @@ impl Learned {
             threshold: spec.threshold,
             epsilon: spec.epsilon * spec.strength,
         };
-        Self::load(
-            runtime,
-            config,
-            net,
-            spec.read_layer,
-            1.0,
-            Positions::All,
-            action,
-        )
+        let reading = Reading::at(spec.read_layer, 1.0, Positions::All);
+        Self::load(runtime, config, net, reading, action)
     }
 
     fn load(
         runtime: &Runtime,
         config: &ModelConfig,
         net: NetFile<'_>,
-        read_layer: usize,
-        scale: f32,
-        positions: Positions,
+        reading: Reading,
         action: Action,
     ) -> Result<Self, SteerError> {
         let session = net.load(runtime, config.hidden_size)?;
         Ok(Self {
-            read_layer,
-            scale,
-            positions,
+            read_layer: reading.layer,
+            scale: reading.scale,
+            positions: reading.positions,
             net: Mutex::new(session),
             net_path: net.path.clone(),
             action,

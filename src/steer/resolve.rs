@@ -75,18 +75,18 @@ impl SteerSpec {
                             file => file,
                         })?)
                 }
-                Intervention::L2s(l2s) => resolved
-                    .learned
-                    .push(Learned::l2s(l2s, base, config, runtime).map_err(invalid)?),
-                Intervention::W2s(w2s) => resolved
-                    .learned
-                    .push(Learned::w2s(w2s, base, config, runtime).map_err(invalid)?),
                 Intervention::Svf(svf) => resolved
                     .fields
                     .push(FieldUse::svf(svf, base, config, runtime).map_err(invalid)?),
-                Intervention::Autosteer(autosteer) => resolved
-                    .learned
-                    .push(Learned::autosteer(autosteer, base, config, runtime).map_err(invalid)?),
+                Intervention::L2s(_) | Intervention::W2s(_) | Intervention::Autosteer(_) => {
+                    let learned = match intervention {
+                        Intervention::L2s(l2s) => Learned::l2s(l2s, base, config, runtime),
+                        Intervention::W2s(w2s) => Learned::w2s(w2s, base, config, runtime),
+                        Intervention::Autosteer(a) => Learned::autosteer(a, base, config, runtime),
+                        Intervention::Vector(_) | Intervention::Svf(_) => continue,
+                    };
+                    resolved.learned.push(learned.map_err(invalid)?);
+                }
             }
         }
         Ok(resolved)

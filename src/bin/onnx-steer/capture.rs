@@ -88,43 +88,29 @@ fn read_capture_prompts(args: &CaptureArgs, codec: &TextCodec) -> Result<Capture
         .filter(|(_, l)| !l.trim().is_empty())
     {
         let mut images = Vec::new();
+        let bad = |problem: &str| {
+            CliError::Input(format!("{}:{}: {problem}", path.display(), number + 1))
+        };
         let ids = if jsonl {
-            let record: serde_json::Value = serde_json::from_str(line).map_err(|e| {
-                CliError::Input(format!("{}:{}: not JSON: {e}", path.display(), number + 1))
-            })?;
+            let record: serde_json::Value =
+                serde_json::from_str(line).map_err(|e| bad(&format!("not JSON: {e}")))?;
             if let Some(files) = record.get("images").and_then(|v| v.as_array()) {
                 let files = files
                     .iter()
                     .map(|f| f.as_str().map(|f| base.join(f)))
                     .collect::<Option<Vec<_>>>()
-                    .ok_or_else(|| {
-                        CliError::Input(format!(
-                            "{}:{}: images must be file names",
-                            path.display(),
-                            number + 1
-                        ))
-                    })?;
+                    .ok_or_else(|| bad("images must be file names"))?;
                 images = read_images(&files)?;
             }
             if let Some(ids) = record.get("input_ids").and_then(|v| v.as_array()) {
                 ids.iter()
                     .map(|id| id.as_u64().and_then(|id| u32::try_from(id).ok()))
                     .collect::<Option<Vec<u32>>>()
-                    .ok_or_else(|| {
-                        CliError::Input(format!(
-                            "{}:{}: input_ids must be token ids",
-                            path.display(),
-                            number + 1
-                        ))
-                    })?
+                    .ok_or_else(|| bad("input_ids must be token ids"))?
             } else if let Some(prompt) = record.get("prompt").and_then(|v| v.as_str()) {
                 codec.encode_prompt(prompt, args.chat, images.len())?
             } else {
-                return Err(CliError::Input(format!(
-                    "{}:{}: needs \"prompt\" or \"input_ids\"",
-                    path.display(),
-                    number + 1
-                )));
+                return Err(bad("needs \"prompt\" or \"input_ids\""));
             }
         } else {
             codec.encode_prompt(line, args.chat, 0)?
