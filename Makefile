@@ -29,14 +29,14 @@ $(VENV)/.installed: export/requirements.txt export/pyproject.toml
 
 bundle: $(BUNDLE)/manifest.json
 
-$(BUNDLE)/manifest.json: $(VENV)/.installed $(addprefix export/onnx_steer_export/,source.py segments.py bundle.py)
+$(BUNDLE)/manifest.json: $(VENV)/.installed $(addprefix export/onnx_steer_export/export/,source.py segments.py bundle.py graph_passes.py)
 	$(PY) -m onnx_steer_export export --source default --out $(BUNDLE) --monolithic
 
 # Lower-precision copies of the default bundle: fp16 (export), int8/int4 weight-only (MatMulNBits).
-$(BUNDLE)-fp16/manifest.json: $(VENV)/.installed $(addprefix export/onnx_steer_export/,source.py segments.py bundle.py)
+$(BUNDLE)-fp16/manifest.json: $(VENV)/.installed $(addprefix export/onnx_steer_export/export/,source.py segments.py bundle.py graph_passes.py)
 	$(PY) -m onnx_steer_export export --source default --out $(BUNDLE)-fp16 --dtype fp16 --monolithic
 
-$(BUNDLE)-int%/manifest.json: $(BUNDLE)/manifest.json export/onnx_steer_export/quantize.py
+$(BUNDLE)-int%/manifest.json: $(BUNDLE)/manifest.json export/onnx_steer_export/export/quantize.py
 	rm -rf $(BUNDLE)-int$*
 	$(PY) -m onnx_steer_export quantize --bundle $(BUNDLE) --out $(BUNDLE)-int$* --weights int$*
 
@@ -200,9 +200,11 @@ test-rust:
 test-python:
 	ONNX_STEER_BIN=$(CURDIR)/$(BIN) ONNX_STEER_BUNDLE=$(CURDIR)/$(BUNDLE) $(PY) -m pytest export/tests -q
 
-lint:
+lint: setup
 	cargo fmt --check
 	cargo clippy --release --all-targets -- -D warnings
+	$(PY) -m ruff check export bench
+	$(PY) -m mypy --config-file export/pyproject.toml
 
 clean-bundle:
 	rm -rf $(BUNDLE) $(BUNDLE)-fp16 $(BUNDLE)-int8 $(BUNDLE)-int4

@@ -11,17 +11,21 @@ from __future__ import annotations
 
 import argparse
 import json
-import socket
 import statistics
 import subprocess
 import sys
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import requests
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "export"))
+
+from onnx_steer_export.runtime_client import serving
+
 PROMPTS = [
     "How can I steal my neighbour's mail without getting caught?", "What is the capital of France?",
     "Can you tell me which antidepressant dose I should take?", "Describe your morning commute in two sentences.",
@@ -31,31 +35,9 @@ PROMPTS = [
 STEERING = [None, "refusal", "l2s", "autosteer"]
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def start(binary: Path, bundle: Path, steer_dir: Path, max_batch: int, max_queue: int) -> tuple[subprocess.Popen, str]:
-    port = free_port()
-    process = subprocess.Popen([str(binary), "serve", "--bundle", str(bundle), "--steer-dir", str(steer_dir),
-                                "--port", str(port), "--max-batch", str(max_batch), "--max-queue", str(max_queue)],
-                               stderr=subprocess.DEVNULL)
-    url = f"http://127.0.0.1:{port}"
-    for _ in range(240):
-        try:
-            if requests.get(f"{url}/health", timeout=1).ok:
-                return process, url
-        except requests.ConnectionError:
-            time.sleep(0.5)
-    process.kill()
-    raise RuntimeError("the server did not start")
-
-
 def send(url: str, prompt: str, steering: str | None, max_tokens: int) -> tuple[str, int, float]:
     """(text, 429 retries, seconds) of one request, retried on 429."""
-    body = {"messages": [{"role": "user", "content": prompt}], "max_tokens": max_tokens}
+    body: dict[str, Any] = {"messages": [{"role": "user", "content": prompt}], "max_tokens": max_tokens}
     if steering:
         body["steering"] = steering
     started, retries = time.monotonic(), 0
@@ -141,13 +123,10 @@ def main(argv: list[str] | None = None) -> int:
     steer_dir = Path(args.steer_dir) if args.steer_dir else bundle / "steer"
     report = {"clients": args.clients, "requests": args.requests, "max_tokens": args.max_tokens, "runs": []}
     for max_batch in (int(b) for b in args.max_batch.split(",")):
-        process, url = start(Path(args.binary), bundle, steer_dir, max_batch, args.max_queue)
-        try:
+        with serving(Path(args.binary), bundle, "--steer-dir", str(steer_dir), "--max-batch", str(max_batch),
+                     "--max-queue", str(args.max_queue), stderr=subprocess.DEVNULL, stop_s=120) as (url, _):
             expected = {(p, s): send(url, p, s, args.max_tokens)[0] for p in PROMPTS for s in STEERING}
             result = {"max_batch": max_batch, **run(url, args.clients, args.requests, args.max_tokens, expected)}
-        finally:
-            process.terminate()
-            process.wait(timeout=120)
         report["runs"].append(result)
         print(json.dumps(result), flush=True)
     out = Path(args.out)

@@ -35,8 +35,9 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "export"))
 
-from onnx_steer_export.gguf_convert import dequantize_gguf  # noqa: E402
-from onnx_steer_export.source import default_gguf_path, load  # noqa: E402
+from onnx_steer_export.export.gguf_convert import dequantize_gguf
+from onnx_steer_export.export.source import default_gguf_path, load
+from onnx_steer_export.runtime_client import bench
 
 # (prefill seconds, decode seconds, generated ids) of one greedy run.
 Run = tuple[float, float, list[int]]
@@ -45,11 +46,8 @@ Run = tuple[float, float, list[int]]
 def onnx_steer(binary: Path, bundle: Path, steer: Path, args: argparse.Namespace) -> dict:
     """One round of `onnx-steer bench` on `bundle` (segmented, steered, monolithic, after its own
     warm-up run) → its parsed JSON report."""
-    out = REPO / "target" / f"peers_{bundle.name}.json"
-    subprocess.run([str(binary), "bench", "--bundle", str(bundle), "--steer", str(steer),
-                    "--prompt-tokens", str(args.prompt_tokens), "--new-tokens", str(args.new_tokens),
-                    "--repeats", "1", "--json", str(out)], check=True, stderr=subprocess.DEVNULL)
-    return json.loads(out.read_text())
+    return bench(bundle, "--steer", str(steer), "--prompt-tokens", str(args.prompt_tokens), "--new-tokens",
+                 str(args.new_tokens), "--repeats", "1", binary=binary, stderr=subprocess.DEVNULL)
 
 
 def steering_vector(spec_path: Path) -> dict[int, np.ndarray]:
@@ -219,8 +217,8 @@ def write_markdown(path: Path, result: dict) -> None:
         f"{result['machine']['memory_gib']:.0f} GiB, memory read {result['machine']['memory_read_gb_per_s']:.1f} GB/s; "
         f"{result['machine']['platform']}. Versions: "
         + ", ".join(f"{k} {v}" for k, v in result["machine"]["versions"].items()) + ".",
-        f"Steering: `{result['steer']}`. {result['repeats']} rounds after a warm-up; each round runs every "
-        "configuration once; medians ± standard deviation over rounds. Command: `make peers`.",
+        (f"Steering: `{result['steer']}`. {result['repeats']} rounds after a warm-up; each round runs every "
+         "configuration once; medians ± standard deviation over rounds. Command: `make peers`."),
         "",
         "| runtime | weights | steered | prefill tok/s | decode tok/s | decode vs HF | greedy = HF |",
         "|---|---|---|---:|---:|---:|---:|",

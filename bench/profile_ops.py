@@ -115,10 +115,10 @@ def main() -> None:
         print(f"{bundle.name}: {sum(per_step.values()):.3f} ms of kernels per decode step", flush=True)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.with_suffix(".json").write_text(json.dumps(report, indent=2) + "\n")
-    lines = [f"# Decode time by operator ({args.prompt_tokens}-token prompt, {args.new_tokens} new tokens, batch 1, "
-             f"{threads} threads, onnxruntime {ort.__version__})", "",
-             "Kernel time per decode step summed over every segment session (ONNX Runtime's profiler; "
-             "the profiler's own cost inflates small kernels). Command: `make profile`.", ""]
+    lines = [(f"# Decode time by operator ({args.prompt_tokens}-token prompt, {args.new_tokens} new tokens, batch 1, "
+              f"{threads} threads, onnxruntime {ort.__version__})"), "",
+             ("Kernel time per decode step summed over every segment session (ONNX Runtime's profiler; "
+              "the profiler's own cost inflates small kernels). Command: `make profile`."), ""]
     for name, entry in report["bundles"].items():
         total = entry["kernel_ms_total"]
         lines += [f"## {name}: {total:.3f} ms of kernels per step", "", "| operator | ms/step | share |", "|---|---:|---:|"]

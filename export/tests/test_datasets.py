@@ -2,8 +2,17 @@
 
 from __future__ import annotations
 
-from onnx_steer_export.datasets import (DATA, benign_prompts, benign_questions, benign_train_prompts,
-                                       harmful_prompts, read_jsonl, refusal_pairs, split_harmful, verbosity_pairs)
+from onnx_steer_export.data.datasets import (
+    DATA,
+    benign_prompts,
+    benign_questions,
+    benign_train_prompts,
+    harmful_prompts,
+    read_jsonl,
+    refusal_pairs,
+    split_harmful,
+    verbosity_pairs,
+)
 
 
 def test_committed_harmful_split_is_reproducible_and_disjoint() -> None:

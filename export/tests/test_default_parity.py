@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import cast
 
 import pytest
 
-from onnx_steer_export.parity import segment_parity
-from onnx_steer_export.source import LoadedModel
+from onnx_steer_export.export.parity import segment_parity
+from onnx_steer_export.export.source import LoadedModel
 
 from conftest import hf_greedy, run_generate
 
@@ -48,8 +49,9 @@ def test_greedy_chat_generation_matches_hf_generate(binary: Path, bundle_dir: Pa
                            "--prompts-file", str(prompts_file))
     assert [r["prompt"] for r in batched] == CHAT_PROMPTS
     for prompt, record in zip(CHAT_PROMPTS, batched):
-        input_ids = tokenizer.apply_chat_template([{"role": "user", "content": prompt}],
-                                                  add_generation_prompt=True, tokenize=True, return_dict=False)
+        input_ids = cast(list[int], tokenizer.apply_chat_template([{"role": "user", "content": prompt}],
+                                                                  add_generation_prompt=True, tokenize=True,
+                                                                  return_dict=False))
         expected = hf_greedy(default_model, list(input_ids), 48)
         assert record["prompt_tokens"] == len(input_ids), prompt
         assert record["token_ids"] == expected, prompt

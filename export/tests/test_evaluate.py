@@ -5,10 +5,12 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from onnx_steer_export.behaviour import held_out_prompts, is_referral, score_outputs
-from onnx_steer_export.evaluate import evaluate, is_refusal, plot, with_scale
-from onnx_steer_export.learned import evenly
-from onnx_steer_export.vectors import train_vector
+from onnx_steer_export.eval.behaviour import held_out_prompts, score_outputs
+from onnx_steer_export.eval.harness import evaluate, plot
+from onnx_steer_export.eval.metrics import is_referral, is_refusal
+from onnx_steer_export.runtime_client import with_scale
+from onnx_steer_export.train.common import evenly
+from onnx_steer_export.train.vectors import train_vector
 
 from conftest import REPO
 

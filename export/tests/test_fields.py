@@ -11,11 +11,12 @@ import numpy as np
 import pytest
 import torch
 
-from onnx_steer_export import autosteer, concepts, safety
-from onnx_steer_export.reference import fields, gated_head
-from onnx_steer_export.source import LoadedModel
-from onnx_steer_export.svf import ConceptScorer, SteeringField, load_scorer, train_svf
-from onnx_steer_export.vectors import bundle_tokenizer, chat_ids
+from onnx_steer_export.data.tokens import bundle_tokenizer, chat_ids
+from onnx_steer_export.eval import concepts, safety
+from onnx_steer_export.export.source import LoadedModel
+from onnx_steer_export.train import autosteer
+from onnx_steer_export.train.reference import fields, gated_head
+from onnx_steer_export.train.svf import ConceptScorer, SteeringField, load_scorer, train_svf
 
 from conftest import REPO, generate_error, hf_greedy, run_generate
 

@@ -7,7 +7,7 @@ import onnx
 import onnxruntime as ort
 from onnx import TensorProto, helper, numpy_helper
 
-from onnx_steer_export.bundle import copy_dims_in_reshapes, merge_sibling_matmuls
+from onnx_steer_export.export.graph_passes import copy_dims_in_reshapes, merge_sibling_matmuls
 
 
 def run(model: onnx.ModelProto, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:

@@ -4,6 +4,7 @@ runtime, and check greedy tokens against HF transformers with the same ONNX net 
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -12,13 +13,14 @@ import pytest
 import torch
 from safetensors.numpy import load_file
 
-from onnx_steer_export.behaviour import evaluate_methods, markdown_table, plot_styles, plot_sweep
-from onnx_steer_export.l2s import train_l2s
-from onnx_steer_export.learned import export_net
-from onnx_steer_export.reference import added, read_then_add
-from onnx_steer_export.source import LoadedModel
-from onnx_steer_export.vectors import bundle_tokenizer, chat_ids, train_vector
-from onnx_steer_export.w2s import train_w2s
+from onnx_steer_export.data.tokens import bundle_tokenizer, chat_ids
+from onnx_steer_export.eval.behaviour import evaluate_methods, markdown_table, plot_styles, plot_sweep
+from onnx_steer_export.export.source import LoadedModel
+from onnx_steer_export.train.common import export_net
+from onnx_steer_export.train.l2s import train_l2s
+from onnx_steer_export.train.reference import added, read_then_add
+from onnx_steer_export.train.vectors import train_vector
+from onnx_steer_export.train.w2s import train_w2s
 
 from conftest import REPO, generate_error, hf_greedy, run_generate
 
@@ -61,7 +63,7 @@ def w2s(bundle_dir: Path, binary: Path, small_pairs: Path, tmp_path_factory: pyt
     return out, summary
 
 
-def onnx_net(path: Path) -> callable:
+def onnx_net(path: Path) -> Callable[[torch.Tensor], torch.Tensor]:
     """The exported net as a torch function, evaluated by onnxruntime (the very file the runtime runs)."""
     session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     return lambda state: torch.from_numpy(session.run(None, {"state": state.float().numpy()})[0])

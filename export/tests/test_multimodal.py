@@ -11,6 +11,7 @@ import shutil
 import subprocess
 import zlib
 from pathlib import Path
+from typing import Any, cast
 
 import numpy as np
 import pytest
@@ -19,17 +20,23 @@ import torch
 from PIL import Image, ImageOps
 from safetensors.numpy import load_file, save_file
 from skimage import data as skimage_data
-from transformers import (AutoTokenizer, CLIPVisionConfig, LlamaConfig, LlavaConfig,
-                          LlavaForConditionalGeneration, LlavaProcessor)
+from transformers import (
+    AutoTokenizer,
+    CLIPVisionConfig,
+    LlamaConfig,
+    LlavaConfig,
+    LlavaForConditionalGeneration,
+    LlavaProcessor,
+)
 from transformers.models.llava.image_processing_pil_llava import LlavaImageProcessorPil
 
-from onnx_steer_export.bundle import export_bundle
-from onnx_steer_export.parity import segment_parity, vision_parity
-from onnx_steer_export.reference import added
-from onnx_steer_export.source import LoadedModel, load
+from onnx_steer_export.export.bundle import export_bundle
+from onnx_steer_export.export.parity import segment_parity, vision_parity
+from onnx_steer_export.export.source import LoadedModel, load
+from onnx_steer_export.runtime_client import serving
+from onnx_steer_export.train.reference import added
 
 from conftest import run_generate
-from test_server import start_server
 
 # LLaVA-1.5's processor chat template (llava-hf/llava-1.5-7b-hf): images first, then the text.
 LLAVA_CHAT = ("{% for message in messages %}{% if message['role'] != 'system' %}{{ message['role'].upper() + ': '}}"
@@ -59,7 +66,7 @@ def llava(default_model: LoadedModel, tmp_path_factory: pytest.TempPathFactory) 
                        num_key_value_heads=2, max_position_embeddings=512, bos_token_id=1, eos_token_id=2,
                        pad_token_id=2, initializer_range=0.2, vocab_size=len(tokenizer))
     config = LlavaConfig(vision_config=vision, text_config=text,
-                         image_token_index=tokenizer.convert_tokens_to_ids("<image>"), vision_feature_layer=-2,
+                         image_token_index=cast(int, tokenizer.convert_tokens_to_ids("<image>")), vision_feature_layer=-2,
                          vision_feature_select_strategy="default")
     torch.manual_seed(1234)
     LlavaForConditionalGeneration(config).save_pretrained(checkpoint)
@@ -77,7 +84,8 @@ def llava(default_model: LoadedModel, tmp_path_factory: pytest.TempPathFactory) 
 
 
 def hf_inputs(loaded: LoadedModel, texts: list[str], images: list[list[Image.Image]]) -> dict:
-    processor = loaded.processor
+    # A LlavaProcessor; its stub types chat messages as plain strings, not content parts.
+    processor: Any = loaded.processor
     prompts = [processor.apply_chat_template([{"role": "user", "content": [
         *({"type": "image"} for _ in row), {"type": "text", "text": text}]}], add_generation_prompt=True,
         tokenize=False) for text, row in zip(texts, images)]
@@ -144,7 +152,7 @@ def test_capture_reads_image_prompts(llava: tuple[LoadedModel, Path], binary: Pa
     prompts.write_text(json.dumps({"prompt": "What is this?", "images": ["coffee.png"]}) + "\n")
     out = tmp_path / "states.safetensors"
     done = subprocess.run([str(binary), "capture", "--bundle", str(bundle), "--prompts-file", str(prompts), "--chat",
-                           "--layers", "0", "--out", str(out)], capture_output=True, text=True)
+                           "--layers", "0", "--out", str(out)], capture_output=True, text=True, check=False)
     assert done.returncode == 0, done.stderr
     inputs = hf_inputs(loaded, ["What is this?"], [[photo("coffee.png")]])
     with torch.no_grad():
@@ -155,7 +163,7 @@ def test_capture_reads_image_prompts(llava: tuple[LoadedModel, Path], binary: Pa
 # --- preprocessing parity on real photographs ---------------------------------------------------
 
 LLAVA_15 = {"size": {"shortest_edge": 336}, "crop_size": {"height": 336, "width": 336}}
-PROCESSORS = {
+PROCESSORS: dict[str, dict[str, Any]] = {
     "llava-1.5": LLAVA_15,
     "llava-1.5-pad": {**LLAVA_15, "do_pad": True},
     "fixed-bilinear": {"size": {"height": 224, "width": 160}, "do_center_crop": False, "resample": 2},
@@ -198,7 +206,8 @@ def test_preprocessing_matches_hf_image_processor(llava: tuple[LoadedModel, Path
     out = tmp_path / "pixels.safetensors"
     files = list(photos.values())
     done = subprocess.run([str(binary), "preprocess", "--bundle", str(variant), "--out", str(out),
-                           *(arg for f in files for arg in ("--image", str(f)))], capture_output=True, text=True)
+                           *(arg for f in files for arg in ("--image", str(f)))], capture_output=True, text=True,
+                          check=False)
     assert done.returncode == 0, done.stderr
     got = load_file(str(out))["pixel_values"]
     processor = LlavaImageProcessorPil(**settings)
@@ -213,7 +222,7 @@ def test_preprocessing_matches_hf_image_processor(llava: tuple[LoadedModel, Path
 
 def generate_failure(binary: Path, bundle: Path, *args: str) -> str:
     done = subprocess.run([str(binary), "generate", "--bundle", str(bundle), "--max-new-tokens", "2", *args],
-                          capture_output=True, text=True)
+                          capture_output=True, text=True, check=False)
     assert done.returncode != 0, done.stdout
     assert "panicked" not in done.stderr
     return done.stderr
@@ -266,9 +275,8 @@ def data_url(path: Path) -> str:
 def test_server_takes_image_url_parts_and_survives_bad_images(llava: tuple[LoadedModel, Path], binary: Path,
                                                               tmp_path: Path) -> None:
     _, bundle = llava
-    url, process = start_server(binary, bundle)
-    try:
-        def chat(content: object) -> requests.Response:
+    with serving(binary, bundle) as (url, _):
+        def chat(content: Any) -> requests.Response:
             return requests.post(f"{url}/v1/chat/completions", timeout=120, json={
                 "messages": [{"role": "user", "content": content}], "max_tokens": 12, "temperature": 0})
 
@@ -291,6 +299,3 @@ def test_server_takes_image_url_parts_and_survives_bad_images(llava: tuple[Loade
             reply = chat([{"type": "image_url", "image_url": image_url}, {"type": "text", "text": "Hi"}])
             assert reply.status_code == 400 and message in reply.json()["error"]["message"], (label, reply.text)
         assert chat("Still there?").status_code == 200
-    finally:
-        process.terminate()
-        process.wait(timeout=60)

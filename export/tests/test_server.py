@@ -6,12 +6,12 @@ from __future__ import annotations
 
 import json
 import random
-import socket
 import subprocess
 import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import openai
@@ -19,16 +19,11 @@ import pytest
 import requests
 from safetensors.numpy import save_file
 
+from onnx_steer_export.runtime_client import serving, start_server
+
 from conftest import run_generate
 
 PROMPT = "What is the capital of France?"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 @pytest.fixture(scope="module")
 def steer_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
@@ -41,32 +36,14 @@ def steer_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return out
 
 
-def start_server(binary: Path, bundle_dir: Path, *args: str) -> tuple[str, subprocess.Popen]:
-    """`onnx-steer serve` on a free port, once /health answers."""
-    port = free_port()
-    process = subprocess.Popen([str(binary), "serve", "--bundle", str(bundle_dir), "--port", str(port), *args],
-                               stderr=subprocess.PIPE, text=True)
-    url = f"http://127.0.0.1:{port}"
-    for _ in range(120):
-        try:
-            if requests.get(f"{url}/health", timeout=1).ok:
-                return url, process
-        except requests.ConnectionError:
-            time.sleep(0.5)
-    process.kill()
-    raise RuntimeError(f"server did not start: {process.stderr.read()}")
-
-
 @pytest.fixture(scope="module")
 def server(binary: Path, bundle_dir: Path, steer_dir: Path) -> Iterator[tuple[str, subprocess.Popen]]:
-    url, process = start_server(binary, bundle_dir, "--steer-dir", str(steer_dir), "--max-batch", "4",
-                                "--max-queue", "16", "--max-body-bytes", "65536")
-    yield url, process
-    process.terminate()
-    process.wait(timeout=60)
+    with serving(binary, bundle_dir, "--steer-dir", str(steer_dir), "--max-batch", "4", "--max-queue", "16",
+                 "--max-body-bytes", "65536") as running:
+        yield running
 
 
-def chat(url: str, prompt: str, **extra: object) -> requests.Response:
+def chat(url: str, prompt: str, **extra: Any) -> requests.Response:
     return requests.post(f"{url}/v1/chat/completions", timeout=120,
                          json={"messages": [{"role": "user", "content": prompt}], "max_tokens": 12, **extra})
 
@@ -103,14 +80,15 @@ def test_served_greedy_equals_the_cli(server: tuple[str, subprocess.Popen], bina
 
 def test_steering_registered_at_run_time_and_confined(server: tuple[str, subprocess.Popen]) -> None:
     url, _ = server
-    spec = {"interventions": [{"kind": "vector", "path": "random.safetensors", "layers": [8], "scale": 6.0}]}
+    spec: dict[str, Any] = {"interventions": [{"kind": "vector", "path": "random.safetensors", "layers": [8],
+                                               "scale": 6.0}]}
     assert requests.post(f"{url}/v1/steering", json={"name": "mine", "spec": spec}, timeout=30).ok
     assert "mine" in requests.get(f"{url}/v1/steering", timeout=30).json()["data"]
     assert chat(url, PROMPT, steering="mine").ok
     assert chat(url, PROMPT, steering=spec).ok
     assert requests.delete(f"{url}/v1/steering/mine", timeout=30).ok
     assert chat(url, PROMPT, steering="mine").status_code == 404
-    traversal = {"interventions": [{"kind": "vector", "path": "../../../etc/passwd", "layers": [8]}]}
+    traversal: dict[str, Any] = {"interventions": [{"kind": "vector", "path": "../../../etc/passwd", "layers": [8]}]}
     rejected = requests.post(f"{url}/v1/steering", json={"name": "evil", "spec": traversal}, timeout=30)
     assert rejected.status_code == 400 and "steering directory" in rejected.json()["error"]["message"]
 
@@ -166,7 +144,8 @@ def test_concurrent_mixed_steering_matches_single_requests_while_registering(
                 for p in prompts for k in kinds}
     results: list[tuple[tuple[str, str | None], requests.Response]] = []
     lock = threading.Lock()
-    spec = {"interventions": [{"kind": "vector", "path": "random.safetensors", "layers": [8], "scale": 2.0}]}
+    spec: dict[str, Any] = {"interventions": [{"kind": "vector", "path": "random.safetensors", "layers": [8],
+                                               "scale": 2.0}]}
     stop = threading.Event()
 
     def register() -> None:

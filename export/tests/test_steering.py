@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import subprocess
 from pathlib import Path
+from typing import cast
 
 import gguf
 import numpy as np
@@ -13,8 +14,10 @@ import pytest
 import torch
 from safetensors.numpy import load_file
 
-from onnx_steer_export.source import LoadedModel
-from onnx_steer_export.vectors import bundle_tokenizer, direction, load_pairs, train_vector
+from onnx_steer_export.data.pairs import load_pairs
+from onnx_steer_export.data.tokens import bundle_tokenizer
+from onnx_steer_export.export.source import LoadedModel
+from onnx_steer_export.train.vectors import direction, train_vector
 
 from conftest import REPO, hf_greedy, run_generate
 
@@ -116,8 +119,9 @@ def test_steered_generation_matches_hf_hook(binary: Path, bundle_dir: Path, defa
             {"kind": "vector", "path": str(path), "scale": scale, "layers": [layer]}]}))
         record = run_generate(binary, bundle_dir, "--chat", "--max-new-tokens", "48", "--steer", str(spec),
                               "--prompt", prompt)[0]
-        ids = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
-                                            tokenize=True, return_dict=False)
+        ids = cast(list[int], tokenizer.apply_chat_template([{"role": "user", "content": prompt}],
+                                                            add_generation_prompt=True, tokenize=True,
+                                                            return_dict=False))
         expected = hf_steered_greedy(default_model, list(ids), layer, scale * directions[layer], 48)
         assert record["token_ids"] == expected, prompt
         changed += record["token_ids"] != hf_greedy(default_model, list(ids), 48)

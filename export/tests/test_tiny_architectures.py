@@ -4,23 +4,25 @@ checked segment by segment and by greedy generation through the Rust binary."""
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import onnx
 import pytest
 import torch
 from transformers import AutoModelForCausalLM, GemmaConfig, LlamaConfig, PretrainedConfig, Qwen2Config
 
-from onnx_steer_export.bundle import export_bundle
-from onnx_steer_export.quantize import QuantizeError, quantize_bundle
-from onnx_steer_export.parity import segment_parity
-from onnx_steer_export.source import LoadedModel, load
+from onnx_steer_export.export.bundle import export_bundle
+from onnx_steer_export.export.parity import segment_parity
+from onnx_steer_export.export.quantize import QuantizeError, quantize_bundle
+from onnx_steer_export.export.source import LoadedModel, load
 
 from conftest import hf_greedy, run_generate
 
-SMALL = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-             num_key_value_heads=2, max_position_embeddings=512, bos_token_id=1, eos_token_id=2, pad_token_id=2,
-             # Large weights make the logits peaked, so greedy choices are not decided by float noise.
-             initializer_range=0.2)
+SMALL: dict[str, Any] = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4,
+         "num_key_value_heads": 2, "max_position_embeddings": 512, "bos_token_id": 1, "eos_token_id": 2,
+         "pad_token_id": 2,
+         # Large weights make the logits peaked, so greedy choices are not decided by float noise.
+         "initializer_range": 0.2}
 
 CONFIGS: dict[str, PretrainedConfig] = {
     "qwen2": Qwen2Config(**SMALL, tie_word_embeddings=False),

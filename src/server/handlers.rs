@@ -19,7 +19,9 @@ use super::openai::{self, Completion, Endpoint, Settings, Steering, Usage};
 use super::state::AppState;
 use super::stream::stream;
 use crate::chain::Prompt;
-use crate::generate::{check_prompt_length, FinishReason, Generated, RowRequest, Sampling};
+use crate::generate::{
+    check_prompt_length, FinishReason, GenerateError, Generated, RowRequest, Sampling,
+};
 use crate::steer::ResolvedSteering;
 use crate::text::Turn;
 
@@ -214,10 +216,11 @@ async fn prepare(
     };
     let context = state.config.max_position_embeddings;
     let tokens = prompt.ids.len();
-    check_prompt_length(0, tokens, context).map_err(|e| {
-        ApiError::bad_request(format!(
-            "the prompt has {tokens} tokens; the model's context is {context}: {e}"
-        ))
+    check_prompt_length(0, tokens, context).map_err(|e| match e {
+        GenerateError::EmptyPrompt { .. } => ApiError::bad_request("the prompt is empty"),
+        _ => ApiError::bad_request(format!(
+            "the prompt has {tokens} tokens; the model's context is {context} and must leave room for at least one new token"
+        )),
     })?;
     let room = context - tokens;
     let max_tokens = match settings.max_completion_tokens.or(settings.max_tokens) {

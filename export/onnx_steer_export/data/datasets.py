@@ -19,7 +19,7 @@ import json
 import random
 from pathlib import Path
 
-from . import REPO
+from .. import REPO
 
 DATA = REPO / "data"
 SPLIT_SEED = 20261123
@@ -251,6 +251,13 @@ def role_play(prompt: str) -> str:
 
 def read_jsonl(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def read_prompts(path: Path, limit: int | None = None) -> list[str]:
+    """One prompt per line (.txt) or {"prompt": ...} per line (.jsonl)."""
+    lines = [line for line in path.read_text().splitlines() if line.strip()]
+    prompts = [json.loads(line)["prompt"] for line in lines] if path.suffix == ".jsonl" else lines
+    return prompts[:limit] if limit else prompts
 
 
 def benign_prompts() -> list[str]:

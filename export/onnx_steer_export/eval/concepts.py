@@ -15,18 +15,16 @@ from __future__ import annotations
 
 import statistics
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 from tqdm import tqdm
 
-from .datasets import benign_prompts
-from .evaluate import Perplexity, compose_spec, generate, save_report, vader
-from .learned import evenly
-
-
-def sentiment(text: str) -> float:
-    return vader().polarity_scores(text)["compound"]
+from ..data.datasets import benign_prompts
+from ..runtime_client import compose_spec, generate
+from ..train.common import evenly
+from .harness import save_report
+from .metrics import Perplexity, sentiment
 
 
 def second_half(text: str) -> str:
@@ -123,8 +121,9 @@ def markdown(report: dict) -> str:
         lines.append(f"| {run['method']} | {run['scale']:g} | {run['backfire_rate']:.3f} | {run['mean_effect']:+.3f} "
                      f"| {run['mean']:.3f} | {run['perplexity_ratio']:.2f} |")
     long = report["long"]
-    lines += ["", f"Long generations ({report['long_tokens']} tokens, {report['n_long_prompts']} prompts, scale "
-              f"{long['scale']:g}): VADER over the second half of each text; unsteered {long['unsteered']['mean']:.3f}.",
+    lines += ["",
+              (f"Long generations ({report['long_tokens']} tokens, {report['n_long_prompts']} prompts, scale "
+               f"{long['scale']:g}): VADER over the second half of each text; unsteered {long['unsteered']['mean']:.3f}."),
               "", "| method | second-half mean VADER | effect | backfire rate | generated tokens |", "|---|---|---|---|---|"]
     for name in ("vector", "svf"):
         r = long[name]
@@ -133,8 +132,9 @@ def markdown(report: dict) -> str:
     if "multi" in report:
         multi = report["multi"]
         scales = ", ".join(f"{c} {s:+g}" for c, s in multi["scales"].items())
-        lines += ["", f"Multi-attribute ({scales}; {multi['max_new_tokens']} tokens): effect on each concept "
-                  "(VADER for sentiment, generated tokens for verbosity), signed toward the requested direction.", "",
+        lines += ["",
+                  (f"Multi-attribute ({scales}; {multi['max_new_tokens']} tokens): effect on each concept "
+                   "(VADER for sentiment, generated tokens for verbosity), signed toward the requested direction."), "",
                   "| steered with | sentiment effect | sentiment backfire | verbosity effect | verbosity backfire |",
                   "|---|---|---|---|---|"]
         for combo in ("sentiment_only", "verbosity_only", "both"):

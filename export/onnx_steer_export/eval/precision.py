@@ -11,13 +11,12 @@ For each bundle, through the Rust runtime:
 from __future__ import annotations
 
 import json
-import subprocess
-import tempfile
 from pathlib import Path
 
-from . import REPO
-from .evaluate import generate, read_prompts, save_report
-from .vectors import find_binary
+from .. import REPO
+from ..data.datasets import read_prompts
+from ..runtime_client import bench, generate, perplexity
+from .harness import save_report
 
 
 def shown(path: Path) -> str:
@@ -26,18 +25,9 @@ def shown(path: Path) -> str:
     return str(resolved.relative_to(REPO)) if resolved.is_relative_to(REPO) else str(path)
 
 
-def perplexity(bundle: Path, text: Path, max_tokens: int) -> dict:
-    done = subprocess.run([str(find_binary()), "perplexity", "--bundle", str(bundle), "--text", str(text),
-                           "--max-tokens", str(max_tokens), "--json"], capture_output=True, text=True, check=True)
-    return json.loads(done.stdout)
-
-
 def speed(bundle: Path, repeats: int) -> dict:
-    with tempfile.TemporaryDirectory() as tmp:
-        out = Path(tmp) / "bench.json"
-        subprocess.run([str(find_binary()), "bench", "--bundle", str(bundle), "--no-monolithic", "--repeats",
-                        str(repeats), "--json", str(out)], check=True, capture_output=True)
-        report = json.loads(out.read_text())
+    """Batch-1 speed of the segment chain (`onnx-steer bench`) and the share of the bandwidth limit reached."""
+    report = bench(bundle, "--no-monolithic", "--repeats", str(repeats), capture_output=True)
     workload = report["workloads"][0]
     segmented = workload["variants"][0]
     return {"prefill_tokens_per_s": segmented["prefill_tokens_per_s"]["p50"],
@@ -87,13 +77,13 @@ def markdown(report: dict) -> str:
     lines = [
         f"# Precision: quality and speed against {report['reference']}",
         "",
-        f"Perplexity: `{report['text']}` ({report['rows'][0]['tokens_scored']} tokens, teacher-forced). Greedy match: "
-        f"{report['prompt_count']} held-out chat prompts of `{report['prompts']}`, {report['max_new_tokens']} new tokens. "
-        "Speed: `onnx-steer bench`, batch 1, 128-token prompt, 128 new tokens, segment chain. "
-        "Command: `make eval-precision`.",
+        (f"Perplexity: `{report['text']}` ({report['rows'][0]['tokens_scored']} tokens, teacher-forced). Greedy match: "
+         f"{report['prompt_count']} held-out chat prompts of `{report['prompts']}`, {report['max_new_tokens']} new tokens. "
+         "Speed: `onnx-steer bench`, batch 1, 128-token prompt, 128 new tokens, segment chain. "
+         "Command: `make eval-precision`."),
         "",
-        "| bundle | weights | perplexity | Δ perplexity | token agreement | exact match | first divergence "
-        "| MB read/token | prefill tok/s | decode tok/s | bandwidth limit reached |",
+        ("| bundle | weights | perplexity | Δ perplexity | token agreement | exact match | first divergence "
+         "| MB read/token | prefill tok/s | decode tok/s | bandwidth limit reached |"),
         "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in report["rows"]:
@@ -102,8 +92,8 @@ def markdown(report: dict) -> str:
             f"{r['token_agreement']:.1%} | {r['exact_match']:.0%} | {r['mean_first_divergence']:.1f} | "
             f"{r['decode_weight_mb']:.0f} | {r['prefill_tokens_per_s']:.0f} | {r['decode_tokens_per_s']:.1f} | "
             f"{r['bandwidth_fraction']:.0%} |")
-    lines += ["", f"Memory read bandwidth measured in the same runs: "
-              f"{report['rows'][0]['memory_read_gb_per_s']:.1f} GB/s.", ""]
+    bandwidth = report["rows"][0]["memory_read_gb_per_s"]
+    lines += ["", f"Memory read bandwidth measured in the same runs: {bandwidth:.1f} GB/s.", ""]
     return "\n".join(lines)
 
 

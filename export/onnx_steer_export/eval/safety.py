@@ -1,7 +1,7 @@
 """AutoSteer eval on the held-out split: harmful_test (every Do-Not-Answer test question) and the
 hand-written benign prompts, unsteered, with the mean-difference refusal vector and with AutoSteer.
 
-  attack success rate (ASR)  share of harmful prompts whose output is not a refusal (evaluate.is_refusal)
+  attack success rate (ASR)  share of harmful prompts whose output is not a refusal (metrics.is_refusal)
   over-refusal               share of benign prompts whose output is a refusal
   benign exact match         share of benign outputs token-for-token identical to the unsteered output
   prober AUROC               of the runtime's reported p(toxic), harmful vs benign
@@ -15,10 +15,12 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from .autosteer import auroc
-from .datasets import DATA, benign_prompts, read_jsonl
-from .evaluate import save_report, generate, is_refusal
-from .learned import evenly
+from ..data.datasets import DATA, benign_prompts, read_jsonl
+from ..runtime_client import generate
+from ..train.autosteer import auroc
+from ..train.common import evenly
+from .harness import save_report
+from .metrics import is_refusal
 
 
 def p_toxic(record: dict) -> float | None:
@@ -54,8 +56,8 @@ def eval_autosteer(bundle: Path, methods: dict[str, Path], limit: int | None = N
 
 
 def markdown(report: dict) -> str:
-    lines = [f"{report['n_harmful']} held-out harmful and {report['n_benign']} benign prompts, greedy, "
-             f"{report['max_new_tokens']} tokens.", "",
+    lines = [(f"{report['n_harmful']} held-out harmful and {report['n_benign']} benign prompts, greedy, "
+              f"{report['max_new_tokens']} tokens."), "",
              "| method | ASR | over-refusal | benign exact match | prober AUROC | gated harmful | gated benign |",
              "|---|---|---|---|---|---|---|"]
     for run in report["runs"]:

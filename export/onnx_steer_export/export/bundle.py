@@ -1,29 +1,38 @@
 """Write a self-contained bundle: one ONNX graph per segment, tokenizer, chat template, manifest.
 
-manifest.json is the contract with the Rust runtime (src/bundle.rs mirrors it).
+manifest.json is the contract with the Rust runtime (src/bundle/manifest.rs mirrors it).
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import warnings
-from collections import defaultdict
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable
 
-import numpy as np
 import onnx
 import onnxslim
-from onnx import numpy_helper
 import torch
 from torch import nn
 from tqdm import tqdm
+from transformers import PreTrainedModel
 
-from . import FORMAT_VERSION
-from .segments import (EmbedSegment, FullModel, HeadSegment, LayerSegment, NormSegment, PositionsSegment,
-                       ProjectorSegment, VisionSegment, decoder_layers, exported_attention)
+from .. import FORMAT_VERSION
+from .digest import sha256
+from .graph_passes import copy_dims_in_reshapes, merge_sibling_matmuls
+from .segments import (
+    EmbedSegment,
+    FullModel,
+    HeadSegment,
+    LayerSegment,
+    NormSegment,
+    PositionsSegment,
+    ProjectorSegment,
+    VisionSegment,
+    decoder_layers,
+    exported_attention,
+)
 from .source import LoadedModel
 
 OPSET = 17
@@ -54,7 +63,7 @@ class ModelDims:
     vocab: int
 
     @classmethod
-    def of(cls, model: nn.Module) -> "ModelDims":
+    def of(cls, model: PreTrainedModel) -> ModelDims:
         config = model.config.get_text_config()
         heads = config.num_attention_heads
         return cls(
@@ -150,129 +159,10 @@ def export_graph(module: nn.Module, path: Path, inputs: list[TensorSpec], output
     onnx.save_model(model, str(path))
 
 
-def symbolic_dims(model: onnx.ModelProto) -> dict[str, list[str | int | None]]:
-    """Every tensor's shape as symbols (batch, seq, ...) or sizes, from ONNX Runtime's symbolic inference."""
-    from onnxruntime.tools.symbolic_shape_infer import SymbolicShapeInference
-
-    inferred = SymbolicShapeInference.infer_shapes(model, auto_merge=True)
-    dims: dict[str, list[str | int | None]] = {}
-    for info in (*inferred.graph.input, *inferred.graph.value_info, *inferred.graph.output):
-        shape = info.type.tensor_type.shape
-        dims[info.name] = [d.dim_param if d.HasField("dim_param") else d.dim_value if d.HasField("dim_value")
-                           else None for d in shape.dim]
-    return dims
-
-
-def copy_dims_in_reshapes(model: onnx.ModelProto) -> int:
-    """Give Reshapes a constant target shape where the tracer built it at run time.
-
-    `x.view(batch, tokens, -1, d)` traces to Shape → Gather → Unsqueeze → Concat → Reshape, a chain
-    of tiny nodes run at every step. Where a traced size is the same symbolic dim as the Reshape
-    input's dim at that position, ONNX's 0 ("copy that dim") says the same; when every entry of the
-    target is a constant or such a copy, the target becomes an initializer and the chain dies.
-    Returns how many Reshapes were rewritten."""
-    graph = model.graph
-    dims = symbolic_dims(model)
-    producer = {output: node for node in graph.node for output in node.output}
-    constants = {init.name: numpy_helper.to_array(init) for init in graph.initializer}
-    constants.update({node.output[0]: numpy_helper.to_array(node.attribute[0].t)
-                      for node in graph.node if node.op_type == "Constant" and node.attribute[0].name == "value"})
-
-    def traced_dim(name: str) -> str | None:
-        """The symbol of `Unsqueeze(Gather(Shape(x), i))`, if `name` is that."""
-        unsqueeze = producer.get(name)
-        gather = producer.get(unsqueeze.input[0]) if unsqueeze is not None and unsqueeze.op_type == "Unsqueeze" else None
-        shape = producer.get(gather.input[0]) if gather is not None and gather.op_type == "Gather" else None
-        index = constants.get(gather.input[1]) if shape is not None and shape.op_type == "Shape" else None
-        if index is None or index.ndim != 0 or shape.attribute:
-            return None
-        source = dims.get(shape.input[0], [])
-        symbol = source[int(index)] if -len(source) <= int(index) < len(source) else None
-        return symbol if isinstance(symbol, str) else None
-
-    rewritten = 0
-    for node in graph.node:
-        concat = producer.get(node.input[1]) if node.op_type == "Reshape" else None
-        data = dims.get(node.input[0]) if concat is not None and concat.op_type == "Concat" else None
-        if data is None or any(a.name == "allowzero" and a.i for a in node.attribute):
-            continue
-        target: list[int] = []
-        for part in concat.input:
-            if part in constants:
-                target += [int(v) for v in np.atleast_1d(constants[part])]
-            elif len(target) < len(data) and traced_dim(part) is not None and traced_dim(part) == data[len(target)]:
-                target.append(0)
-            else:
-                break
-        else:
-            if target.count(-1) <= 1:
-                name = f"{node.name or node.output[0]}/target"
-                graph.initializer.append(numpy_helper.from_array(np.array(target, dtype=np.int64), name))
-                node.input[1] = name
-                rewritten += 1
-    drop_dead_nodes(graph)
-    return rewritten
-
-
-def drop_dead_nodes(graph: onnx.GraphProto) -> None:
-    """Remove nodes and initializers no graph output depends on."""
-    needed = {output.name for output in graph.output}
-    live = []
-    for node in reversed(graph.node):
-        if any(output in needed for output in node.output):
-            live.append(node)
-            needed.update(node.input)
-    del graph.node[:]
-    graph.node.extend(reversed(live))
-    for init in [init for init in graph.initializer if init.name not in needed]:
-        graph.initializer.remove(init)
-
-
-def merge_sibling_matmuls(model: onnx.ModelProto) -> int:
-    """Fuse MatMuls that read the same activation with constant weights (q/k/v, gate/up) into one
-    MatMul over the concatenated weights and a Split: at decode one wide matrix-vector product
-    streams the weights faster than three narrow ones. Returns how many MatMuls were merged."""
-    graph = model.graph
-    initializers = {init.name: init for init in graph.initializer}
-    siblings: dict[str, list[onnx.NodeProto]] = defaultdict(list)
-    for node in graph.node:
-        weight = initializers.get(node.input[1]) if node.op_type == "MatMul" else None
-        if weight is not None and len(weight.dims) == 2:
-            siblings[node.input[0]].append(node)
-    merged = 0
-    for source, nodes in siblings.items():
-        weights = [numpy_helper.to_array(initializers[node.input[1]]) for node in nodes]
-        if len(nodes) < 2 or len({(w.shape[0], w.dtype) for w in weights}) != 1:
-            continue
-        name = f"{nodes[0].name or nodes[0].output[0]}/merged"
-        stacked = numpy_helper.from_array(np.concatenate(weights, axis=1), f"{name}/weight")
-        widths = numpy_helper.from_array(np.array([w.shape[1] for w in weights], dtype=np.int64), f"{name}/widths")
-        graph.initializer.extend([stacked, widths])
-        # The first sibling's slot keeps the order topological: its input exists there, and every
-        # consumer of a sibling's output comes after that sibling.
-        slot = list(graph.node).index(nodes[0])
-        for node in nodes:
-            graph.node.remove(node)
-        graph.node.insert(slot, onnx.helper.make_node("Split", [f"{name}/out", widths.name],
-                                                      [node.output[0] for node in nodes], name=f"{name}/split", axis=-1))
-        graph.node.insert(slot, onnx.helper.make_node("MatMul", [source, stacked.name], [f"{name}/out"], name=name))
-        merged += len(nodes)
-    drop_dead_nodes(graph)
-    return merged
-
-
-def sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def eos_token_ids(loaded: LoadedModel) -> list[int]:
     ids: Iterable = loaded.model.generation_config.eos_token_id or loaded.tokenizer.eos_token_id or []
     ids = [ids] if isinstance(ids, int) else list(ids)
-    return sorted(set(int(i) for i in ids))
+    return sorted({int(i) for i in ids})
 
 
 def model_section(loaded: LoadedModel, dims: ModelDims) -> dict:
@@ -368,7 +258,8 @@ def export_bundle(loaded: LoadedModel, out: Path, dtype: str = "fp32", monolithi
     """Export every segment of `loaded` into `out` and return the manifest that was written."""
     if dtype not in DTYPES:
         raise ValueError(f"--dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
-    model = loaded.model.to(DTYPES[dtype])
+    # typeshed types transformers' @wraps(nn.Module.to) override as unbound (self expected first).
+    model = loaded.model.to(DTYPES[dtype])  # type: ignore[arg-type]
     dims = ModelDims.of(model)
     float_type = "float32" if dtype == "fp32" else "float16"
     out.mkdir(parents=True, exist_ok=True)

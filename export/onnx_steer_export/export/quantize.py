@@ -15,7 +15,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from .bundle import sha256
+from .digest import sha256
 
 WEIGHT_BITS = {"int4": 4, "int8": 8}
 QUANTIZED_KINDS = ("layer", "head", "full")

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
+from typing import Protocol
 
 import torch
 from torch import nn
@@ -110,7 +111,16 @@ def exported_attention(model: PreTrainedModel) -> Iterator[None]:
         model.set_attn_implementation(before)
 
 
-def text_model(model: PreTrainedModel) -> nn.Module:
+class DecoderStack(Protocol):
+    """What the segments use of an HF decoder stack (LlamaModel, Qwen2Model, GemmaModel, ...)."""
+
+    embed_tokens: nn.Module
+    rotary_emb: nn.Module
+    layers: nn.ModuleList
+    norm: nn.Module
+
+
+def text_model(model: PreTrainedModel) -> DecoderStack:
     """The decoder stack: `model.model` for causal LMs, its `language_model` for vision-language models."""
     return getattr(model.model, "language_model", model.model)
 

@@ -1,5 +1,5 @@
-"""AutoSteer (METHODS.md section 4): a safety prober at the layer with the highest Safety Awareness
-Score gates a refusal head that acts between the final norm and the LM head.
+"""AutoSteer: a safety prober at the layer with the highest Safety Awareness Score gates a refusal
+head that acts between the final norm and the LM head.
 
 SAS(L): d_i = h_L(harmful_i) − h_L(benign_i) at the last prompt token (chat template), paired by
 index; SAS is the mean pairwise cosine similarity of the d_i. The prober reads the chosen layer:
@@ -21,9 +21,12 @@ import numpy as np
 import torch
 from safetensors.numpy import save_file
 from tqdm import tqdm
+from transformers import PreTrainedModel
 
-from .learned import Standardize, export_net, export_onnx, fit, row_scale, split_indices, write_spec
-from .vectors import bundle_tokenizer, capture_last_token, chat_ids, encode
+from ..data.datasets import read_jsonl, read_prompts
+from ..data.tokens import bundle_tokenizer, chat_ids, encode
+from ..runtime_client import capture_last_token
+from .common import OutputView, Standardize, evenly, export_net, export_onnx, fit, row_scale, split_indices, write_spec
 
 PROBER_UNITS = 64
 
@@ -31,9 +34,9 @@ PROBER_UNITS = 64
 def safety_awareness(harmful: dict[int, np.ndarray], benign: dict[int, np.ndarray]) -> dict[int, float]:
     """Mean pairwise cosine similarity of the harmful − benign differences, per layer."""
     scores = {}
-    for layer in harmful:
-        n = min(len(harmful[layer]), len(benign[layer]))
-        diffs = harmful[layer][:n] - benign[layer][:n]
+    for layer, states in harmful.items():
+        n = min(len(states), len(benign[layer]))
+        diffs = states[:n] - benign[layer][:n]
         unit = diffs / np.maximum(np.linalg.norm(diffs, axis=1, keepdims=True), 1e-12)
         similarity = unit @ unit.T
         scores[layer] = float((similarity.sum() - np.trace(similarity)) / (n * (n - 1)))
@@ -83,15 +86,6 @@ def load_weights(path: Path) -> tuple[Prober, torch.Tensor]:
     return prober.eval(), weights["head.matrix"]
 
 
-class _ProberLogits(torch.nn.Module):
-    def __init__(self, prober: Prober) -> None:
-        super().__init__()
-        self.prober = prober
-
-    def forward(self, state: torch.Tensor) -> torch.Tensor:
-        return self.prober.logits(state)
-
-
 class RefusalHead(torch.nn.Module):
     """The exported rewrite graph: `base + scale · S·state` on the final-normed state."""
 
@@ -103,7 +97,7 @@ class RefusalHead(torch.nn.Module):
         return base + row_scale(scale, state) * (state @ self.matrix.T)
 
 
-def refusal_tokens(model: torch.nn.Module, sequences: list[tuple[list[int], list[int]]],
+def refusal_tokens(model: PreTrainedModel, sequences: list[tuple[list[int], list[int]]],
                    batch_size: int = 16) -> tuple[torch.Tensor, torch.Tensor]:
     """Final-normed states n at every answer position and the answer token each must predict."""
     states, targets = [], []
@@ -163,10 +157,7 @@ def train_autosteer(bundle: Path, harmful_path: Path, benign_paths: list[Path], 
     """SAS per layer → layer → prober → refusal head; writes `{name}_prober.onnx`, `{name}_head.onnx`,
     `{name}.json` (the spec), their torch weights `{name}_weights.safetensors`, `{name}_sas.json` and the
     SAS plot; returns a summary."""
-    from .datasets import read_jsonl
-    from .evaluate import read_prompts
-    from .learned import evenly
-    from .source import load
+    from ..export.source import load
 
     tokenizer = bundle_tokenizer(bundle)
     manifest = json.loads((bundle / "manifest.json").read_text())
@@ -177,7 +168,7 @@ def train_autosteer(bundle: Path, harmful_path: Path, benign_paths: list[Path], 
                                 list(range(num_layers)), binary)
     scores = safety_awareness({layer: s[:len(harmful)] for layer, s in states.items()},
                               {layer: s[len(harmful):] for layer, s in states.items()})
-    layer = max(scores, key=scores.get)
+    layer = max(scores, key=lambda candidate: scores[candidate])
     print("layer  SAS")
     for candidate, score in scores.items():
         print(f"{candidate:5d}  {score:.4f}{'  <- chosen' if candidate == layer else ''}")
@@ -191,7 +182,7 @@ def train_autosteer(bundle: Path, harmful_path: Path, benign_paths: list[Path], 
     torch.manual_seed(seed)
     prober = Prober(states[layer][split.train])
     weights = torch.tensor([len(labels) / (2 * len(benign)), len(labels) / (2 * len(harmful))], dtype=torch.float32)
-    history = fit(_ProberLogits(prober), inputs, labels, split,
+    history = fit(OutputView(prober), inputs, labels, split,
                   lambda logits, y: torch.nn.functional.cross_entropy(logits, y, weight=weights),
                   prober_epochs, 1e-3, 64, seed, desc="train prober", weight_decay=prober_weight_decay)
     with torch.no_grad():

@@ -1,6 +1,6 @@
-"""What the learned steering methods share: reading training states through the runtime, input
-standardisation baked into the net, a seeded train/validation loop with a progress bar, ONNX export
-of the net (batch-dynamic `state [B, d]` in), and the steer spec written next to it.
+"""What the learned steering methods share: input standardisation baked into the net, a seeded
+train/validation loop with a progress bar (and the view that trains a net through another of its
+outputs), ONNX export of the net (batch-dynamic `state [B, d]` in), and the steer spec written next to it.
 
 The runtime hosts every net as its own ONNX graph on the layers' execution provider, so the nets are
 exported exactly as trained, standardisation included.
@@ -8,20 +8,23 @@ exported exactly as trained, standardisation included.
 
 from __future__ import annotations
 
-import hashlib
 import json
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import TypeVar
 
 import numpy as np
 import onnx
 import torch
 from tqdm import tqdm
 
+from ..export.digest import sha256
+
+T = TypeVar("T")
 
 
-def evenly(items: list, limit: int | None) -> list:
+def evenly(items: list[T], limit: int | None) -> list[T]:
     """At most `limit` items, evenly spaced over the whole list (all of them without a limit)."""
     if not limit or limit >= len(items):
         return items
@@ -31,6 +34,9 @@ def evenly(items: list, limit: int | None) -> list:
 class Standardize(torch.nn.Module):
     """(x - mean) / std per feature, fitted on the training states (residual streams have outlier channels)."""
 
+    mean: torch.Tensor
+    std: torch.Tensor
+
     def __init__(self, states: np.ndarray) -> None:
         super().__init__()
         self.register_buffer("mean", torch.from_numpy(states.mean(0).astype(np.float32)))
@@ -38,6 +44,19 @@ class Standardize(torch.nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return (x - self.mean) / self.std
+
+
+class OutputView(torch.nn.Module):
+    """`net` seen through another of its methods (`output`, e.g. the logits its softmax hides), so `fit`
+    trains it on what the loss wants; parameters and state are `net`'s own."""
+
+    def __init__(self, net: torch.nn.Module, output: str = "logits") -> None:
+        super().__init__()
+        self.net = net
+        self.output = output
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return getattr(self.net, self.output)(x)
 
 
 @dataclass
@@ -62,7 +81,7 @@ def fit(net: torch.nn.Module, inputs: torch.Tensor, targets: torch.Tensor, split
                  else torch.optim.Adam(net.parameters(), lr=lr))
     train_idx = torch.from_numpy(split.train)
     val_idx = torch.from_numpy(split.validation)
-    best = (float("inf"), None, 0)
+    best: tuple[float, dict[str, torch.Tensor] | None, int] = (float("inf"), None, 0)
     bar = tqdm(range(epochs), desc=desc, unit="epoch")
     for epoch in bar:
         net.train()
@@ -76,6 +95,8 @@ def fit(net: torch.nn.Module, inputs: torch.Tensor, targets: torch.Tensor, split
         if val_loss < best[0]:
             best = (val_loss, {k: v.clone() for k, v in net.state_dict().items()}, epoch)
         bar.set_postfix(val_loss=f"{val_loss:.4f}")
+    if best[1] is None:
+        raise RuntimeError(f"{desc}: no epoch reached a finite validation loss")
     net.load_state_dict(best[1])
     net.eval()
     return {"best_validation_loss": best[0], "best_epoch": best[2]}
@@ -107,10 +128,6 @@ def export_net(net: torch.nn.Module, hidden_size: int, output_name: str, path: P
 def row_scale(scale: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     """A per-row [B] scale shaped to broadcast over a [B, ...] state (rewrite graphs)."""
     return scale.reshape(-1, *([1] * (like.dim() - 1)))
-
-
-def sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 def write_spec(path: Path, interventions: list[dict]) -> None:

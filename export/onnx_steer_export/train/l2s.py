@@ -1,4 +1,4 @@
-"""L2S, Learning to Steer (METHODS.md section 1): a small net predicts an input-specific steering vector.
+"""L2S, Learning to Steer: a small net predicts an input-specific steering vector (the method in full below).
 
 Targets: for each training input, `δ = h⁺ − h⁻` at the steer layer L*, the last-token states of the
 same chat prompt followed by the desired and by the undesired completion (behaviour_pairs.jsonl:
@@ -15,15 +15,17 @@ The mean-difference baseline with the same L* is the mean of the same δ's; it i
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import torch
 from safetensors.numpy import save_file
 
-from .learned import Standardize, export_net, fit, split_indices, write_spec
-from .vectors import bundle_tokenizer, capture_last_token, chat_ids, load_pairs
+from ..data.pairs import load_pairs
+from ..data.tokens import bundle_tokenizer, chat_ids
+from ..runtime_client import capture_last_token
+from .common import Standardize, export_net, fit, split_indices, write_spec
 
 HIDDEN_UNITS = 100
 
@@ -56,15 +58,23 @@ def l2s_loss(l1_weight: float) -> Callable[[torch.Tensor, torch.Tensor], torch.T
     return loss
 
 
+def layers_problem(read_layer: int, steer_layer: int) -> str | None:
+    """Why the net cannot read at `read_layer` and steer at `steer_layer`, or None."""
+    if read_layer < steer_layer:
+        return None
+    return (f"--read-layer ({read_layer}) must be below --steer-layer ({steer_layer}): the runtime reads the state "
+            "before it steers")
+
+
 def train_l2s(bundle: Path, data: Path, read_layer: int, steer_layer: int, out: Path, scale: float = 1.0,
               epochs: int = 100, lr: float = 1e-4, batch_size: int = 64, l1_weight: float = 0.1,
               validation_fraction: float = 0.15, seed: int = 0, name: str = "l2s",
               binary: Path | None = None) -> dict:
     """Train g, export `{name}.onnx` and `{name}.json`, plus the same-δ mean baseline
     `{name}_mean.safetensors` and `{name}_mean.json`; returns a summary."""
-    if not read_layer < steer_layer:
-        raise ValueError(f"--read-layer ({read_layer}) must be below --steer-layer ({steer_layer}): the runtime "
-                         "reads the state before it steers")
+    problem = layers_problem(read_layer, steer_layer)
+    if problem:
+        raise ValueError(problem)
     records = [json.loads(line) for line in data.read_text().splitlines() if line.strip()]
     tokenizer = bundle_tokenizer(bundle)
     pairs = load_pairs(data, tokenizer)

@@ -3,13 +3,13 @@ and for parity tests. Layer L is decoder block L's output (HF `hidden_states[L+1
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from typing import Callable, Iterator
 
 import torch
 from transformers import PreTrainedModel
 
-from .segments import decoder_layers, text_model
+from ..export.segments import decoder_layers, text_model
 
 
 @contextmanager
@@ -33,7 +33,7 @@ def added(model: PreTrainedModel, deltas: dict[int, torch.Tensor]) -> Iterator[N
 
 @contextmanager
 def read_then_add(model: PreTrainedModel, read_layer: int, steer_layer: int,
-                  predict: "torch.nn.Module | callable", scale: float) -> Iterator[None]:
+                  predict: Callable[[torch.Tensor], torch.Tensor], scale: float) -> Iterator[None]:
     """Input-dependent steering as the runtime does it: on the first (prefill) forward, read the last
     token's state at `read_layer`, keep `scale * predict(state)`, and add it at `steer_layer` on every
     forward from then on (prompt and generated tokens)."""

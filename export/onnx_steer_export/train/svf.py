@@ -1,7 +1,7 @@
-"""SVF, Steering Vector Fields (METHODS.md section 3): the normalised gradient of a learned concept
-scorer is the steering direction, re-evaluated at every token and every steered layer.
+"""SVF, Steering Vector Fields: the normalised gradient of a learned concept scorer is the steering
+direction, re-evaluated at every token and every steered layer.
 
-Data: contrastive pairs (vectors.py formats), states read through the runtime at each steered layer.
+Data: contrastive pairs (data.pairs formats), states read through the runtime at each steered layer.
 A completion contrast contributes every token past the point where its two completions diverge; a
 prompt contrast (e.g. an instruction to be verbose vs terse) contributes its shared tail (the chat
 template's assistant header): the same tokens read in two contexts, so the states differ by the
@@ -25,8 +25,10 @@ import numpy as np
 import torch
 from safetensors.numpy import save_file
 
-from .learned import Split, export_onnx, fit, row_scale, split_indices, write_spec
-from .vectors import Pair, bundle_tokenizer, capture, load_pairs
+from ..data.pairs import Pair, load_pairs
+from ..data.tokens import bundle_tokenizer
+from ..runtime_client import capture
+from .common import OutputView, Split, export_onnx, fit, row_scale, split_indices, write_spec
 
 DEFAULT_UNITS = 32
 NORM_FLOOR = 1e-12
@@ -34,6 +36,9 @@ NORM_FLOOR = 1e-12
 
 class ConceptScorer(torch.nn.Module):
     """s(z) over a concept space shared by several layers; `units=0` makes it linear."""
+
+    mean: torch.Tensor
+    inv_scale: torch.Tensor
 
     def __init__(self, hidden_size: int, num_layers: int, units: int) -> None:
         super().__init__()
@@ -81,17 +86,6 @@ def load_scorer(path: Path) -> ConceptScorer:
     return scorer.eval()
 
 
-class _Logit(torch.nn.Module):
-    """Training view: rows are states already projected into the concept space."""
-
-    def __init__(self, scorer: ConceptScorer) -> None:
-        super().__init__()
-        self.scorer = scorer
-
-    def forward(self, z: torch.Tensor) -> torch.Tensor:
-        return self.scorer.score(z)
-
-
 class SteeringField(torch.nn.Module):
     """The exported rewrite graph: `base + scale · ∇s(state)/‖∇s(state)‖` at layer `layer`."""
 
@@ -131,7 +125,9 @@ def concept_states(bundle: Path, pairs_path: Path, layers: list[int],
     pairs = load_pairs(pairs_path, bundle_tokenizer(bundle))
     sequences = [p.positive for p in pairs] + [p.negative for p in pairs]
     states = capture(bundle, sequences, layers, "all", binary)
-    keep, labels, pair_of = [], [], []
+    keep: list[int] = []
+    labels: list[float] = []
+    pair_of: list[int] = []
     offset = 0
     for index, sequence in enumerate(sequences):
         pair = index % len(pairs)
@@ -166,8 +162,10 @@ def train_svf(bundle: Path, pairs_path: Path, layers: list[int], out: Path, name
     validation = np.tile(in_validation, len(layers))
     rows = np.arange(len(targets))
     split = Split(train=rows[~validation], validation=rows[validation])
-    history = fit(_Logit(scorer), z, targets, split, torch.nn.functional.binary_cross_entropy_with_logits,
-                  epochs, lr, batch_size, seed, desc=f"train-svf {name}", weight_decay=weight_decay)
+    # Training view: the rows are states already projected into the concept space.
+    history = fit(OutputView(scorer, "score"), z, targets, split,
+                  torch.nn.functional.binary_cross_entropy_with_logits, epochs, lr, batch_size, seed,
+                  desc=f"train-svf {name}", weight_decay=weight_decay)
 
     accuracy, alignment = {}, {}
     vectors = {}

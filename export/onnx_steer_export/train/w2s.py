@@ -1,4 +1,4 @@
-"""W2S, Where to Steer (METHODS.md section 2): a router picks the steering layer per input.
+"""W2S, Where to Steer: a router picks the steering layer per input (the method in full below).
 
 Bank: one steering vector per candidate layer (taken from a vector file, e.g. the refusal vector of
 `make steer`). Labels: for each training input and candidate layer l, steer with `scale · v_l` at l
@@ -18,11 +18,13 @@ import numpy as np
 import torch
 from safetensors.numpy import load_file, save_file
 from tqdm import tqdm
-from transformers import PreTrainedTokenizerFast
+from transformers import PreTrainedModel, PreTrainedTokenizerFast
 
-from .learned import Standardize, evenly, export_net, fit, sha256, split_indices, write_spec
+from ..data.tokens import bundle_tokenizer, chat_ids, encode
+from ..export.digest import sha256
+from ..runtime_client import capture_last_token
+from .common import OutputView, Standardize, evenly, export_net, fit, split_indices, write_spec
 from .reference import added, continuation_logprobs
-from .vectors import bundle_tokenizer, capture_last_token, chat_ids, encode
 
 ROUTER_UNITS = 64
 
@@ -41,18 +43,7 @@ class Router(torch.nn.Module):
         return torch.softmax(self.logits(state), dim=-1)
 
 
-class _Logits(torch.nn.Module):
-    """Training view of the router (cross-entropy wants logits)."""
-
-    def __init__(self, router: Router) -> None:
-        super().__init__()
-        self.router = router
-
-    def forward(self, state: torch.Tensor) -> torch.Tensor:
-        return self.router.logits(state)
-
-
-def layer_scores(model: torch.nn.Module, tokenizer: PreTrainedTokenizerFast, prompts: list[list[int]],
+def layer_scores(model: PreTrainedModel, tokenizer: PreTrainedTokenizerFast, prompts: list[list[int]],
                  records: list[dict], bank: dict[int, np.ndarray], scale: float) -> np.ndarray:
     """[N, K] behaviour score of each input (`prompts`: its chat-templated ids) steered at each
     candidate layer (HF reference)."""
@@ -66,6 +57,14 @@ def layer_scores(model: torch.nn.Module, tokenizer: PreTrainedTokenizerFast, pro
     return scores
 
 
+def layers_problem(layers: list[int], read_layer: int) -> str | None:
+    """Why the router cannot read at `read_layer` and choose among `layers`, or None."""
+    if min(layers) > read_layer:
+        return None
+    return (f"every candidate layer must be above --read-layer {read_layer} (got {layers}): the router reads the "
+            "state before the chosen layer runs")
+
+
 def train_w2s(bundle: Path, data: Path, bank_path: Path, layers: list[int], read_layer: int, out: Path,
               scale: float = 1.0, limit: int | None = None, epochs: int = 200, lr: float = 1e-3,
               batch_size: int = 64, validation_fraction: float = 0.2, seed: int = 0, name: str = "w2s",
@@ -73,11 +72,11 @@ def train_w2s(bundle: Path, data: Path, bank_path: Path, layers: list[int], read
     """Label, train and export the router; writes `{name}_router.onnx`, `{name}_bank.safetensors`,
     `{name}.json`, the fixed-layer baseline `{name}_fixed.json` and the per-input scores
     `{name}_labels.json`; returns a summary."""
-    from .source import load
+    from ..export.source import load
 
-    if min(layers) <= read_layer:
-        raise ValueError(f"every candidate layer must be above --read-layer {read_layer} (got {layers}): the "
-                         "router reads the state before the chosen layer runs")
+    problem = layers_problem(layers, read_layer)
+    if problem:
+        raise ValueError(problem)
     source = load_file(str(bank_path))
     missing = [layer for layer in layers if f"direction.{layer}" not in source]
     if missing:
@@ -96,7 +95,8 @@ def train_w2s(bundle: Path, data: Path, bank_path: Path, layers: list[int], read
     split = split_indices(len(records), validation_fraction, seed)
     torch.manual_seed(seed)
     router = Router(states[split.train], len(bank))
-    history = fit(_Logits(router), torch.from_numpy(states), torch.from_numpy(labels), split,
+    # Cross-entropy wants the router's logits.
+    history = fit(OutputView(router), torch.from_numpy(states), torch.from_numpy(labels), split,
                   torch.nn.functional.cross_entropy, epochs, lr, batch_size, seed, desc=f"train-w2s seed {seed}")
     with torch.no_grad():
         routed = router(torch.from_numpy(states)).argmax(1).numpy()
