@@ -110,11 +110,11 @@ def test_an_inline_spec_is_resolved_once_per_content(url: str, steer_dir: Path) 
     try:
         # The same content is served from the cache without reading the file again ...
         assert chat(url, steering=spec)["choices"] == first["choices"]
-        # ... while new content must be resolved, and its file is gone.
+        # ... while new content must be resolved, and its file is gone (refused: no such file inside).
         other = {"interventions": [{**spec["interventions"][0], "scale": 2.0}]}
         response = requests.post(f"{url}/v1/chat/completions", timeout=60,
                                  json={"messages": [{"role": "user", "content": PROMPT}], "steering": other})
-        assert response.status_code == 400 and "not found" in response.json()["error"]["message"]
+        assert response.status_code == 400 and "v.safetensors" in response.json()["error"]["message"]
     finally:
         vector.write_bytes(saved)
 

@@ -42,7 +42,7 @@ pub(crate) struct GenerateArgs {
     /// Always take the most likely token (the default unless --temperature is given).
     #[arg(long, conflicts_with_all = ["temperature", "top_p", "top_k"])]
     greedy: bool,
-    /// Sample with this temperature instead of greedy decoding.
+    /// Sample with this temperature instead of greedy decoding (below 1e-5 it is greedy).
     #[arg(long)]
     temperature: Option<f32>,
     /// Nucleus sampling: keep the smallest set of tokens with this much probability.
@@ -124,12 +124,9 @@ fn read_prompts(args: &GenerateArgs) -> Result<Vec<PromptLine>, CliError> {
 
 fn sampling(args: &GenerateArgs) -> Sampling {
     match args.temperature {
-        Some(temperature) if !args.greedy => Sampling::Random {
-            temperature,
-            top_p: args.top_p,
-            top_k: args.top_k,
-            seed: args.seed,
-        },
+        Some(temperature) if !args.greedy => {
+            Sampling::with_temperature(temperature, args.top_p, args.top_k, args.seed)
+        }
         _ => Sampling::Greedy,
     }
 }

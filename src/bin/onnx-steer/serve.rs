@@ -95,10 +95,9 @@ pub(crate) fn run(args: ServeArgs) -> Result<(), CliError> {
             .with_graceful_shutdown(shutdown_signal(engine.clone()))
             .await
     })?;
-    if !engine.is_alive() && !engine_thread.is_finished() {
-        tracing::warn!("waiting for the engine thread to finish");
-    }
-    // The router (and with it every engine handle) is gone: the engine drains and stops.
+    // The router and this last handle gone, the engine's queue closes: it drains and stops.
+    drop(engine);
+    drop(server);
     let joined = engine_thread.join();
     if joined.is_err() {
         return Err(CliError::Input(
