@@ -52,10 +52,9 @@ impl Directions {
 
     /// Load a `.gguf` or `.safetensors` file (chosen by extension).
     pub fn load(path: &Path) -> Result<Self, SteerError> {
-        if !path.is_file() {
-            return Err(SteerError::MissingFile {
-                path: path.to_path_buf(),
-            });
+        let metadata = std::fs::metadata(path).map_err(SteerError::io(path))?;
+        if !metadata.is_file() {
+            return Err(file_error(path, "is not a regular file"));
         }
         let is_gguf = path
             .extension()
@@ -64,7 +63,7 @@ impl Directions {
             let file = GgufVectors::read(path).map_err(|e| file_error(path, e.to_string()))?;
             return Self::from_named(path, file.tensors);
         }
-        let bytes = std::fs::read(path).map_err(|e| file_error(path, e.to_string()))?;
+        let bytes = std::fs::read(path).map_err(SteerError::io(path))?;
         let tensors =
             SafeTensors::deserialize(&bytes).map_err(|e| file_error(path, e.to_string()))?;
         let mut named = Vec::new();
@@ -186,6 +185,21 @@ pub fn convert(input: &Path, output: &Path, model_hint: &str) -> Result<(), Stee
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_vector_path_that_is_not_a_file_says_so() {
+        let dir = tempfile::tempdir().unwrap();
+        let missing = Directions::load(&dir.path().join("nope.safetensors")).unwrap_err();
+        assert!(
+            matches!(missing, SteerError::MissingFile { .. }),
+            "{missing}"
+        );
+        let not_a_file = Directions::load(dir.path()).unwrap_err();
+        assert!(
+            not_a_file.to_string().contains("is not a regular file"),
+            "{not_a_file}"
+        );
+    }
 
     #[test]
     fn conversion_round_trip_is_exact() {
