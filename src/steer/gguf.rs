@@ -35,6 +35,10 @@ const ALIGNMENT: u64 = 32;
 const GGML_TYPE_F32: u32 = 0;
 const TYPE_UINT32: u32 = 4;
 const TYPE_STRING: u32 = 8;
+const TYPE_ARRAY: u32 = 9;
+/// Deepest nesting of metadata arrays accepted: the reader descends once per level, so a crafted
+/// file of nested array headers must not be able to exhaust the stack (real files nest at most 2).
+const MAX_ARRAY_DEPTH: usize = 8;
 
 struct Cursor<'a> {
     bytes: &'a [u8],
@@ -76,8 +80,9 @@ impl<'a> Cursor<'a> {
         String::from_utf8(self.take(n)?.to_vec())
             .map_err(|_| GgufError::Malformed("string is not UTF-8".into()))
     }
-    /// Metadata value of GGUF type `ty`; strings and u32s are kept, others are skipped.
-    fn value(&mut self, ty: u32) -> Result<Option<MetaValue>, GgufError> {
+    /// Metadata value of GGUF type `ty` inside `depth` arrays; strings and u32s are kept, others
+    /// are skipped.
+    fn value(&mut self, ty: u32, depth: usize) -> Result<Option<MetaValue>, GgufError> {
         let fixed = match ty {
             0 | 1 | 7 => 1,
             2 | 3 => 2,
@@ -88,11 +93,16 @@ impl<'a> Cursor<'a> {
         match ty {
             TYPE_UINT32 => Ok(Some(MetaValue::U32(self.u32()?))),
             TYPE_STRING => Ok(Some(MetaValue::Str(self.string()?))),
-            9 => {
+            TYPE_ARRAY => {
+                if depth >= MAX_ARRAY_DEPTH {
+                    return Err(GgufError::Malformed(format!(
+                        "metadata arrays nested deeper than {MAX_ARRAY_DEPTH} levels"
+                    )));
+                }
                 let item = self.u32()?;
                 let count = self.len()?;
                 for _ in 0..count {
-                    self.value(item)?;
+                    self.value(item, depth + 1)?;
                 }
                 Ok(None)
             }
@@ -141,7 +151,7 @@ impl GgufVectors {
         for _ in 0..kv_count {
             let key = c.string()?;
             let ty = c.u32()?;
-            if let Some(value) = c.value(ty)? {
+            if let Some(value) = c.value(ty, 0)? {
                 metadata.insert(key, value);
             }
         }
@@ -271,6 +281,31 @@ mod tests {
         for cut in [3, 10, 40, bytes.len() - 24] {
             assert!(GgufVectors::parse(&bytes[..cut]).is_err(), "cut at {cut}");
         }
+    }
+
+    #[test]
+    fn deeply_nested_metadata_arrays_are_an_error_not_a_stack_overflow() {
+        let header = |levels: usize| {
+            let mut bytes = b"GGUF".to_vec();
+            bytes.extend(3u32.to_le_bytes());
+            bytes.extend(0u64.to_le_bytes()); // tensors
+            bytes.extend(1u64.to_le_bytes()); // metadata entries
+            bytes.extend(1u64.to_le_bytes());
+            bytes.push(b'k');
+            bytes.extend(TYPE_ARRAY.to_le_bytes());
+            for _ in 0..levels {
+                bytes.extend(TYPE_ARRAY.to_le_bytes()); // items are arrays
+                bytes.extend(1u64.to_le_bytes()); // one of them
+            }
+            bytes.extend(TYPE_UINT32.to_le_bytes());
+            bytes.extend(1u64.to_le_bytes());
+            bytes.extend(7u32.to_le_bytes());
+            bytes
+        };
+        assert!(GgufVectors::parse(&header(3)).is_ok());
+        // 55,000 levels aborted the process before (the attack of issue 21).
+        let err = GgufVectors::parse(&header(55_000)).unwrap_err();
+        assert!(err.to_string().contains("nested deeper"), "{err}");
     }
 
     #[test]
