@@ -300,6 +300,26 @@ mod tests {
     }
 
     #[test]
+    fn normalize_holds_for_tiny_and_huge_vectors_and_refuses_zero() {
+        for value in [1e-30f32, 1e20] {
+            let dir = vector_dir(&[(0, vec![value; 3])]);
+            let spec =
+                serde_json::json!({"kind": "vector", "path": "v.safetensors", "normalize": true});
+            let delta = spec_with(dir.path(), spec)
+                .unwrap()
+                .delta(0, Phase::Prefill)
+                .unwrap();
+            let norm = delta.iter().map(|x| x * x).sum::<f32>().sqrt();
+            assert!((norm - 1.0).abs() < 1e-5, "{value}: {delta:?}");
+        }
+        let dir = vector_dir(&[(0, vec![0.0; 3])]);
+        let spec =
+            serde_json::json!({"kind": "vector", "path": "v.safetensors", "normalize": true});
+        let err = spec_with(dir.path(), spec).unwrap_err();
+        assert!(err.to_string().contains("is zero"), "{err}");
+    }
+
+    #[test]
     fn normalize_makes_unit_directions() {
         let dir = vector_dir(&[(0, vec![3.0, 0.0, 4.0])]);
         let steering = spec_with(dir.path(), serde_json::json!({"kind": "vector", "path": "v.safetensors", "normalize": true, "scale": 10.0})).unwrap();

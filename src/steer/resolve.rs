@@ -119,12 +119,11 @@ impl SteerSpec {
             })?;
             check_direction(direction, layer, config)?;
             let norm = if v.normalize {
-                direction
-                    .iter()
-                    .map(|x| x * x)
-                    .sum::<f32>()
-                    .sqrt()
-                    .max(f32::MIN_POSITIVE)
+                l2_norm(direction).ok_or_else(|| {
+                    SteerError::Rule(format!(
+                        "direction for layer {layer} is zero; it cannot be normalized"
+                    ))
+                })?
             } else {
                 1.0
             };
@@ -136,6 +135,17 @@ impl SteerSpec {
         }
         Ok(additions)
     }
+}
+
+/// The L2 norm of `v`, scaled by its largest component first so that neither tiny nor huge values
+/// under- or overflow in the squares; `None` for a zero vector.
+fn l2_norm(v: &[f32]) -> Option<f32> {
+    let largest = v.iter().fold(0.0f32, |m, x| m.max(x.abs()));
+    if largest == 0.0 {
+        return None;
+    }
+    let sum: f32 = v.iter().map(|x| (x / largest).powi(2)).sum();
+    Some(largest * sum.sqrt())
 }
 
 /// A vector added at one layer's output on the positions it covers.
