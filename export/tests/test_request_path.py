@@ -129,3 +129,10 @@ def test_a_prompt_that_fills_the_context_is_refused(url: str, bundle_dir: Path) 
     response = requests.post(f"{url}/v1/completions", timeout=60, json={"prompt": "hello " * (context + 8)})
     assert response.status_code == 400
     assert "room for at least one new token" in response.json()["error"]["message"]
+
+
+def test_unknown_routes_and_methods_answer_json(url: str) -> None:
+    missing = requests.get(f"{url}/v1/nope", timeout=10)
+    assert missing.status_code == 404 and missing.json()["error"]["code"] == 404
+    wrong = requests.get(f"{url}/v1/chat/completions", timeout=10)
+    assert wrong.status_code == 405 and wrong.json()["error"]["code"] == 405
