@@ -315,15 +315,23 @@ mod tests {
     }
 
     #[test]
-    fn a_spec_that_cannot_be_read_keeps_the_reason() {
+    fn files_that_cannot_be_read_keep_the_reason() {
         let dir = tempfile::tempdir().unwrap();
         let missing = SteerSpec::load(&dir.path().join("nope.json")).unwrap_err();
+        let missing_vector =
+            super::super::Directions::load(&dir.path().join("v.gguf")).unwrap_err();
         assert!(
             matches!(missing, SteerError::MissingSpec { .. }),
             "{missing}"
         );
+        assert!(matches!(missing_vector, SteerError::MissingFile { .. }));
         // A directory is there but is not readable as a file: not "not found".
-        let err = SteerSpec::load(dir.path()).unwrap_err();
-        assert!(matches!(err, SteerError::Io { .. }), "{err}");
+        let spec = SteerSpec::load(dir.path()).unwrap_err();
+        let vector = super::super::Directions::load(dir.path()).unwrap_err();
+        assert!(matches!(spec, SteerError::Io { .. }), "{spec}");
+        assert!(
+            vector.to_string().contains("is not a regular file"),
+            "{vector}"
+        );
     }
 }
