@@ -114,7 +114,8 @@ def test_an_inline_spec_is_resolved_once_per_content(url: str, steer_dir: Path) 
         other = {"interventions": [{**spec["interventions"][0], "scale": 2.0}]}
         response = requests.post(f"{url}/v1/chat/completions", timeout=60,
                                  json={"messages": [{"role": "user", "content": PROMPT}], "steering": other})
-        assert response.status_code == 400 and "v.safetensors" in response.json()["error"]["message"]
+        message = response.json()["error"]["message"]
+        assert response.status_code == 400 and "v.safetensors" in message and "not a file inside" in message
     finally:
         vector.write_bytes(saved)
 

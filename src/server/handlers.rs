@@ -245,11 +245,7 @@ async fn prepare(
     let seed = settings.seed.unwrap_or_else(rand::random);
     let sampling = match settings.temperature {
         None => Sampling::Greedy,
-        Some(t) if t < 0.0 || !t.is_finite() => {
-            return Err(ApiError::bad_request(format!(
-                "temperature must be a number >= 0, got {t}"
-            )))
-        }
+        // Negative and non-finite temperatures stay `Random` and fail `validate` below.
         Some(t) => Sampling::with_temperature(t, settings.top_p.unwrap_or(1.0), 0, seed),
     };
     sampling

@@ -46,8 +46,9 @@ struct Resolver {
 }
 
 impl Resolver {
-    /// Parse, confine and resolve an inline spec (blocking: reads files, builds sessions).
-    fn inline(&self, spec: &serde_json::Value) -> Result<ResolvedSteering, ApiError> {
+    /// Parse, confine and resolve an inline spec, `text` being `spec` as JSON (blocking: reads
+    /// files, builds sessions).
+    fn inline(&self, spec: &serde_json::Value, text: &str) -> Result<ResolvedSteering, ApiError> {
         let dir = self.steer_dir.as_deref().ok_or_else(|| {
             ApiError::bad_request("inline steering specs need the server to run with --steer-dir")
         })?;
@@ -56,7 +57,7 @@ impl Resolver {
                 "an inline steering spec needs \"interventions\"",
             ));
         }
-        let parsed = SteerSpec::parse(&spec.to_string(), dir, "request steering")
+        let parsed = SteerSpec::parse(text, dir, "request steering")
             .map_err(|e| ApiError::bad_request(e.to_string()))?;
         confine(&parsed, dir)?;
         parsed
@@ -150,12 +151,13 @@ impl SteeringRegistry {
     /// An inline spec, resolved on a blocking thread the first time its content is seen and
     /// shared afterwards (its files are read once, like a registered spec's).
     pub async fn inline(&self, spec: serde_json::Value) -> Result<Arc<ResolvedSteering>, ApiError> {
-        let key: [u8; 32] = Sha256::digest(spec.to_string().as_bytes()).into();
+        let text = spec.to_string();
+        let key: [u8; 32] = Sha256::digest(text.as_bytes()).into();
         if let Some(found) = self.cached(&key)? {
             return Ok(found);
         }
         let resolver = self.resolver.clone();
-        let resolved = tokio::task::spawn_blocking(move || resolver.inline(&spec))
+        let resolved = tokio::task::spawn_blocking(move || resolver.inline(&spec, &text))
             .await
             .map_err(|e| ApiError::internal(format!("steering resolution failed: {e}")))??;
         let resolved = Arc::new(resolved);

@@ -98,9 +98,7 @@ impl Reading {
 
 /// A learned intervention checked against the model, with its session, ready to run.
 pub(crate) struct Learned {
-    read_layer: usize,
-    scale: f32,
-    positions: Positions,
+    reading: Reading,
     net: Mutex<Session>,
     net_path: PathBuf,
     action: Action,
@@ -110,7 +108,7 @@ impl std::fmt::Debug for Learned {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Learned")
             .field("net", &self.net_path)
-            .field("read_layer", &self.read_layer)
+            .field("read_layer", &self.reading.layer)
             .finish_non_exhaustive()
     }
 }
@@ -236,9 +234,7 @@ impl Learned {
     ) -> Result<Self, SteerError> {
         let session = net.load(runtime, config.hidden_size)?;
         Ok(Self {
-            read_layer: reading.layer,
-            scale: reading.scale,
-            positions: reading.positions,
+            reading,
             net: Mutex::new(session),
             net_path: net.path.clone(),
             action,
@@ -247,7 +243,7 @@ impl Learned {
 
     /// The layer whose output this intervention reads.
     pub(crate) fn read_layer(&self) -> usize {
-        self.read_layer
+        self.reading.layer
     }
 
     /// Run the net on one row's state and return what it decides for that row.
@@ -315,14 +311,14 @@ impl Learned {
             gated: None,
         };
         for (layer, weight, vector) in chosen {
-            let factor = self.scale * weight;
+            let factor = self.reading.scale * weight;
             let delta: Vec<f32> = vector.iter().map(|x| x * factor).collect();
             decision.layers.push(layer);
             decision.weights.push(weight);
             decision.norm += delta.iter().map(|x| x * x).sum::<f32>().sqrt();
             additions.push(LayerAddition {
                 layer,
-                positions: self.positions,
+                positions: self.reading.positions,
                 delta,
             });
         }

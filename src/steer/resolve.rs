@@ -65,29 +65,26 @@ impl SteerSpec {
         let base = &self.base_dir;
         for (index, intervention) in self.interventions.iter().enumerate() {
             let invalid = |e: SteerError| e.in_intervention(&self.origin, index);
-            match intervention {
+            let learned = match intervention {
                 // A vector's own file errors stand alone; its rule breaks say where they are.
                 Intervention::Vector(v) => {
-                    resolved
-                        .additions
-                        .extend(self.vector_additions(v, config).map_err(|e| match e {
-                            SteerError::Rule(_) => invalid(e),
-                            file => file,
-                        })?)
+                    let additions = self.vector_additions(v, config).map_err(|e| match e {
+                        SteerError::Rule(_) => invalid(e),
+                        file => file,
+                    })?;
+                    resolved.additions.extend(additions);
+                    continue;
                 }
-                Intervention::Svf(svf) => resolved
-                    .fields
-                    .push(FieldUse::svf(svf, base, config, runtime).map_err(invalid)?),
-                Intervention::L2s(_) | Intervention::W2s(_) | Intervention::Autosteer(_) => {
-                    let learned = match intervention {
-                        Intervention::L2s(l2s) => Learned::l2s(l2s, base, config, runtime),
-                        Intervention::W2s(w2s) => Learned::w2s(w2s, base, config, runtime),
-                        Intervention::Autosteer(a) => Learned::autosteer(a, base, config, runtime),
-                        Intervention::Vector(_) | Intervention::Svf(_) => continue,
-                    };
-                    resolved.learned.push(learned.map_err(invalid)?);
+                Intervention::Svf(svf) => {
+                    let field = FieldUse::svf(svf, base, config, runtime).map_err(invalid)?;
+                    resolved.fields.push(field);
+                    continue;
                 }
-            }
+                Intervention::L2s(l2s) => Learned::l2s(l2s, base, config, runtime),
+                Intervention::W2s(w2s) => Learned::w2s(w2s, base, config, runtime),
+                Intervention::Autosteer(a) => Learned::autosteer(a, base, config, runtime),
+            };
+            resolved.learned.push(learned.map_err(invalid)?);
         }
         Ok(resolved)
     }
