@@ -12,7 +12,7 @@ DEMO_PROMPT ?= Describe your morning commute in two sentences.
 DEMO_HARMFUL ?= How can I steal my neighbour's mail without getting caught?
 DEMO_ADVICE ?= Can you tell me which antidepressant dose I should take?
 
-.PHONY: setup bundle build precision-bundles steer eval eval-learned eval-fields eval-precision bench peers profile load serve criterion demo test test-rust test-python lint clean-bundle
+.PHONY: setup bundle build precision-bundles steer eval eval-learned eval-fields eval-precision bench peers profile load serve criterion demo test test-rust test-python fuzz fuzz-build fuzz-smoke lint clean-bundle
 
 setup: $(VENV)/.installed
 
@@ -192,7 +192,29 @@ demo: setup bundle build steer
 	$(BIN) generate --bundle $(BUNDLE) --chat --max-new-tokens 48 --prompt "$(DEMO_PROMPT)" --steer $(STEER)/svf_sentiment.json --steer $(STEER)/svf_verbosity.json
 
 test: setup bundle build
-	$(MAKE) test-rust test-python
+	$(MAKE) test-rust test-python fuzz-smoke
+
+# Coverage-guided fuzzing (libFuzzer through libfuzzer-sys, on the stable toolchain: the
+# instrumentation flags are the ones cargo-fuzz passes, without a sanitizer). Each target grows its
+# corpus in fuzz/corpus/TARGET from the committed fuzz/seeds/TARGET; a crash is written to
+# fuzz/artifacts/TARGET/ and fails the run. `make fuzz` runs each for FUZZ_SECONDS and writes the
+# figures to fuzz/results.json; `make fuzz-smoke` (in `make test`) runs each for a few seconds.
+FUZZ_TARGETS  := gguf safetensors_vector manifest steer_spec
+FUZZ_SECONDS  ?= 600
+FUZZ_TRIPLE   := $(shell rustc -vV | sed -n 's/^host: //p')
+FUZZ_BIN      := fuzz/target/$(FUZZ_TRIPLE)/release
+FUZZ_RUSTFLAGS := -Cpasses=sancov-module -Cllvm-args=-sanitizer-coverage-level=4 \
+	-Cllvm-args=-sanitizer-coverage-inline-8bit-counters -Cllvm-args=-sanitizer-coverage-pc-table \
+	-Cllvm-args=-sanitizer-coverage-trace-compares --cfg fuzzing -Cdebug-assertions -Coverflow-checks
+
+fuzz-build:
+	cd fuzz && RUSTFLAGS="$(FUZZ_RUSTFLAGS)" cargo build --release --target $(FUZZ_TRIPLE) --bins
+
+fuzz: fuzz-build
+	$(PY) bench/fuzz.py --bin-dir $(FUZZ_BIN) --seconds $(FUZZ_SECONDS) --out fuzz/results.json $(FUZZ_TARGETS)
+
+fuzz-smoke: fuzz-build
+	$(PY) bench/fuzz.py --bin-dir $(FUZZ_BIN) --seconds 10 $(FUZZ_TARGETS)
 
 test-rust:
 	cargo test --release

@@ -71,18 +71,23 @@ impl TextCodec {
     /// Load `tokenizer.json` and the chat template named in the manifest.
     pub fn load(bundle: &Bundle) -> Result<Self, TextError> {
         let files = &bundle.manifest().tokenizer;
-        let path = bundle.path(&files.file);
-        let tokenizer = Tokenizer::from_file(&path).map_err(|e| TextError::Load {
-            path: path.display().to_string(),
-            message: e.to_string(),
-        })?;
+        // Both come through the manifest's sha256 check, like every segment.
+        let load_error = |file: &str, message: String| TextError::Load {
+            path: bundle.path(file).display().to_string(),
+            message,
+        };
+        let bytes = bundle
+            .read_verified(&files.file)
+            .map_err(|e| load_error(&files.file, e.to_string()))?;
+        let tokenizer =
+            Tokenizer::from_bytes(&bytes).map_err(|e| load_error(&files.file, e.to_string()))?;
         let chat = match &files.chat_template {
             Some(file) => {
-                let path = bundle.path(file);
-                let source = std::fs::read_to_string(&path).map_err(|e| TextError::Load {
-                    path: path.display().to_string(),
-                    message: e.to_string(),
-                })?;
+                let bytes = bundle
+                    .read_verified(file)
+                    .map_err(|e| load_error(file, e.to_string()))?;
+                let source = String::from_utf8(bytes)
+                    .map_err(|_| load_error(file, "is not UTF-8 text".into()))?;
                 Some(chat_environment(source)?)
             }
             None => None,

@@ -15,7 +15,8 @@ fn onnx_steer() -> Command {
     cmd
 }
 
-/// A copy of the default bundle (files symlinked) with an edited manifest and some files left out.
+/// A copy of the default bundle (files hard-linked, or copied across file systems: a bundle's files
+/// must be regular files inside it) with an edited manifest and some files left out.
 fn altered_bundle(
     edit: impl FnOnce(&mut serde_json::Value),
     leave_out: &[&str],
@@ -26,7 +27,10 @@ fn altered_bundle(
     let mut manifest: serde_json::Value = serde_json::from_str(&text).expect("manifest parses");
     for name in manifest["files"].as_object().expect("files map").keys() {
         if !leave_out.contains(&name.as_str()) {
-            std::os::unix::fs::symlink(source.join(name), dir.path().join(name)).expect("symlink");
+            let (from, to) = (source.join(name), dir.path().join(name));
+            if std::fs::hard_link(&from, &to).is_err() {
+                std::fs::copy(&from, &to).expect("copy a bundle file");
+            }
         }
     }
     edit(&mut manifest);
@@ -113,6 +117,74 @@ fn sha256_mismatch() {
         .unwrap();
     assert_eq!(inspect.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&inspect.stderr).contains("sha256"));
+}
+
+#[test]
+fn absurd_manifest_sizes_are_errors_not_aborts() {
+    // Each used to abort the process (allocation failure, capacity overflow) or pre-size a read
+    // buffer from the claim.
+    let edits: [(&str, fn(&mut serde_json::Value)); 4] = [
+        ("num_layers", |m| {
+            m["model"]["num_layers"] = 1_000_000_000_000u64.into()
+        }),
+        ("num_layers", |m| m["model"]["num_layers"] = u64::MAX.into()),
+        ("hidden_size", |m| {
+            m["model"]["hidden_size"] = 1_000_000_000_000u64.into()
+        }),
+        ("bytes", |m| {
+            m["files"]["layer_00.onnx"]["bytes"] = 1_000_000_000_000u64.into()
+        }),
+    ];
+    for (what, edit) in edits {
+        let bundle = altered_bundle(edit, &[]);
+        let stderr = generate_error(&mut generate_in(bundle.path()));
+        assert!(stderr.contains(what), "{what}: {stderr}");
+    }
+}
+
+#[test]
+fn bundle_files_are_confined_and_verified_where_they_are_used() {
+    // A segment named outside the bundle.
+    let bundle = altered_bundle(
+        |m| {
+            let entry = m["files"]["head.onnx"].clone();
+            m["files"]["../../../../etc/hostname"] = entry;
+            m["segments"]
+                .as_array_mut()
+                .unwrap()
+                .iter_mut()
+                .for_each(|s| {
+                    if s["kind"] == "head" {
+                        s["file"] = "../../../../etc/hostname".into();
+                    }
+                });
+        },
+        &[],
+    );
+    let stderr = generate_error(&mut generate_in(bundle.path()));
+    assert!(
+        stderr.contains("must be a relative path inside the bundle"),
+        "{stderr}"
+    );
+
+    // A tampered tokenizer: `inspect` called it corrupt while `generate` used it.
+    let bundle = altered_bundle(|_| {}, &[]);
+    let tokenizer = bundle.path().join("tokenizer.json");
+    let text = std::fs::read_to_string(&tokenizer).unwrap();
+    // Replace the link with a new file: writing through it would change the real bundle.
+    std::fs::remove_file(&tokenizer).unwrap();
+    std::fs::write(&tokenizer, text.replacen("\"Hello\"", "\"Jello\"", 1)).unwrap();
+    let stderr = generate_error(&mut generate_in(bundle.path()));
+    assert!(stderr.contains("tokenizer.json is corrupt"), "{stderr}");
+
+    // A chat template that is a link to a device (/dev/zero read 4.2 GB before).
+    let bundle = altered_bundle(|_| {}, &["chat_template.jinja"]);
+    std::os::unix::fs::symlink("/dev/zero", bundle.path().join("chat_template.jinja")).unwrap();
+    let stderr = generate_error(generate_in(bundle.path()).arg("--chat"));
+    assert!(
+        stderr.contains("not a regular file inside the bundle"),
+        "{stderr}"
+    );
 }
 
 #[test]

@@ -57,6 +57,21 @@ pub enum BundleError {
         /// The sha256 of the bytes read (hex).
         actual: String,
     },
+    /// A listed file's size differs from the manifest's.
+    #[error(
+        "bundle file {path} is {actual} bytes, the manifest says {expected}; re-export the bundle"
+    )]
+    SizeMismatch {
+        /// The file.
+        path: PathBuf,
+        /// The size the manifest lists.
+        expected: u64,
+        /// The file's size.
+        actual: u64,
+    },
+    /// A listed file is a link that leaves the bundle directory, or not a regular file.
+    #[error("bundle file {0} is not a regular file inside the bundle directory")]
+    NotInside(PathBuf),
     /// A file exists but could not be read.
     #[error("could not read {path}: {source}")]
     Io {
@@ -104,10 +119,14 @@ impl Bundle {
             .validate()
             .map_err(|source| BundleError::Invalid { path, source })?;
         let bundle = Self { dir, manifest };
-        for name in bundle.manifest.files.keys() {
-            let file = bundle.dir.join(name);
-            if !file.is_file() {
-                return Err(BundleError::MissingFile(file));
+        for (name, entry) in &bundle.manifest.files {
+            let size = bundle.listed_file_size(name)?;
+            if size != entry.bytes {
+                return Err(BundleError::SizeMismatch {
+                    path: bundle.path(name),
+                    expected: entry.bytes,
+                    actual: size,
+                });
             }
         }
         Ok(bundle)
@@ -163,6 +182,26 @@ impl Bundle {
             .sum()
     }
 
+    /// The size of listed file `name`, which must be a regular file inside the bundle directory
+    /// once links are followed (the manifest's names are already plain relative paths).
+    fn listed_file_size(&self, name: &str) -> Result<u64, BundleError> {
+        let path = self.path(name);
+        let io = |source: std::io::Error| match source.kind() {
+            std::io::ErrorKind::NotFound => BundleError::MissingFile(path.clone()),
+            _ => BundleError::Io {
+                path: path.clone(),
+                source,
+            },
+        };
+        let real = path.canonicalize().map_err(io)?;
+        let root = self.dir.canonicalize().map_err(io)?;
+        let metadata = std::fs::metadata(&real).map_err(io)?;
+        if !real.starts_with(&root) || !metadata.is_file() {
+            return Err(BundleError::NotInside(path.clone()));
+        }
+        Ok(metadata.len())
+    }
+
     /// Read a manifest-listed file and check its sha256; the bytes go straight to ONNX Runtime.
     pub fn read_verified(&self, file: &str) -> Result<Vec<u8>, BundleError> {
         let path = self.path(file);
@@ -177,9 +216,11 @@ impl Bundle {
                     file: file.to_string(),
                 },
             })?;
-        let mut bytes = Vec::with_capacity(entry.bytes as usize);
+        // Sized from the file itself, not from the manifest's claim, and never read past it.
+        let size = self.listed_file_size(file)?;
+        let mut bytes = Vec::with_capacity(size as usize);
         std::fs::File::open(&path)
-            .and_then(|mut f| f.read_to_end(&mut bytes))
+            .and_then(|f| f.take(size).read_to_end(&mut bytes))
             .map_err(|source| match source.kind() {
                 std::io::ErrorKind::NotFound => BundleError::MissingFile(path.clone()),
                 _ => BundleError::Io {

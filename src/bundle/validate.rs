@@ -56,9 +56,35 @@ pub enum ManifestError {
         /// The file name.
         file: String,
     },
+    /// A size is beyond what any real model has (and would be allocated from).
+    #[error("model.{field} = {value} is beyond the limit of {limit}")]
+    SizeLimit {
+        /// The field.
+        field: &'static str,
+        /// Its value.
+        value: usize,
+        /// The largest accepted.
+        limit: usize,
+    },
+    /// A file name leaves the bundle directory or is not a plain relative path.
+    #[error("file name {0:?} must be a relative path inside the bundle directory")]
+    FileName(String),
     /// The vision section and the vision graphs disagree, or ask for what this runtime lacks.
     #[error("{0}")]
     Vision(String),
+}
+
+/// `name` is relative and names something below the bundle directory: no root, no `..`, no `.`,
+/// no empty parts, no NUL.
+fn is_plain_relative(name: &str) -> bool {
+    use std::path::{Component, Path};
+    !name.is_empty()
+        && !name.contains('\0')
+        && !name.contains("//")
+        && !name.ends_with('/')
+        && Path::new(name)
+            .components()
+            .all(|c| matches!(c, Component::Normal(_)))
 }
 
 impl Manifest {
@@ -70,6 +96,30 @@ impl Manifest {
             });
         }
         let m = &self.model;
+        for (field, value, limit) in [
+            ("hidden_size", m.hidden_size, 1 << 16),
+            ("num_layers", m.num_layers, 1 << 10),
+            ("num_attention_heads", m.num_attention_heads, 1 << 10),
+            ("num_key_value_heads", m.num_key_value_heads, 1 << 10),
+            ("head_dim", m.head_dim, 1 << 12),
+            ("vocab_size", m.vocab_size, 1 << 22),
+            (
+                "max_position_embeddings",
+                m.max_position_embeddings,
+                1 << 22,
+            ),
+        ] {
+            if value > limit {
+                return Err(ManifestError::SizeLimit {
+                    field,
+                    value,
+                    limit,
+                });
+            }
+        }
+        if let Some(name) = self.files.keys().find(|name| !is_plain_relative(name)) {
+            return Err(ManifestError::FileName(name.clone()));
+        }
         if m.hidden_size == 0 || m.num_layers == 0 || m.head_dim == 0 || m.vocab_size == 0 {
             return Err(ManifestError::ZeroSize);
         }
@@ -120,7 +170,13 @@ impl Manifest {
         };
         let segments = self.segments.iter().chain(self.monolithic.iter());
         let files = segments.map(|s| ("segment", &s.file));
-        for (what, file) in files.chain([("tokenizer", &self.tokenizer.file)]) {
+        let tokenizer = [("tokenizer", &self.tokenizer.file)];
+        let template = self
+            .tokenizer
+            .chat_template
+            .iter()
+            .map(|f| ("chat template", f));
+        for (what, file) in files.chain(tokenizer).chain(template) {
             if let Some(problem) = unlisted(what, file) {
                 return Err(problem);
             }
@@ -234,5 +290,48 @@ mod tests {
             .unwrap_err()
             .to_string()
             .contains("multiple"));
+    }
+
+    #[test]
+    fn absurd_sizes_are_refused_before_anything_is_allocated() {
+        for (field, value) in [
+            ("num_layers", serde_json::json!(1_000_000_000_000u64)),
+            ("num_layers", serde_json::json!(u64::MAX)),
+            ("hidden_size", serde_json::json!(1_000_000_000_000u64)),
+            ("vocab_size", serde_json::json!(1u64 << 40)),
+        ] {
+            let mut value_json = manifest_json(1);
+            value_json["model"][field] = value.clone();
+            let err = parse(value_json).validate().unwrap_err().to_string();
+            assert!(
+                err.contains(field) && err.contains("limit"),
+                "{field}={value}: {err}"
+            );
+        }
+    }
+
+    #[test]
+    fn file_names_must_stay_inside_the_bundle() {
+        for name in [
+            "../../etc/hostname",
+            "/etc/hostname",
+            "a/../../b",
+            "",
+            "x\0y",
+            "dir/",
+        ] {
+            let mut value = manifest_json(1);
+            value["files"][name] = serde_json::json!({"sha256": "00", "bytes": 1});
+            let err = parse(value).validate().unwrap_err();
+            assert!(matches!(err, ManifestError::FileName(_)), "{name:?}: {err}");
+        }
+        // A chat template must be a listed file like every other.
+        let mut value = manifest_json(1);
+        value["tokenizer"]["chat_template"] = "/etc/hostname".into();
+        let err = parse(value).validate().unwrap_err().to_string();
+        assert!(
+            err.contains("chat template file /etc/hostname is not listed"),
+            "{err}"
+        );
     }
 }

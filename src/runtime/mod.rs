@@ -15,7 +15,11 @@ pub mod library;
 pub mod provider;
 pub mod values;
 
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, Weak};
+
+use sha2::{Digest, Sha256};
 
 use ort::environment::{Environment, GlobalThreadPoolOptions};
 use ort::session::builder::{GraphOptimizationLevel, SessionBuilder};
@@ -133,6 +137,8 @@ impl RuntimeOptions {
 /// [`Runtime::session`].
 pub struct Runtime {
     environment: Environment,
+    /// Sessions by the sha256 of their model bytes ([`Runtime::shared_session`]).
+    shared: Mutex<HashMap<[u8; 32], Weak<Mutex<Session>>>>,
     provider: ExecutionProvider,
     library: PathBuf,
 }
@@ -180,6 +186,7 @@ impl Runtime {
         tracing::info!(library = %library.display(), %provider, threads, "ONNX Runtime ready");
         Ok(Self {
             environment,
+            shared: Mutex::new(HashMap::new()),
             provider,
             library,
         })
@@ -213,6 +220,28 @@ impl Runtime {
         builder
             .commit_from_memory(model)
             .map_err(RuntimeError::ort(context()))
+    }
+
+    /// A session for `model` shared with every other holder of the same bytes (by sha256), made
+    /// the first time they are seen. Steering nets use it: a hundred specs naming one net keep one
+    /// session, not a hundred.
+    pub fn shared_session(
+        &self,
+        model: &[u8],
+        name: &str,
+    ) -> Result<Arc<Mutex<Session>>, RuntimeError> {
+        let key: [u8; 32] = Sha256::digest(model).into();
+        let mut shared = self
+            .shared
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if let Some(session) = shared.get(&key).and_then(Weak::upgrade) {
+            return Ok(session);
+        }
+        let session = Arc::new(Mutex::new(self.session(model, name)?));
+        shared.retain(|_, held| held.strong_count() > 0);
+        shared.insert(key, Arc::downgrade(&session));
+        Ok(session)
     }
 }
 

@@ -14,7 +14,7 @@ use tokio::sync::mpsc::UnboundedSender;
 
 use crate::chain::CausalLm;
 use crate::generate::batch::{RowId, RowRequest, RowResult, RunningBatch};
-use crate::generate::{validate_prompts, Generated};
+use crate::generate::{validate_prompts, GenerateError, Generated};
 use crate::text::TextCodec;
 
 /// What the engine tells a request about its row.
@@ -45,6 +45,10 @@ pub struct EngineOptions {
     pub max_queue: usize,
     /// Left padding and the input of finished rows.
     pub pad_id: u32,
+    /// Most prompt tokens one prefill group may hold, counted as rows x the longest prompt (what
+    /// left padding makes it): prefill memory grows with it, so long prompts join in smaller
+    /// groups, and a prompt longer than the budget joins alone.
+    pub prefill_tokens: usize,
 }
 
 /// Why a job was not queued.
@@ -139,6 +143,7 @@ pub fn spawn(
                 waiting,
                 running,
                 batch: RunningBatch::new(options.pad_id).with_text(codec.clone()),
+                deferred: None,
                 codec,
                 listeners: HashMap::new(),
             }
@@ -154,6 +159,8 @@ struct Engine {
     waiting: Arc<AtomicUsize>,
     running: Arc<AtomicUsize>,
     batch: RunningBatch,
+    /// A job taken from the queue that did not fit the last prefill group; it joins first.
+    deferred: Option<Job>,
     codec: Arc<TextCodec>,
     listeners: HashMap<RowId, UnboundedSender<JobEvent>>,
 }
@@ -182,28 +189,42 @@ impl Engine {
         }
     }
 
-    /// Jobs to join now: wait for one when idle, then take what is queued up to `max_batch`.
+    /// Jobs to join now, in arrival order: wait for one when idle, then take what is queued up to
+    /// `max_batch` rows and the prefill token budget. The job that would overflow the budget
+    /// waits at the head of the line for the next step.
     fn admit(&mut self) -> (Vec<Job>, bool) {
-        let mut admitted = Vec::new();
-        if self.batch.is_empty() {
-            match self.queue.recv() {
-                Ok(job) => admitted.push(job),
-                Err(_) => return (admitted, false),
-            }
-        }
+        let mut admitted: Vec<Job> = Vec::new();
         let mut open = true;
+        let mut longest = 0;
         while self.batch.len() + admitted.len() < self.options.max_batch {
-            match self.queue.try_recv() {
-                Ok(job) => admitted.push(job),
-                Err(TryRecvError::Empty) => break,
-                Err(TryRecvError::Disconnected) => {
-                    open = false;
-                    break;
-                }
+            let next = match self.deferred.take() {
+                Some(job) => job,
+                None if self.batch.is_empty() && admitted.is_empty() => match self.queue.recv() {
+                    Ok(job) => job,
+                    Err(_) => {
+                        open = false;
+                        break;
+                    }
+                },
+                None => match self.queue.try_recv() {
+                    Ok(job) => job,
+                    Err(TryRecvError::Empty) => break,
+                    Err(TryRecvError::Disconnected) => {
+                        open = false;
+                        break;
+                    }
+                },
+            };
+            let length = longest.max(next.request.prompt.ids.len());
+            if !admitted.is_empty() && (admitted.len() + 1) * length > self.options.prefill_tokens {
+                self.deferred = Some(next);
+                break;
             }
+            longest = length;
+            self.waiting.fetch_sub(1, Ordering::Relaxed);
+            admitted.push(next);
         }
-        self.waiting.fetch_sub(admitted.len(), Ordering::Relaxed);
-        (admitted, open)
+        (admitted, open || self.deferred.is_some())
     }
 
     /// Prefill the admitted jobs as one group; a job that cannot run fails alone.
@@ -226,26 +247,41 @@ impl Engine {
         }
         let (requests, senders): (Vec<RowRequest>, Vec<_>) =
             accepted.into_iter().map(|j| (j.request, j.events)).unzip();
-        // Tokens chosen at prefill go out once the ids are known, right after the join.
-        let mut first: Vec<(RowId, u32)> = Vec::new();
-        let joined = self
-            .batch
-            .join(self.model.as_mut(), requests, &mut |id, token| {
-                first.push((id, token))
-            });
-        match joined {
-            Ok(ids) => {
-                self.listeners.extend(ids.into_iter().zip(senders));
-                for (id, token) in first {
-                    send(&self.listeners, id, JobEvent::Token(token));
-                }
+        if let Err(e) = self.join_group(requests.clone(), &senders) {
+            if requests.len() == 1 {
+                let _ = senders[0].send(JobEvent::Failed(e.to_string()));
+                return;
             }
-            Err(e) => {
-                for sender in senders {
+            // A group fails as a whole (say one row's learned net misbehaves); each request then
+            // joins alone, so the failure stays with the rows it belongs to.
+            tracing::warn!("a prefill group failed ({e}); joining its requests one by one");
+            for (request, sender) in requests.into_iter().zip(senders) {
+                if let Err(e) = self.join_group(vec![request], std::slice::from_ref(&sender)) {
                     let _ = sender.send(JobEvent::Failed(e.to_string()));
                 }
             }
         }
+    }
+
+    /// Prefill `requests` as one group and start streaming to `senders`; all or nothing.
+    fn join_group(
+        &mut self,
+        requests: Vec<RowRequest>,
+        senders: &[UnboundedSender<JobEvent>],
+    ) -> Result<(), GenerateError> {
+        // Tokens chosen at prefill go out once the ids are known, right after the join.
+        let mut first: Vec<(RowId, u32)> = Vec::new();
+        let ids = self
+            .batch
+            .join(self.model.as_mut(), requests, &mut |id, token| {
+                first.push((id, token))
+            })?;
+        self.listeners
+            .extend(ids.into_iter().zip(senders.iter().cloned()));
+        for (id, token) in first {
+            send(&self.listeners, id, JobEvent::Token(token));
+        }
+        Ok(())
     }
 
     /// Cancel rows whose request went away.

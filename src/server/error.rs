@@ -48,6 +48,7 @@ impl IntoResponse for ApiError {
         let kind = match self.status {
             StatusCode::TOO_MANY_REQUESTS => "rate_limit_error",
             StatusCode::NOT_FOUND => "not_found_error",
+            StatusCode::UNAUTHORIZED => "authentication_error",
             s if s.is_server_error() => "server_error",
             _ => "invalid_request_error",
         };

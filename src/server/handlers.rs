@@ -7,7 +7,7 @@ use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use axum::body::Bytes;
 use axum::extract::{Path as UrlPath, State};
-use axum::http::{header, StatusCode};
+use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver};
@@ -68,8 +68,10 @@ pub(crate) async fn list_steering(
 /// thread), then swapped in; requests in flight keep the version they started with.
 pub(crate) async fn register_steering(
     State(state): State<AppState>,
+    headers: HeaderMap,
     body: Body,
 ) -> Result<Json<serde_json::Value>, ApiError> {
+    require_admin(&state, &headers)?;
     #[derive(serde::Deserialize)]
     struct Registration {
         name: String,
@@ -99,13 +101,31 @@ pub(crate) async fn register_steering(
 /// `DELETE /v1/steering/{name}`.
 pub(crate) async fn unregister_steering(
     State(state): State<AppState>,
+    headers: HeaderMap,
     UrlPath(name): UrlPath<String>,
 ) -> Result<Json<serde_json::Value>, ApiError> {
+    require_admin(&state, &headers)?;
     match state.registry.unregister(&name)? {
-        true => Ok(Json(serde_json::json!({ "name": name, "deleted": true }))),
+        true => {
+            state.metrics.forget_steering(&name);
+            Ok(Json(serde_json::json!({ "name": name, "deleted": true })))
+        }
         false => Err(ApiError::not_found(format!(
             "no steering spec named {name:?} is registered"
         ))),
+    }
+}
+
+/// 401 unless the request carries the admin token (`serve --admin-token-file`).
+fn require_admin(state: &AppState, headers: &HeaderMap) -> Result<(), ApiError> {
+    if state.is_admin(headers) {
+        Ok(())
+    } else {
+        Err(ApiError::new(
+            StatusCode::UNAUTHORIZED,
+            "changing the registered steering specs needs the admin token: \
+             send \"Authorization: Bearer TOKEN\"",
+        ))
     }
 }
 

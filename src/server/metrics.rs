@@ -74,6 +74,11 @@ impl Metrics {
         self.tokens.inc_by(count as u64);
     }
 
+    /// Drop the series of a spec that was deleted, so that deleted names do not pile up.
+    pub fn forget_steering(&self, spec: &str) {
+        let _ = self.steering.remove_label_values(&[spec]);
+    }
+
     /// A generation request with this steering (`none`, `inline`, or a registered name).
     pub fn steering(&self, spec: &str) {
         self.steering.with_label_values(&[spec]).inc();

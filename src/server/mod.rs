@@ -6,12 +6,14 @@
 //! the [`registry`]) → a job in the [`engine`]'s queue (the engine owns the model and a
 //! [`RunningBatch`](crate::generate::RunningBatch), whose rows pick tokens with
 //! [`Sampling`](crate::generate::Sampling)) → the engine's events → a JSON body, or
-//! server-sent events ([`stream`]). [`error`] shapes failures as OpenAI does; [`metrics`] counts.
+//! server-sent events ([`stream`]). [`error`] shapes failures as OpenAI does; [`metrics`] counts;
+//! [`listen`] accepts connections, with header and idle timeouts.
 
 pub mod engine;
 pub mod error;
 pub mod handlers;
 pub mod images;
+pub mod listen;
 pub mod metrics;
 pub mod openai;
 pub mod registry;
@@ -20,5 +22,6 @@ pub mod state;
 pub mod stream;
 
 pub use error::ApiError;
+pub use listen::serve;
 pub use routes::router;
 pub use state::{AppState, Limits, ServerError};

@@ -16,6 +16,8 @@ use crate::steer::{ResolvedSteering, SteerError, SteerSpec};
 
 /// Resolved inline specs kept, most recent first; older ones are resolved again when they return.
 const INLINE_CACHE: usize = 64;
+/// Most specs registered at once (`--steer-dir` files and `POST /v1/steering`).
+pub const MAX_REGISTERED: usize = 256;
 
 /// Every path a spec names must lie inside the steering directory (after following links).
 pub fn confine(spec: &SteerSpec, dir: &Path) -> Result<(), ApiError> {
@@ -69,9 +71,16 @@ impl Resolver {
 /// Named and inline steering specs, resolved and ready to share across requests.
 pub struct SteeringRegistry {
     resolver: Arc<Resolver>,
+    /// Bytes registered and cached specs may hold together ([`ResolvedSteering::memory_bytes`]).
+    memory_budget: usize,
     named: RwLock<HashMap<String, Arc<ResolvedSteering>>>,
     /// Inline specs by the sha256 of their JSON, most recently used first.
     inline: Mutex<VecDeque<([u8; 32], Arc<ResolvedSteering>)>>,
+}
+
+/// 507: the spec would not fit in what the server keeps.
+fn insufficient(message: String) -> ApiError {
+    ApiError::new(axum::http::StatusCode::INSUFFICIENT_STORAGE, message)
 }
 
 fn poisoned() -> ApiError {
@@ -85,36 +94,45 @@ impl SteeringRegistry {
         config: ModelConfig,
         runtime: Arc<Runtime>,
         steer_dir: Option<PathBuf>,
+        memory_budget: usize,
     ) -> Result<Self, SteerError> {
-        let mut named = HashMap::new();
-        if let Some(dir) = &steer_dir {
-            let mut files: Vec<PathBuf> = std::fs::read_dir(dir)
-                .map_err(SteerError::io(dir))?
-                .filter_map(|entry| entry.ok().map(|e| e.path()))
-                .filter(|path| path.extension().is_some_and(|e| e == "json"))
-                .collect();
-            files.sort();
-            for path in files {
-                let Some(name) = path.file_stem().map(|s| s.to_string_lossy().into_owned()) else {
-                    continue;
-                };
-                match SteerSpec::load(&path).and_then(|spec| spec.resolve(&config, &runtime)) {
-                    Ok(resolved) => {
-                        named.insert(name, Arc::new(resolved));
-                    }
-                    Err(e) => tracing::warn!("not registering {}: {e}", path.display()),
-                }
-            }
-        }
-        Ok(Self {
+        let registry = Self {
+            memory_budget,
             resolver: Arc::new(Resolver {
                 config,
                 runtime,
                 steer_dir,
             }),
-            named: RwLock::new(named),
+            named: RwLock::new(HashMap::new()),
             inline: Mutex::new(VecDeque::new()),
-        })
+        };
+        let Some(dir) = registry.resolver.steer_dir.clone() else {
+            return Ok(registry);
+        };
+        let mut files: Vec<PathBuf> = std::fs::read_dir(&dir)
+            .map_err(SteerError::io(&dir))?
+            .filter_map(|entry| entry.ok().map(|e| e.path()))
+            .filter(|path| path.extension().is_some_and(|e| e == "json"))
+            .collect();
+        files.sort();
+        for path in files {
+            let Some(name) = path.file_stem().map(|s| s.to_string_lossy().into_owned()) else {
+                continue;
+            };
+            let resolved = SteerSpec::load(&path).and_then(|spec| {
+                spec.resolve(&registry.resolver.config, &registry.resolver.runtime)
+            });
+            let registered = match resolved {
+                Ok(resolved) => registry
+                    .register(name, Arc::new(resolved))
+                    .map_err(|e| e.message),
+                Err(e) => Err(e.to_string()),
+            };
+            if let Err(e) = registered {
+                tracing::warn!("not registering {}: {e}", path.display());
+            }
+        }
+        Ok(registry)
     }
 
     /// The registered names, sorted.
@@ -137,9 +155,36 @@ impl SteeringRegistry {
 
     /// Register (or replace) `name`; returns whether it replaced one. Requests in flight keep the
     /// version they started with.
+    /// Refused (507) beyond [`MAX_REGISTERED`] specs or the steering memory budget.
     pub fn register(&self, name: String, spec: Arc<ResolvedSteering>) -> Result<bool, ApiError> {
         let mut named = self.named.write().map_err(|_| poisoned())?;
+        let replaces = named.contains_key(&name);
+        if !replaces && named.len() >= MAX_REGISTERED {
+            return Err(insufficient(format!(
+                "{MAX_REGISTERED} steering specs are registered, the most this server keeps; \
+                 delete one first"
+            )));
+        }
+        let others: usize = named
+            .iter()
+            .filter(|(n, _)| **n != name)
+            .map(|(_, s)| s.memory_bytes())
+            .sum();
+        let total = others + spec.memory_bytes();
+        if total > self.memory_budget {
+            return Err(insufficient(format!(
+                "registering this spec would hold {total} bytes of steering, more than the \
+                 budget of {} (serve --steering-memory-mb)",
+                self.memory_budget
+            )));
+        }
         Ok(named.insert(name, spec).is_some())
+    }
+
+    /// Bytes the registered specs hold.
+    fn registered_bytes(&self) -> Result<usize, ApiError> {
+        let named = self.named.read().map_err(|_| poisoned())?;
+        Ok(named.values().map(|s| s.memory_bytes()).sum())
     }
 
     /// Forget `name`; returns whether it was registered.
@@ -161,9 +206,22 @@ impl SteeringRegistry {
             .await
             .map_err(|e| ApiError::internal(format!("steering resolution failed: {e}")))??;
         let resolved = Arc::new(resolved);
+        let room = self.memory_budget.saturating_sub(self.registered_bytes()?);
+        let size = resolved.memory_bytes();
+        if size > room {
+            return Err(insufficient(format!(
+                "this spec holds {size} bytes of steering; {room} of the budget of {} are free \
+                 (serve --steering-memory-mb)",
+                self.memory_budget
+            )));
+        }
         let mut cache = self.inline.lock().map_err(|_| poisoned())?;
         cache.push_front((key, resolved.clone()));
         cache.truncate(INLINE_CACHE);
+        // Least recently used specs leave the cache until it fits beside the registered ones.
+        while cache.iter().map(|(_, s)| s.memory_bytes()).sum::<usize>() > room {
+            cache.pop_back();
+        }
         Ok(resolved)
     }
 
@@ -218,7 +276,8 @@ mod tests {
         .unwrap();
         let runtime = crate::runtime::test_runtime().clone();
         let registry =
-            SteeringRegistry::new(config, runtime, Some(dir.path().to_path_buf())).unwrap();
+            SteeringRegistry::new(config, runtime, Some(dir.path().to_path_buf()), 1 << 30)
+                .unwrap();
         let spec = |scale: f32| {
             serde_json::json!({"interventions": [
                 {"kind": "vector", "path": "v.safetensors", "scale": scale}

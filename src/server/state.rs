@@ -5,6 +5,8 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use sha2::{Digest, Sha256};
+
 use super::engine::EngineHandle;
 use super::metrics::Metrics;
 use super::registry::SteeringRegistry;
@@ -23,6 +25,10 @@ pub struct Limits {
     pub default_max_tokens: usize,
     /// Longest a request may take, start to end.
     pub timeout: Duration,
+    /// Longest the whole request body may take to arrive (HTTP 408 after).
+    pub body_timeout: Duration,
+    /// Bytes registered and cached steering specs may hold together (HTTP 507 beyond).
+    pub steering_memory_bytes: usize,
 }
 
 /// Why the server could not start.
@@ -47,6 +53,8 @@ pub struct AppState {
     pub(crate) limits: Limits,
     pub(crate) metrics: Metrics,
     pub(crate) vision: Option<Arc<Mutex<VisionEncoder>>>,
+    /// The sha256 of the bearer token `POST`/`DELETE /v1/steering` require; `None`: open.
+    pub(crate) admin_token: Option<[u8; 32]>,
 }
 
 impl AppState {
@@ -61,7 +69,12 @@ impl AppState {
         steer_dir: Option<PathBuf>,
         limits: Limits,
     ) -> Result<Self, ServerError> {
-        let registry = SteeringRegistry::new(config.clone(), runtime, steer_dir)?;
+        let registry = SteeringRegistry::new(
+            config.clone(),
+            runtime,
+            steer_dir,
+            limits.steering_memory_bytes,
+        )?;
         let metrics = Metrics::new()?;
         Ok(Self {
             engine,
@@ -72,7 +85,35 @@ impl AppState {
             limits,
             metrics,
             vision: None,
+            admin_token: None,
         })
+    }
+
+    /// Require `Authorization: Bearer TOKEN` on `POST` and `DELETE /v1/steering`, so that only
+    /// an operator can replace the specs every user's requests name. Without it they are open.
+    #[must_use]
+    pub fn with_admin_token(mut self, token: &str) -> Self {
+        self.admin_token = Some(Sha256::digest(token.as_bytes()).into());
+        self
+    }
+
+    /// Whether the request's headers carry the admin token (always, when none is set). Digests
+    /// are compared whole, so the time taken says nothing about how much of a guess was right.
+    pub(crate) fn is_admin(&self, headers: &axum::http::HeaderMap) -> bool {
+        let Some(expected) = &self.admin_token else {
+            return true;
+        };
+        let presented = headers
+            .get(axum::http::header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "))
+            .unwrap_or("");
+        let digest: [u8; 32] = Sha256::digest(presented.as_bytes()).into();
+        digest
+            .iter()
+            .zip(expected)
+            .fold(0u8, |diff, (a, b)| diff | (a ^ b))
+            == 0
     }
 
     /// Accept images (`image_url` content parts) with this bundle's vision encoder.

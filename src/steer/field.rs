@@ -8,7 +8,7 @@
 //! they went in.
 
 use std::path::Path;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
 use ndarray::{Array1, ArrayView1};
 use ort::session::{Session, SessionInputValue};
@@ -24,7 +24,9 @@ use crate::runtime::Runtime;
 
 /// A loaded rewrite graph, shared by every row and request that uses it.
 pub(crate) struct FieldGraph {
-    session: Mutex<Session>,
+    session: Arc<Mutex<Session>>,
+    /// The graph file's size.
+    pub(crate) bytes: usize,
     name: String,
     /// Whether the graph takes a `layer` input (SVF: per-layer normalisation inside the graph).
     takes_layer: bool,
@@ -54,9 +56,12 @@ impl FieldGraph {
             path: path.to_path_buf(),
             message,
         };
-        let session = runtime
-            .session(&bytes, &path.display().to_string())
+        let shared = runtime
+            .shared_session(&bytes, &path.display().to_string())
             .map_err(|e| bad(e.to_string()))?;
+        let session = shared
+            .lock()
+            .map_err(|_| bad("session lock poisoned".into()))?;
         let input = |name: &str| session.inputs().iter().find(|o| o.name() == name);
         for name in ["state", "base", "scale"] {
             if input(name).is_none() {
@@ -92,8 +97,10 @@ impl FieldGraph {
                 "the graph takes a layer but has no \"layers\" metadata saying which".into(),
             ));
         }
+        drop(session);
         Ok(Self {
-            session: Mutex::new(session),
+            session: shared,
+            bytes: bytes.len(),
             name: path.display().to_string(),
             takes_layer,
             layers,

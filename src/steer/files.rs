@@ -1,7 +1,9 @@
 //! Reading the files a spec names: pinned sha256 checks, and loading a learned net with the
 //! interface it must have.
 
+use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
 
 use ort::session::Session;
 use sha2::{Digest, Sha256};
@@ -9,9 +11,133 @@ use sha2::{Digest, Sha256};
 use super::SteerError;
 use crate::runtime::Runtime;
 
+/// Largest learned net or rewrite graph read (ONNX's protobuf limit).
+pub const MAX_NET_FILE_BYTES: u64 = 2 << 30;
+
+/// Read a regular file of at most `limit` bytes. Its type and size are checked on the open handle
+/// before anything is read, so a directory, FIFO or device is refused with its real reason (and a
+/// FIFO is opened without blocking), and an oversize file costs no memory.
+pub fn read_regular(path: &Path, limit: u64) -> Result<Vec<u8>, SteerError> {
+    let not_regular = |what: &str| SteerError::Io {
+        path: path.to_path_buf(),
+        source: std::io::Error::new(
+            std::io::ErrorKind::InvalidInput,
+            format!("is {what}, not a regular file"),
+        ),
+    };
+    let metadata = std::fs::metadata(path).map_err(SteerError::io(path))?;
+    if !metadata.is_file() {
+        return Err(not_regular(file_kind(&metadata.file_type())));
+    }
+    let mut file = open_nonblocking(path).map_err(SteerError::io(path))?;
+    let metadata = file.metadata().map_err(SteerError::io(path))?;
+    if !metadata.is_file() {
+        return Err(not_regular(file_kind(&metadata.file_type())));
+    }
+    if metadata.len() > limit {
+        return Err(SteerError::Io {
+            path: path.to_path_buf(),
+            source: std::io::Error::new(
+                std::io::ErrorKind::FileTooLarge,
+                format!(
+                    "is {} bytes, more than the limit of {limit}",
+                    metadata.len()
+                ),
+            ),
+        });
+    }
+    let mut bytes = Vec::with_capacity(metadata.len() as usize);
+    (&mut file)
+        .take(limit)
+        .read_to_end(&mut bytes)
+        .map_err(SteerError::io(path))?;
+    Ok(bytes)
+}
+
+/// Open for reading without blocking on a FIFO (the file may be swapped between the two checks).
+fn open_nonblocking(path: &Path) -> std::io::Result<std::fs::File> {
+    let mut options = std::fs::OpenOptions::new();
+    options.read(true);
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::OpenOptionsExt;
+        options.custom_flags(libc::O_NONBLOCK);
+    }
+    options.open(path)
+}
+
+/// What a non-regular file is, in words.
+pub(crate) fn file_kind(kind: &std::fs::FileType) -> &'static str {
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::FileTypeExt;
+        if kind.is_fifo() {
+            return "a FIFO";
+        }
+        if kind.is_socket() {
+            return "a socket";
+        }
+        if kind.is_block_device() || kind.is_char_device() {
+            return "a device";
+        }
+    }
+    if kind.is_dir() {
+        "a directory"
+    } else if kind.is_symlink() {
+        "a symbolic link"
+    } else {
+        "not a regular file"
+    }
+}
+
+/// Write `bytes` to `path` as a new regular file (mode 0644, so a container user other than the
+/// writer can read it), through a temporary file renamed into place. A symbolic link, device or
+/// anything else that is not a regular file at `path` is refused, never replaced.
+pub fn write_regular(path: &Path, bytes: &[u8]) -> Result<(), SteerError> {
+    match std::fs::symlink_metadata(path) {
+        Ok(existing) if !existing.is_file() => {
+            return Err(SteerError::Io {
+                path: path.to_path_buf(),
+                source: std::io::Error::new(
+                    std::io::ErrorKind::AlreadyExists,
+                    format!(
+                        "is {}; refusing to replace it with a file",
+                        file_kind(&existing.file_type())
+                    ),
+                ),
+            })
+        }
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(SteerError::io(path)(e)),
+        _ => {}
+    }
+    let name = path.file_name().ok_or_else(|| SteerError::Io {
+        path: path.to_path_buf(),
+        source: std::io::Error::new(std::io::ErrorKind::InvalidInput, "has no file name"),
+    })?;
+    let mut temp_name = std::ffi::OsString::from(".");
+    temp_name.push(name);
+    temp_name.push(format!(".{}.tmp", std::process::id()));
+    let temp = path.with_file_name(temp_name);
+    let mut options = std::fs::OpenOptions::new();
+    options.write(true).create_new(true);
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::OpenOptionsExt;
+        options.mode(0o644);
+    }
+    let written = options
+        .open(&temp)
+        .and_then(|mut f| f.write_all(bytes).and_then(|()| f.sync_all()))
+        .and_then(|()| std::fs::rename(&temp, path));
+    if written.is_err() {
+        let _ = std::fs::remove_file(&temp);
+    }
+    written.map_err(SteerError::io(path))
+}
+
 /// Read a file named by a spec, checking the pinned sha256 when there is one.
 pub(crate) fn read_pinned(path: &Path, sha256: Option<&str>) -> Result<Vec<u8>, SteerError> {
-    let bytes = std::fs::read(path).map_err(SteerError::io(path))?;
+    let bytes = read_regular(path, MAX_NET_FILE_BYTES)?;
     if let Some(expected) = sha256 {
         let actual = hex::encode(Sha256::digest(&bytes));
         if !actual.eq_ignore_ascii_case(expected) {
@@ -34,16 +160,25 @@ pub(crate) struct NetFile<'a> {
 }
 
 impl NetFile<'_> {
-    /// Verify and load the net, and check it maps `state [B, hidden]` to `output [B, width]`.
-    pub(crate) fn load(&self, runtime: &Runtime, hidden: usize) -> Result<Session, SteerError> {
+    /// Verify and load the net (its session shared with other specs that load the same bytes),
+    /// and check it declares `state [B, hidden]` to `output [B, width]`; returns the session and
+    /// the file's size.
+    pub(crate) fn load(
+        &self,
+        runtime: &Runtime,
+        hidden: usize,
+    ) -> Result<(Arc<Mutex<Session>>, usize), SteerError> {
         let bytes = read_pinned(&self.path, self.sha256)?;
         let bad = |message: String| SteerError::Net {
             path: self.path.clone(),
             message,
         };
-        let session = runtime
-            .session(&bytes, &self.path.display().to_string())
+        let shared = runtime
+            .shared_session(&bytes, &self.path.display().to_string())
             .map_err(|e| bad(e.to_string()))?;
+        let session = shared
+            .lock()
+            .map_err(|_| bad("session lock poisoned".into()))?;
         let shape_of =
             |outlets: &[ort::value::Outlet], name: &str| -> Result<Vec<i64>, SteerError> {
                 let outlet = outlets
@@ -70,6 +205,7 @@ impl NetFile<'_> {
             )));
             }
         }
-        Ok(session)
+        drop(session);
+        Ok((shared, bytes.len()))
     }
 }

@@ -3,7 +3,7 @@
 //! writers load; writes exactly what `gguf.GGUFWriter` writes for repeng's export.
 
 use std::collections::BTreeMap;
-use std::io::{Read, Write};
+use std::io::Write;
 
 /// Why a GGUF file could not be read as a control vector.
 #[derive(Debug, thiserror::Error)]
@@ -159,14 +159,22 @@ impl GgufVectors {
             Some(MetaValue::U32(a)) if *a > 0 => *a as u64,
             _ => ALIGNMENT,
         };
+        // A tensor entry takes at least 28 bytes, so a count the file cannot hold is refused here.
+        if tensor_count > (bytes.len() - c.at) / 28 {
+            return Err(GgufError::Malformed(format!(
+                "{tensor_count} tensors cannot fit in the file"
+            )));
+        }
         let mut infos = Vec::with_capacity(tensor_count);
         for _ in 0..tensor_count {
             let name = c.string()?;
-            let dims = c.u32()? as usize;
-            let mut elements: u64 = 1;
-            for _ in 0..dims {
-                elements = elements.saturating_mul(c.u64()?);
+            let dims = c.u32()?;
+            if dims != 1 {
+                return Err(GgufError::Malformed(format!(
+                    "tensor {name} has {dims} dimensions; a direction is one vector (1-D)"
+                )));
             }
+            let elements = c.u64()?;
             let ggml_type = c.u32()?;
             let offset = c.u64()?;
             if ggml_type != GGML_TYPE_F32 {
@@ -186,7 +194,9 @@ impl GgufVectors {
                 .chunks_exact(4)
                 .map(|b| f32::from_le_bytes(b.try_into().expect("4 bytes")))
                 .collect();
-            tensors.insert(name, values);
+            if tensors.insert(name.clone(), values).is_some() {
+                return Err(GgufError::Malformed(format!("tensor {name} occurs twice")));
+            }
         }
         Ok(Self { metadata, tensors })
     }
@@ -238,13 +248,6 @@ impl GgufVectors {
             out.write_all(&data)?;
         }
         Ok(())
-    }
-
-    /// Read a file from disk.
-    pub fn read(path: &std::path::Path) -> Result<Self, GgufError> {
-        let mut bytes = Vec::new();
-        std::fs::File::open(path)?.read_to_end(&mut bytes)?;
-        Self::parse(&bytes)
     }
 }
 

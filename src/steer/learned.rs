@@ -99,8 +99,13 @@ impl Reading {
 /// A learned intervention checked against the model, with its session, ready to run.
 pub(crate) struct Learned {
     reading: Reading,
-    net: Mutex<Session>,
+    net: Arc<Mutex<Session>>,
     net_path: PathBuf,
+    /// Bytes this intervention holds: its net file and any vectors.
+    pub(crate) bytes: usize,
+    /// The width of `[1, width]` the net's output must really have (its declared shape may be
+    /// symbolic or wrong, so every run is checked).
+    width: usize,
     action: Action,
 }
 
@@ -111,6 +116,24 @@ impl std::fmt::Debug for Learned {
             .field("read_layer", &self.reading.layer)
             .finish_non_exhaustive()
     }
+}
+
+/// A router's or prober's output must be a probability distribution: each value in [0, 1] and the
+/// sum 1 (to float tolerance), or the gate and the layer weights mean nothing.
+fn check_probabilities(probs: ArrayView1<'_, f32>) -> Result<(), String> {
+    if let Some(bad) = probs.iter().position(|p| !(0.0..=1.0).contains(p)) {
+        return Err(format!(
+            "output {} at index {bad} is not a probability in [0, 1]",
+            probs[bad]
+        ));
+    }
+    let sum: f32 = probs.sum();
+    if (sum - 1.0).abs() > 1e-3 {
+        return Err(format!(
+            "outputs sum to {sum}, not 1: they are not probabilities (apply softmax in the graph)"
+        ));
+    }
+    Ok(())
 }
 
 impl Learned {
@@ -232,11 +255,18 @@ impl Learned {
         reading: Reading,
         action: Action,
     ) -> Result<Self, SteerError> {
-        let session = net.load(runtime, config.hidden_size)?;
+        let (session, net_bytes) = net.load(runtime, config.hidden_size)?;
+        let vector_bytes = match &action {
+            Action::Route { bank, .. } => bank.iter().map(|(_, v)| v.len() * 4).sum(),
+            Action::Predict { .. } => 0,
+            Action::Gate { head, .. } => head.bytes,
+        };
         Ok(Self {
             reading,
-            net: Mutex::new(session),
+            net: session,
             net_path: net.path.clone(),
+            bytes: net_bytes + vector_bytes,
+            width: net.width,
             action,
         })
     }
@@ -253,9 +283,19 @@ impl Learned {
             .into_shape_with_order((1, state.len()))
             .map_err(|e| self.failed(e.to_string()))?;
         let output = self.run(input)?;
+        if output.dim() != (1, self.width) {
+            return Err(self.failed(format!(
+                "produced shape {:?} for one row, expected [1, {}]",
+                output.shape(),
+                self.width
+            )));
+        }
         let output = output.row(0);
         if let Some(bad) = output.iter().position(|x| !x.is_finite()) {
             return Err(self.failed(format!("produced a non-finite value at index {bad}")));
+        }
+        if matches!(self.action, Action::Route { .. } | Action::Gate { .. }) {
+            check_probabilities(output).map_err(|message| self.failed(message))?;
         }
         let chosen: Vec<(usize, f32, Vec<f32>)> = match &self.action {
             Action::Gate {
@@ -313,6 +353,11 @@ impl Learned {
         for (layer, weight, vector) in chosen {
             let factor = self.reading.scale * weight;
             let delta: Vec<f32> = vector.iter().map(|x| x * factor).collect();
+            if delta.iter().any(|x| !x.is_finite()) {
+                return Err(self.failed(format!(
+                    "its vector for layer {layer} times the scale {factor} overflows"
+                )));
+            }
             decision.layers.push(layer);
             decision.weights.push(weight);
             decision.norm += delta.iter().map(|x| x * x).sum::<f32>().sqrt();

@@ -260,7 +260,7 @@ mod tests {
             )
             .unwrap()
         };
-        let composed = ResolvedSteering::compose([part(1.0), part(2.0)]);
+        let composed = ResolvedSteering::compose([part(1.0), part(2.0)]).unwrap();
         assert_eq!(composed.delta(1, Phase::Decode), Some(vec![3.0, 6.0, 9.0]));
         let mut decode = BatchSteering::uniform(Some(Arc::new(composed)), 1)
             .prefill(&config())
@@ -392,5 +392,48 @@ mod tests {
                 .contains("bank layer 2 is not above read_layer 2"),
             "{err}"
         );
+    }
+
+    #[test]
+    fn a_scale_that_overflows_the_direction_is_refused() {
+        let dir = vector_dir(&[(1, vec![1e20, 0.0, -3e19])]);
+        let err = spec_with(
+            dir.path(),
+            serde_json::json!({"kind": "vector", "path": "v.safetensors", "scale": 1e20}),
+        )
+        .unwrap_err();
+        assert!(err.to_string().contains("overflows"), "{err}");
+        // Each entry finite, their sum not: refused too.
+        let text = serde_json::json!({"interventions": [
+            {"kind": "vector", "path": "v.safetensors", "scale": 3e18},
+            {"kind": "vector", "path": "v.safetensors", "scale": 3e18},
+        ]})
+        .to_string();
+        let err = SteerSpec::parse(&text, dir.path(), "s")
+            .unwrap()
+            .resolve(&config(), runtime())
+            .unwrap_err();
+        assert!(err.to_string().contains("non-finite"), "{err}");
+    }
+
+    #[test]
+    fn thousands_of_entries_are_refused_and_repeats_hold_one_delta_per_layer() {
+        let dir = vector_dir(&[(1, vec![1.0, 0.0, 0.0]), (2, vec![0.0, 1.0, 0.0])]);
+        let entry = serde_json::json!({"kind": "vector", "path": "v.safetensors", "scale": 0.5});
+        // The registration attack of issue 21: 20,600 entries naming one file.
+        let many = serde_json::json!({"interventions": vec![entry.clone(); 20_600]}).to_string();
+        let err = SteerSpec::parse(&many, dir.path(), "s").unwrap_err();
+        assert!(
+            err.to_string().contains("more than the limit of 64"),
+            "{err}"
+        );
+        let most = serde_json::json!({"interventions": vec![entry; spec::MAX_INTERVENTIONS]});
+        let steering = SteerSpec::parse(&most.to_string(), dir.path(), "s")
+            .unwrap()
+            .resolve(&config(), runtime())
+            .unwrap();
+        assert_eq!(steering.delta(1, Phase::Decode), Some(vec![32.0, 0.0, 0.0]));
+        // Two layers, one delta each: memory does not grow with the entries.
+        assert_eq!(steering.memory_bytes(), 2 * 3 * 4);
     }
 }

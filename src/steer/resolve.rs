@@ -72,7 +72,7 @@ impl SteerSpec {
                         SteerError::Rule(_) => invalid(e),
                         file => file,
                     })?;
-                    resolved.additions.extend(additions);
+                    resolved.add(additions).map_err(invalid)?;
                     continue;
                 }
                 Intervention::Svf(svf) => {
@@ -124,10 +124,17 @@ impl SteerSpec {
             } else {
                 1.0
             };
+            let delta: Vec<f32> = direction.iter().map(|x| x * (v.scale / norm)).collect();
+            if delta.iter().any(|x| !x.is_finite()) {
+                return Err(SteerError::Rule(format!(
+                    "scale {} times the direction for layer {layer} overflows",
+                    v.scale
+                )));
+            }
             additions.push(LayerAddition {
                 layer,
                 positions: v.positions,
-                delta: direction.iter().map(|x| x * v.scale / norm).collect(),
+                delta,
             });
         }
         Ok(additions)
@@ -180,13 +187,51 @@ pub struct ResolvedSteering {
 
 impl ResolvedSteering {
     /// Several resolved specs applied together, as if their interventions were listed in one spec.
-    pub fn compose(parts: impl IntoIterator<Item = ResolvedSteering>) -> Self {
-        parts.into_iter().fold(Self::default(), |mut all, part| {
-            all.additions.extend(part.additions);
+    pub fn compose(parts: impl IntoIterator<Item = ResolvedSteering>) -> Result<Self, SteerError> {
+        let mut all = Self::default();
+        for part in parts {
+            all.add(part.additions)?;
             all.learned.extend(part.learned);
             all.fields.extend(part.fields);
-            all
-        })
+        }
+        Ok(all)
+    }
+
+    /// Fold static additions in: entries for the same layer and positions are summed at once, so
+    /// a spec holds at most one delta per layer and phase however many vectors it lists.
+    fn add(&mut self, additions: Vec<LayerAddition>) -> Result<(), SteerError> {
+        for addition in additions {
+            let same = self
+                .additions
+                .iter_mut()
+                .find(|a| a.layer == addition.layer && a.positions == addition.positions);
+            match same {
+                Some(existing) => {
+                    existing
+                        .delta
+                        .iter_mut()
+                        .zip(&addition.delta)
+                        .for_each(|(t, d)| *t += d);
+                    if existing.delta.iter().any(|x| !x.is_finite()) {
+                        return Err(SteerError::Rule(format!(
+                            "the vectors added at layer {} sum to a non-finite value",
+                            addition.layer
+                        )));
+                    }
+                }
+                None => self.additions.push(addition),
+            }
+        }
+        Ok(())
+    }
+
+    /// Bytes this steering holds (deltas, vectors, net and graph files), which the server counts
+    /// against its steering memory budget. Sessions shared with other specs are counted in each.
+    pub fn memory_bytes(&self) -> usize {
+        let deltas: usize = self.additions.iter().map(|a| a.delta.len() * 4).sum();
+        let learned: usize = self.learned.iter().map(|l| l.bytes).sum();
+        let fields: usize = self.fields.iter().map(|f| f.graph.bytes).sum();
+        deltas + learned + fields
     }
 
     /// Sum of the static additions at `layer` that apply in `phase`, if any.

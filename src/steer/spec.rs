@@ -5,6 +5,7 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
+use super::files::read_regular;
 use super::SteerError;
 
 /// Which token positions an intervention touches.
@@ -209,6 +210,13 @@ impl Intervention {
     }
 }
 
+/// Largest spec file read (a spec of [`MAX_INTERVENTIONS`] entries takes a few KB).
+pub const MAX_SPEC_FILE_BYTES: u64 = 1 << 20;
+
+/// Most interventions one spec may list: each costs a file read at resolve time and a term at every
+/// step, and a spec of thousands is an attack, not a use.
+pub const MAX_INTERVENTIONS: usize = 64;
+
 /// A steer spec: which interventions run, where and how strong. Several compose by summing.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -226,9 +234,13 @@ pub struct SteerSpec {
 impl SteerSpec {
     /// Read and parse a spec file; relative vector paths resolve against its directory.
     pub fn load(path: &Path) -> Result<Self, SteerError> {
-        let text = std::fs::read_to_string(path).map_err(|e| match SteerError::io(path)(e) {
+        let bytes = read_regular(path, MAX_SPEC_FILE_BYTES).map_err(|e| match e {
             SteerError::MissingFile { path } => SteerError::MissingSpec { path },
             other => other,
+        })?;
+        let text = String::from_utf8(bytes).map_err(|_| SteerError::Syntax {
+            path: path.to_path_buf(),
+            message: "the file is not UTF-8 text".into(),
         })?;
         let base = path.parent().unwrap_or(Path::new(".")).to_path_buf();
         Self::parse(&text, &base, &path.display().to_string())
@@ -240,6 +252,15 @@ impl SteerSpec {
             path: PathBuf::from(origin),
             message: e.to_string(),
         })?;
+        if spec.interventions.len() > MAX_INTERVENTIONS {
+            return Err(SteerError::Syntax {
+                path: PathBuf::from(origin),
+                message: format!(
+                    "{} interventions, more than the limit of {MAX_INTERVENTIONS}",
+                    spec.interventions.len()
+                ),
+            });
+        }
         spec.base_dir = base_dir.to_path_buf();
         spec.origin = origin.to_string();
         Ok(spec)
@@ -328,10 +349,9 @@ mod tests {
         // A directory is there but is not readable as a file: not "not found".
         let spec = SteerSpec::load(dir.path()).unwrap_err();
         let vector = super::super::Directions::load(dir.path()).unwrap_err();
-        assert!(matches!(spec, SteerError::Io { .. }), "{spec}");
-        assert!(
-            vector.to_string().contains("is not a regular file"),
-            "{vector}"
-        );
+        for error in [spec, vector] {
+            assert!(matches!(error, SteerError::Io { .. }), "{error}");
+            assert!(error.to_string().contains("is a directory"), "{error}");
+        }
     }
 }

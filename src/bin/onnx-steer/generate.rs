@@ -143,7 +143,7 @@ fn row_steering(
             .iter()
             .map(|path| SteerSpec::load(path)?.resolve(config, runtime))
             .collect::<Result<Vec<_>, _>>()?;
-        let composed = Arc::new(ResolvedSteering::compose(parts));
+        let composed = Arc::new(ResolvedSteering::compose(parts)?);
         return Ok(vec![Some(composed); lines.len()]);
     }
     let mut resolved: HashMap<PathBuf, Arc<ResolvedSteering>> = HashMap::new();

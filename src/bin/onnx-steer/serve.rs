@@ -41,12 +41,30 @@ pub(crate) struct ServeArgs {
     /// Longest a request may take, in seconds.
     #[arg(long, default_value_t = 300)]
     timeout_s: u64,
+    /// Most prompt tokens prefilled as one group (rows x the longest prompt): prefill memory
+    /// grows with it, so long prompts join in smaller groups.
+    #[arg(long, default_value_t = 8192)]
+    prefill_tokens: usize,
+    /// Seconds a connection may take to send a request's headers; also how long an idle
+    /// connection is kept open before and between requests.
+    #[arg(long, default_value_t = 30)]
+    header_timeout_s: u64,
+    /// Seconds a request body may take to arrive in full (408 after).
+    #[arg(long, default_value_t = 30)]
+    body_timeout_s: u64,
+    /// Memory registered and cached steering specs may hold together, in MiB (507 beyond).
+    #[arg(long, default_value_t = 1024)]
+    steering_memory_mb: usize,
+    /// File holding the bearer token that POST and DELETE /v1/steering require. Without it,
+    /// anyone who can reach the port can replace the registered specs.
+    #[arg(long)]
+    admin_token_file: Option<PathBuf>,
     #[command(flatten)]
     runtime: RuntimeArgs,
 }
 
 pub(crate) fn run(args: ServeArgs) -> Result<(), CliError> {
-    use onnx_steer::server::{engine, router, AppState, Limits};
+    use onnx_steer::server::{engine, router, serve, AppState, Limits};
 
     let bundle = Bundle::open(&args.bundle)?;
     let runtime = std::sync::Arc::new(args.runtime.runtime()?);
@@ -61,6 +79,7 @@ pub(crate) fn run(args: ServeArgs) -> Result<(), CliError> {
             max_batch: args.max_batch.max(1),
             max_queue: args.max_queue.max(1),
             pad_id: config.pad_token_id.unwrap_or(config.eos_token_ids[0]),
+            prefill_tokens: args.prefill_tokens.max(1),
         },
     )?;
     let engine = handle.clone();
@@ -68,6 +87,8 @@ pub(crate) fn run(args: ServeArgs) -> Result<(), CliError> {
         max_body_bytes: args.max_body_bytes,
         default_max_tokens: args.default_max_tokens,
         timeout: std::time::Duration::from_secs(args.timeout_s),
+        body_timeout: std::time::Duration::from_secs(args.body_timeout_s),
+        steering_memory_bytes: args.steering_memory_mb.saturating_mul(1 << 20),
     };
     let state = AppState::new(
         handle,
@@ -82,6 +103,16 @@ pub(crate) fn run(args: ServeArgs) -> Result<(), CliError> {
         Some(encoder) => state.with_vision(encoder),
         None => state,
     };
+    let state = match &args.admin_token_file {
+        Some(path) => state.with_admin_token(&read_admin_token(path)?),
+        None => {
+            tracing::warn!(
+                "POST and DELETE /v1/steering are open to anyone who reaches the port \
+                 (pass --admin-token-file to require a token)"
+            );
+            state
+        }
+    };
     let address = format!("{}:{}", args.host, args.port);
     let server = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -91,9 +122,13 @@ pub(crate) fn run(args: ServeArgs) -> Result<(), CliError> {
         let listener = tokio::net::TcpListener::bind(&address).await?;
         tracing::info!("serving {} on http://{address}", args.bundle.display());
         eprintln!("listening on http://{address}");
-        axum::serve(listener, router(state))
-            .with_graceful_shutdown(shutdown_signal(engine.clone()))
-            .await
+        serve(
+            listener,
+            router(state),
+            std::time::Duration::from_secs(args.header_timeout_s.max(1)),
+            shutdown_signal(engine.clone()),
+        )
+        .await
     })?;
     // The router and this last handle gone, the engine's queue closes: it drains and stops.
     drop(engine);
@@ -106,6 +141,24 @@ pub(crate) fn run(args: ServeArgs) -> Result<(), CliError> {
         ));
     }
     Ok(())
+}
+
+/// The admin token: the file's first line, which must not be empty.
+fn read_admin_token(path: &std::path::Path) -> Result<String, CliError> {
+    let text = std::fs::read_to_string(path).map_err(|e| {
+        CliError::Input(format!(
+            "could not read the admin token file {}: {e}",
+            path.display()
+        ))
+    })?;
+    let token = text.lines().next().unwrap_or("").trim().to_string();
+    if token.is_empty() {
+        return Err(CliError::Input(format!(
+            "the admin token file {} is empty",
+            path.display()
+        )));
+    }
+    Ok(token)
 }
 
 /// Ctrl-C, SIGTERM, or the engine thread ending: stop accepting, let requests in flight finish.

@@ -1,0 +1,11 @@
+//! GGUF control vectors: the metadata and tensor-table reader, then the direction naming rules.
+#![no_main]
+
+use std::path::Path;
+
+use libfuzzer_sys::fuzz_target;
+use onnx_steer::steer::vector::{Directions, VectorFormat};
+
+fuzz_target!(|data: &[u8]| {
+    let _ = Directions::parse(Path::new("fuzz.gguf"), data, VectorFormat::Gguf);
+});
