@@ -41,7 +41,7 @@ pub enum GenerateError {
     #[error("invalid sampling settings: {0}")]
     Sampling(String),
     /// The model produced NaN or infinite logits for a row; the row ends instead of sampling garbage.
-    #[error("row {row}: the model produced non-finite logits at generated token {token}")]
+    #[error("row {row}: the model produced non-finite logits at generated token {token} (steering too strong for this row, or a graph that overflows)")]
     NonFiniteLogits {
         /// The row (its index in the batch call, or its id in a running batch).
         row: u64,

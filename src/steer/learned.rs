@@ -13,7 +13,7 @@ use serde::Serialize;
 
 use super::field::FieldGraph;
 use super::files::{read_pinned, NetFile};
-use super::resolve::{check_direction, check_finite, check_layer, LayerAddition};
+use super::resolve::{check_delta, check_direction, check_finite, check_layer, LayerAddition};
 use super::spec::{AutoSteerIntervention, L2sIntervention, Positions, W2sIntervention};
 use super::{Directions, SteerError};
 use crate::bundle::ModelConfig;
@@ -353,11 +353,11 @@ impl Learned {
         for (layer, weight, vector) in chosen {
             let factor = self.reading.scale * weight;
             let delta: Vec<f32> = vector.iter().map(|x| x * factor).collect();
-            if delta.iter().any(|x| !x.is_finite()) {
-                return Err(self.failed(format!(
-                    "its vector for layer {layer} times the scale {factor} overflows"
-                )));
-            }
+            check_delta(
+                &delta,
+                &format!("its vector for layer {layer} times the scale {factor}"),
+            )
+            .map_err(|message| self.failed(message))?;
             decision.layers.push(layer);
             decision.weights.push(weight);
             decision.norm += delta.iter().map(|x| x * x).sum::<f32>().sqrt();

@@ -403,17 +403,29 @@ mod tests {
         )
         .unwrap_err();
         assert!(err.to_string().contains("overflows"), "{err}");
-        // Each entry finite, their sum not: refused too.
+        // Each entry within the bound, their sum not: refused too.
+        let dir = vector_dir(&[(1, vec![1.0, 0.5, 0.0])]);
         let text = serde_json::json!({"interventions": [
-            {"kind": "vector", "path": "v.safetensors", "scale": 3e18},
-            {"kind": "vector", "path": "v.safetensors", "scale": 3e18},
+            {"kind": "vector", "path": "v.safetensors", "scale": 8e18},
+            {"kind": "vector", "path": "v.safetensors", "scale": 8e18},
         ]})
         .to_string();
         let err = SteerSpec::parse(&text, dir.path(), "s")
             .unwrap()
             .resolve(&config(), runtime())
             .unwrap_err();
-        assert!(err.to_string().contains("non-finite"), "{err}");
+        assert!(
+            err.to_string()
+                .contains("sum of the vectors added at layer 1 overflows"),
+            "{err}"
+        );
+        // Finite but past where the next RMS norm overflows float32 (the model then runs on zeros).
+        let err = spec_with(
+            dir.path(),
+            serde_json::json!({"kind": "vector", "path": "v.safetensors", "scale": 1e20}),
+        )
+        .unwrap_err();
+        assert!(err.to_string().contains("norm overflows float32"), "{err}");
     }
 
     #[test]

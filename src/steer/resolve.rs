@@ -30,6 +30,25 @@ pub(crate) fn check_direction(
     Ok(())
 }
 
+/// The largest magnitude a steering delta may reach: beyond it the next layer's RMS norm squares
+/// and sums values past `f32::MAX`, returns zeros, and the model produces garbage without any NaN
+/// to show it. A finite scale times a finite direction (or a net's output) can still get there.
+pub(crate) fn max_delta_magnitude(hidden: usize) -> f32 {
+    (f32::MAX / hidden.max(1) as f32).sqrt()
+}
+
+/// A steering delta must stay within [`max_delta_magnitude`]; `what` says where it comes from.
+pub(crate) fn check_delta(delta: &[f32], what: &str) -> Result<(), String> {
+    let limit = max_delta_magnitude(delta.len());
+    match delta.iter().map(|x| x.abs()).fold(0.0f32, f32::max) {
+        largest if largest.is_finite() && largest <= limit => Ok(()),
+        largest => Err(format!(
+            "{what} overflows: it reaches {largest:e}, beyond {limit:e}, where the next layer's \
+             norm overflows float32"
+        )),
+    }
+}
+
 /// `what` must be a finite number (scales, strengths).
 pub(crate) fn check_finite(what: &str, value: f32) -> Result<(), SteerError> {
     if value.is_finite() {
@@ -125,12 +144,11 @@ impl SteerSpec {
                 1.0
             };
             let delta: Vec<f32> = direction.iter().map(|x| x * (v.scale / norm)).collect();
-            if delta.iter().any(|x| !x.is_finite()) {
-                return Err(SteerError::Rule(format!(
-                    "scale {} times the direction for layer {layer} overflows",
-                    v.scale
-                )));
-            }
+            check_delta(
+                &delta,
+                &format!("scale {} times the direction for layer {layer}", v.scale),
+            )
+            .map_err(SteerError::Rule)?;
             additions.push(LayerAddition {
                 layer,
                 positions: v.positions,
@@ -212,12 +230,11 @@ impl ResolvedSteering {
                         .iter_mut()
                         .zip(&addition.delta)
                         .for_each(|(t, d)| *t += d);
-                    if existing.delta.iter().any(|x| !x.is_finite()) {
-                        return Err(SteerError::Rule(format!(
-                            "the vectors added at layer {} sum to a non-finite value",
-                            addition.layer
-                        )));
-                    }
+                    check_delta(
+                        &existing.delta,
+                        &format!("the sum of the vectors added at layer {}", addition.layer),
+                    )
+                    .map_err(SteerError::Rule)?;
                 }
                 None => self.additions.push(addition),
             }

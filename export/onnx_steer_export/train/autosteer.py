@@ -19,14 +19,24 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors.numpy import save_file
 from tqdm import tqdm
 from transformers import PreTrainedModel
 
 from ..data.datasets import read_jsonl, read_prompts
 from ..data.tokens import bundle_tokenizer, chat_ids, encode
 from ..runtime_client import capture_last_token
-from .common import OutputView, Standardize, evenly, export_net, export_onnx, fit, row_scale, split_indices, write_spec
+from .common import (
+    OutputView,
+    Standardize,
+    evenly,
+    export_net,
+    export_onnx,
+    fit,
+    row_scale,
+    save_tensors,
+    split_indices,
+    write_spec,
+)
 
 PROBER_UNITS = 64
 
@@ -203,7 +213,7 @@ def train_autosteer(bundle: Path, harmful_path: Path, benign_paths: list[Path], 
     head, losses = train_refusal_head(normed, targets, lm_head, epsilon, head_epochs, head_lr, 256, seed)
 
     hidden = states[layer].shape[1]
-    save_file({**{f"prober.{k}": v.detach().numpy() for k, v in prober.state_dict().items()},
+    save_tensors({**{f"prober.{k}": v.detach().numpy() for k, v in prober.state_dict().items()},
                "head.matrix": head.matrix.detach().numpy()}, str(out / f"{name}_weights.safetensors"),
               metadata={"read_layer": str(layer), "epsilon": str(epsilon)})
     prober_file, head_file = out / f"{name}_prober.onnx", out / f"{name}_head.onnx"

@@ -9,6 +9,7 @@ exported exactly as trained, standardisation included.
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,6 +18,7 @@ from typing import TypeVar
 import numpy as np
 import onnx
 import torch
+from safetensors.numpy import save_file
 from tqdm import tqdm
 
 from ..export.digest import sha256
@@ -123,6 +125,14 @@ def export_net(net: torch.nn.Module, hidden_size: int, output_name: str, path: P
     """Write a per-row net as an ONNX graph `state [B, d] -> output_name [B, ...]`."""
     return export_onnx(net, (torch.zeros(1, hidden_size),), ["state"], output_name, path,
                        {"state": {0: "batch"}}, metadata)
+
+
+def save_tensors(tensors: dict[str, np.ndarray], path: Path | str,
+                 metadata: dict[str, str] | None = None) -> None:
+    """Write safetensors readable by other users (0644): safetensors writes 0600, which the Docker
+    image's unprivileged user cannot read."""
+    save_file(tensors, str(path), metadata=metadata)
+    os.chmod(path, 0o644)
 
 
 def row_scale(scale: torch.Tensor, like: torch.Tensor) -> torch.Tensor:

@@ -20,12 +20,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors.numpy import save_file
 
 from ..data.pairs import load_pairs
 from ..data.tokens import bundle_tokenizer, chat_ids
 from ..runtime_client import capture_last_token
-from .common import Standardize, export_net, fit, split_indices, write_spec
+from .common import Standardize, export_net, fit, save_tensors, split_indices, write_spec
 
 HIDDEN_UNITS = 100
 
@@ -105,7 +104,7 @@ def train_l2s(bundle: Path, data: Path, read_layer: int, steer_layer: int, out: 
         "bundle": bundle.name, "seed": seed, "data": data.name})
     write_spec(out / f"{name}.json", [{"kind": "l2s", "path": onnx_path.name, "sha256": digest,
                                        "read_layer": read_layer, "layer": steer_layer, "scale": scale}])
-    save_file({f"direction.{steer_layer}": mean_vector.astype(np.float32)}, str(out / f"{name}_mean.safetensors"),
+    save_tensors({f"direction.{steer_layer}": mean_vector.astype(np.float32)}, str(out / f"{name}_mean.safetensors"),
               metadata={"method": "mean of the L2S targets", "bundle": bundle.name})
     write_spec(out / f"{name}_mean.json", [{"kind": "vector", "path": f"{name}_mean.safetensors", "scale": scale,
                                             "layers": [steer_layer]}])

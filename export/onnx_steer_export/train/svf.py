@@ -23,12 +23,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors.numpy import save_file
 
 from ..data.pairs import Pair, load_pairs
 from ..data.tokens import bundle_tokenizer
 from ..runtime_client import capture
-from .common import OutputView, Split, export_onnx, fit, row_scale, split_indices, write_spec
+from .common import OutputView, Split, export_onnx, fit, row_scale, save_tensors, split_indices, write_spec
 
 DEFAULT_UNITS = 32
 NORM_FLOOR = 1e-12
@@ -180,7 +179,7 @@ def train_svf(bundle: Path, pairs_path: Path, layers: list[int], out: Path, name
             cosines = grads @ vectors[layer] / (np.linalg.norm(grads, axis=1) * np.linalg.norm(vectors[layer]) + 1e-12)
             alignment[layer] = {"mean": float(cosines.mean()), "min": float(cosines.min())}
 
-    save_file({k: v.detach().numpy() for k, v in scorer.state_dict().items()}, str(out / f"{name}_scorer.safetensors"),
+    save_tensors({k: v.detach().numpy() for k, v in scorer.state_dict().items()}, str(out / f"{name}_scorer.safetensors"),
               metadata={"layers": json.dumps(layers), "units": str(units)})
     field_file = out / f"{name}.onnx"
     example = torch.zeros(1, 2, hidden_size)
@@ -193,7 +192,7 @@ def train_svf(bundle: Path, pairs_path: Path, layers: list[int], out: Path, name
     write_spec(out / f"{name}.json", [{"kind": "svf", "path": field_file.name, "sha256": digest,
                                        "layers": layers, "scale": scale}])
     vector_file = out / f"{name}_vector.safetensors"
-    save_file({f"direction.{layer}": v for layer, v in vectors.items()}, str(vector_file),
+    save_tensors({f"direction.{layer}": v for layer, v in vectors.items()}, str(vector_file),
               metadata={"method": "mean", "pairs": pairs_path.name, "bundle": bundle.name})
     write_spec(out / f"{name}_vector.json", [{"kind": "vector", "path": vector_file.name, "layers": layers,
                                               "scale": scale, "normalize": True}])

@@ -11,11 +11,11 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
-from safetensors.numpy import save_file
 
 from ..data.pairs import load_pairs
 from ..data.tokens import bundle_tokenizer
 from ..runtime_client import capture_last_token
+from .common import save_tensors
 
 
 def direction(positive: np.ndarray, negative: np.ndarray, method: str) -> np.ndarray:
@@ -40,6 +40,6 @@ def train_vector(bundle: Path, pairs_path: Path, method: str, layers: list[int],
     n = len(pairs)
     vectors = {layer: direction(states[layer][:n], states[layer][n:], method) for layer in layers}
     out.parent.mkdir(parents=True, exist_ok=True)
-    save_file({f"direction.{layer}": v for layer, v in vectors.items()}, str(out),
+    save_tensors({f"direction.{layer}": v for layer, v in vectors.items()}, str(out),
               metadata={"method": method, "pairs": str(n), "bundle": bundle.name})
     return vectors

@@ -16,14 +16,14 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors.numpy import load_file, save_file
+from safetensors.numpy import load_file
 from tqdm import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerFast
 
 from ..data.tokens import bundle_tokenizer, chat_ids, encode
 from ..export.digest import sha256
 from ..runtime_client import capture_last_token
-from .common import OutputView, Standardize, evenly, export_net, fit, split_indices, write_spec
+from .common import OutputView, Standardize, evenly, export_net, fit, save_tensors, split_indices, write_spec
 from .reference import added, continuation_logprobs
 
 ROUTER_UNITS = 64
@@ -106,7 +106,7 @@ def train_w2s(bundle: Path, data: Path, bank_path: Path, layers: list[int], read
 
     bank_file = out / f"{name}_bank.safetensors"
     out.mkdir(parents=True, exist_ok=True)
-    save_file({f"direction.{layer}": v for layer, v in bank.items()}, str(bank_file),
+    save_tensors({f"direction.{layer}": v for layer, v in bank.items()}, str(bank_file),
               metadata={"source": bank_path.name, "bundle": bundle.name})
     router_file = out / f"{name}_router.onnx"
     digest = export_net(router, states.shape[1], "probs", router_file, {
