@@ -68,3 +68,8 @@ def generate_error(binary: Path, bundle_dir: Path, spec: dict, where: Path) -> s
                           check=False)
     assert done.returncode != 0, done.stdout
     return done.stderr
+
+
+def rss_kib(process: subprocess.Popen) -> int:
+    status = Path(f"/proc/{process.pid}/status").read_text()
+    return int(next(line.split()[1] for line in status.splitlines() if line.startswith("VmRSS")))

@@ -8,6 +8,7 @@ import subprocess
 import threading
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import requests
@@ -15,7 +16,7 @@ import requests
 from onnx_steer_export.eval import hostile
 from onnx_steer_export.runtime_client import serving
 
-from test_server import rss_kib
+from conftest import rss_kib
 
 TOKEN = "correct horse battery staple"
 HEADER_TIMEOUT_S = 2
@@ -97,7 +98,7 @@ def test_registration_needs_the_admin_token_and_deleted_specs_leave_the_metrics(
         server: tuple[str, subprocess.Popen], files: tuple[Path, hostile.HostileFiles]) -> None:
     url, _ = server
     admin = {"Authorization": f"Bearer {TOKEN}"}
-    body = {"name": "mine", "spec": hostile.vector_spec(files[1].vector, 12, 0.5)}
+    body: dict[str, Any] = {"name": "mine", "spec": hostile.vector_spec(files[1].vector, 12, 0.5)}
     for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": TOKEN}):
         refused = requests.post(f"{url}/v1/steering", json=body, headers=headers, timeout=60)
         assert refused.status_code == 401, refused.text

@@ -21,7 +21,7 @@ from safetensors.numpy import save_file
 
 from onnx_steer_export.runtime_client import serving, start_server
 
-from conftest import run_generate
+from conftest import rss_kib, run_generate
 
 PROMPT = "What is the capital of France?"
 
@@ -115,11 +115,6 @@ def hostile_bodies(rng: random.Random) -> Iterator[bytes]:
         if i % 7 == 3:
             body = bytes(rng.randrange(256) for _ in range(rng.randrange(1, 200)))
         yield body
-
-
-def rss_kib(process: subprocess.Popen) -> int:
-    status = Path(f"/proc/{process.pid}/status").read_text()
-    return int(next(line.split()[1] for line in status.splitlines() if line.startswith("VmRSS")))
 
 
 def test_a_thousand_malformed_requests_get_json_4xx(server: tuple[str, subprocess.Popen]) -> None:

@@ -88,7 +88,11 @@ pub struct SegmentChain {
     norm: LoadedSegment,
     head: LoadedSegment,
     profile: Option<SegmentProfile>,
+    prefill_chunk: usize,
 }
+
+/// Query tokens per layer call of a long prefill ([`SegmentChain::with_prefill_chunk`]).
+pub const DEFAULT_PREFILL_CHUNK: usize = 512;
 
 /// Inputs and outputs every layer segment has (the manifest contract).
 pub const LAYER_INPUTS: [&str; 7] = [
@@ -156,7 +160,17 @@ impl SegmentChain {
             norm,
             head,
             profile: None,
+            prefill_chunk: DEFAULT_PREFILL_CHUNK,
         })
+    }
+
+    /// Run prefills longer than `tokens` through each layer in query chunks of `tokens` (0: never
+    /// chunk). Peak attention memory then grows with `tokens x prompt` rather than `prompt²`, per
+    /// head; the results are the same up to float rounding.
+    #[must_use]
+    pub fn with_prefill_chunk(mut self, tokens: usize) -> Self {
+        self.prefill_chunk = tokens;
+        self
     }
 }
 
@@ -189,26 +203,42 @@ impl SegmentChain {
         if !step.images.is_empty() {
             hidden = splice_images(&hidden, &step.images, self.dtype)?;
         }
+        // A long prompt runs each layer over query chunks: the chunk attends to the cache and to
+        // itself, so attention scores are `[chunk, total]` per head instead of `[T, T]`. Every
+        // layer still sees the whole prompt before the next one runs, so hooks are unchanged.
+        let tokens = step.input_ids.ncols();
+        let chunk = match self.prefill_chunk {
+            0 => tokens,
+            size => size.min(tokens).max(1),
+        };
+        let past = cache.len;
+        let chunks: Vec<(usize, usize)> = (0..tokens.div_ceil(chunk))
+            .map(|k| (k * chunk, ((k + 1) * chunk).min(tokens)))
+            .collect();
         let positions = &mut self.positions;
-        let mut outputs = time_if(profile, decode, &positions.name, || {
-            positions
-                .session
-                .run(vec![
-                    (
-                        Cow::Borrowed("position_ids"),
-                        view_input(step.position_ids.view(), &positions.name)?,
-                    ),
-                    (
-                        Cow::Borrowed("attention_mask"),
-                        view_input(step.attention_mask.view(), &positions.name)?,
-                    ),
-                ])
-                .map_err(run_error(&positions.name))
-        })?;
-        let [bias, cos, sin] =
-            POSITION_OUTPUTS.map(|name| take(&mut outputs, name, &positions.name));
-        let (bias, cos, sin) = (bias?, cos?, sin?);
-        drop(outputs);
+        let mut chunk_positions = Vec::with_capacity(chunks.len());
+        for &(start, end) in &chunks {
+            let position_ids = step.position_ids.slice(ndarray::s![.., start..end]);
+            let mask = step.attention_mask.slice(ndarray::s![.., ..past + end]);
+            let mut outputs = time_if(profile, decode, &positions.name, || {
+                positions
+                    .session
+                    .run(vec![
+                        (
+                            Cow::Borrowed("position_ids"),
+                            view_input(position_ids, &positions.name)?,
+                        ),
+                        (
+                            Cow::Borrowed("attention_mask"),
+                            view_input(mask, &positions.name)?,
+                        ),
+                    ])
+                    .map_err(run_error(&positions.name))
+            })?;
+            let [bias, cos, sin] =
+                POSITION_OUTPUTS.map(|name| take(&mut outputs, name, &positions.name));
+            chunk_positions.push([bias?, cos?, sin?]);
+        }
 
         for (index, layer) in self.layers.iter_mut().enumerate() {
             let steered = time_if(profile, decode, STEERING, || {
@@ -216,26 +246,39 @@ impl SegmentChain {
                     .map(|delta| steer_value(delta.clone(), self.dtype))
                     .transpose()
             })?;
-            let inputs: Vec<(Cow<'_, str>, SessionInputValue<'_>)> = vec![
-                (Cow::Borrowed("hidden_in"), (&hidden).into()),
-                (Cow::Borrowed("attention_bias"), (&bias).into()),
-                (Cow::Borrowed("cos"), (&cos).into()),
-                (Cow::Borrowed("sin"), (&sin).into()),
-                (Cow::Borrowed("past_key"), (&cache.keys[index]).into()),
-                (Cow::Borrowed("past_value"), (&cache.values[index]).into()),
-                (
-                    Cow::Borrowed("steer_delta"),
-                    steered.as_ref().unwrap_or(&unsteered).into(),
-                ),
-            ];
-            let mut outputs = time_if(profile, decode, &layer.name, || {
-                layer.session.run(inputs).map_err(run_error(&layer.name))
-            })?;
-            let next = take(&mut outputs, "hidden_out", &layer.name)?;
-            cache.keys[index] = take(&mut outputs, "present_key", &layer.name)?;
-            cache.values[index] = take(&mut outputs, "present_value", &layer.name)?;
-            drop(outputs);
-            hidden = next;
+            let delta = steered.as_ref().unwrap_or(&unsteered);
+            let mut run = |hidden: &DynValue, [bias, cos, sin]: &[DynValue; 3]| {
+                let inputs: Vec<(Cow<'_, str>, SessionInputValue<'_>)> = vec![
+                    (Cow::Borrowed("hidden_in"), hidden.into()),
+                    (Cow::Borrowed("attention_bias"), bias.into()),
+                    (Cow::Borrowed("cos"), cos.into()),
+                    (Cow::Borrowed("sin"), sin.into()),
+                    (Cow::Borrowed("past_key"), (&cache.keys[index]).into()),
+                    (Cow::Borrowed("past_value"), (&cache.values[index]).into()),
+                    (Cow::Borrowed("steer_delta"), delta.into()),
+                ];
+                let mut outputs = time_if(profile, decode, &layer.name, || {
+                    layer.session.run(inputs).map_err(run_error(&layer.name))
+                })?;
+                let next = take(&mut outputs, "hidden_out", &layer.name)?;
+                cache.keys[index] = take(&mut outputs, "present_key", &layer.name)?;
+                cache.values[index] = take(&mut outputs, "present_value", &layer.name)?;
+                Ok::<_, ModelError>(next)
+            };
+            hidden = match chunk_positions.as_slice() {
+                [whole] => run(&hidden, whole)?,
+                _ => {
+                    let full = hidden_to_f32(&hidden)?;
+                    let mut out = Array3::<f32>::zeros(full.dim());
+                    for (&(start, end), positions) in chunks.iter().zip(&chunk_positions) {
+                        let part = full.slice(ndarray::s![.., start..end, ..]).to_owned();
+                        let part = run(&value_in(part, self.dtype, &layer.name)?, positions)?;
+                        out.slice_mut(ndarray::s![.., start..end, ..])
+                            .assign(&hidden_to_f32(&part)?);
+                    }
+                    value_in(out, self.dtype, &layer.name)?
+                }
+            };
             hidden = time_if(profile, decode, STEERING, || {
                 if hook.rewrites(Site::Layer(index)) {
                     hidden = hook.rewrite(Site::Layer(index), hidden)?;

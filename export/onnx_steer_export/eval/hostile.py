@@ -17,6 +17,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import onnx
@@ -223,7 +224,7 @@ def attacks(url: str, files: HostileFiles, num_layers: int, header_timeout_s: fl
     layer = num_layers // 2
     admin = {"Authorization": f"Bearer {admin_token}"}
     # The body: 20,600 short entries naming one file, under the 1 MiB body limit.
-    amplified = {"name": "amplified", "spec": {"interventions": [{"kind": "vector", "path": files.vector}] * 20_600}}
+    amplified: dict[str, Any] = {"name": "amplified", "spec": {"interventions": [{"kind": "vector", "path": files.vector}] * 20_600}}
     return [
         lambda: attack_inline(url, "nested GGUF", vector_spec(files.nested_gguf, layer), 400, "nested deeper"),
         lambda: attack_inline(url, "net with a data-dependent width", l2s_spec(files.shape_lying_l2s, layer),

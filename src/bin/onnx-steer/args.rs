@@ -30,6 +30,10 @@ pub(crate) struct RuntimeArgs {
     /// Threads in the global ONNX Runtime pool (default: all cores).
     #[arg(long)]
     pub(crate) threads: Option<usize>,
+    /// Prompts longer than this run each layer in chunks of this many tokens, so that attention
+    /// never holds [prompt x prompt] scores per head (0: never chunk).
+    #[arg(long, default_value_t = onnx_steer::chain::segmented::DEFAULT_PREFILL_CHUNK)]
+    pub(crate) prefill_chunk: usize,
 }
 
 impl RuntimeArgs {
@@ -42,6 +46,11 @@ impl RuntimeArgs {
             options = options.with_intra_threads(threads);
         }
         Ok(Runtime::new(options)?)
+    }
+
+    /// The segment chain of `bundle` with these settings.
+    pub(crate) fn chain(&self, bundle: &Bundle, runtime: &Runtime) -> Result<SegmentChain, Error> {
+        Ok(SegmentChain::load(bundle, runtime)?.with_prefill_chunk(self.prefill_chunk))
     }
 }
 
@@ -79,6 +88,7 @@ pub(crate) fn vision_prompt(
 pub(crate) fn load_model(
     bundle: &Bundle,
     runtime: &Runtime,
+    args: &RuntimeArgs,
     monolithic: bool,
 ) -> Result<Box<dyn CausalLm>, Error> {
     let spinner = ProgressBar::new_spinner().with_style(bar_style("{spinner} {msg} ({elapsed})"));
@@ -91,7 +101,7 @@ pub(crate) fn load_model(
     let model: Box<dyn CausalLm> = if monolithic {
         Box::new(Monolithic::load(bundle, runtime)?)
     } else {
-        Box::new(SegmentChain::load(bundle, runtime)?)
+        Box::new(args.chain(bundle, runtime)?)
     };
     spinner.finish_and_clear();
     Ok(model)

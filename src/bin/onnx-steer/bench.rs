@@ -10,7 +10,7 @@ use indicatif::ProgressBar;
 use onnx_steer::steer::{BatchSteering, SteerSpec};
 use onnx_steer::text::TextCodec;
 use onnx_steer::vision::{VisionEncoder, VisionError};
-use onnx_steer::{Bundle, CausalLm, Monolithic, SegmentChain};
+use onnx_steer::{Bundle, CausalLm, Monolithic};
 
 use crate::args::{bar_style, RuntimeArgs};
 use crate::CliError;
@@ -94,7 +94,7 @@ pub(crate) fn run(args: BenchArgs) -> Result<(), CliError> {
             Ok((format!("segmented+{stem}"), Arc::new(spec)))
         })
         .collect::<Result<Vec<_>, CliError>>()?;
-    let mut models: Vec<Box<dyn CausalLm>> = vec![Box::new(SegmentChain::load(&bundle, &runtime)?)];
+    let mut models: Vec<Box<dyn CausalLm>> = vec![Box::new(args.runtime.chain(&bundle, &runtime)?)];
     let monolithic = !args.no_monolithic && bundle.manifest().monolithic.is_some();
     if monolithic {
         models.push(Box::new(Monolithic::load(&bundle, &runtime)?));

@@ -8,7 +8,7 @@ use onnx_steer::generate::validate_prompts;
 use onnx_steer::text::TextCodec;
 use onnx_steer::tools::capture::{capture, CaptureTokens};
 use onnx_steer::vision::VisionEncoder;
-use onnx_steer::{Bundle, SegmentChain};
+use onnx_steer::Bundle;
 
 use crate::args::{bar_style, read_images, vision_prompt, RuntimeArgs};
 use crate::CliError;
@@ -139,7 +139,7 @@ pub(crate) fn run(args: CaptureArgs) -> Result<(), CliError> {
         .map(|(ids, images)| vision_prompt(encoder.as_mut(), ids, &images))
         .collect::<Result<Vec<_>, _>>()?;
     validate_prompts(&prompts, config.max_position_embeddings)?;
-    let mut chain = SegmentChain::load(&bundle, &runtime)?;
+    let mut chain = args.runtime.chain(&bundle, &runtime)?;
     let pad = config.pad_token_id.unwrap_or(config.eos_token_ids[0]);
     let bar = ProgressBar::new(prompts.len() as u64)
         .with_style(bar_style("capturing {bar:30} {pos}/{len} prompts ({eta})"));

@@ -183,7 +183,7 @@ pub(crate) fn run(args: GenerateArgs) -> Result<(), CliError> {
         .collect::<Result<Vec<_>, _>>()?;
     validate_prompts(&encoded, config.max_position_embeddings)?;
     let steering = row_steering(&lines, &args.steer, config, &runtime)?;
-    let mut model = load_model(&bundle, &runtime, args.monolithic)?;
+    let mut model = load_model(&bundle, &runtime, &args.runtime, args.monolithic)?;
     let generation = GenerationConfig {
         max_new_tokens: args.max_new_tokens,
         sampling: sampling(&args),

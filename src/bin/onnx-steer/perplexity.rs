@@ -49,7 +49,7 @@ pub(crate) fn run(args: PerplexityArgs) -> Result<(), CliError> {
         )));
     }
     let runtime = args.runtime.runtime()?;
-    let mut model = load_model(&bundle, &runtime, args.monolithic)?;
+    let mut model = load_model(&bundle, &runtime, &args.runtime, args.monolithic)?;
     let bar = ProgressBar::new(ids.len() as u64 - 1)
         .with_style(bar_style("perplexity {bar:30} {pos}/{len} tokens ({eta})"));
     let score = onnx_steer::tools::perplexity::perplexity(model.as_mut(), &ids, || bar.inc(1))

@@ -7,7 +7,7 @@ use clap::Args;
 use onnx_steer::server::engine::EngineHandle;
 use onnx_steer::text::TextCodec;
 use onnx_steer::vision::VisionEncoder;
-use onnx_steer::{Bundle, SegmentChain};
+use onnx_steer::Bundle;
 
 use crate::args::RuntimeArgs;
 use crate::CliError;
@@ -68,7 +68,7 @@ pub(crate) fn run(args: ServeArgs) -> Result<(), CliError> {
 
     let bundle = Bundle::open(&args.bundle)?;
     let runtime = std::sync::Arc::new(args.runtime.runtime()?);
-    let model = SegmentChain::load(&bundle, &runtime)?;
+    let model = args.runtime.chain(&bundle, &runtime)?;
     let encoder = VisionEncoder::load(&bundle, &runtime)?;
     let config = bundle.config().clone();
     let codec = Arc::new(TextCodec::load(&bundle)?);
