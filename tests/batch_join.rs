@@ -7,7 +7,7 @@ use std::sync::Arc;
 
 use onnx_steer::generate::{RowRequest, RunningBatch};
 use onnx_steer::steer::{vector, SteerSpec};
-use onnx_steer::{Bundle, Runtime, RuntimeOptions, Sampling, SegmentChain, TextCodec};
+use onnx_steer::{Bundle, Sampling, SegmentChain, TextCodec};
 
 fn request(
     codec: &TextCodec,
@@ -31,8 +31,8 @@ fn request(
 #[test]
 fn joining_and_leaving_rows_match_their_solo_runs() {
     let bundle = Bundle::open(common::bundle_dir()).expect("bundle");
-    let runtime = Runtime::new(RuntimeOptions::default()).expect("runtime");
-    let mut model = SegmentChain::load(&bundle, &runtime).expect("model");
+    let runtime = common::runtime();
+    let mut model = SegmentChain::load(&bundle, runtime).expect("model");
     let codec = TextCodec::load(&bundle).expect("tokenizer");
     let dir = tempfile::tempdir().unwrap();
     let direction: Vec<f32> = (0..576).map(|i| ((i % 7) as f32 - 3.0) * 0.5).collect();
@@ -45,7 +45,7 @@ fn joining_and_leaving_rows_match_their_solo_runs() {
     let steering = Arc::new(
         SteerSpec::parse(text, dir.path(), "test")
             .unwrap()
-            .resolve(bundle.config(), &runtime)
+            .resolve(bundle.config(), runtime)
             .unwrap(),
     );
     let requests = [
@@ -120,8 +120,8 @@ fn solo(
 #[test]
 fn a_stop_string_ends_the_row_where_the_text_reaches_it() {
     let bundle = Bundle::open(common::bundle_dir()).expect("bundle");
-    let runtime = Runtime::new(RuntimeOptions::default()).expect("runtime");
-    let mut model = SegmentChain::load(&bundle, &runtime).expect("model");
+    let runtime = common::runtime();
+    let mut model = SegmentChain::load(&bundle, runtime).expect("model");
     let codec = Arc::new(TextCodec::load(&bundle).expect("tokenizer"));
     let base = request(&codec, "Name three colours.", 24, None);
     let full = solo(&mut model, RunningBatch::new(0), base.clone()).unwrap();
@@ -172,4 +172,54 @@ fn streamed_text_equals_the_whole_decode() {
         streamed.push_str(&delta);
     }
     assert_eq!(streamed, codec.decode(&ids).unwrap());
+}
+
+#[test]
+fn a_chunked_prefill_matches_the_whole_prompt_at_once() {
+    let bundle = Bundle::open(common::bundle_dir()).expect("bundle");
+    let runtime = common::runtime();
+    let codec = TextCodec::load(&bundle).expect("tokenizer");
+    let dir = tempfile::tempdir().unwrap();
+    let direction: Vec<f32> = (0..576).map(|i| ((i % 5) as f32 - 2.0) * 0.4).collect();
+    vector::write_safetensors(
+        &dir.path().join("v.safetensors"),
+        &[("direction".into(), direction)],
+    )
+    .unwrap();
+    let text = r#"{"interventions": [{"kind": "vector", "path": "v.safetensors", "scale": 1.0, "layers": [4, 20]}]}"#;
+    let steering = Arc::new(
+        SteerSpec::parse(text, dir.path(), "test")
+            .unwrap()
+            .resolve(bundle.config(), runtime)
+            .unwrap(),
+    );
+    let story =
+        "The lighthouse keeper climbed the stairs and watched the storm roll in. ".repeat(40);
+    let prompts = [
+        format!("{story} What did he see?"),
+        "Name a colour.".to_string(),
+    ];
+    let run = |chunk: usize| {
+        let mut model = SegmentChain::load(&bundle, runtime)
+            .expect("model")
+            .with_prefill_chunk(chunk);
+        let mut batch = RunningBatch::new(2);
+        let requests = prompts
+            .iter()
+            .map(|p| request(&codec, p, 8, Some(steering.clone())))
+            .collect();
+        batch.join(&mut model, requests, &mut |_, _| {}).unwrap();
+        while batch.has_unfinished() {
+            batch.step(&mut model, &mut |_, _| {}).unwrap();
+        }
+        let mut done = batch.take_finished().unwrap();
+        done.sort_by_key(|(id, _)| *id);
+        done.into_iter()
+            .map(|(_, result)| result.unwrap().token_ids)
+            .collect::<Vec<_>>()
+    };
+    let whole = run(0);
+    // 64-token chunks: the long row takes about 12 of them, the short (left-padded) row the same.
+    assert_eq!(run(64), whole);
+    assert_eq!(whole[0].len(), 8);
 }

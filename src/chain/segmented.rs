@@ -218,19 +218,27 @@ impl SegmentChain {
         let positions = &mut self.positions;
         let mut chunk_positions = Vec::with_capacity(chunks.len());
         for &(start, end) in &chunks {
-            let position_ids = step.position_ids.slice(ndarray::s![.., start..end]);
-            let mask = step.attention_mask.slice(ndarray::s![.., ..past + end]);
+            // Column slices of several rows are not contiguous, which ONNX Runtime needs: those are
+            // copied (a whole-step slice is borrowed as it is).
+            let position_ids = step
+                .position_ids
+                .slice(ndarray::s![.., start..end])
+                .as_standard_layout();
+            let mask = step
+                .attention_mask
+                .slice(ndarray::s![.., ..past + end])
+                .as_standard_layout();
             let mut outputs = time_if(profile, decode, &positions.name, || {
                 positions
                     .session
                     .run(vec![
                         (
                             Cow::Borrowed("position_ids"),
-                            view_input(position_ids, &positions.name)?,
+                            view_input(position_ids.view(), &positions.name)?,
                         ),
                         (
                             Cow::Borrowed("attention_mask"),
-                            view_input(mask, &positions.name)?,
+                            view_input(mask.view(), &positions.name)?,
                         ),
                     ])
                     .map_err(run_error(&positions.name))

@@ -16,3 +16,13 @@ pub fn bundle_dir() -> PathBuf {
     );
     dir
 }
+
+/// The one ONNX Runtime of a test binary (ONNX Runtime allows one environment per process, and
+/// tests run on parallel threads).
+#[allow(dead_code)] // not every test binary loads a model
+pub fn runtime() -> &'static onnx_steer::Runtime {
+    static RUNTIME: std::sync::OnceLock<onnx_steer::Runtime> = std::sync::OnceLock::new();
+    RUNTIME.get_or_init(|| {
+        onnx_steer::Runtime::new(onnx_steer::RuntimeOptions::default()).expect("ONNX Runtime")
+    })
+}
