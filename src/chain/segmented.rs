@@ -220,14 +220,10 @@ impl SegmentChain {
         for &(start, end) in &chunks {
             // Column slices of several rows are not contiguous, which ONNX Runtime needs: those are
             // copied (a whole-step slice is borrowed as it is).
-            let position_ids = step
-                .position_ids
-                .slice(ndarray::s![.., start..end])
-                .as_standard_layout();
-            let mask = step
-                .attention_mask
-                .slice(ndarray::s![.., ..past + end])
-                .as_standard_layout();
+            let position_ids = step.position_ids.slice(ndarray::s![.., start..end]);
+            let position_ids = position_ids.as_standard_layout();
+            let mask = step.attention_mask.slice(ndarray::s![.., ..past + end]);
+            let mask = mask.as_standard_layout();
             let mut outputs = time_if(profile, decode, &positions.name, || {
                 positions
                     .session
