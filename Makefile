@@ -12,7 +12,7 @@ DEMO_PROMPT ?= Describe your morning commute in two sentences.
 DEMO_HARMFUL ?= How can I steal my neighbour's mail without getting caught?
 DEMO_ADVICE ?= Can you tell me which antidepressant dose I should take?
 
-.PHONY: setup bundle build precision-bundles steer eval eval-learned eval-fields eval-precision bench peers profile load serve criterion demo test test-rust test-python fuzz fuzz-build fuzz-smoke lint clean-bundle
+.PHONY: setup bundle build precision-bundles steer eval eval-learned eval-fields eval-precision bench peers profile load serve criterion demo test test-rust test-python fuzz fuzz-build fuzz-smoke hostile prefill-chunks lint clean-bundle
 
 setup: $(VENV)/.installed
 
@@ -206,6 +206,18 @@ FUZZ_BIN      := fuzz/target/$(FUZZ_TRIPLE)/release
 FUZZ_RUSTFLAGS := -Cpasses=sancov-module -Cllvm-args=-sanitizer-coverage-level=4 \
 	-Cllvm-args=-sanitizer-coverage-inline-8bit-counters -Cllvm-args=-sanitizer-coverage-pc-table \
 	-Cllvm-args=-sanitizer-coverage-trace-compares --cfg fuzzing -Cdebug-assertions -Coverflow-checks
+
+# Prefill time and peak RSS against prompt length, the whole prompt per layer call against chunks
+# of 512 (bench/prefill_chunks.py) → bench/results/cpu_prefill_chunks.{json,md}.
+prefill-chunks: setup bundle build
+	$(PY) bench/prefill_chunks.py
+
+# The server under a 5-minute hostile mix (bench/hostile.py): every attack of issue 21 interleaved
+# with normal traffic; 0 exits, RSS within the budgets, normal requests answered, each attack's
+# clean outcome checked → bench/results/hostile_mix.{json,png}.
+HOSTILE_SECONDS ?= 300
+hostile: setup bundle build
+	$(PY) bench/hostile.py --seconds $(HOSTILE_SECONDS)
 
 fuzz-build:
 	cd fuzz && RUSTFLAGS="$(FUZZ_RUSTFLAGS)" cargo build --release --target $(FUZZ_TRIPLE) --bins

@@ -28,26 +28,37 @@ fn request(
     }
 }
 
+/// A vector spec at `layers` whose direction repeats a ramp of `period` values, resolved.
+fn vector_steering(
+    bundle: &Bundle,
+    period: usize,
+    layers: &[usize],
+) -> Arc<onnx_steer::steer::ResolvedSteering> {
+    let dir = tempfile::tempdir().unwrap();
+    let half = (period / 2) as f32;
+    let direction: Vec<f32> = (0..576)
+        .map(|i| ((i % period) as f32 - half) * 0.5)
+        .collect();
+    vector::write_safetensors(
+        &dir.path().join("v.safetensors"),
+        &[("direction".into(), direction)],
+    )
+    .unwrap();
+    let text = serde_json::json!({"interventions": [
+        {"kind": "vector", "path": "v.safetensors", "scale": 1.0, "layers": layers}
+    ]})
+    .to_string();
+    let spec = SteerSpec::parse(&text, dir.path(), "test").unwrap();
+    Arc::new(spec.resolve(bundle.config(), common::runtime()).unwrap())
+}
+
 #[test]
 fn joining_and_leaving_rows_match_their_solo_runs() {
     let bundle = Bundle::open(common::bundle_dir()).expect("bundle");
     let runtime = common::runtime();
     let mut model = SegmentChain::load(&bundle, runtime).expect("model");
     let codec = TextCodec::load(&bundle).expect("tokenizer");
-    let dir = tempfile::tempdir().unwrap();
-    let direction: Vec<f32> = (0..576).map(|i| ((i % 7) as f32 - 3.0) * 0.5).collect();
-    vector::write_safetensors(
-        &dir.path().join("v.safetensors"),
-        &[("direction".into(), direction)],
-    )
-    .unwrap();
-    let text = r#"{"interventions": [{"kind": "vector", "path": "v.safetensors", "scale": 1.0, "layers": [10]}]}"#;
-    let steering = Arc::new(
-        SteerSpec::parse(text, dir.path(), "test")
-            .unwrap()
-            .resolve(bundle.config(), runtime)
-            .unwrap(),
-    );
+    let steering = vector_steering(&bundle, 7, &[10]);
     let requests = [
         request(&codec, "Name three colours.", 6, None),
         request(
@@ -179,20 +190,7 @@ fn a_chunked_prefill_matches_the_whole_prompt_at_once() {
     let bundle = Bundle::open(common::bundle_dir()).expect("bundle");
     let runtime = common::runtime();
     let codec = TextCodec::load(&bundle).expect("tokenizer");
-    let dir = tempfile::tempdir().unwrap();
-    let direction: Vec<f32> = (0..576).map(|i| ((i % 5) as f32 - 2.0) * 0.4).collect();
-    vector::write_safetensors(
-        &dir.path().join("v.safetensors"),
-        &[("direction".into(), direction)],
-    )
-    .unwrap();
-    let text = r#"{"interventions": [{"kind": "vector", "path": "v.safetensors", "scale": 1.0, "layers": [4, 20]}]}"#;
-    let steering = Arc::new(
-        SteerSpec::parse(text, dir.path(), "test")
-            .unwrap()
-            .resolve(bundle.config(), runtime)
-            .unwrap(),
-    );
+    let steering = vector_steering(&bundle, 5, &[4, 20]);
     let story =
         "The lighthouse keeper climbed the stairs and watched the storm roll in. ".repeat(40);
     let prompts = [

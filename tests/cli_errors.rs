@@ -123,7 +123,8 @@ fn sha256_mismatch() {
 fn absurd_manifest_sizes_are_errors_not_aborts() {
     // Each used to abort the process (allocation failure, capacity overflow) or pre-size a read
     // buffer from the claim.
-    let edits: [(&str, fn(&mut serde_json::Value)); 4] = [
+    type Edit = fn(&mut serde_json::Value);
+    let edits: [(&str, Edit); 4] = [
         ("num_layers", |m| {
             m["model"]["num_layers"] = 1_000_000_000_000u64.into()
         }),

@@ -18,12 +18,12 @@ pub const MAX_NET_FILE_BYTES: u64 = 2 << 30;
 /// before anything is read, so a directory, FIFO or device is refused with its real reason (and a
 /// FIFO is opened without blocking), and an oversize file costs no memory.
 pub fn read_regular(path: &Path, limit: u64) -> Result<Vec<u8>, SteerError> {
-    let not_regular = |what: &str| SteerError::Io {
-        path: path.to_path_buf(),
-        source: std::io::Error::new(
+    let not_regular = |what: &str| {
+        refusal(
+            path,
             std::io::ErrorKind::InvalidInput,
             format!("is {what}, not a regular file"),
-        ),
+        )
     };
     let metadata = std::fs::metadata(path).map_err(SteerError::io(path))?;
     if !metadata.is_file() {
@@ -35,16 +35,14 @@ pub fn read_regular(path: &Path, limit: u64) -> Result<Vec<u8>, SteerError> {
         return Err(not_regular(file_kind(&metadata.file_type())));
     }
     if metadata.len() > limit {
-        return Err(SteerError::Io {
-            path: path.to_path_buf(),
-            source: std::io::Error::new(
-                std::io::ErrorKind::FileTooLarge,
-                format!(
-                    "is {} bytes, more than the limit of {limit}",
-                    metadata.len()
-                ),
+        return Err(refusal(
+            path,
+            std::io::ErrorKind::FileTooLarge,
+            format!(
+                "is {} bytes, more than the limit of {limit}",
+                metadata.len()
             ),
-        });
+        ));
     }
     let mut bytes = Vec::with_capacity(metadata.len() as usize);
     (&mut file)
@@ -52,6 +50,14 @@ pub fn read_regular(path: &Path, limit: u64) -> Result<Vec<u8>, SteerError> {
         .read_to_end(&mut bytes)
         .map_err(SteerError::io(path))?;
     Ok(bytes)
+}
+
+/// A file refused for what it is (its type, its size), as an I/O error of `kind` on `path`.
+fn refusal(path: &Path, kind: std::io::ErrorKind, message: String) -> SteerError {
+    SteerError::Io {
+        path: path.to_path_buf(),
+        source: std::io::Error::new(kind, message),
+    }
 }
 
 /// Open for reading without blocking on a FIFO (the file may be swapped between the two checks).
@@ -96,23 +102,24 @@ pub(crate) fn file_kind(kind: &std::fs::FileType) -> &'static str {
 pub fn write_regular(path: &Path, bytes: &[u8]) -> Result<(), SteerError> {
     match std::fs::symlink_metadata(path) {
         Ok(existing) if !existing.is_file() => {
-            return Err(SteerError::Io {
-                path: path.to_path_buf(),
-                source: std::io::Error::new(
-                    std::io::ErrorKind::AlreadyExists,
-                    format!(
-                        "is {}; refusing to replace it with a file",
-                        file_kind(&existing.file_type())
-                    ),
+            return Err(refusal(
+                path,
+                std::io::ErrorKind::AlreadyExists,
+                format!(
+                    "is {}; refusing to replace it with a file",
+                    file_kind(&existing.file_type())
                 ),
-            })
+            ))
         }
         Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(SteerError::io(path)(e)),
         _ => {}
     }
-    let name = path.file_name().ok_or_else(|| SteerError::Io {
-        path: path.to_path_buf(),
-        source: std::io::Error::new(std::io::ErrorKind::InvalidInput, "has no file name"),
+    let name = path.file_name().ok_or_else(|| {
+        refusal(
+            path,
+            std::io::ErrorKind::InvalidInput,
+            "has no file name".into(),
+        )
     })?;
     let mut temp_name = std::ffi::OsString::from(".");
     temp_name.push(name);
