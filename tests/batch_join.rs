@@ -221,3 +221,55 @@ fn a_chunked_prefill_matches_the_whole_prompt_at_once() {
     assert_eq!(run(64), whole);
     assert_eq!(whole[0].len(), 8);
 }
+
+#[test]
+fn a_short_row_continues_exactly_after_the_longest_row_leaves() {
+    let bundle = Bundle::open(common::bundle_dir()).expect("bundle");
+    let codec = TextCodec::load(&bundle).expect("tokenizer");
+    let mut model = SegmentChain::load(&bundle, common::runtime()).expect("model");
+    let long = "Tell me everything about the history of lighthouses on rocky coasts. ".repeat(6);
+    let short = request(&codec, "Name a colour and a fruit.", 12, None);
+    let solo = {
+        let mut batch = RunningBatch::new(2);
+        batch
+            .join(&mut model, vec![short.clone()], &mut |_, _| {})
+            .unwrap();
+        while batch.has_unfinished() {
+            batch.step(&mut model, &mut |_, _| {}).unwrap();
+        }
+        batch
+            .take_finished()
+            .unwrap()
+            .remove(0)
+            .1
+            .unwrap()
+            .token_ids
+    };
+    let mut batch = RunningBatch::new(2);
+    let ids = batch
+        .join(
+            &mut model,
+            vec![request(&codec, &long, 2, None), short],
+            &mut |_, _| {},
+        )
+        .unwrap();
+    let long_width = batch.cached_positions();
+    let mut finished = Vec::new();
+    let mut width_after = None;
+    while batch.has_unfinished() {
+        batch.step(&mut model, &mut |_, _| {}).unwrap();
+        // The long row leaves after its 2 tokens; its padding in front of the short row goes too.
+        finished.extend(batch.take_finished().unwrap());
+        if width_after.is_none() && finished.iter().any(|(id, _)| *id == ids[0]) {
+            width_after = Some(batch.cached_positions());
+        }
+    }
+    let width_after = width_after.expect("the long row left first");
+    assert!(
+        width_after > 0 && width_after < long_width / 2,
+        "the cache holds {width_after} positions after the long row's {long_width} left"
+    );
+    finished.extend(batch.take_finished().unwrap());
+    let short_row = finished.iter().find(|(id, _)| *id == ids[1]).unwrap();
+    assert_eq!(short_row.1.as_ref().unwrap().token_ids, solo);
+}

@@ -49,17 +49,27 @@ impl KvCache {
     }
 
     /// Keep the rows `keep`, in that order, and drop the others (a finished request leaves a
-    /// running batch). All or nothing: on error the cache is as it was.
-    pub fn retain_rows(&mut self, keep: &[usize]) -> Result<(), ModelError> {
+    /// running batch), and the first `front` positions, which must be padding for every kept row
+    /// (a long row that left no longer widens the others). All or nothing: on error the cache is
+    /// as it was.
+    pub fn retain_rows(&mut self, keep: &[usize], front: usize) -> Result<(), ModelError> {
         if let Some(&bad) = keep.iter().find(|&&r| r >= self.batch) {
             return Err(ModelError::Shape(format!(
                 "row {bad} is not in a cache of {} rows",
                 self.batch
             )));
         }
+        if front > self.len {
+            return Err(ModelError::Shape(format!(
+                "cannot drop {front} positions of a cache of {}",
+                self.len
+            )));
+        }
         let select = |value: &DynValue| {
             let (array, dtype) = to_f32(value, "KV cache")?;
-            value_in(array.select(Axis(0), keep), dtype, "KV cache")
+            let kept = array.select(Axis(0), keep);
+            let kept = kept.slice_axis(Axis(2), ndarray::Slice::from(front..));
+            value_in(kept.as_standard_layout().into_owned(), dtype, "KV cache")
         };
         let keys = self
             .keys
@@ -73,6 +83,7 @@ impl KvCache {
             .collect::<Result<Vec<_>, _>>()?;
         (self.keys, self.values) = (keys, values);
         self.batch = keep.len();
+        self.len -= front;
         Ok(())
     }
 
@@ -149,12 +160,22 @@ mod tests {
     #[test]
     fn retained_rows_keep_their_order_and_contents() {
         let mut kv = cache(3, 2, 0);
-        kv.retain_rows(&[2, 0]).unwrap();
+        kv.retain_rows(&[2, 0], 0).unwrap();
         assert_eq!(kv.batch(), 2);
         let keys = keys(&kv);
         assert_eq!(keys[[0, 0, 1, 0]], 201.0);
         assert_eq!(keys[[1, 0, 0, 1]], 0.0);
-        assert!(kv.retain_rows(&[5]).is_err());
+        assert!(kv.retain_rows(&[5], 0).is_err());
+        assert!(kv.retain_rows(&[0], 3).is_err());
+    }
+
+    #[test]
+    fn dropped_front_positions_shorten_every_kept_row() {
+        let mut kv = cache(3, 4, 0);
+        kv.retain_rows(&[1], 3).unwrap();
+        assert_eq!((kv.batch(), kv.len()), (1, 1));
+        assert_eq!(keys(&kv).shape(), &[1, 1, 1, 2]);
+        assert_eq!(keys(&kv)[[0, 0, 0, 0]], 103.0);
     }
 
     #[test]

@@ -182,6 +182,11 @@ impl RunningBatch {
         self.rows.is_empty()
     }
 
+    /// Positions the shared KV cache holds per row (the longest row's, padding included).
+    pub fn cached_positions(&self) -> usize {
+        self.shared.as_ref().map_or(0, |shared| shared.cache.len())
+    }
+
     /// True while some row still generates.
     pub fn has_unfinished(&self) -> bool {
         self.rows.iter().any(|row| !row.done())
@@ -367,9 +372,19 @@ impl RunningBatch {
         if keep.is_empty() {
             self.shared = None;
         } else if let Some(shared) = self.shared.as_mut() {
+            let mask = shared.mask.select(ndarray::Axis(0), &keep);
+            // Positions that are padding for every row left (the leaving row was the longest) go
+            // too: masked everywhere, they change no attention, and keeping them would hold the
+            // cache at the longest prompt the batch ever had.
+            let front = mask
+                .rows()
+                .into_iter()
+                .map(|row| row.iter().take_while(|&&m| m == 0).count())
+                .min()
+                .unwrap_or(0);
             // The cache goes first: it is the one step that can fail, and it fails unchanged.
-            shared.cache.retain_rows(&keep)?;
-            shared.mask = shared.mask.select(ndarray::Axis(0), &keep);
+            shared.cache.retain_rows(&keep, front)?;
+            shared.mask = mask.slice(ndarray::s![.., front..]).to_owned();
             shared.steering.retain_rows(&keep);
         }
         let mut left = Vec::new();
