@@ -45,9 +45,14 @@ STEERING_MEMORY_MB = 64
 PREFILL_TOKENS = 4096
 HEADER_TIMEOUT_S = 5
 BODY_TIMEOUT_S = 5
-# Working memory of one prefill group at the token budget (activations, attention scores) on top
-# of the weights: the long-prompt attacker's 3,000-token prompts stay within it.
-PREFILL_ALLOWANCE_MB = 2048
+# Working memory of one prefill group at the token budget (activations, chunked attention scores)
+# and the allocator's slack, on top of the weights and the KV cache.
+PREFILL_ALLOWANCE_MB = 1024
+MAX_BATCH = 8
+# The longest row the mix sends: the long-prompt attacker's prompt plus its tokens. Rows of a
+# running batch share one KV length (the shorter are left-padded), so the KV cache is bounded by
+# --max-batch rows of it.
+LONGEST_ROW_TOKENS = 3100
 TOKEN = "hostile-mix-admin-token"
 # A prefill blocks the running rows while it lasts (interleaving it with decode steps is issue 22),
 # so a constant stream of long prompts would measure that, not robustness: they come in bursts.
@@ -149,7 +154,8 @@ def plot(report: dict[str, Any], samples: list[tuple[float, float]], path: Path)
 
     fig, ax = plt.subplots(figsize=(8, 3.4))
     ax.plot([t for t, _ in samples], [m for _, m in samples], label="server RSS")
-    ax.axhline(report["rss_bound_mb"], color="red", linestyle="--", label="bound (baseline + budgets)")
+    ax.axhline(report["rss_bound_mb"], color="red", linestyle="--",
+               label="bound: baseline + steering budget + KV of --max-batch longest rows + prefill")
     ax.axhline(report["rss_baseline_mb"], color="grey", linestyle=":", label="baseline (after start-up)")
     ax.set_xlabel("seconds")
     ax.set_ylabel("MB")
@@ -180,7 +186,7 @@ def main(argv: list[str] | None = None) -> int:
         token_file = Path(scratch) / "token"
         token_file.write_text(TOKEN)
         log = open(Path(scratch) / "server.log", "w")  # noqa: SIM115 (closed below)
-        server_args = ["--steer-dir", str(steer), "--max-batch", "8", "--max-queue", "32",
+        server_args = ["--steer-dir", str(steer), "--max-batch", str(MAX_BATCH), "--max-queue", "32",
                        "--admin-token-file", str(token_file), "--steering-memory-mb", str(STEERING_MEMORY_MB),
                        "--prefill-tokens", str(PREFILL_TOKENS), "--header-timeout-s", str(HEADER_TIMEOUT_S),
                        "--body-timeout-s", str(BODY_TIMEOUT_S)]
@@ -206,7 +212,10 @@ def main(argv: list[str] | None = None) -> int:
         log.close()
     latencies = sorted(r["seconds"] for r in mix.normal)
     peak = max(m for _, m in samples)
-    bound = baseline + STEERING_MEMORY_MB + PREFILL_ALLOWANCE_MB
+    model = json.loads((args.bundle / "manifest.json").read_text())["model"]
+    kv_per_token = model["num_layers"] * 2 * model["num_key_value_heads"] * model["head_dim"] * 4
+    kv_bound = MAX_BATCH * LONGEST_ROW_TOKENS * kv_per_token / 2**20
+    bound = baseline + STEERING_MEMORY_MB + kv_bound + PREFILL_ALLOWANCE_MB
     report: dict[str, Any] = {
         "seconds": args.seconds,
         "server_args": server_args[2:],
@@ -221,6 +230,8 @@ def main(argv: list[str] | None = None) -> int:
         "rss_peak_mb": round(peak, 1),
         "rss_end_mb": round(samples[-1][1], 1),
         "rss_bound_mb": round(bound, 1),
+        "rss_bound_terms_mb": {"baseline": round(baseline, 1), "steering_memory": STEERING_MEMORY_MB,
+                               "kv_cache": round(kv_bound, 1), "prefill_allowance": PREFILL_ALLOWANCE_MB},
         "failures": mix.failures[:50],
     }
     if peak > bound:
