@@ -10,6 +10,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 import requests
 
@@ -130,3 +131,12 @@ def test_registered_specs_are_bounded_in_count_and_memory(
     for i in range(256):
         requests.delete(f"{url}/v1/steering/s{i}", headers=admin, timeout=60)
     still_serving(url)
+
+
+def test_trained_tensors_are_readable_by_other_users(tmp_path: Path) -> None:
+    """safetensors writes 0600, which the Docker image's unprivileged user cannot read."""
+    from onnx_steer_export.train.common import save_tensors
+
+    out = tmp_path / "v.safetensors"
+    save_tensors({"direction.1": np.ones(4, dtype=np.float32)}, out)
+    assert out.stat().st_mode & 0o777 == 0o644

@@ -11,8 +11,10 @@ use sha2::{Digest, Sha256};
 use super::SteerError;
 use crate::runtime::Runtime;
 
-/// Largest learned net or rewrite graph read (ONNX's protobuf limit).
-pub const MAX_NET_FILE_BYTES: u64 = 2 << 30;
+/// Largest learned net or rewrite graph read. The biggest a real one gets is a refusal head's
+/// `d x d` matrix: 268 MB at d = 8192 (a 70B model); a file of gigabytes is refused by its size
+/// before any of it is read.
+pub const MAX_NET_FILE_BYTES: u64 = 512 << 20;
 
 /// Read a regular file of at most `limit` bytes. Its type and size are checked on the open handle
 /// before anything is read, so a directory, FIFO or device is refused with its real reason (and a
