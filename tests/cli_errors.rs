@@ -132,7 +132,7 @@ fn absurd_manifest_sizes_are_errors_not_aborts() {
         ("hidden_size", |m| {
             m["model"]["hidden_size"] = 1_000_000_000_000u64.into()
         }),
-        ("bytes", |m| {
+        ("the manifest says 1000000000000", |m| {
             m["files"]["layer_00.onnx"]["bytes"] = 1_000_000_000_000u64.into()
         }),
     ];

@@ -6,6 +6,7 @@ from __future__ import annotations
 import re
 import subprocess
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -31,18 +32,22 @@ def files(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, hostile.Hosti
 
 
 @pytest.fixture(scope="module")
-def server(binary: Path, bundle_dir: Path, files: tuple[Path, hostile.HostileFiles],
+def server_log(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("log") / "server.log"
+
+
+@pytest.fixture(scope="module")
+def server(binary: Path, bundle_dir: Path, files: tuple[Path, hostile.HostileFiles], server_log: Path,
            tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, subprocess.Popen]]:
     steer, _ = files
     token_file = tmp_path_factory.mktemp("secret") / "token"
     token_file.write_text(TOKEN + "\n")
-    log = open(tmp_path_factory.mktemp("log") / "server.log", "w")  # noqa: SIM115 (open for the module)
-    with serving(binary, bundle_dir, "--steer-dir", str(steer), "--max-batch", "4",
-                 "--admin-token-file", str(token_file), "--header-timeout-s", str(HEADER_TIMEOUT_S),
-                 "--body-timeout-s", str(BODY_TIMEOUT_S), "--steering-memory-mb", "64",
-                 stderr=log.fileno()) as running:
+    with open(server_log, "w") as log, serving(
+            binary, bundle_dir, "--steer-dir", str(steer), "--max-batch", "4",
+            "--admin-token-file", str(token_file), "--header-timeout-s", str(HEADER_TIMEOUT_S),
+            "--body-timeout-s", str(BODY_TIMEOUT_S), "--steering-memory-mb", "64",
+            stderr=log.fileno()) as running:
         yield running
-    log.close()
 
 
 def still_serving(url: str) -> None:
@@ -73,25 +78,40 @@ def test_slow_and_idle_connections_are_closed(
 
 
 def test_a_misbehaving_net_fails_only_its_own_row(
-        server: tuple[str, subprocess.Popen], files: tuple[Path, hostile.HostileFiles]) -> None:
-    """The crafted net used to panic the engine: 503 for it, 429 for every request after."""
+        server: tuple[str, subprocess.Popen], files: tuple[Path, hostile.HostileFiles], server_log: Path) -> None:
+    """The crafted net used to panic the engine: 503 for it, 429 for every request after. Here it
+    joins in one prefill group with two normal requests (registered beforehand, so that the three
+    queue together while a long prompt is prefilled), and only its own request fails."""
     url, _ = server
-    bad = hostile.l2s_spec(files[1].shape_lying_l2s, 15)
+    admin = {"Authorization": f"Bearer {TOKEN}"}
+    spec = hostile.l2s_spec(files[1].shape_lying_l2s, 15)
+    assert requests.post(f"{url}/v1/steering", json={"name": "lying", "spec": spec}, headers=admin,
+                         timeout=60).ok
     results: dict[str, requests.Response] = {}
 
-    def send(key: str, steering: dict | None) -> None:
+    def send(key: str, steering: str | None, max_tokens: int) -> None:
         results[key] = requests.post(f"{url}/v1/chat/completions",
-                                     json=hostile.chat_body(steering, max_tokens=8), timeout=120)
+                                     json=hostile.chat_body(steering, max_tokens=max_tokens), timeout=120)
 
-    threads = [threading.Thread(target=send, args=("bad", bad))]
-    threads += [threading.Thread(target=send, args=(f"good{i}", None)) for i in range(3)]
-    for thread in threads:
+    def busy() -> None:
+        # A long prompt: its prefill holds the engine for seconds, while the three queue up.
+        results["busy"] = requests.post(f"{url}/v1/completions", json={"prompt": "lighthouse " * 1500,
+                                                                       "max_tokens": 1}, timeout=120)
+
+    threads = [threading.Thread(target=busy)]
+    threads[0].start()
+    time.sleep(1.0)
+    threads += [threading.Thread(target=send, args=("bad", "lying", 8))]
+    threads += [threading.Thread(target=send, args=(f"good{i}", None, 8)) for i in range(2)]
+    for thread in threads[1:]:
         thread.start()
     for thread in threads:
         thread.join()
     assert results["bad"].status_code == 500 and "expected [1, 576]" in results["bad"].text, results["bad"].text
-    for i in range(3):
-        assert results[f"good{i}"].ok, results[f"good{i}"].text
+    for key in ("busy", "good0", "good1"):
+        assert results[key].ok, results[key].text
+    assert "joining its requests one by one" in server_log.read_text(), "the three did not share a group"
+    assert requests.delete(f"{url}/v1/steering/lying", headers=admin, timeout=60).ok
     still_serving(url)
 
 
@@ -140,3 +160,22 @@ def test_trained_tensors_are_readable_by_other_users(tmp_path: Path) -> None:
     out = tmp_path / "v.safetensors"
     save_tensors({"direction.1": np.ones(4, dtype=np.float32)}, out)
     assert out.stat().st_mode & 0o777 == 0o644
+
+
+def test_registration_beyond_the_memory_budget_is_refused_before_reading(
+        server: tuple[str, subprocess.Popen], files: tuple[Path, hostile.HostileFiles]) -> None:
+    """Each spec names a 10 MB net: the server's 64 MB budget holds six of them."""
+    url, _ = server
+    admin = {"Authorization": f"Bearer {TOKEN}"}
+    statuses = []
+    for i in range(8):
+        spec = hostile.l2s_spec(files[1].large_l2s, 12)
+        spec["interventions"][0]["scale"] = 1.0 + i  # distinct content: no cache hit
+        response = requests.post(f"{url}/v1/steering", json={"name": f"big{i}", "spec": spec}, headers=admin,
+                                 timeout=60)
+        statuses.append((response.status_code, response.text[:200]))
+    assert [code for code, _ in statuses[:6]] == [200] * 6, statuses
+    assert all(code == 507 and "steering memory budget" in text for code, text in statuses[6:]), statuses
+    for i in range(6):
+        assert requests.delete(f"{url}/v1/steering/big{i}", headers=admin, timeout=60).ok
+    still_serving(url)

@@ -39,6 +39,42 @@ fn splice_images(
     Ok(value_in(array, dtype, "image splice")?)
 }
 
+/// The positions graph's mask bias and rotary tables for tokens `start..end` of `step`, after
+/// `past` cached positions.
+fn chunk_positions(
+    positions: &mut LoadedSegment,
+    profile: &mut Option<SegmentProfile>,
+    step: &Step,
+    past: usize,
+    start: usize,
+    end: usize,
+) -> Result<[DynValue; 3], ModelError> {
+    let decode = step.input_ids.ncols() == 1;
+    // Column slices of several rows are not contiguous, which ONNX Runtime needs: those are
+    // copied (a whole-step slice is borrowed as it is).
+    let position_ids = step.position_ids.slice(ndarray::s![.., start..end]);
+    let position_ids = position_ids.as_standard_layout();
+    let mask = step.attention_mask.slice(ndarray::s![.., ..past + end]);
+    let mask = mask.as_standard_layout();
+    let mut outputs = time_if(profile, decode, &positions.name, || {
+        positions
+            .session
+            .run(vec![
+                (
+                    Cow::Borrowed("position_ids"),
+                    view_input(position_ids.view(), &positions.name)?,
+                ),
+                (
+                    Cow::Borrowed("attention_mask"),
+                    view_input(mask.view(), &positions.name)?,
+                ),
+            ])
+            .map_err(run_error(&positions.name))
+    })?;
+    let [bias, cos, sin] = POSITION_OUTPUTS.map(|name| take(&mut outputs, name, &positions.name));
+    Ok([bias?, cos?, sin?])
+}
+
 /// Keeps fp32 copies of chosen layers' outputs (for `capture`).
 struct Capture<'a> {
     layers: &'a [usize],
@@ -215,35 +251,19 @@ impl SegmentChain {
         let chunks: Vec<(usize, usize)> = (0..tokens.div_ceil(chunk))
             .map(|k| (k * chunk, ((k + 1) * chunk).min(tokens)))
             .collect();
-        let positions = &mut self.positions;
-        let mut chunk_positions = Vec::with_capacity(chunks.len());
-        for &(start, end) in &chunks {
-            // Column slices of several rows are not contiguous, which ONNX Runtime needs: those are
-            // copied (a whole-step slice is borrowed as it is).
-            let position_ids = step.position_ids.slice(ndarray::s![.., start..end]);
-            let position_ids = position_ids.as_standard_layout();
-            let mask = step.attention_mask.slice(ndarray::s![.., ..past + end]);
-            let mask = mask.as_standard_layout();
-            let mut outputs = time_if(profile, decode, &positions.name, || {
-                positions
-                    .session
-                    .run(vec![
-                        (
-                            Cow::Borrowed("position_ids"),
-                            view_input(position_ids.view(), &positions.name)?,
-                        ),
-                        (
-                            Cow::Borrowed("attention_mask"),
-                            view_input(mask.view(), &positions.name)?,
-                        ),
-                    ])
-                    .map_err(run_error(&positions.name))
-            })?;
-            let [bias, cos, sin] =
-                POSITION_OUTPUTS.map(|name| take(&mut outputs, name, &positions.name));
-            chunk_positions.push([bias?, cos?, sin?]);
-        }
-
+        // The whole step's mask and rotary tables are made once for every layer; a chunked
+        // prefill makes each chunk's as it goes, so that only one `[chunk, total]` bias is held.
+        let whole = match chunks.as_slice() {
+            [_] => Some(chunk_positions(
+                &mut self.positions,
+                profile,
+                step,
+                past,
+                0,
+                tokens,
+            )?),
+            _ => None,
+        };
         for (index, layer) in self.layers.iter_mut().enumerate() {
             let steered = time_if(profile, decode, STEERING, || {
                 hook.delta(index)
@@ -251,7 +271,9 @@ impl SegmentChain {
                     .transpose()
             })?;
             let delta = steered.as_ref().unwrap_or(&unsteered);
-            let mut run = |hidden: &DynValue, [bias, cos, sin]: &[DynValue; 3]| {
+            let mut run = |hidden: &DynValue,
+                           [bias, cos, sin]: &[DynValue; 3],
+                           profile: &mut Option<SegmentProfile>| {
                 let inputs: Vec<(Cow<'_, str>, SessionInputValue<'_>)> = vec![
                     (Cow::Borrowed("hidden_in"), hidden.into()),
                     (Cow::Borrowed("attention_bias"), bias.into()),
@@ -269,14 +291,17 @@ impl SegmentChain {
                 cache.values[index] = take(&mut outputs, "present_value", &layer.name)?;
                 Ok::<_, ModelError>(next)
             };
-            hidden = match chunk_positions.as_slice() {
-                [whole] => run(&hidden, whole)?,
-                _ => {
+            hidden = match &whole {
+                Some(positions) => run(&hidden, positions, profile)?,
+                None => {
                     let full = hidden_to_f32(&hidden)?;
                     let mut out = Array3::<f32>::zeros(full.dim());
-                    for (&(start, end), positions) in chunks.iter().zip(&chunk_positions) {
+                    for &(start, end) in &chunks {
+                        let positions =
+                            chunk_positions(&mut self.positions, profile, step, past, start, end)?;
                         let part = full.slice(ndarray::s![.., start..end, ..]).to_owned();
-                        let part = run(&value_in(part, self.dtype, &layer.name)?, positions)?;
+                        let part = value_in(part, self.dtype, &layer.name)?;
+                        let part = run(&part, &positions, profile)?;
                         out.slice_mut(ndarray::s![.., start..end, ..])
                             .assign(&hidden_to_f32(&part)?);
                     }

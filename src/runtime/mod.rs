@@ -231,6 +231,19 @@ impl Runtime {
         name: &str,
     ) -> Result<Arc<Mutex<Session>>, RuntimeError> {
         let key: [u8; 32] = Sha256::digest(model).into();
+        let lookup = || {
+            let shared = self
+                .shared
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            shared.get(&key).and_then(Weak::upgrade)
+        };
+        if let Some(session) = lookup() {
+            return Ok(session);
+        }
+        // Built without the lock, so that one large net does not hold up every other; if another
+        // thread built the same one meanwhile, its session wins and this one is dropped.
+        let built = Arc::new(Mutex::new(self.session(model, name)?));
         let mut shared = self
             .shared
             .lock()
@@ -238,10 +251,9 @@ impl Runtime {
         if let Some(session) = shared.get(&key).and_then(Weak::upgrade) {
             return Ok(session);
         }
-        let session = Arc::new(Mutex::new(self.session(model, name)?));
         shared.retain(|_, held| held.strong_count() > 0);
-        shared.insert(key, Arc::downgrade(&session));
-        Ok(session)
+        shared.insert(key, Arc::downgrade(&built));
+        Ok(built)
     }
 }
 

@@ -12,12 +12,15 @@ use sha2::{Digest, Sha256};
 use super::error::ApiError;
 use crate::bundle::ModelConfig;
 use crate::runtime::Runtime;
+use crate::steer::files::MAX_NET_FILE_BYTES;
 use crate::steer::{ResolvedSteering, SteerError, SteerSpec};
 
 /// Resolved inline specs kept, most recent first; older ones are resolved again when they return.
 const INLINE_CACHE: usize = 64;
 /// Most specs registered at once (`--steer-dir` files and `POST /v1/steering`).
 pub const MAX_REGISTERED: usize = 256;
+/// Inline specs resolved (files read, sessions built) at the same time; the others wait.
+const RESOLVING: usize = 2;
 
 /// Every path a spec names must lie inside the steering directory (after following links).
 pub fn confine(spec: &SteerSpec, dir: &Path) -> Result<(), ApiError> {
@@ -50,7 +53,12 @@ struct Resolver {
 impl Resolver {
     /// Parse, confine and resolve an inline spec, `text` being `spec` as JSON (blocking: reads
     /// files, builds sessions).
-    fn inline(&self, spec: &serde_json::Value, text: &str) -> Result<ResolvedSteering, ApiError> {
+    fn inline(
+        &self,
+        spec: &serde_json::Value,
+        text: &str,
+        room: usize,
+    ) -> Result<ResolvedSteering, ApiError> {
         let dir = self.steer_dir.as_deref().ok_or_else(|| {
             ApiError::bad_request("inline steering specs need the server to run with --steer-dir")
         })?;
@@ -62,6 +70,26 @@ impl Resolver {
         let parsed = SteerSpec::parse(text, dir, "request steering")
             .map_err(|e| ApiError::bad_request(e.to_string()))?;
         confine(&parsed, dir)?;
+        // Sized from the files before any is read: a spec too big for the budget costs nothing.
+        let files: std::collections::BTreeSet<PathBuf> = parsed
+            .interventions
+            .iter()
+            .flat_map(|entry| entry.paths())
+            .map(|(_, path)| dir.join(path))
+            .collect();
+        // Files past the readers' own limits are left to them: they refuse them with that reason.
+        let size: u64 = files
+            .iter()
+            .filter_map(|path| std::fs::metadata(path).ok())
+            .map(|m| m.len())
+            .filter(|&len| len <= MAX_NET_FILE_BYTES)
+            .sum();
+        if size > room as u64 {
+            return Err(insufficient(format!(
+                "the files this spec names hold {size} bytes; {room} of the steering memory \
+                 budget are free (serve --steering-memory-mb)"
+            )));
+        }
         parsed
             .resolve(&self.config, &self.runtime)
             .map_err(|e| ApiError::bad_request(e.to_string()))
@@ -73,6 +101,8 @@ pub struct SteeringRegistry {
     resolver: Arc<Resolver>,
     /// Bytes registered and cached specs may hold together ([`ResolvedSteering::memory_bytes`]).
     memory_budget: usize,
+    /// Permits to resolve an inline spec ([`RESOLVING`]).
+    resolving: tokio::sync::Semaphore,
     named: RwLock<HashMap<String, Arc<ResolvedSteering>>>,
     /// Inline specs by the sha256 of their JSON, most recently used first.
     inline: Mutex<VecDeque<([u8; 32], Arc<ResolvedSteering>)>>,
@@ -98,6 +128,7 @@ impl SteeringRegistry {
     ) -> Result<Self, SteerError> {
         let registry = Self {
             memory_budget,
+            resolving: tokio::sync::Semaphore::new(RESOLVING),
             resolver: Arc::new(Resolver {
                 config,
                 runtime,
@@ -201,12 +232,18 @@ impl SteeringRegistry {
         if let Some(found) = self.cached(&key)? {
             return Ok(found);
         }
+        let room = self.memory_budget.saturating_sub(self.registered_bytes()?);
+        // At most RESOLVING specs are read and built at once, whatever the number of requests.
+        let _permit = self
+            .resolving
+            .acquire()
+            .await
+            .map_err(|_| ApiError::unavailable("the server is shutting down"))?;
         let resolver = self.resolver.clone();
-        let resolved = tokio::task::spawn_blocking(move || resolver.inline(&spec, &text))
+        let resolved = tokio::task::spawn_blocking(move || resolver.inline(&spec, &text, room))
             .await
             .map_err(|e| ApiError::internal(format!("steering resolution failed: {e}")))??;
         let resolved = Arc::new(resolved);
-        let room = self.memory_budget.saturating_sub(self.registered_bytes()?);
         let size = resolved.memory_bytes();
         if size > room {
             return Err(insufficient(format!(

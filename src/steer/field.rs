@@ -10,16 +10,17 @@
 use std::path::Path;
 use std::sync::{Arc, Mutex};
 
-use ndarray::{Array1, ArrayView1};
+use ndarray::{Array1, ArrayView1, Axis};
 use ort::session::{Session, SessionInputValue};
 use ort::value::{DynValue, TensorRef};
 
-use super::files::read_pinned;
+use super::files::{read_pinned, MAX_NET_FILE_BYTES};
 use super::resolve::{check_finite, check_layer};
 use super::spec::{Positions, SvfIntervention};
 use super::SteerError;
 use crate::bundle::ModelConfig;
 use crate::chain::{ModelError, Site};
+use crate::runtime::values::{to_f32, value_in};
 use crate::runtime::Runtime;
 
 /// A loaded rewrite graph, shared by every row and request that uses it.
@@ -51,7 +52,7 @@ impl FieldGraph {
         config: &ModelConfig,
         runtime: &Runtime,
     ) -> Result<Self, SteerError> {
-        let bytes = read_pinned(path, sha256)?;
+        let bytes = read_pinned(path, sha256, MAX_NET_FILE_BYTES)?;
         let bad = |message: String| SteerError::Net {
             path: path.to_path_buf(),
             message,
@@ -158,10 +159,55 @@ impl FieldGraph {
         let mut session = self.session.lock().map_err(|_| {
             ModelError::Intervention(format!("{}: session lock poisoned", self.name))
         })?;
-        let mut outputs = session.run(inputs).map_err(error)?;
-        outputs.remove("steered").ok_or_else(|| {
-            ModelError::Intervention(format!("{}: no output \"steered\"", self.name))
-        })
+        let steered = session.run(inputs).map_err(error).and_then(|mut outputs| {
+            outputs.remove("steered").ok_or_else(|| {
+                ModelError::Intervention(format!("{}: no output \"steered\"", self.name))
+            })
+        });
+        drop(session);
+        self.contain(steered, base, scales)
+    }
+
+    /// The graph's output, trusted only where it is due: it must have the state's shape, and
+    /// rows with scale 0 (other requests of the batch) get `base` back whatever the graph did to
+    /// them. A graph that fails or returns another shape poisons only the rows that use it (their
+    /// state becomes NaN, so they end with an error at the logits), never the batch.
+    fn contain(
+        &self,
+        steered: Result<DynValue, ModelError>,
+        base: &DynValue,
+        scales: ArrayView1<'_, f32>,
+    ) -> Result<DynValue, ModelError> {
+        let (base, dtype) = to_f32(base, &self.name)?;
+        let checked = steered.and_then(|value| {
+            let (array, _) = to_f32(&value, &self.name)?;
+            if array.shape() == base.shape() {
+                Ok(array)
+            } else {
+                Err(ModelError::Intervention(format!(
+                    "{} returned shape {:?} for a state of {:?}",
+                    self.name,
+                    array.shape(),
+                    base.shape()
+                )))
+            }
+        });
+        let mut out = match checked {
+            Ok(array) => array,
+            Err(e) => {
+                tracing::warn!("rewrite graph failed; its rows end: {e}");
+                let mut poisoned = base.clone();
+                for (row, _) in scales.iter().enumerate().filter(|(_, s)| **s != 0.0) {
+                    poisoned.index_axis_mut(Axis(0), row).fill(f32::NAN);
+                }
+                poisoned
+            }
+        };
+        for (row, _) in scales.iter().enumerate().filter(|(_, s)| **s == 0.0) {
+            out.index_axis_mut(Axis(0), row)
+                .assign(&base.index_axis(Axis(0), row));
+        }
+        Ok(value_in(out, dtype, &self.name)?)
     }
 }
 

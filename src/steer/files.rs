@@ -123,30 +123,43 @@ pub fn write_regular(path: &Path, bytes: &[u8]) -> Result<(), SteerError> {
             "has no file name".into(),
         )
     })?;
-    let mut temp_name = std::ffi::OsString::from(".");
-    temp_name.push(name);
-    temp_name.push(format!(".{}.tmp", std::process::id()));
-    let temp = path.with_file_name(temp_name);
-    let mut options = std::fs::OpenOptions::new();
-    options.write(true).create_new(true);
-    #[cfg(unix)]
-    {
-        use std::os::unix::fs::OpenOptionsExt;
-        options.mode(0o644);
-    }
-    let written = options
-        .open(&temp)
-        .and_then(|mut f| f.write_all(bytes).and_then(|()| f.sync_all()))
-        .and_then(|()| std::fs::rename(&temp, path));
-    if written.is_err() {
-        let _ = std::fs::remove_file(&temp);
-    }
-    written.map_err(SteerError::io(path))
+    let dir = match path.parent() {
+        Some(dir) if !dir.as_os_str().is_empty() => dir,
+        _ => Path::new("."),
+    };
+    // A temporary name of its own (a crashed writer's leftover never blocks the next one), and
+    // the mode set on the open file, so that no umask narrows it.
+    let mut prefix = std::ffi::OsString::from(".");
+    prefix.push(name);
+    let temp = tempfile::Builder::new()
+        .prefix(&prefix)
+        .suffix(".tmp")
+        .tempfile_in(dir)
+        .map_err(SteerError::io(dir))?;
+    let written = (|| {
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt;
+            temp.as_file()
+                .set_permissions(std::fs::Permissions::from_mode(0o644))?;
+        }
+        temp.as_file().write_all(bytes)?;
+        temp.as_file().sync_all()
+    })();
+    written.map_err(SteerError::io(temp.path()))?;
+    temp.persist(path)
+        .map_err(|e| SteerError::io(path)(e.error))?;
+    Ok(())
 }
 
-/// Read a file named by a spec, checking the pinned sha256 when there is one.
-pub(crate) fn read_pinned(path: &Path, sha256: Option<&str>) -> Result<Vec<u8>, SteerError> {
-    let bytes = read_regular(path, MAX_NET_FILE_BYTES)?;
+/// Read a file named by a spec (at most `limit` bytes), checking the pinned sha256 when there is
+/// one.
+pub(crate) fn read_pinned(
+    path: &Path,
+    sha256: Option<&str>,
+    limit: u64,
+) -> Result<Vec<u8>, SteerError> {
+    let bytes = read_regular(path, limit)?;
     if let Some(expected) = sha256 {
         let actual = hex::encode(Sha256::digest(&bytes));
         if !actual.eq_ignore_ascii_case(expected) {
@@ -177,7 +190,7 @@ impl NetFile<'_> {
         runtime: &Runtime,
         hidden: usize,
     ) -> Result<(Arc<Mutex<Session>>, usize), SteerError> {
-        let bytes = read_pinned(&self.path, self.sha256)?;
+        let bytes = read_pinned(&self.path, self.sha256, MAX_NET_FILE_BYTES)?;
         let bad = |message: String| SteerError::Net {
             path: self.path.clone(),
             message,

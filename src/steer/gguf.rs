@@ -183,6 +183,27 @@ impl GgufVectors {
             infos.push((name, elements, offset));
         }
         let data_start = (c.at as u64).div_ceil(alignment) * alignment;
+        // Tensors must tile the data region without overlapping: otherwise a small file could name
+        // the same bytes thousands of times and each copy would be allocated.
+        let mut ranges: Vec<(u64, u64, &str)> = infos
+            .iter()
+            .map(|(name, elements, offset)| {
+                (
+                    *offset,
+                    offset.saturating_add(elements.saturating_mul(4)),
+                    name.as_str(),
+                )
+            })
+            .collect();
+        ranges.sort_unstable();
+        for pair in ranges.windows(2) {
+            if pair[1].0 < pair[0].1 {
+                return Err(GgufError::Malformed(format!(
+                    "tensors {} and {} overlap",
+                    pair[0].2, pair[1].2
+                )));
+            }
+        }
         let mut tensors = BTreeMap::new();
         for (name, elements, offset) in infos {
             let start = data_start.saturating_add(offset) as usize;
@@ -317,5 +338,20 @@ mod tests {
             GgufVectors::parse(b"GGML\x03\0\0\0"),
             Err(GgufError::Magic(_))
         ));
+    }
+
+    #[test]
+    fn tensors_that_share_their_bytes_are_refused() {
+        let mut file = GgufVectors::default();
+        file.tensors.insert("direction.1".into(), vec![1.0; 8]);
+        file.tensors.insert("direction.2".into(), vec![2.0; 8]);
+        let mut bytes = Vec::new();
+        file.write(&mut bytes).unwrap();
+        // Point the second tensor's offset (the last 8 bytes of its entry) at the first's data.
+        let name = bytes.windows(11).position(|w| w == b"direction.2").unwrap();
+        let offset_at = name + 11 + 4 + 8 + 4;
+        bytes[offset_at..offset_at + 8].copy_from_slice(&0u64.to_le_bytes());
+        let err = GgufVectors::parse(&bytes).unwrap_err();
+        assert!(err.to_string().contains("overlap"), "{err}");
     }
 }

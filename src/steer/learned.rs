@@ -15,6 +15,7 @@ use super::field::FieldGraph;
 use super::files::{read_pinned, NetFile};
 use super::resolve::{check_delta, check_direction, check_finite, check_layer, LayerAddition};
 use super::spec::{AutoSteerIntervention, L2sIntervention, Positions, W2sIntervention};
+use super::vector::{VectorFormat, MAX_VECTOR_FILE_BYTES};
 use super::{Directions, SteerError};
 use crate::bundle::ModelConfig;
 use crate::runtime::Runtime;
@@ -103,8 +104,10 @@ pub(crate) struct Learned {
     net_path: PathBuf,
     /// Bytes this intervention holds: its net file and any vectors.
     pub(crate) bytes: usize,
-    /// The width of `[1, width]` the net's output must really have (its declared shape may be
-    /// symbolic or wrong, so every run is checked).
+    /// The output the net's decision is read from (`vector` or `probs`).
+    output: &'static str,
+    /// The width of `[1, width]` that output must really have (its declared shape may be symbolic
+    /// or wrong, so every run is checked).
     width: usize,
     action: Action,
 }
@@ -170,8 +173,13 @@ impl Learned {
     ) -> Result<Self, SteerError> {
         check_finite("scale", spec.scale)?;
         let bank_path = base_dir.join(&spec.bank);
-        read_pinned(&bank_path, spec.bank_sha256.as_deref())?;
-        let directions = Directions::load(&bank_path)?;
+        // Parsed from the bytes that were hashed: a second read could see another file.
+        let bank = read_pinned(
+            &bank_path,
+            spec.bank_sha256.as_deref(),
+            MAX_VECTOR_FILE_BYTES,
+        )?;
+        let directions = Directions::parse(&bank_path, &bank, VectorFormat::of(&bank_path))?;
         let layers = directions.layers().ok_or_else(|| {
             SteerError::Rule(format!(
                 "bank {} must name its layers (direction.{{L}})",
@@ -266,6 +274,7 @@ impl Learned {
             net: session,
             net_path: net.path.clone(),
             bytes: net_bytes + vector_bytes,
+            output: net.output,
             width: net.width,
             action,
         })
@@ -389,7 +398,10 @@ impl Learned {
             .map_err(|_| self.failed("session lock poisoned".into()))?;
         let value = TensorRef::from_array_view(input.view()).map_err(error)?;
         let outputs = net.run(ort::inputs!["state" => value]).map_err(error)?;
-        let array = outputs[0].try_extract_array::<f32>().map_err(error)?;
+        let output = outputs
+            .get(self.output)
+            .ok_or_else(|| self.failed(format!("no output {:?}", self.output)))?;
+        let array = output.try_extract_array::<f32>().map_err(error)?;
         array
             .into_dimensionality::<ndarray::Ix2>()
             .map(|a| a.to_owned())

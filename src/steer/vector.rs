@@ -301,7 +301,10 @@ mod tests {
         let entry_end = entry_start + 8 + 11 + 4 + 8 + 4 + 8;
         doubled.extend(&bytes[16..entry_end]);
         doubled.extend(&bytes[entry_start..entry_end]);
-        doubled.resize(doubled.len().div_ceil(32) * 32 + 32, 0);
+        // The second entry's data lies after the first's (its offset is the entry's last field).
+        let offset_at = doubled.len() - 8;
+        doubled[offset_at..].copy_from_slice(&32u64.to_le_bytes());
+        doubled.resize(doubled.len().div_ceil(32) * 32 + 64, 0);
         let err = Directions::parse(Path::new("v.gguf"), &doubled, VectorFormat::Gguf).unwrap_err();
         assert!(err.to_string().contains("occurs twice"), "{err}");
     }

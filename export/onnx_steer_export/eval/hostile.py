@@ -78,15 +78,20 @@ def width_from_data(hidden: int, output: str, declared_width: int, divisor: int)
     return _net(nodes, hidden, output, declared_width, constants)
 
 
-def raw_slice(hidden: int, output: str, width: int, factor: float = 1.0) -> bytes:
+def raw_slice(hidden: int, output: str, width: int, factor: float = 1.0, padding_mb: int = 0) -> bytes:
     """`state[:, :width] * factor`: as a router or prober, values that are not probabilities
-    (negative, not summing to 1); with a huge factor, an L2S vector that overflows."""
+    (negative, not summing to 1); with a huge factor, an L2S vector that overflows. `padding_mb`
+    adds an unused initializer of that size, for a net that is large on disk."""
     nodes = [
         helper.make_node("Slice", ["state", "starts", "ends", "axes"], ["part"]),
         helper.make_node("Mul", ["part", "factor"], [output]),
     ]
     constants = [_int64("starts", [0]), _int64("ends", [width]), _int64("axes", [1]),
                  helper.make_tensor("factor", TensorProto.FLOAT, [], [factor])]
+    if padding_mb:
+        padding = np.zeros(padding_mb << 18, dtype=np.float32)
+        constants.append(helper.make_tensor("padding", TensorProto.FLOAT, [padding.size], padding.tobytes(),
+                                            raw=True))
     return _net(nodes, hidden, output, width, constants)
 
 
@@ -98,6 +103,7 @@ class HostileFiles:
     shape_lying_l2s: str = "shape_lying_l2s.onnx"
     overflowing_l2s: str = "overflowing_l2s.onnx"
     improbable_router: str = "improbable_router.onnx"
+    large_l2s: str = "large_l2s.onnx"
     bank: str = "bank.safetensors"
     vector: str = "v.safetensors"
     fifo: str = "fifo.safetensors"
@@ -112,6 +118,7 @@ def write_hostile_files(steer_dir: Path, hidden: int, num_layers: int) -> Hostil
     (steer_dir / files.shape_lying_l2s).write_bytes(width_from_data(hidden, "vector", hidden, 2))
     (steer_dir / files.overflowing_l2s).write_bytes(raw_slice(hidden, "vector", hidden, 1e30))
     (steer_dir / files.improbable_router).write_bytes(raw_slice(hidden, "probs", 2))
+    (steer_dir / files.large_l2s).write_bytes(raw_slice(hidden, "vector", hidden, 1e-3, padding_mb=10))
     layers = [num_layers // 2, num_layers // 2 + 1]
     save_file({f"direction.{layer}": rng.normal(size=hidden).astype(np.float32) for layer in layers},
               str(steer_dir / files.bank))

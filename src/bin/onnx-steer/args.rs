@@ -31,7 +31,8 @@ pub(crate) struct RuntimeArgs {
     #[arg(long)]
     pub(crate) threads: Option<usize>,
     /// Prompts longer than this run each layer in chunks of this many tokens, so that attention
-    /// never holds [prompt x prompt] scores per head (0: never chunk).
+    /// never holds [prompt x prompt] scores per head (0: never chunk; the monolithic baseline
+    /// always runs whole).
     #[arg(long, default_value_t = onnx_steer::chain::segmented::DEFAULT_PREFILL_CHUNK)]
     pub(crate) prefill_chunk: usize,
 }
