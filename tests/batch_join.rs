@@ -28,6 +28,20 @@ fn request(
     }
 }
 
+/// `requests` joined as one group and decoded to the end: each row's tokens, in order.
+fn generate_all(model: &mut SegmentChain, requests: Vec<RowRequest>) -> Vec<Vec<u32>> {
+    let mut batch = RunningBatch::new(0);
+    batch.join(model, requests, &mut |_, _| {}).unwrap();
+    while batch.has_unfinished() {
+        batch.step(model, &mut |_, _| {}).unwrap();
+    }
+    let mut done = batch.take_finished().unwrap();
+    done.sort_by_key(|(id, _)| *id);
+    done.into_iter()
+        .map(|(_, result)| result.unwrap().token_ids)
+        .collect()
+}
+
 /// A vector spec at `layers` whose direction repeats a ramp of `period` values, resolved.
 fn vector_steering(
     bundle: &Bundle,
@@ -71,22 +85,7 @@ fn joining_and_leaving_rows_match_their_solo_runs() {
     ];
     let solo: Vec<Vec<u32>> = requests
         .iter()
-        .map(|r| {
-            let mut batch = RunningBatch::new(0);
-            batch
-                .join(&mut model, vec![r.clone()], &mut |_, _| {})
-                .unwrap();
-            while batch.has_unfinished() {
-                batch.step(&mut model, &mut |_, _| {}).unwrap();
-            }
-            batch
-                .take_finished()
-                .unwrap()
-                .remove(0)
-                .1
-                .unwrap()
-                .token_ids
-        })
+        .map(|r| generate_all(&mut model, vec![r.clone()]).remove(0))
         .collect();
 
     let mut batch = RunningBatch::new(0);
@@ -201,20 +200,11 @@ fn a_chunked_prefill_matches_the_whole_prompt_at_once() {
         let mut model = SegmentChain::load(&bundle, runtime)
             .expect("model")
             .with_prefill_chunk(chunk);
-        let mut batch = RunningBatch::new(2);
         let requests = prompts
             .iter()
             .map(|p| request(&codec, p, 8, Some(steering.clone())))
             .collect();
-        batch.join(&mut model, requests, &mut |_, _| {}).unwrap();
-        while batch.has_unfinished() {
-            batch.step(&mut model, &mut |_, _| {}).unwrap();
-        }
-        let mut done = batch.take_finished().unwrap();
-        done.sort_by_key(|(id, _)| *id);
-        done.into_iter()
-            .map(|(_, result)| result.unwrap().token_ids)
-            .collect::<Vec<_>>()
+        generate_all(&mut model, requests)
     };
     let whole = run(0);
     // 64-token chunks: the long row takes about 12 of them, the short (left-padded) row the same.
@@ -229,22 +219,7 @@ fn a_short_row_continues_exactly_after_the_longest_row_leaves() {
     let mut model = SegmentChain::load(&bundle, common::runtime()).expect("model");
     let long = "Tell me everything about the history of lighthouses on rocky coasts. ".repeat(6);
     let short = request(&codec, "Name a colour and a fruit.", 12, None);
-    let solo = {
-        let mut batch = RunningBatch::new(2);
-        batch
-            .join(&mut model, vec![short.clone()], &mut |_, _| {})
-            .unwrap();
-        while batch.has_unfinished() {
-            batch.step(&mut model, &mut |_, _| {}).unwrap();
-        }
-        batch
-            .take_finished()
-            .unwrap()
-            .remove(0)
-            .1
-            .unwrap()
-            .token_ids
-    };
+    let solo = generate_all(&mut model, vec![short.clone()]).remove(0);
     let mut batch = RunningBatch::new(2);
     let ids = batch
         .join(
