@@ -149,6 +149,35 @@ impl TextCodec {
         }
     }
 
+    /// Token ids of `prompt` (as [`TextCodec::encode_prompt`] makes them) and of `continuation`
+    /// after it, for scoring. The two are encoded together and split where the prompt's own
+    /// tokens end (lm-evaluation-harness's rule), so a continuation gets the tokens it has in
+    /// context; if the tokenizer merges across the boundary, the continuation is encoded alone.
+    pub fn encode_scored(
+        &self,
+        prompt: &str,
+        chat: bool,
+        continuation: &str,
+    ) -> Result<(Vec<u32>, Vec<u32>), TextError> {
+        let (text, special) = match chat {
+            true => (self.render_messages(&[Turn::text("user", prompt)])?, false),
+            false => (prompt.to_string(), true),
+        };
+        let prompt_ids = self.encode(&text, special)?;
+        let whole = self.encode(&format!("{text}{continuation}"), special)?;
+        let continuation_ids = match whole.strip_prefix(prompt_ids.as_slice()) {
+            Some(rest) => rest.to_vec(),
+            None => self.encode(continuation, false)?,
+        };
+        Ok((prompt_ids, continuation_ids))
+    }
+
+    /// One token's text as the tokenizer decodes it alone (special tokens included), for
+    /// reporting log-probabilities per token.
+    pub fn token_text(&self, id: u32) -> String {
+        self.tokenizer.decode(&[id], false).unwrap_or_default()
+    }
+
     /// Raw tokenizer encode.
     pub fn encode(&self, text: &str, add_special_tokens: bool) -> Result<Vec<u32>, TextError> {
         self.tokenizer

@@ -25,6 +25,8 @@ fn request(
         stop_ids: vec![2],
         stop_strings: Vec::new(),
         steering,
+        penalties: Default::default(),
+        logprobs: None,
     }
 }
 

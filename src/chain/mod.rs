@@ -18,7 +18,7 @@ pub(crate) mod segment;
 pub mod segmented;
 pub mod step;
 
-use ndarray::Array2;
+use ndarray::{Array2, ArrayView2};
 
 use crate::bundle::{BundleError, Dtype, ModelConfig};
 use crate::runtime::RuntimeError;
@@ -71,6 +71,9 @@ pub enum ModelError {
     /// The model produced NaN or infinite values where finite ones were needed.
     #[error("the model produced non-finite values: {0}")]
     NotFinite(String),
+    /// Logits at every position were asked of the monolithic baseline, which returns the last.
+    #[error("the monolithic full.onnx returns the last position's logits only; score with the segment chain")]
+    PositionLogitsUnsupported,
     /// An image prompt was given to the monolithic baseline, which takes token ids only.
     #[error(
         "the monolithic full.onnx takes token ids only; run image prompts on the segment chain"
@@ -84,6 +87,9 @@ pub(crate) fn run_error(segment: &str) -> impl FnOnce(ort::Error) -> ModelError 
         source,
     }
 }
+
+/// What [`CausalLm::forward_positions`] hands each position's logits `[B, vocab]` to.
+pub type PositionVisitor<'a> = dyn FnMut(usize, ArrayView2<'_, f32>) -> Result<(), ModelError> + 'a;
 
 /// A causal LM that maps a step to last-position logits `[B, vocab]` and updates its cache.
 ///
@@ -106,6 +112,18 @@ pub trait CausalLm {
         cache: &mut KvCache,
         hook: &mut dyn LayerHook,
     ) -> Result<Array2<f32>, ModelError>;
+    /// Run one step and hand `visit(t, logits)` the fp32 logits `[B, vocab]` at every position
+    /// `t` of the step, in order: what teacher-forced scoring needs. Only the segment chain can
+    /// (the monolithic graph returns the last position only).
+    fn forward_positions(
+        &mut self,
+        _step: &Step,
+        _cache: &mut KvCache,
+        _hook: &mut dyn LayerHook,
+        _visit: &mut PositionVisitor<'_>,
+    ) -> Result<(), ModelError> {
+        Err(ModelError::PositionLogitsUnsupported)
+    }
     /// Start timing each segment call (`onnx-steer bench` reports the breakdown); a model of one
     /// graph has no segments and ignores this.
     fn start_profile(&mut self) {}

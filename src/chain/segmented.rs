@@ -12,7 +12,7 @@ use super::hook::{LayerHook, Site};
 use super::profile::{time_if, SegmentProfile, STEERING};
 use super::segment::{load_segment, logits_of, take, LoadedSegment};
 use super::step::{ImageEmbeds, Step};
-use super::{run_error, CausalLm, KvCache, ModelError};
+use super::{run_error, CausalLm, KvCache, ModelError, PositionVisitor};
 use crate::bundle::{Bundle, Dtype, ModelConfig, SegmentKind};
 use crate::runtime::values::{hidden_to_f32, value_in, view_input};
 use crate::runtime::Runtime;
@@ -126,6 +126,9 @@ pub struct SegmentChain {
     profile: Option<SegmentProfile>,
     prefill_chunk: usize,
 }
+
+/// Rows (positions × batch rows) per norm and head call when every position's logits are asked.
+const HEAD_ROWS: usize = 256;
 
 /// Query tokens per layer call of a long prefill ([`SegmentChain::with_prefill_chunk`]).
 pub const DEFAULT_PREFILL_CHUNK: usize = 512;
@@ -322,6 +325,44 @@ impl SegmentChain {
         Ok(hidden)
     }
 
+    /// The final norm, the hook's head rewrite and the LM head on the last position of each row
+    /// of `hidden` `[R, T, d]`: fp32 logits `[R, vocab]`.
+    fn last_logits(
+        &mut self,
+        hidden: &DynValue,
+        hook: &mut dyn LayerHook,
+        decode: bool,
+    ) -> Result<Array2<f32>, ModelError> {
+        let profile = &mut self.profile;
+        let norm = &mut self.norm;
+        let mut outputs = time_if(profile, decode, &norm.name, || {
+            norm.session
+                .run(vec![(
+                    Cow::Borrowed("hidden_in"),
+                    SessionInputValue::from(hidden),
+                )])
+                .map_err(run_error(&norm.name))
+        })?;
+        let mut normed = take(&mut outputs, "normed", &norm.name)?;
+        drop(outputs);
+        if hook.rewrites(Site::Head) {
+            normed = time_if(profile, decode, STEERING, || {
+                hook.rewrite(Site::Head, normed)
+            })?;
+        }
+        let head = &mut self.head;
+        time_if(profile, decode, &head.name, || {
+            let outputs = head
+                .session
+                .run(vec![(
+                    Cow::Borrowed("normed"),
+                    SessionInputValue::from(&normed),
+                )])
+                .map_err(run_error(&head.name))?;
+            logits_of(&outputs["logits"], &head.name)
+        })
+    }
+
     /// One unsteered prefill of `step` that returns the outputs of `layers` (`[B, T, d]`, fp32).
     ///
     /// This is how `onnx-steer capture` reads the residual stream for training steering methods.
@@ -365,38 +406,42 @@ impl CausalLm for SegmentChain {
         let started = Instant::now();
         let decode = step.input_ids.ncols() == 1;
         let hidden = self.run_layers(step, cache, hook)?;
-        let profile = &mut self.profile;
-        let norm = &mut self.norm;
-        let mut outputs = time_if(profile, decode, &norm.name, || {
-            norm.session
-                .run(vec![(
-                    Cow::Borrowed("hidden_in"),
-                    SessionInputValue::from(&hidden),
-                )])
-                .map_err(run_error(&norm.name))
-        })?;
-        let mut normed = take(&mut outputs, "normed", &norm.name)?;
-        drop(outputs);
-        if hook.rewrites(Site::Head) {
-            normed = time_if(profile, decode, STEERING, || {
-                hook.rewrite(Site::Head, normed)
-            })?;
-        }
-        let head = &mut self.head;
-        let logits = time_if(profile, decode, &head.name, || {
-            let outputs = head
-                .session
-                .run(vec![(
-                    Cow::Borrowed("normed"),
-                    SessionInputValue::from(&normed),
-                )])
-                .map_err(run_error(&head.name))?;
-            logits_of(&outputs["logits"], &head.name)
-        })?;
-        if let Some(profile) = profile {
+        let logits = self.last_logits(&hidden, hook, decode)?;
+        if let Some(profile) = &mut self.profile {
             profile.add_step(decode, started.elapsed());
         }
         Ok(logits)
+    }
+
+    fn forward_positions(
+        &mut self,
+        step: &Step,
+        cache: &mut KvCache,
+        hook: &mut dyn LayerHook,
+        visit: &mut PositionVisitor<'_>,
+    ) -> Result<(), ModelError> {
+        let hidden = hidden_to_f32(&self.run_layers(step, cache, hook)?)?;
+        let (batch, tokens, width) = hidden.dim();
+        // Positions go through the norm and head as rows of their own, position-major, so a
+        // chunk is one head call and one chunk's logits are held at a time.
+        let per_chunk = (HEAD_ROWS / batch.max(1)).max(1);
+        for start in (0..tokens).step_by(per_chunk) {
+            let end = (start + per_chunk).min(tokens);
+            let mut rows = Array3::<f32>::zeros(((end - start) * batch, 1, width));
+            for t in start..end {
+                for b in 0..batch {
+                    rows.slice_mut(ndarray::s![(t - start) * batch + b, 0, ..])
+                        .assign(&hidden.slice(ndarray::s![b, t, ..]));
+                }
+            }
+            let rows = value_in(rows, self.dtype, "position logits")?;
+            let logits = self.last_logits(&rows, hook, false)?;
+            for t in start..end {
+                let offset = (t - start) * batch;
+                visit(t, logits.slice(ndarray::s![offset..offset + batch, ..]))?;
+            }
+        }
+        Ok(())
     }
 
     fn start_profile(&mut self) {

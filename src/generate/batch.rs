@@ -14,7 +14,8 @@ use ndarray::{Array2, ArrayView2};
 use rand::rngs::StdRng;
 use rand::SeedableRng;
 
-use super::{validate_prompts, FinishReason, GenerateError, Generated, Sampling};
+use super::logprobs::{LogSoftmax, PositionLogprobs};
+use super::{validate_prompts, FinishReason, GenerateError, Generated, Penalties, Sampling};
 use crate::chain::{CausalLm, KvCache, ModelError, Prompt, Step};
 use crate::steer::{BatchSteering, Decision, DecodeSteering, ResolvedSteering};
 use crate::text::{StreamDecoder, TextCodec};
@@ -35,6 +36,11 @@ pub struct RowRequest {
     pub stop_strings: Vec<String>,
     /// The row's steering, if any.
     pub steering: Option<Arc<ResolvedSteering>>,
+    /// Presence and frequency penalties applied before each pick.
+    pub penalties: Penalties,
+    /// Report each kept token's log-probability with this many alternatives (`None`: no
+    /// log-probabilities).
+    pub logprobs: Option<usize>,
 }
 
 /// Identifies a row for its whole life in a [`RunningBatch`].
@@ -56,6 +62,7 @@ struct ActiveRow {
     /// The token chosen last, fed at the next step.
     pending: u32,
     tokens: Vec<u32>,
+    logprobs: Vec<PositionLogprobs>,
     finish: Option<FinishReason>,
     failure: Option<GenerateError>,
     rng: Option<StdRng>,
@@ -88,10 +95,21 @@ impl ActiveRow {
             });
             return;
         }
-        let id = self.request.sampling.pick(logits, self.rng.as_mut());
+        let penalties = self.request.penalties;
+        let id = match penalties.is_zero() {
+            true => self.request.sampling.pick(logits, self.rng.as_mut()),
+            false => {
+                let penalised = penalties.apply(logits, &self.tokens);
+                self.request.sampling.pick(&penalised, self.rng.as_mut())
+            }
+        };
         if self.request.stop_ids.contains(&id) {
             self.finish = Some(FinishReason::Stop);
             return;
+        }
+        if let Some(top) = self.request.logprobs {
+            let scored = LogSoftmax::new(logits).and_then(|softmax| softmax.position(id, top));
+            self.logprobs.extend(scored);
         }
         self.tokens.push(id);
         self.pending = id;
@@ -120,6 +138,7 @@ impl ActiveRow {
         Ok(Generated {
             prompt_tokens: self.request.prompt.ids.len(),
             token_ids: self.tokens,
+            logprobs: self.logprobs,
             finish_reason: self.finish.unwrap_or(FinishReason::Length),
             prefill_ms: self.prefill_ms,
             decode_ms: self.decode_ms,
@@ -206,6 +225,7 @@ impl RunningBatch {
         validate_prompts(&prompts, context)?;
         for request in &requests {
             request.sampling.validate()?;
+            request.penalties.validate()?;
             if !request.stop_strings.is_empty() && self.codec.is_none() {
                 return Err(GenerateError::StopStringsWithoutText);
             }
@@ -234,6 +254,7 @@ impl RunningBatch {
                 next_position: request.prompt.ids.len() as i64,
                 pending: self.pad_id,
                 tokens: Vec::new(),
+                logprobs: Vec::new(),
                 finish: (request.max_new_tokens == 0).then_some(FinishReason::Length),
                 failure: None,
                 rng: match request.sampling {
@@ -415,10 +436,13 @@ mod tests {
                 stop_ids: vec![0],
                 stop_strings: Vec::new(),
                 steering: None,
+                penalties: Penalties::default(),
+                logprobs: Some(2),
             },
             next_position: 2,
             pending: 0,
             tokens: Vec::new(),
+            logprobs: Vec::new(),
             finish: None,
             failure: None,
             rng: Some(StdRng::seed_from_u64(0)),
@@ -446,6 +470,9 @@ mod tests {
         let mut fine = row(Sampling::Greedy);
         fine.pick(&[0.0, 3.0, 1.0], 64, None, &mut |_, _| {});
         assert_eq!(fine.tokens, vec![1]);
+        let scored = &fine.logprobs[0];
+        assert_eq!((scored.token.id, scored.top.len()), (1, 2));
+        assert!((scored.token.logprob - scored.top[0].logprob).abs() < 1e-7);
     }
 
     #[test]

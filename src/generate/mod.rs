@@ -1,19 +1,25 @@
 //! Token generation over any [`CausalLm`](crate::chain::CausalLm): the running batch that rows
 //! join and leave ([`batch`]), how each next token is chosen ([`sampling`]), what a row returns
-//! ([`result`]) and the one-shot [`generate`] the CLI uses ([`oneshot`]).
+//! ([`result`]), the one-shot [`generate`] the CLI uses ([`oneshot`]), and teacher-forced
+//! [`score`]s of given continuations, with the [`logprobs`] both report.
 //!
-//! Imports run one way: `oneshot` → `batch` → `sampling`, `result`.
+//! Imports run one way: `oneshot` → `batch` → `sampling`, `result`, `logprobs`; `score` →
+//! `logprobs`.
 
 pub mod batch;
+pub mod logprobs;
 pub mod oneshot;
 pub mod result;
 pub mod sampling;
+pub mod score;
 
 use crate::chain::{ModelError, Prompt};
 pub use batch::{RowId, RowRequest, RunningBatch};
+pub use logprobs::{LogSoftmax, PositionLogprobs, TokenLogprob};
 pub use oneshot::generate;
 pub use result::{FinishReason, Generated};
-pub use sampling::Sampling;
+pub use sampling::{Penalties, Sampling};
+pub use score::{score, ScoreOptions, ScoreRequest, Scored};
 
 /// Why a generation request was refused or failed.
 #[derive(Debug, thiserror::Error)]
@@ -33,6 +39,16 @@ pub enum GenerateError {
         /// The row.
         row: usize,
         /// Its tokens.
+        tokens: usize,
+        /// The model's context (`max_position_embeddings`).
+        context: usize,
+    },
+    /// A prompt and its continuation to score do not fit in the context.
+    #[error("row {row}: prompt and continuation have {tokens} tokens, more than the model's context of {context}")]
+    SequenceTooLong {
+        /// The row.
+        row: usize,
+        /// Prompt plus continuation tokens.
         tokens: usize,
         /// The model's context (`max_position_embeddings`).
         context: usize,
@@ -72,6 +88,10 @@ pub struct GenerationConfig {
     pub stop_ids: Vec<u32>,
     /// Filler for left padding and for rows that already stopped.
     pub pad_id: u32,
+    /// Presence and frequency penalties.
+    pub penalties: Penalties,
+    /// Report each token's log-probability with this many alternatives (`None`: none).
+    pub logprobs: Option<usize>,
 }
 
 /// The one prompt-length rule of the library, the engine and the server: a prompt must be

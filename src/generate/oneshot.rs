@@ -36,6 +36,8 @@ pub fn generate(
             stop_ids: config.stop_ids.clone(),
             stop_strings: Vec::new(),
             steering: steering.clone(),
+            penalties: config.penalties,
+            logprobs: config.logprobs,
         })
         .collect();
     let mut on_row_token = |id: RowId, token: u32| on_token(id as usize, token);

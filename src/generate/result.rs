@@ -1,5 +1,6 @@
 //! What a generated row returns.
 
+use super::logprobs::PositionLogprobs;
 use crate::steer::Decision;
 
 /// Why a row stopped.
@@ -18,6 +19,10 @@ pub enum FinishReason {
 pub struct Generated {
     /// The generated ids, stop id excluded (with a stop string, up to the token that completed it).
     pub token_ids: Vec<u32>,
+    /// Each generated token's log-probability and alternatives, when the request asked for them
+    /// ([`crate::generate::RowRequest::logprobs`]).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub logprobs: Vec<PositionLogprobs>,
     /// Why the row stopped.
     pub finish_reason: FinishReason,
     /// Tokens in the prompt.

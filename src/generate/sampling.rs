@@ -82,6 +82,51 @@ impl Sampling {
     }
 }
 
+/// OpenAI's presence and frequency penalties: before a row picks, each token's logit is lowered
+/// by `frequency` for every time the row generated it and by `presence` once if it did (the
+/// prompt does not count, as in OpenAI's and vLLM's). Both in [-2, 2]; 0 leaves logits alone.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct Penalties {
+    /// Lowered once for any token the row generated.
+    pub presence: f32,
+    /// Lowered per time the row generated the token.
+    pub frequency: f32,
+}
+
+impl Penalties {
+    /// True when neither penalty changes anything.
+    pub fn is_zero(&self) -> bool {
+        self.presence == 0.0 && self.frequency == 0.0
+    }
+
+    /// Both must be finite and in [-2, 2], OpenAI's range.
+    pub fn validate(&self) -> Result<(), GenerateError> {
+        for (name, value) in [("presence", self.presence), ("frequency", self.frequency)] {
+            if !(-2.0..=2.0).contains(&value) {
+                return Err(GenerateError::Sampling(format!(
+                    "{name} penalty must be in [-2, 2], got {value}"
+                )));
+            }
+        }
+        Ok(())
+    }
+
+    /// `logits` with the penalties for the tokens in `generated` applied.
+    pub fn apply(&self, logits: &[f32], generated: &[u32]) -> Vec<f32> {
+        let mut counts = std::collections::HashMap::<u32, u32>::new();
+        for &id in generated {
+            *counts.entry(id).or_default() += 1;
+        }
+        let mut penalised = logits.to_vec();
+        for (id, count) in counts {
+            if let Some(logit) = penalised.get_mut(id as usize) {
+                *logit -= self.presence + self.frequency * count as f32;
+            }
+        }
+        penalised
+    }
+}
+
 fn argmax(row: &[f32]) -> u32 {
     let mut best = 0;
     for (i, &v) in row.iter().enumerate() {
@@ -198,6 +243,31 @@ mod tests {
         for _ in 0..20 {
             assert_eq!(raw.pick(&logits, Some(&mut rng)), 1);
         }
+    }
+
+    #[test]
+    fn penalties_lower_what_the_row_already_generated() {
+        let penalties = Penalties {
+            presence: 0.5,
+            frequency: 1.0,
+        };
+        let logits = [3.0, 2.9, 0.0];
+        let penalised = penalties.apply(&logits, &[0, 0, 2]);
+        assert_eq!(penalised, vec![3.0 - 0.5 - 2.0, 2.9, -1.5]);
+        assert_eq!(argmax(&penalised), 1);
+        assert_eq!(Penalties::default().apply(&logits, &[0]), logits.to_vec());
+        assert!(Penalties {
+            presence: 2.5,
+            frequency: 0.0
+        }
+        .validate()
+        .is_err());
+        assert!(Penalties {
+            presence: 0.0,
+            frequency: f32::NAN
+        }
+        .validate()
+        .is_err());
     }
 
     #[test]

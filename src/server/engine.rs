@@ -364,6 +364,8 @@ mod tests {
                 stop_ids: Vec::new(),
                 stop_strings: Vec::new(),
                 steering: None,
+                penalties: Default::default(),
+                logprobs: None,
             },
             events,
         }

@@ -288,6 +288,8 @@ async fn prepare(
             stop_ids: state.config.eos_token_ids.clone(),
             stop_strings: stops.clone(),
             steering,
+            penalties: Default::default(),
+            logprobs: None,
         },
         stops,
         stream: settings.stream,

@@ -2,6 +2,7 @@
 //! [`LayerHook`] of the prefill step, its [`PrefillSteering::decode`] gives the [`DecodeSteering`]
 //! of every decode step.
 
+use std::borrow::Cow;
 use std::sync::Arc;
 
 use ndarray::{Array1, Array2};
@@ -60,9 +61,24 @@ fn plan_at(
 }
 
 /// Run `plan` on `state`: each graph adds its term, all evaluated at the same incoming state.
+///
+/// A head state of `k·B` rows (every position's logits of a scored step, position-major) takes
+/// each row's scale at each of its `k` positions.
 fn apply_plan(plan: &Plan, site: Site, state: DynValue) -> Result<DynValue, ModelError> {
+    let rows = state
+        .dtype()
+        .tensor_shape()
+        .and_then(|shape| shape.first().copied())
+        .unwrap_or(0) as usize;
     let mut steered: Option<DynValue> = None;
     for (graph, scales) in plan {
+        let batch = scales.len();
+        let scales = match rows {
+            rows if rows != batch && batch > 0 && rows % batch == 0 => {
+                Cow::Owned(Array1::from_iter(scales.iter().copied().cycle().take(rows)))
+            }
+            _ => Cow::Borrowed(scales),
+        };
         let base = steered.as_ref().unwrap_or(&state);
         steered = Some(graph.run(&state, base, scales.view(), site)?);
     }

@@ -122,6 +122,8 @@ fn run_once(
         sampling: Sampling::Greedy,
         stop_ids: Vec::new(),
         pad_id: 0,
+        penalties: Default::default(),
+        logprobs: None,
     };
     let started = Instant::now();
     let mut last = started;

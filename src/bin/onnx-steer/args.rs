@@ -1,11 +1,14 @@
 //! What several subcommands share: the runtime flags, model loading with a spinner, images.
 
 use std::path::PathBuf;
+use std::sync::Arc;
 
 use clap::Args;
 use indicatif::{ProgressBar, ProgressStyle};
+use onnx_steer::bundle::ModelConfig;
 use onnx_steer::chain::Prompt;
 use onnx_steer::runtime::{ExecutionProvider, Runtime, RuntimeOptions};
+use onnx_steer::steer::{ResolvedSteering, SteerSpec};
 use onnx_steer::vision::{self, VisionEncoder, VisionError};
 use onnx_steer::{Bundle, CausalLm, Error, Monolithic, SegmentChain};
 
@@ -106,6 +109,22 @@ pub(crate) fn load_model(
     };
     spinner.finish_and_clear();
     Ok(model)
+}
+
+/// The specs at `paths` resolved and composed into one steering (`None` for no paths).
+pub(crate) fn composed_steering(
+    paths: &[PathBuf],
+    config: &ModelConfig,
+    runtime: &Runtime,
+) -> Result<Option<Arc<ResolvedSteering>>, CliError> {
+    if paths.is_empty() {
+        return Ok(None);
+    }
+    let parts = paths
+        .iter()
+        .map(|path| SteerSpec::load(path)?.resolve(config, runtime))
+        .collect::<Result<Vec<_>, _>>()?;
+    Ok(Some(Arc::new(ResolvedSteering::compose(parts)?)))
 }
 
 /// A progress style from a fixed template.

@@ -7,14 +7,16 @@ use std::sync::Arc;
 
 use clap::Args;
 use onnx_steer::bundle::ModelConfig;
-use onnx_steer::generate::{generate, validate_prompts, Generated, GenerationConfig, Sampling};
+use onnx_steer::generate::{
+    generate, validate_prompts, Generated, GenerationConfig, Penalties, Sampling,
+};
 use onnx_steer::runtime::Runtime;
 use onnx_steer::steer::{BatchSteering, ResolvedSteering, SteerSpec};
 use onnx_steer::text::{StreamDecoder, TextCodec};
 use onnx_steer::vision::{VisionEncoder, VisionError};
 use onnx_steer::Bundle;
 
-use crate::args::{load_model, read_images, vision_prompt, RuntimeArgs};
+use crate::args::{composed_steering, load_model, read_images, vision_prompt, RuntimeArgs};
 use crate::CliError;
 
 #[derive(Args)]
@@ -54,6 +56,18 @@ pub(crate) struct GenerateArgs {
     /// Seed of the sampler; the same seed gives the same text.
     #[arg(long, default_value_t = 0)]
     seed: u64,
+    /// Lower the logits of tokens the row already generated, once each (OpenAI's
+    /// presence_penalty, in [-2, 2]).
+    #[arg(long, default_value_t = 0.0, allow_negative_numbers = true)]
+    presence_penalty: f32,
+    /// Lower the logits of tokens the row already generated, per occurrence (OpenAI's
+    /// frequency_penalty, in [-2, 2]).
+    #[arg(long, default_value_t = 0.0, allow_negative_numbers = true)]
+    frequency_penalty: f32,
+    /// With --json: each generated token's log-probability and the K most likely alternatives
+    /// (0: the chosen token's only).
+    #[arg(long, value_name = "K", requires = "json")]
+    logprobs: Option<usize>,
     /// Print text as it is generated (prompts then run one at a time).
     #[arg(long, conflicts_with = "json")]
     stream: bool,
@@ -138,12 +152,7 @@ fn row_steering(
     config: &ModelConfig,
     runtime: &Runtime,
 ) -> Result<Vec<Option<Arc<ResolvedSteering>>>, CliError> {
-    if !shared.is_empty() {
-        let parts = shared
-            .iter()
-            .map(|path| SteerSpec::load(path)?.resolve(config, runtime))
-            .collect::<Result<Vec<_>, _>>()?;
-        let composed = Arc::new(ResolvedSteering::compose(parts)?);
+    if let Some(composed) = composed_steering(shared, config, runtime)? {
         return Ok(vec![Some(composed); lines.len()]);
     }
     let mut resolved: HashMap<PathBuf, Arc<ResolvedSteering>> = HashMap::new();
@@ -189,6 +198,11 @@ pub(crate) fn run(args: GenerateArgs) -> Result<(), CliError> {
         sampling: sampling(&args),
         stop_ids: config.eos_token_ids.clone(),
         pad_id: config.pad_token_id.unwrap_or(config.eos_token_ids[0]),
+        penalties: Penalties {
+            presence: args.presence_penalty,
+            frequency: args.frequency_penalty,
+        },
+        logprobs: args.logprobs,
     };
 
     let stdout = std::io::stdout();
@@ -230,7 +244,7 @@ pub(crate) fn run(args: GenerateArgs) -> Result<(), CliError> {
         let prompt = &line.prompt;
         let text = codec.decode(&result.token_ids)?;
         let line = if args.json {
-            json_record(prompt, &text, result).to_string()
+            json_record(prompt, &text, result, &codec).to_string()
         } else if results.len() > 1 {
             format!("### {prompt}\n{text}\n")
         } else {
@@ -241,8 +255,13 @@ pub(crate) fn run(args: GenerateArgs) -> Result<(), CliError> {
     Ok(())
 }
 
-fn json_record(prompt: &str, text: &str, result: &Generated) -> serde_json::Value {
-    serde_json::json!({
+fn json_record(
+    prompt: &str,
+    text: &str,
+    result: &Generated,
+    codec: &TextCodec,
+) -> serde_json::Value {
+    let mut record = serde_json::json!({
         "prompt": prompt,
         "text": text,
         "token_ids": result.token_ids,
@@ -252,5 +271,9 @@ fn json_record(prompt: &str, text: &str, result: &Generated) -> serde_json::Valu
         "decode_ms": result.decode_ms,
         "decode_tokens_per_s": result.decode_tokens_per_s(),
         "steering": result.steering,
-    })
+    });
+    if !result.logprobs.is_empty() {
+        record["logprobs"] = crate::score::logprobs_json(&result.logprobs, codec);
+    }
+    record
 }

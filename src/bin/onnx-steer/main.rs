@@ -8,6 +8,7 @@ mod generate;
 mod inspect;
 mod perplexity;
 mod preprocess;
+mod score;
 mod serve;
 mod vector;
 
@@ -82,6 +83,8 @@ enum Command {
     Bench(bench::BenchArgs),
     /// Serve OpenAI-compatible chat and text completions over HTTP, with steering per request.
     Serve(serve::ServeArgs),
+    /// Log-probabilities of given continuations after their prompts, steered or not (JSON lines).
+    Score(score::ScoreArgs),
     /// Perplexity of a text file, one token per decode step: compare a quantized or fp16 bundle
     /// with its fp32 source on the same text.
     Perplexity(perplexity::PerplexityArgs),
@@ -109,6 +112,7 @@ fn main() -> ExitCode {
         Command::Serve(args) => serve::run(args),
         Command::Bench(args) => bench::run(args),
         Command::Perplexity(args) => perplexity::run(args),
+        Command::Score(args) => score::run(args),
         Command::Vector(command) => vector::run(command),
     };
     match result {
