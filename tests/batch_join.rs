@@ -6,7 +6,6 @@ mod common;
 use std::sync::Arc;
 
 use onnx_steer::generate::{RowRequest, RunningBatch};
-use onnx_steer::steer::{vector, SteerSpec};
 use onnx_steer::{Bundle, Sampling, SegmentChain, TextCodec};
 
 fn request(
@@ -27,15 +26,16 @@ fn request(
         steering,
         penalties: Default::default(),
         logprobs: None,
+        prompt_logprobs: false,
     }
 }
 
 /// `requests` joined as one group and decoded to the end: each row's tokens, in order.
 fn generate_all(model: &mut SegmentChain, requests: Vec<RowRequest>) -> Vec<Vec<u32>> {
     let mut batch = RunningBatch::new(0);
-    batch.join(model, requests, &mut |_, _| {}).unwrap();
+    batch.join(model, requests, &mut |_, _, _| {}).unwrap();
     while batch.has_unfinished() {
-        batch.step(model, &mut |_, _| {}).unwrap();
+        batch.step(model, &mut |_, _, _| {}).unwrap();
     }
     let mut done = batch.take_finished().unwrap();
     done.sort_by_key(|(id, _)| *id);
@@ -44,37 +44,13 @@ fn generate_all(model: &mut SegmentChain, requests: Vec<RowRequest>) -> Vec<Vec<
         .collect()
 }
 
-/// A vector spec at `layers` whose direction repeats a ramp of `period` values, resolved.
-fn vector_steering(
-    bundle: &Bundle,
-    period: usize,
-    layers: &[usize],
-) -> Arc<onnx_steer::steer::ResolvedSteering> {
-    let dir = tempfile::tempdir().unwrap();
-    let half = (period / 2) as f32;
-    let direction: Vec<f32> = (0..576)
-        .map(|i| ((i % period) as f32 - half) * 0.5)
-        .collect();
-    vector::write_safetensors(
-        &dir.path().join("v.safetensors"),
-        &[("direction".into(), direction)],
-    )
-    .unwrap();
-    let text = serde_json::json!({"interventions": [
-        {"kind": "vector", "path": "v.safetensors", "scale": 1.0, "layers": layers}
-    ]})
-    .to_string();
-    let spec = SteerSpec::parse(&text, dir.path(), "test").unwrap();
-    Arc::new(spec.resolve(bundle.config(), common::runtime()).unwrap())
-}
-
 #[test]
 fn joining_and_leaving_rows_match_their_solo_runs() {
     let bundle = Bundle::open(common::bundle_dir()).expect("bundle");
     let runtime = common::runtime();
     let mut model = SegmentChain::load(&bundle, runtime).expect("model");
     let codec = TextCodec::load(&bundle).expect("tokenizer");
-    let steering = vector_steering(&bundle, 7, &[10]);
+    let steering = common::vector_steering(&bundle, 7, &[10], "all");
     let requests = [
         request(&codec, "Name three colours.", 6, None),
         request(
@@ -92,18 +68,18 @@ fn joining_and_leaving_rows_match_their_solo_runs() {
 
     let mut batch = RunningBatch::new(0);
     batch
-        .join(&mut model, requests[..2].to_vec(), &mut |_, _| {})
+        .join(&mut model, requests[..2].to_vec(), &mut |_, _, _| {})
         .unwrap();
     let mut done = Vec::new();
     for _ in 0..3 {
-        batch.step(&mut model, &mut |_, _| {}).unwrap();
+        batch.step(&mut model, &mut |_, _, _| {}).unwrap();
         done.extend(batch.take_finished().unwrap());
     }
     batch
-        .join(&mut model, vec![requests[2].clone()], &mut |_, _| {})
+        .join(&mut model, vec![requests[2].clone()], &mut |_, _, _| {})
         .unwrap();
     while batch.has_unfinished() {
-        batch.step(&mut model, &mut |_, _| {}).unwrap();
+        batch.step(&mut model, &mut |_, _, _| {}).unwrap();
         done.extend(batch.take_finished().unwrap());
     }
     done.sort_by_key(|(id, _)| *id);
@@ -122,9 +98,9 @@ fn solo(
     request: RowRequest,
 ) -> Result<onnx_steer::Generated, onnx_steer::GenerateError> {
     let mut batch = batch;
-    batch.join(model, vec![request], &mut |_, _| {})?;
+    batch.join(model, vec![request], &mut |_, _, _| {})?;
     while batch.has_unfinished() {
-        batch.step(model, &mut |_, _| {})?;
+        batch.step(model, &mut |_, _, _| {})?;
     }
     batch.take_finished()?.remove(0).1
 }
@@ -191,7 +167,7 @@ fn a_chunked_prefill_matches_the_whole_prompt_at_once() {
     let bundle = Bundle::open(common::bundle_dir()).expect("bundle");
     let runtime = common::runtime();
     let codec = TextCodec::load(&bundle).expect("tokenizer");
-    let steering = vector_steering(&bundle, 5, &[4, 20]);
+    let steering = common::vector_steering(&bundle, 5, &[4, 20], "all");
     let story =
         "The lighthouse keeper climbed the stairs and watched the storm roll in. ".repeat(40);
     let prompts = [
@@ -227,14 +203,14 @@ fn a_short_row_continues_exactly_after_the_longest_row_leaves() {
         .join(
             &mut model,
             vec![request(&codec, &long, 2, None), short],
-            &mut |_, _| {},
+            &mut |_, _, _| {},
         )
         .unwrap();
     let long_width = batch.cached_positions();
     let mut finished = Vec::new();
     let mut width_after = None;
     while batch.has_unfinished() {
-        batch.step(&mut model, &mut |_, _| {}).unwrap();
+        batch.step(&mut model, &mut |_, _, _| {}).unwrap();
         // The long row leaves after its 2 tokens; its padding in front of the short row goes too.
         finished.extend(batch.take_finished().unwrap());
         if width_after.is_none() && finished.iter().any(|(id, _)| *id == ids[0]) {

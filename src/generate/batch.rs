@@ -15,6 +15,7 @@ use rand::rngs::StdRng;
 use rand::SeedableRng;
 
 use super::logprobs::{LogSoftmax, PositionLogprobs};
+use super::score::prefill_logits;
 use super::{validate_prompts, FinishReason, GenerateError, Generated, Penalties, Sampling};
 use crate::chain::{CausalLm, KvCache, ModelError, Prompt, Step};
 use crate::steer::{BatchSteering, Decision, DecodeSteering, ResolvedSteering};
@@ -41,6 +42,9 @@ pub struct RowRequest {
     /// Report each kept token's log-probability with this many alternatives (`None`: no
     /// log-probabilities).
     pub logprobs: Option<usize>,
+    /// Also report the prompt tokens' log-probabilities (after the first), with `logprobs`
+    /// alternatives: OpenAI's `echo` with `logprobs`.
+    pub prompt_logprobs: bool,
 }
 
 /// Identifies a row for its whole life in a [`RunningBatch`].
@@ -63,6 +67,7 @@ struct ActiveRow {
     pending: u32,
     tokens: Vec<u32>,
     logprobs: Vec<PositionLogprobs>,
+    prompt_logprobs: Vec<PositionLogprobs>,
     finish: Option<FinishReason>,
     failure: Option<GenerateError>,
     rng: Option<StdRng>,
@@ -77,13 +82,14 @@ impl ActiveRow {
         self.finish.is_some() || self.failure.is_some()
     }
 
-    /// Choose this row's next token from its logits; `on_token` sees every kept token.
+    /// Choose this row's next token from its logits; `on_token` sees every kept token, with its
+    /// log-probabilities when the request asked for them.
     fn pick(
         &mut self,
         logits: &[f32],
         context: usize,
         codec: Option<&TextCodec>,
-        on_token: &mut dyn FnMut(RowId, u32),
+        on_token: &mut dyn FnMut(RowId, u32, Option<&PositionLogprobs>),
     ) {
         if self.done() {
             return;
@@ -107,13 +113,14 @@ impl ActiveRow {
             self.finish = Some(FinishReason::Stop);
             return;
         }
-        if let Some(top) = self.request.logprobs {
-            let scored = LogSoftmax::new(logits).and_then(|softmax| softmax.position(id, top));
-            self.logprobs.extend(scored);
-        }
+        let scored = self
+            .request
+            .logprobs
+            .and_then(|top| LogSoftmax::new(logits).and_then(|softmax| softmax.position(id, top)));
+        on_token(self.id, id, scored.as_ref());
+        self.logprobs.extend(scored);
         self.tokens.push(id);
         self.pending = id;
-        on_token(self.id, id);
         if let (Some(stop), Some(codec)) = (self.stop_text.as_mut(), codec) {
             match stop.decoder.push(codec, id) {
                 Ok(delta) => stop.text.push_str(&delta),
@@ -139,6 +146,7 @@ impl ActiveRow {
             prompt_tokens: self.request.prompt.ids.len(),
             token_ids: self.tokens,
             logprobs: self.logprobs,
+            prompt_logprobs: self.prompt_logprobs,
             finish_reason: self.finish.unwrap_or(FinishReason::Length),
             prefill_ms: self.prefill_ms,
             decode_ms: self.decode_ms,
@@ -218,7 +226,7 @@ impl RunningBatch {
         &mut self,
         model: &mut dyn CausalLm,
         requests: Vec<RowRequest>,
-        on_token: &mut dyn FnMut(RowId, u32),
+        on_token: &mut dyn FnMut(RowId, u32, Option<&PositionLogprobs>),
     ) -> Result<Vec<RowId>, GenerateError> {
         let context = model.config().max_position_embeddings;
         let prompts: Vec<Prompt> = requests.iter().map(|r| r.prompt.clone()).collect();
@@ -235,7 +243,12 @@ impl RunningBatch {
         let step = Step::for_prompts(&prompts, self.pad_id);
         let started = Instant::now();
         let mut prefill = group.prefill(model.config());
-        let logits = model.forward(&step, &mut cache, &mut prefill)?;
+        let ids: Vec<&[u32]> = prompts.iter().map(|p| p.ids.as_slice()).collect();
+        let echo: Vec<Option<usize>> = requests
+            .iter()
+            .map(|r| r.prompt_logprobs.then_some(r.logprobs.unwrap_or(0)))
+            .collect();
+        let (logits, echoed) = prefill_logits(model, &step, &mut cache, &mut prefill, &ids, &echo)?;
         let prefill_ms = started.elapsed().as_secs_f64() * 1e3;
         let steering = prefill.decode();
         let decisions = prefill.decisions().to_vec();
@@ -247,14 +260,15 @@ impl RunningBatch {
         let codec = self.codec.clone();
         let mut joined: Vec<ActiveRow> = requests
             .into_iter()
-            .zip(decisions)
+            .zip(decisions.into_iter().zip(echoed))
             .enumerate()
-            .map(|(r, (request, decisions))| ActiveRow {
+            .map(|(r, (request, (decisions, prompt_logprobs)))| ActiveRow {
                 id: first_id + r as RowId,
                 next_position: request.prompt.ids.len() as i64,
                 pending: self.pad_id,
                 tokens: Vec::new(),
                 logprobs: Vec::new(),
+                prompt_logprobs,
                 finish: (request.max_new_tokens == 0).then_some(FinishReason::Length),
                 failure: None,
                 rng: match request.sampling {
@@ -322,7 +336,7 @@ impl RunningBatch {
     pub fn step(
         &mut self,
         model: &mut dyn CausalLm,
-        on_token: &mut dyn FnMut(RowId, u32),
+        on_token: &mut dyn FnMut(RowId, u32, Option<&PositionLogprobs>),
     ) -> Result<(), GenerateError> {
         let Some(shared) = self.shared.as_mut() else {
             return match self.rows.is_empty() {
@@ -438,11 +452,13 @@ mod tests {
                 steering: None,
                 penalties: Penalties::default(),
                 logprobs: Some(2),
+                prompt_logprobs: false,
             },
             next_position: 2,
             pending: 0,
             tokens: Vec::new(),
             logprobs: Vec::new(),
+            prompt_logprobs: Vec::new(),
             finish: None,
             failure: None,
             rng: Some(StdRng::seed_from_u64(0)),
@@ -459,7 +475,7 @@ mod tests {
         for logits in [[1.0, f32::NAN, 0.5], [f32::INFINITY, 0.0, 0.0]] {
             let mut seen = Vec::new();
             let mut row = row(sampling);
-            row.pick(&logits, 64, None, &mut |_, id| seen.push(id));
+            row.pick(&logits, 64, None, &mut |_, id, _| seen.push(id));
             assert!(row.done() && seen.is_empty() && row.tokens.is_empty());
             let err = row.into_result().unwrap_err();
             assert!(
@@ -468,7 +484,7 @@ mod tests {
             );
         }
         let mut fine = row(Sampling::Greedy);
-        fine.pick(&[0.0, 3.0, 1.0], 64, None, &mut |_, _| {});
+        fine.pick(&[0.0, 3.0, 1.0], 64, None, &mut |_, _, _| {});
         assert_eq!(fine.tokens, vec![1]);
         let scored = &fine.logprobs[0];
         assert_eq!((scored.token.id, scored.top.len()), (1, 2));

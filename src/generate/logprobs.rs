@@ -29,7 +29,9 @@ pub struct PositionLogprobs {
 #[derive(Debug, Clone, Copy)]
 pub struct LogSoftmax<'a> {
     logits: &'a [f32],
-    log_total: f64,
+    /// The largest logit, and `ln Σ exp(l - max)`: kept apart so that huge logits keep precision.
+    max: f64,
+    log_sum: f64,
 }
 
 impl<'a> LogSoftmax<'a> {
@@ -42,15 +44,18 @@ impl<'a> LogSoftmax<'a> {
         let sum: f64 = logits.iter().map(|&l| (l as f64 - max).exp()).sum();
         Some(Self {
             logits,
-            log_total: max + sum.ln(),
+            max,
+            log_sum: sum.ln(),
         })
+    }
+
+    fn at(&self, logit: f32) -> f64 {
+        (logit as f64 - self.max) - self.log_sum
     }
 
     /// The log-probability of `id` (f64), or `None` if it is outside the vocabulary.
     pub fn of(&self, id: u32) -> Option<f64> {
-        self.logits
-            .get(id as usize)
-            .map(|&l| l as f64 - self.log_total)
+        self.logits.get(id as usize).map(|&l| self.at(l))
     }
 
     /// The `k` most likely tokens, most likely first; ties keep the lower id first.
@@ -72,7 +77,7 @@ impl<'a> LogSoftmax<'a> {
         ids.into_iter()
             .map(|id| TokenLogprob {
                 id,
-                logprob: (self.logits[id as usize] as f64 - self.log_total) as f32,
+                logprob: self.at(self.logits[id as usize]) as f32,
             })
             .collect()
     }

@@ -38,9 +38,10 @@ pub fn generate(
             steering: steering.clone(),
             penalties: config.penalties,
             logprobs: config.logprobs,
+            prompt_logprobs: false,
         })
         .collect();
-    let mut on_row_token = |id: RowId, token: u32| on_token(id as usize, token);
+    let mut on_row_token = |id: RowId, token: u32, _: Option<&_>| on_token(id as usize, token);
     let mut batch = RunningBatch::new(config.pad_id);
     batch.join(model, requests, &mut on_row_token)?;
     let mut done = batch.take_finished()?;

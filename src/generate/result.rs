@@ -23,6 +23,10 @@ pub struct Generated {
     /// ([`crate::generate::RowRequest::logprobs`]).
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub logprobs: Vec<PositionLogprobs>,
+    /// The prompt tokens' log-probabilities after the first, when the request asked for them
+    /// ([`crate::generate::RowRequest::prompt_logprobs`]).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub prompt_logprobs: Vec<PositionLogprobs>,
     /// Why the row stopped.
     pub finish_reason: FinishReason,
     /// Tokens in the prompt.

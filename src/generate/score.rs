@@ -2,19 +2,19 @@
 //! (`onnx-steer score`, the server's `echo`), steered exactly as generation steers them.
 //!
 //! A group of rows is scored in two forward steps. The prompts prefill as in generation (the
-//! prefill-phase steering, learned interventions reading the prompt and deciding); its last
-//! position scores each continuation's first token. The rest of each continuation is fed as one
+//! prefill-phase steering, learned interventions reading the prompt and deciding), once per
+//! distinct prompt and steering; the last position scores each continuation's first token. The rest of each continuation is fed as one
 //! step with the decode-phase steering that generating those tokens one at a time would apply,
 //! and each position scores the next token.
 
 use std::sync::Arc;
 
-use ndarray::{Array2, ArrayView1, ArrayView2};
+use ndarray::{Array2, ArrayView1};
 use serde::Serialize;
 
 use super::logprobs::{LogSoftmax, PositionLogprobs};
 use super::GenerateError;
-use crate::chain::{CausalLm, ModelError, Prompt, Step};
+use crate::chain::{CausalLm, KvCache, LayerHook, ModelError, Prompt, Step};
 use crate::steer::{BatchSteering, Decision, ResolvedSteering};
 
 /// One prompt and the continuation to score after it.
@@ -84,46 +84,58 @@ pub fn score(
             });
         }
     }
-    let prompts: Vec<Prompt> = requests.iter().map(|r| r.prompt.clone()).collect();
-    let group = BatchSteering::new(requests.iter().map(|r| r.steering.clone()).collect());
-    let mut cache = model.new_cache(requests.len())?;
+    // Rows with the same text prompt and steering share one prefill (the choices of a
+    // multiple-choice question); the cache rows are then repeated for each.
+    let mut unique: Vec<usize> = Vec::new();
+    let source: Vec<usize> = requests
+        .iter()
+        .enumerate()
+        .map(|(row, request)| {
+            let same = |&&u: &&usize| {
+                let other = &requests[u];
+                request.prompt.images.is_empty()
+                    && other.prompt.images.is_empty()
+                    && other.prompt.ids == request.prompt.ids
+                    && same_steering(&other.steering, &request.steering)
+            };
+            match unique.iter().position(|u| same(&u)) {
+                Some(index) => index,
+                None => {
+                    unique.push(row);
+                    unique.len() - 1
+                }
+            }
+        })
+        .collect();
+    let prompts: Vec<Prompt> = unique.iter().map(|&u| requests[u].prompt.clone()).collect();
+    let group = BatchSteering::new(
+        unique
+            .iter()
+            .map(|&u| requests[u].steering.clone())
+            .collect(),
+    );
+    let mut cache = model.new_cache(unique.len())?;
     let step = Step::for_prompts(&prompts, pad_id);
     let width = step.input_ids.ncols();
     let top = options.top_logprobs;
-    let mut scored = vec![Scored::default(); requests.len()];
 
     let mut prefill = group.prefill(model.config());
-    let first_token = |scored: &mut [Scored], logits: ArrayView2<'_, f32>| {
-        for (row, request) in requests.iter().enumerate() {
-            if let Some(&id) = request.continuation.first() {
-                let first = position(logits.row(row), id, top, row, 0)?;
-                scored[row].continuation.push(first);
-            }
+    let ids: Vec<&[u32]> = prompts.iter().map(|p| p.ids.as_slice()).collect();
+    let echo = vec![options.prompt_logprobs.then_some(top); unique.len()];
+    let (last, echoed) = prefill_logits(model, &step, &mut cache, &mut prefill, &ids, &echo)?;
+    let mut scored = Vec::with_capacity(requests.len());
+    for (row, (request, &from)) in requests.iter().zip(&source).enumerate() {
+        let mut row_scores = Scored {
+            prompt: echoed[from].clone(),
+            continuation: Vec::new(),
+            steering: prefill.decisions()[from].clone(),
+        };
+        if let Some(&id) = request.continuation.first() {
+            row_scores
+                .continuation
+                .push(position(last.row(from), id, top, row, 0)?);
         }
-        Ok::<_, ModelError>(())
-    };
-    if options.prompt_logprobs {
-        model.forward_positions(&step, &mut cache, &mut prefill, &mut |t, logits| {
-            for (row, request) in requests.iter().enumerate() {
-                let ids = &request.prompt.ids;
-                // Position t predicts padded position t + 1: prompt token t + 1 - offset.
-                let next = (t + 1).checked_sub(width - ids.len());
-                if let Some(&id) = next.filter(|&i| i >= 1).and_then(|i| ids.get(i)) {
-                    let at = position(logits.row(row), id, top, row, t + 1)?;
-                    scored[row].prompt.push(at);
-                }
-            }
-            if t + 1 == width {
-                first_token(&mut scored, logits)?;
-            }
-            Ok(())
-        })?;
-    } else {
-        let logits = model.forward(&step, &mut cache, &mut prefill)?;
-        first_token(&mut scored, logits.view())?;
-    }
-    for (row, decisions) in prefill.decisions().iter().enumerate() {
-        scored[row].steering = decisions.clone();
+        scored.push(row_scores);
     }
 
     let rest = requests
@@ -144,7 +156,7 @@ pub fn score(
         });
         let attention_mask = Array2::from_shape_fn((batch, width + rest), |(r, c)| {
             if c < width {
-                step.attention_mask[[r, c]]
+                step.attention_mask[[source[r], c]]
             } else {
                 1
             }
@@ -156,6 +168,10 @@ pub fn score(
             images: Vec::new(),
         };
         let mut decode = prefill.decode();
+        if source.len() != unique.len() {
+            cache.retain_rows(&source, 0)?;
+            decode.retain_rows(&source);
+        }
         model.forward_positions(&continued, &mut cache, &mut decode, &mut |j, logits| {
             for (row, request) in requests.iter().enumerate() {
                 if let Some(&id) = request.continuation.get(j + 1) {
@@ -167,6 +183,49 @@ pub fn score(
         })?;
     }
     Ok(scored)
+}
+
+fn same_steering(a: &Option<Arc<ResolvedSteering>>, b: &Option<Arc<ResolvedSteering>>) -> bool {
+    match (a, b) {
+        (None, None) => true,
+        (Some(a), Some(b)) => Arc::ptr_eq(a, b),
+        _ => false,
+    }
+}
+
+/// Run the prefill `step` of left-padded `prompts`: the last position's logits `[B, vocab]`, and
+/// for each row with `Some(k)` in `echo` the log-probabilities of its prompt tokens after the
+/// first, with `k` alternatives (empty for the others; without any, one plain forward).
+pub(crate) fn prefill_logits(
+    model: &mut dyn CausalLm,
+    step: &Step,
+    cache: &mut KvCache,
+    hook: &mut dyn LayerHook,
+    prompts: &[&[u32]],
+    echo: &[Option<usize>],
+) -> Result<(Array2<f32>, Vec<Vec<PositionLogprobs>>), ModelError> {
+    let mut echoed = vec![Vec::new(); prompts.len()];
+    if echo.iter().all(Option::is_none) {
+        return Ok((model.forward(step, cache, hook)?, echoed));
+    }
+    let width = step.input_ids.ncols();
+    let mut last = None;
+    model.forward_positions(step, cache, hook, &mut |t, logits| {
+        for (row, (ids, top)) in prompts.iter().zip(echo).enumerate() {
+            // Position t predicts padded position t + 1: prompt token t + 1 - offset.
+            let next = (t + 1).checked_sub(width - ids.len());
+            let target = next.filter(|&i| i >= 1).and_then(|i| ids.get(i));
+            if let (Some(&id), Some(top)) = (target, top) {
+                echoed[row].push(position(logits.row(row), id, *top, row, t + 1)?);
+            }
+        }
+        if t + 1 == width {
+            last = Some(logits.to_owned());
+        }
+        Ok(())
+    })?;
+    let last = last.ok_or_else(|| ModelError::Shape("the prefill step has no positions".into()))?;
+    Ok((last, echoed))
 }
 
 /// `id`'s log-probability and the `top` alternatives in one row's logits (`token` counts the

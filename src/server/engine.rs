@@ -14,14 +14,14 @@ use tokio::sync::mpsc::UnboundedSender;
 
 use crate::chain::CausalLm;
 use crate::generate::batch::{RowId, RowRequest, RowResult, RunningBatch};
-use crate::generate::{validate_prompts, GenerateError, Generated};
+use crate::generate::{validate_prompts, GenerateError, Generated, PositionLogprobs};
 use crate::text::TextCodec;
 
 /// What the engine tells a request about its row.
 #[derive(Debug)]
 pub enum JobEvent {
-    /// A kept token, as soon as it is chosen.
-    Token(u32),
+    /// A kept token, as soon as it is chosen, with its log-probabilities if the request asked.
+    Token(u32, Option<PositionLogprobs>),
     /// The row finished (or was cut at its length); the full result.
     Done(Generated),
     /// The row could not run; the message says why.
@@ -178,8 +178,9 @@ impl Engine {
             self.drop_cancelled();
             if self.batch.has_unfinished() {
                 let listeners = &self.listeners;
-                let mut on_token =
-                    |id: RowId, token: u32| send(listeners, id, JobEvent::Token(token));
+                let mut on_token = |id: RowId, token: u32, logprobs: Option<&PositionLogprobs>| {
+                    send(listeners, id, JobEvent::Token(token, logprobs.cloned()))
+                };
                 if let Err(e) = self.batch.step(self.model.as_mut(), &mut on_token) {
                     self.fail_all(&e.to_string());
                 }
@@ -270,16 +271,16 @@ impl Engine {
         senders: &[UnboundedSender<JobEvent>],
     ) -> Result<(), GenerateError> {
         // Tokens chosen at prefill go out once the ids are known, right after the join.
-        let mut first: Vec<(RowId, u32)> = Vec::new();
+        let mut first: Vec<(RowId, u32, Option<PositionLogprobs>)> = Vec::new();
         let ids = self
             .batch
-            .join(self.model.as_mut(), requests, &mut |id, token| {
-                first.push((id, token))
+            .join(self.model.as_mut(), requests, &mut |id, token, logprobs| {
+                first.push((id, token, logprobs.cloned()))
             })?;
         self.listeners
             .extend(ids.into_iter().zip(senders.iter().cloned()));
-        for (id, token) in first {
-            send(&self.listeners, id, JobEvent::Token(token));
+        for (id, token, logprobs) in first {
+            send(&self.listeners, id, JobEvent::Token(token, logprobs));
         }
         Ok(())
     }
@@ -366,6 +367,7 @@ mod tests {
                 steering: None,
                 penalties: Default::default(),
                 logprobs: None,
+                prompt_logprobs: false,
             },
             events,
         }

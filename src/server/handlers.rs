@@ -12,15 +12,16 @@ use axum::response::{IntoResponse, Response};
 use axum::Json;
 use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver};
 
+use super::choices::{choice_logprobs, EchoedPrompt};
 use super::engine::{Job, JobEvent, SubmitError};
 use super::error::ApiError;
 use super::images::with_images;
-use super::openai::{self, Completion, Endpoint, Settings, Steering, Usage};
+use super::openai::{self, Completion, Endpoint, LogprobsField, Settings, Steering, Usage};
 use super::state::AppState;
-use super::stream::stream;
+use super::stream::{stream, StreamOptions};
 use crate::chain::Prompt;
 use crate::generate::{
-    check_prompt_length, FinishReason, GenerateError, Generated, RowRequest, Sampling,
+    check_prompt_length, FinishReason, GenerateError, Generated, Penalties, RowRequest, Sampling,
 };
 use crate::steer::ResolvedSteering;
 use crate::text::Turn;
@@ -200,7 +201,14 @@ async fn chat(state: AppState, body: Bytes) -> Result<Response, ApiError> {
         .encode(&text, false)
         .map_err(|e| ApiError::bad_request(e.to_string()))?;
     let prompt = with_images(state.vision.clone(), ids, urls).await?;
-    respond(state, prompt, request.settings, Endpoint::Chat).await
+    respond(
+        state,
+        prompt,
+        String::new(),
+        request.settings,
+        Endpoint::Chat,
+    )
+    .await
 }
 
 async fn completion(state: AppState, body: Bytes) -> Result<Response, ApiError> {
@@ -210,7 +218,14 @@ async fn completion(state: AppState, body: Bytes) -> Result<Response, ApiError> 
         .encode(&request.prompt, true)
         .map_err(|e| ApiError::bad_request(e.to_string()))?;
     let prompt = with_images(state.vision.clone(), ids, Vec::new()).await?;
-    respond(state, prompt, request.settings, Endpoint::Completion).await
+    respond(
+        state,
+        prompt,
+        request.prompt,
+        request.settings,
+        Endpoint::Completion,
+    )
+    .await
 }
 
 /// A request turned into what the engine runs, with what the response needs.
@@ -218,21 +233,89 @@ pub(crate) struct Prepared {
     pub(crate) request: RowRequest,
     pub(crate) stops: Vec<String>,
     pub(crate) stream: bool,
-    /// The sampler seed, when sampling (given, or drawn for this request).
+    /// The sampler seed of the first choice, when sampling (given, or drawn for this request);
+    /// choice `i` samples with `seed + i`.
     pub(crate) seed: Option<u64>,
+    /// How many choices to generate.
+    pub(crate) choices: usize,
+    /// Completions: the prompt comes back before the completion.
+    pub(crate) echo: bool,
+}
+
+/// Most choices one request may ask for (`n`).
+pub const MAX_CHOICES: usize = 16;
+/// Most alternatives per token (`top_logprobs`, or `logprobs` in the completions API), as OpenAI.
+pub const MAX_TOP_LOGPROBS: usize = 20;
+
+/// 404 unless `model` is absent or the served bundle's name.
+fn check_model(state: &AppState, model: Option<&str>) -> Result<(), ApiError> {
+    match model {
+        Some(model) if model != state.model_name => Err(ApiError::not_found(format!(
+            "the model `{model}` does not exist; this server serves `{}` (GET /v1/models)",
+            state.model_name
+        ))),
+        _ => Ok(()),
+    }
+}
+
+/// The alternatives per token a request asks for (`None`: no log-probabilities), by its
+/// endpoint's rules: chat takes `logprobs: true` and `top_logprobs`, completions an integer.
+fn requested_logprobs(settings: &Settings, endpoint: Endpoint) -> Result<Option<usize>, ApiError> {
+    let in_range = |name: &str, k: i64| match usize::try_from(k) {
+        Ok(k) if k <= MAX_TOP_LOGPROBS => Ok(k),
+        _ => Err(ApiError::bad_request(format!(
+            "{name} must be an integer from 0 to {MAX_TOP_LOGPROBS}, got {k}"
+        ))),
+    };
+    match (endpoint, settings.logprobs, settings.top_logprobs) {
+        (Endpoint::Chat, Some(LogprobsField::Flag(true)), top) => {
+            Ok(Some(top.map_or(Ok(0), |k| in_range("top_logprobs", k))?))
+        }
+        (Endpoint::Chat, Some(LogprobsField::Count(_)), _) => Err(ApiError::bad_request(
+            "in the chat API logprobs is true or false; ask for alternatives with top_logprobs",
+        )),
+        (Endpoint::Chat, _, Some(_)) => Err(ApiError::bad_request(
+            "top_logprobs needs logprobs: true",
+        )),
+        (Endpoint::Completion, Some(LogprobsField::Count(k)), _) => Ok(Some(in_range("logprobs", k)?)),
+        (Endpoint::Completion, Some(LogprobsField::Flag(_)), _) => Err(ApiError::bad_request(
+            format!("in the completions API logprobs is the number of alternatives, 0 to {MAX_TOP_LOGPROBS}"),
+        )),
+        (Endpoint::Completion, _, Some(_)) => Err(ApiError::bad_request(
+            "top_logprobs is a chat field; the completions API takes logprobs: K",
+        )),
+        _ => Ok(None),
+    }
 }
 
 /// Check a request against the limits and turn it into a row: length, sampling (a fresh seed when
-/// the request gives none), stop strings and steering (resolved off the async workers).
+/// the request gives none), penalties, log-probabilities, stop strings and steering (resolved off
+/// the async workers).
 async fn prepare(
     state: &AppState,
     prompt: Prompt,
     settings: Settings,
+    endpoint: Endpoint,
 ) -> Result<Prepared, ApiError> {
+    check_model(state, settings.model.as_deref())?;
     let label = match &settings.steering {
         None => "none".to_string(),
         Some(Steering::Named(name)) => name.clone(),
         Some(Steering::Inline(_)) => "inline".to_string(),
+    };
+    if settings.echo && endpoint == Endpoint::Chat {
+        return Err(ApiError::bad_request(
+            "echo is a completions field; the chat API does not echo the prompt",
+        ));
+    }
+    let choices = match settings.n {
+        None => 1,
+        Some(n) if (1..=MAX_CHOICES as i64).contains(&n) => n as usize,
+        Some(n) => {
+            return Err(ApiError::bad_request(format!(
+                "n must be from 1 to {MAX_CHOICES}, got {n}"
+            )))
+        }
     };
     let context = state.config.max_position_embeddings;
     let tokens = prompt.ids.len();
@@ -249,6 +332,11 @@ async fn prepare(
             return Err(ApiError::bad_request(format!(
                 "max_tokens must not be negative, got {n}"
             )))
+        }
+        Some(0) if !settings.echo => {
+            return Err(ApiError::bad_request(
+                "max_tokens must be at least 1 (0 is allowed only with echo, to score the prompt)",
+            ))
         }
         Some(n) if n as u64 > room as u64 => {
             return Err(ApiError::bad_request(format!(
@@ -271,6 +359,20 @@ async fn prepare(
     sampling
         .validate()
         .map_err(|e| ApiError::bad_request(e.to_string()))?;
+    let penalties = Penalties {
+        presence: settings.presence_penalty.unwrap_or(0.0),
+        frequency: settings.frequency_penalty.unwrap_or(0.0),
+    };
+    penalties
+        .validate()
+        .map_err(|e| ApiError::bad_request(e.to_string()))?;
+    let logprobs = requested_logprobs(&settings, endpoint)?;
+    let prompt_logprobs = settings.echo && logprobs.is_some();
+    if prompt_logprobs && settings.stream {
+        return Err(ApiError::bad_request(
+            "echo with logprobs is answered whole; set stream to false",
+        ));
+    }
     let stops = settings
         .stop
         .map(openai::Stop::into_vec)
@@ -288,13 +390,25 @@ async fn prepare(
             stop_ids: state.config.eos_token_ids.clone(),
             stop_strings: stops.clone(),
             steering,
-            penalties: Default::default(),
-            logprobs: None,
+            penalties,
+            logprobs,
+            prompt_logprobs,
         },
         stops,
         stream: settings.stream,
         seed: matches!(sampling, Sampling::Random { .. }).then_some(seed),
+        choices,
+        echo: settings.echo,
     })
+}
+
+/// The request of choice `index`: the same row, its sampler seeded `seed + index`.
+pub(crate) fn choice_request(request: &RowRequest, index: usize) -> RowRequest {
+    let mut request = request.clone();
+    if let Sampling::Random { seed, .. } = &mut request.sampling {
+        *seed = seed.wrapping_add(index as u64);
+    }
+    request
 }
 
 async fn steering(
@@ -343,27 +457,50 @@ pub(crate) fn cut_at_stop(text: &mut String, stops: &[String]) -> bool {
 async fn respond(
     state: AppState,
     prompt: Prompt,
+    prompt_text: String,
     settings: Settings,
     endpoint: Endpoint,
 ) -> Result<Response, ApiError> {
-    let prepared = prepare(&state, prompt, settings).await?;
-    let prompt_tokens = prepared.request.prompt.ids.len();
+    let prepared = prepare(&state, prompt, settings, endpoint).await?;
+    let prompt_ids = prepared.request.prompt.ids.clone();
     let (stops, seed) = (prepared.stops, prepared.seed);
-    let mut receiver = submit(&state, prepared.request)?;
+    // Every choice is queued before any is awaited, so the engine batches them together; if one
+    // is refused, the receivers of the others drop and their rows are cancelled.
+    let receivers = (0..prepared.choices)
+        .map(|index| submit(&state, choice_request(&prepared.request, index)))
+        .collect::<Result<Vec<_>, _>>()?;
     let id = format!("cmpl-{}", rand::random::<u64>());
+    let echoed = prepared.echo.then_some(prompt_text);
     if prepared.stream {
-        let response = stream(state, receiver, stops, endpoint, id, prompt_tokens, seed);
+        let logprobs = prepared.request.logprobs.is_some();
+        let response = stream(
+            state,
+            receivers,
+            StreamOptions {
+                stops,
+                endpoint,
+                id,
+                prompt_tokens: prompt_ids.len(),
+                seed,
+                logprobs,
+                echoed,
+            },
+        );
         return Ok(response.into_response());
     }
     let generated = tokio::time::timeout(state.limits.timeout, async {
-        loop {
-            match receiver.recv().await {
-                Some(JobEvent::Done(generated)) => return Ok(generated),
-                Some(JobEvent::Failed(message)) => return Err(ApiError::internal(message)),
-                Some(JobEvent::Token(_)) => {}
-                None => return Err(ApiError::unavailable("the engine stopped")),
-            }
+        let mut done = Vec::with_capacity(receivers.len());
+        for mut receiver in receivers {
+            done.push(loop {
+                match receiver.recv().await {
+                    Some(JobEvent::Done(generated)) => break generated,
+                    Some(JobEvent::Failed(message)) => return Err(ApiError::internal(message)),
+                    Some(JobEvent::Token(..)) => {}
+                    None => return Err(ApiError::unavailable("the engine stopped")),
+                }
+            });
         }
+        Ok(done)
     })
     .await
     .map_err(|_| {
@@ -372,21 +509,50 @@ async fn respond(
             format!("the request took longer than {:?}", state.limits.timeout),
         )
     })??;
-    state.metrics.tokens(generated.token_ids.len());
-    let mut text = state.codec.decode(&generated.token_ids).unwrap_or_default();
-    let finish = finish_reason(&generated, cut_at_stop(&mut text, &stops));
+    let completion_tokens: usize = generated.iter().map(|g| g.token_ids.len()).sum();
+    state.metrics.tokens(completion_tokens);
+    let choices = generated
+        .iter()
+        .enumerate()
+        .map(|(index, generated)| {
+            let mut text = state.codec.decode(&generated.token_ids).unwrap_or_default();
+            let finish = finish_reason(generated, cut_at_stop(&mut text, &stops));
+            let prefix = echoed.as_deref().unwrap_or("");
+            let logprobs = prepared.request.logprobs.map(|_| {
+                let echoed_prompt = echoed.is_some().then(|| EchoedPrompt {
+                    first: prompt_ids[0],
+                    rest: &generated.prompt_logprobs,
+                });
+                choice_logprobs(
+                    endpoint,
+                    &state.codec,
+                    echoed_prompt,
+                    &generated.logprobs,
+                    0,
+                )
+            });
+            endpoint.choice(
+                index,
+                format!("{prefix}{text}"),
+                false,
+                Some(finish),
+                logprobs,
+            )
+        })
+        .collect();
+    let decisions = generated
+        .first()
+        .map(|g| g.steering.clone())
+        .unwrap_or_default();
     let body = Completion {
         id: &id,
         object: endpoint.object(false),
         created: created(),
         model: &state.model_name,
-        choices: vec![endpoint.choice(text, false, Some(finish))],
-        usage: Some(Usage::new(
-            generated.prompt_tokens,
-            generated.token_ids.len(),
-        )),
+        choices,
+        usage: Some(Usage::new(prompt_ids.len(), completion_tokens)),
         seed,
-        steering: Some(&generated.steering),
+        steering: Some(&decisions),
     };
     Ok(Json(body).into_response())
 }

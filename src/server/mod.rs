@@ -6,9 +6,11 @@
 //! the [`registry`]) → a job in the [`engine`]'s queue (the engine owns the model and a
 //! [`RunningBatch`](crate::generate::RunningBatch), whose rows pick tokens with
 //! [`Sampling`](crate::generate::Sampling)) → the engine's events → a JSON body, or
-//! server-sent events ([`stream`]). [`error`] shapes failures as OpenAI does; [`metrics`] counts;
+//! server-sent events ([`stream`]); [`choices`] shapes each choice's log-probabilities.
+//! [`error`] shapes failures as OpenAI does; [`metrics`] counts;
 //! [`listen`] accepts connections, with header and idle timeouts.
 
+pub mod choices;
 pub mod engine;
 pub mod error;
 pub mod handlers;

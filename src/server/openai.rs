@@ -1,7 +1,9 @@
 //! OpenAI request and response shapes (chat and text completions), plus the `steering` field.
 //!
 //! Unknown request fields are ignored, as OpenAI-compatible servers do, so that clients that send
-//! `n`, `user` or `logprobs` still work; fields that are present must have the right type.
+//! `user` or `logit_bias` still work; fields that are present must have the right type. The fields
+//! clients send on every request (`model`, `n`, the penalties, `logprobs`, `echo`, `seed`,
+//! `stop`) behave as OpenAI's do.
 
 use serde::{Deserialize, Serialize};
 
@@ -38,9 +40,41 @@ pub enum Steering {
     Inline(serde_json::Value),
 }
 
+/// `logprobs`: a flag in the chat API, a count of alternatives in the completions API.
+#[derive(Debug, Clone, Copy, Deserialize)]
+#[serde(untagged)]
+pub enum LogprobsField {
+    /// Chat: whether to return log-probabilities.
+    Flag(bool),
+    /// Completions: how many alternatives per token (0: the chosen token's only).
+    Count(i64),
+}
+
 /// Sampling and length settings shared by both endpoints.
 #[derive(Debug, Clone, Deserialize)]
 pub struct Settings {
+    /// The model: absent, or the served bundle's name (`GET /v1/models`); others are 404.
+    #[serde(default)]
+    pub model: Option<String>,
+    /// Choices to generate, each with its own sampler seed (1 when absent).
+    #[serde(default)]
+    pub n: Option<i64>,
+    /// In [-2, 2]: lowers tokens the choice already generated, once each.
+    #[serde(default)]
+    pub presence_penalty: Option<f32>,
+    /// In [-2, 2]: lowers tokens the choice already generated, per occurrence.
+    #[serde(default)]
+    pub frequency_penalty: Option<f32>,
+    /// Log-probabilities of the generated tokens (see [`LogprobsField`]).
+    #[serde(default)]
+    pub logprobs: Option<LogprobsField>,
+    /// Chat: alternatives per token, with `logprobs: true`.
+    #[serde(default)]
+    pub top_logprobs: Option<i64>,
+    /// Completions: return the prompt before the completion (with `logprobs`, scored too); with
+    /// `max_tokens: 0` nothing is generated.
+    #[serde(default)]
+    pub echo: bool,
     /// Most tokens to generate (the server's default when absent).
     #[serde(default)]
     pub max_tokens: Option<i64>,
@@ -198,9 +232,16 @@ impl Endpoint {
         }
     }
 
-    /// A choice carrying `text`: the whole message (or a delta, in a chunk) for chat, the text for
-    /// completions.
-    pub fn choice(self, text: String, chunk: bool, finish_reason: Option<FinishReason>) -> Choice {
+    /// Choice `index` carrying `text`: the whole message (or a delta, in a chunk) for chat, the
+    /// text for completions, with its log-probabilities when asked.
+    pub fn choice(
+        self,
+        index: usize,
+        text: String,
+        chunk: bool,
+        finish_reason: Option<FinishReason>,
+        logprobs: Option<ChoiceLogprobs>,
+    ) -> Choice {
         let content = match (self, chunk) {
             (Endpoint::Chat, false) => ChoiceContent::Message {
                 message: AssistantMessage {
@@ -214,11 +255,55 @@ impl Endpoint {
             (Endpoint::Completion, _) => ChoiceContent::Text { text },
         };
         Choice {
-            index: 0,
+            index,
             content,
+            logprobs,
             finish_reason,
         }
     }
+}
+
+/// One token with its log-probability, as the chat API reports it.
+#[derive(Debug, Clone, Serialize)]
+pub struct ChatTokenLogprob {
+    /// The token's text.
+    pub token: String,
+    /// Its log-probability (natural log).
+    pub logprob: f32,
+    /// The token text's UTF-8 bytes.
+    pub bytes: Vec<u8>,
+}
+
+/// A generated token in a chat choice's `logprobs.content`, with the most likely alternatives.
+#[derive(Debug, Clone, Serialize)]
+pub struct ChatLogprob {
+    /// The token itself.
+    #[serde(flatten)]
+    pub token: ChatTokenLogprob,
+    /// The `top_logprobs` most likely tokens at its position.
+    pub top_logprobs: Vec<ChatTokenLogprob>,
+}
+
+/// A choice's `logprobs`, in the shape of its endpoint.
+#[derive(Debug, Clone, Serialize)]
+#[serde(untagged)]
+pub enum ChoiceLogprobs {
+    /// Chat: `{"content": [...]}`.
+    Chat {
+        /// One entry per generated token.
+        content: Vec<ChatLogprob>,
+    },
+    /// Completions (the legacy shape): parallel lists, `null` for the echoed prompt's first token.
+    Completion {
+        /// Each token's text.
+        tokens: Vec<String>,
+        /// Each token's log-probability.
+        token_logprobs: Vec<Option<f32>>,
+        /// The alternatives at each token, text to log-probability.
+        top_logprobs: Vec<Option<std::collections::BTreeMap<String, f32>>>,
+        /// Where each token starts in the choice's text, in bytes.
+        text_offset: Vec<usize>,
+    },
 }
 
 /// The `object` field of a response.
@@ -272,7 +357,7 @@ pub enum ChoiceContent {
     },
 }
 
-/// One choice of a response (the server makes one).
+/// One choice of a response (`n` of them).
 #[derive(Debug, Clone, Serialize)]
 pub struct Choice {
     /// Its position among the choices.
@@ -280,6 +365,9 @@ pub struct Choice {
     /// The text it carries.
     #[serde(flatten)]
     pub content: ChoiceContent,
+    /// Its tokens' log-probabilities, when the request asked for them.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub logprobs: Option<ChoiceLogprobs>,
     /// Why generation ended (`null` in chunks before the last).
     pub finish_reason: Option<FinishReason>,
 }

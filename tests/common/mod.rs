@@ -26,3 +26,31 @@ pub fn runtime() -> &'static onnx_steer::Runtime {
         onnx_steer::Runtime::new(onnx_steer::RuntimeOptions::default()).expect("ONNX Runtime")
     })
 }
+
+/// A vector spec at `layers` (at `positions`: "all", "prompt" or "generated") whose direction
+/// repeats a ramp of `period` values, resolved.
+#[allow(dead_code)] // not every test binary steers
+pub fn vector_steering(
+    bundle: &onnx_steer::Bundle,
+    period: usize,
+    layers: &[usize],
+    positions: &str,
+) -> std::sync::Arc<onnx_steer::steer::ResolvedSteering> {
+    let dir = tempfile::tempdir().unwrap();
+    let half = (period / 2) as f32;
+    let direction: Vec<f32> = (0..576)
+        .map(|i| ((i % period) as f32 - half) * 0.5)
+        .collect();
+    onnx_steer::steer::vector::write_safetensors(
+        &dir.path().join("v.safetensors"),
+        &[("direction".into(), direction)],
+    )
+    .unwrap();
+    let text = serde_json::json!({"interventions": [
+        {"kind": "vector", "path": "v.safetensors", "scale": 1.0, "layers": layers,
+         "positions": positions}
+    ]})
+    .to_string();
+    let spec = onnx_steer::steer::SteerSpec::parse(&text, dir.path(), "test").unwrap();
+    std::sync::Arc::new(spec.resolve(bundle.config(), runtime()).unwrap())
+}
