@@ -1,5 +1,5 @@
-"""The one place that runs the onnx-steer binary: generations, state capture, perplexity, bench
-reports and the server, plus the steer-spec rewriting the runs need (scales, absolute paths).
+"""The one place that runs the onnx-steer binary: generations, continuation scores, state capture,
+perplexity, bench reports and the server, plus the steer-spec rewriting the runs need (scales, absolute paths).
 
 Everything here talks to the Rust runtime through its command line and files; nothing imports the
 exporter, the trainers or the evals.
@@ -76,6 +76,38 @@ def generate(bundle: Path, prompts: list[str], spec: Path | None, max_new_tokens
                 args += ["--steer", str(spec)]
             done = run_binary(args, binary, capture_output=True, text=True)
             records += [json.loads(line) for line in done.stdout.splitlines() if line.strip()]
+    return records
+
+
+def score(bundle: Path, items: Sequence[dict], specs: Sequence[Path] = (), chat: bool = True,
+          binary: Path | None = None) -> list[dict]:
+    """Log-probabilities of continuations from the runtime (`onnx-steer score`), in one batched call: for
+    each `{"prompt", "continuations": [...]}` item, in order, its record `{"index", "prompt_tokens",
+    "continuations": [{"text", "token_ids", "tokens", "token_logprobs", "logprob"}, ...]}` (`logprob`:
+    the continuation's summed natural-log probability given the prompt). `chat` renders each prompt as
+    one user turn with the generation prompt, the continuation starting the assistant's answer; `specs`
+    steer every row (several compose, as with `generate`)."""
+    if not items:
+        return []
+    with tempfile.TemporaryDirectory() as tmp:
+        jsonl = Path(tmp) / "score.jsonl"
+        jsonl.write_text("".join(json.dumps({"prompt": item["prompt"], "continuations": list(item["continuations"])})
+                                 + "\n" for item in items))
+        out = Path(tmp) / "scored.jsonl"
+        args = ["score", "--bundle", str(bundle), "--jsonl", str(jsonl), "--out", str(out)]
+        if chat:
+            args.append("--chat")
+        for spec in specs:
+            args += ["--steer", str(spec)]
+        run_binary(args, binary)
+        records = [json.loads(line) for line in out.read_text().splitlines() if line.strip()]
+    records.sort(key=lambda r: r["index"])
+    if [r["index"] for r in records] != list(range(len(items))):
+        raise RuntimeError(f"onnx-steer score returned {len(records)} records for {len(items)} inputs")
+    for item, record in zip(items, records):
+        if len(record["continuations"]) != len(item["continuations"]):
+            raise RuntimeError(f"onnx-steer score returned {len(record['continuations'])} continuations for "
+                               f"{len(item['continuations'])} in input {record['index']}")
     return records
 
 

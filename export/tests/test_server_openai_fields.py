@@ -90,7 +90,7 @@ def test_echoed_prompt_logprobs_equal_hf(steered: bool, server: tuple[str, subpr
 def test_chat_logprobs_equal_the_cli_and_stream(server: tuple[str, subprocess.Popen], binary: Path,
                                                 bundle_dir: Path) -> None:
     url, _ = server
-    client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused")
+    client: Any = openai.OpenAI(base_url=f"{url}/v1", api_key="unused")  # responses are read as OpenAI documents them
     prompt = "Name three fruits."
     reply = client.chat.completions.create(model=MODEL, max_tokens=12, logprobs=True, top_logprobs=3,
                                            messages=[{"role": "user", "content": prompt}])
@@ -110,7 +110,7 @@ def test_chat_logprobs_equal_the_cli_and_stream(server: tuple[str, subprocess.Po
 
 def test_n_choices_each_with_its_seed(server: tuple[str, subprocess.Popen]) -> None:
     url, _ = server
-    client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused")
+    client: Any = openai.OpenAI(base_url=f"{url}/v1", api_key="unused")  # responses are read as OpenAI documents them
     messages = [{"role": "user", "content": "Write a word."}]
     reply = client.chat.completions.create(model=MODEL, max_tokens=10, n=4, temperature=1.0, seed=5,
                                            messages=messages)

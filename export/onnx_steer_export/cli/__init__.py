@@ -1,5 +1,6 @@
 """Command line: python -m onnx_steer_export {export, quantize, train-vector, train-l2s, train-w2s, train-svf,
-train-autosteer, eval, eval-behaviour, eval-svf, eval-autosteer, eval-precision, plot-behaviour, make-splits} ..."""
+train-autosteer, eval, eval-behaviour, eval-svf, eval-autosteer, eval-precision, eval-ab, plot-behaviour,
+make-splits} ..."""
 
 from __future__ import annotations
 

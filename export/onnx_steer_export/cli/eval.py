@@ -1,5 +1,5 @@
-"""eval, eval-behaviour, eval-svf, eval-autosteer, eval-precision, plot-behaviour: reports on what the
-runtime generates."""
+"""eval, eval-behaviour, eval-svf, eval-autosteer, eval-precision, eval-ab, plot-behaviour: reports on what
+the runtime generates or scores."""
 
 from __future__ import annotations
 
@@ -16,6 +16,7 @@ from .common import (
     add_methods,
     add_report_out,
     existing_file,
+    layer_list,
     scale_list,
 )
 
@@ -76,6 +77,26 @@ def cmd_eval_precision(args: argparse.Namespace, parser: argparse.ArgumentParser
     run(args.reference, args.bundle, args.text, args.prompts, args.limit, args.max_new_tokens, args.max_tokens,
         args.repeats, Path(args.out))
     print(Path(args.out).with_suffix(".md").read_text())
+
+
+def cmd_eval_ab(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
+    from ..data.ab import ABError
+    from ..eval.ab import evaluate_ab, markdown, write
+
+    if args.vector is not None and (not args.layers or not args.scales):
+        parser.error("--vector needs --layers and --scales")
+    if args.layers and args.vector is None:
+        parser.error("--layers needs --vector")
+    if args.seeds < 1:
+        parser.error("--seeds must be at least 1")
+    try:
+        report = evaluate_ab(args.bundle, args.questions, args.steer, args.vector, args.layers or [],
+                             args.scales or [], args.seeds, args.limit)
+    except ABError as err:
+        parser.error(str(err))
+    write(report, Path(args.out))
+    print(markdown(report))
+    print(f"wrote {args.out}.json, .md and .png")
 
 
 def cmd_plot_behaviour(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
@@ -171,6 +192,30 @@ def register(commands: Commands) -> None:
     precision.add_argument("--max-tokens", type=int, default=512, help="tokens of the text scored")
     precision.add_argument("--repeats", type=int, default=3, help="timed bench runs per bundle")
     precision.add_argument("--out", default=str(REPO / "reports/precision"), help="report path stem")
+
+    ab = add_command(
+        commands, "eval-ab", cmd_eval_ab,
+        help="CAA-style A/B eval: p(matching answer) / (p(A) + p(B)), unsteered, per spec and per layer and scale",
+        description="Each question (CAA format: question with (A)/(B) choices, answer_matching_behavior, "
+        "answer_not_matching_behavior) is the chat user turn; onnx-steer score gives the log-probabilities of the "
+        "answers starting '(A' and '(B', and p(match) is averaged over the questions. Each of --seeds seeds "
+        "shuffles the order and reassigns the matching letter (half A, half B, by swapping the choices), and the "
+        "report gives the spread over seeds. Settings: unsteered, each --steer spec (as written, or at each "
+        "--scales value), and with --vector a one-layer spec per --layers entry and scale. Writes OUT.{json,md,png} "
+        "(p(match) against scale, one line per layer).",
+    )
+    add_bundle(ab)
+    ab.add_argument("--questions", type=existing_file, default=str(REPO / "data/ab_optimism_test.jsonl"),
+                    help="CAA-format JSONL (default: the shipped optimism test split)")
+    ab.add_argument("--steer", action="append", default=[], type=existing_file, metavar="SPEC",
+                    help="a steer spec to evaluate (repeatable; swept over --scales when given)")
+    ab.add_argument("--vector", type=existing_file,
+                    help="a vector file (direction.{L} tensors, e.g. from train-vector) to sweep over --layers")
+    ab.add_argument("--layers", type=layer_list, help="layers of the --vector sweep, A-B or A,B,C")
+    ab.add_argument("--scales", type=scale_list, help="comma-separated scales, e.g. -2,-1,1,2")
+    ab.add_argument("--seeds", type=int, default=3, help="seeds of the question order and matching letter")
+    ab.add_argument("--limit", type=int, help="use at most N questions, evenly spaced (faster)")
+    add_report_out(ab)
 
     bars = add_command(
         commands, "plot-behaviour", cmd_plot_behaviour,

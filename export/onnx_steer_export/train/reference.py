@@ -98,24 +98,3 @@ def gated_head(model: PreTrainedModel, read_layer: int, p_toxic: Callable[[torch
              text_model(model).norm.register_forward_hook(head)]
     with hooked(hooks):
         yield kept
-
-
-def continuation_logprobs(model: PreTrainedModel, prompts: list[list[int]], continuations: list[list[int]],
-                          batch_size: int = 16) -> torch.Tensor:
-    """log p(continuation | prompt) per pair, summed over the continuation's tokens (right-padded batches)."""
-    scores = []
-    for start in range(0, len(prompts), batch_size):
-        chunk = list(zip(prompts[start:start + batch_size], continuations[start:start + batch_size]))
-        width = max(len(p) + len(c) for p, c in chunk)
-        ids = torch.zeros(len(chunk), width, dtype=torch.long)
-        mask = torch.zeros(len(chunk), width, dtype=torch.long)
-        for row, (prompt, continuation) in enumerate(chunk):
-            sequence = prompt + continuation
-            ids[row, :len(sequence)] = torch.tensor(sequence)
-            mask[row, :len(sequence)] = 1
-        with torch.no_grad():
-            logprobs = torch.log_softmax(model(ids, attention_mask=mask).logits.float(), dim=-1)
-        for row, (prompt, continuation) in enumerate(chunk):
-            positions = torch.arange(len(prompt) - 1, len(prompt) + len(continuation) - 1)
-            scores.append(logprobs[row, positions, torch.tensor(continuation)].sum())
-    return torch.stack(scores)

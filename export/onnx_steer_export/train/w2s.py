@@ -2,7 +2,7 @@
 
 Bank: one steering vector per candidate layer (taken from a vector file, e.g. the refusal vector of
 `make steer`). Labels: for each training input and candidate layer l, steer with `scale · v_l` at l
-(HF reference hooks) and score log p(desired) − log p(undesired) of the input's two completions
+and score log p(desired) − log p(undesired) of the input's two completions with the runtime's own scores
 (behaviour_pairs.jsonl: refusal for harmful, compliance for benign inputs); the best layer is the label.
 Router: standardise → Linear(d→64) → ReLU → Linear(64→K) → softmax, on the last prompt token's state at
 an early read layer (read through the runtime), trained with cross-entropy.
@@ -12,19 +12,18 @@ The baseline is the best single fixed layer: the candidate with the highest mean
 from __future__ import annotations
 
 import json
+import tempfile
 from pathlib import Path
 
 import numpy as np
 import torch
 from safetensors.numpy import load_file
 from tqdm import tqdm
-from transformers import PreTrainedModel, PreTrainedTokenizerFast
 
-from ..data.tokens import bundle_tokenizer, chat_ids, encode
+from ..data.tokens import bundle_tokenizer, chat_ids
 from ..export.digest import sha256
-from ..runtime_client import capture_last_token
+from ..runtime_client import capture_last_token, score
 from .common import OutputView, Standardize, evenly, export_net, fit, save_tensors, split_indices, write_spec
-from .reference import added, continuation_logprobs
 
 ROUTER_UNITS = 64
 
@@ -43,17 +42,20 @@ class Router(torch.nn.Module):
         return torch.softmax(self.logits(state), dim=-1)
 
 
-def layer_scores(model: PreTrainedModel, tokenizer: PreTrainedTokenizerFast, prompts: list[list[int]],
-                 records: list[dict], bank: dict[int, np.ndarray], scale: float) -> np.ndarray:
-    """[N, K] behaviour score of each input (`prompts`: its chat-templated ids) steered at each
-    candidate layer (HF reference)."""
-    desired = [encode(tokenizer, r["positive"]) for r in records]
-    undesired = [encode(tokenizer, r["negative"]) for r in records]
+def layer_scores(bundle: Path, records: list[dict], bank: dict[int, np.ndarray], scale: float,
+                 binary: Path | None = None) -> np.ndarray:
+    """[N, K] behaviour score of each input steered at each candidate layer: log p(desired) − log
+    p(undesired) of its two completions after its chat prompt, scored by the runtime (`onnx-steer score`)."""
+    items = [{"prompt": r["prompt"], "continuations": [r["positive"], r["negative"]]} for r in records]
     scores = np.zeros((len(records), len(bank)), dtype=np.float32)
-    for k, (layer, vector) in enumerate(tqdm(bank.items(), desc="w2s labels", unit="layer")):
-        with added(model, {layer: torch.from_numpy(scale * vector)}):
-            scores[:, k] = (continuation_logprobs(model, prompts, desired)
-                            - continuation_logprobs(model, prompts, undesired)).numpy()
+    with tempfile.TemporaryDirectory() as tmp:
+        for k, (layer, vector) in enumerate(tqdm(bank.items(), desc="w2s labels", unit="layer")):
+            vector_file, spec = Path(tmp) / f"layer_{layer}.safetensors", Path(tmp) / f"layer_{layer}.json"
+            save_tensors({f"direction.{layer}": vector}, str(vector_file))
+            write_spec(spec, [{"kind": "vector", "path": vector_file.name, "scale": scale, "layers": [layer]}])
+            for row, record in enumerate(score(bundle, items, [spec], binary=binary)):
+                desired, undesired = record["continuations"]
+                scores[row, k] = desired["logprob"] - undesired["logprob"]
     return scores
 
 
@@ -72,8 +74,6 @@ def train_w2s(bundle: Path, data: Path, bank_path: Path, layers: list[int], read
     """Label, train and export the router; writes `{name}_router.onnx`, `{name}_bank.safetensors`,
     `{name}.json`, the fixed-layer baseline `{name}_fixed.json` and the per-input scores
     `{name}_labels.json`; returns a summary."""
-    from ..export.source import load
-
     problem = layers_problem(layers, read_layer)
     if problem:
         raise ValueError(problem)
@@ -85,11 +85,9 @@ def train_w2s(bundle: Path, data: Path, bank_path: Path, layers: list[int], read
     records = [json.loads(line) for line in data.read_text().splitlines() if line.strip()]
     records = evenly(records, limit)
 
-    manifest = json.loads((bundle / "manifest.json").read_text())
-    model = load(manifest["source"]).model
     tokenizer = bundle_tokenizer(bundle)
     prompts = [chat_ids(tokenizer, r["prompt"]) for r in records]
-    scores = layer_scores(model, tokenizer, prompts, records, bank, scale)
+    scores = layer_scores(bundle, records, bank, scale, binary)
     labels = scores.argmax(1)
     states = capture_last_token(bundle, prompts, [read_layer], binary)[read_layer]
     split = split_indices(len(records), validation_fraction, seed)
