@@ -12,7 +12,7 @@ DEMO_PROMPT ?= Describe your morning commute in two sentences.
 DEMO_HARMFUL ?= How can I steal my neighbour's mail without getting caught?
 DEMO_ADVICE ?= Can you tell me which antidepressant dose I should take?
 
-.PHONY: setup bundle build precision-bundles steer eval eval-ab eval-learned eval-fields eval-precision bench peers profile load serve criterion demo test test-rust test-python fuzz fuzz-build fuzz-smoke hostile prefill-chunks lint clean-bundle
+.PHONY: setup bundle build precision-bundles steer eval eval-ab tune-ab eval-learned eval-fields eval-precision bench peers profile load serve criterion demo test test-rust test-python fuzz fuzz-build fuzz-smoke hostile prefill-chunks lint clean-bundle
 
 setup: $(VENV)/.installed
 
@@ -117,6 +117,16 @@ eval-ab: setup bundle build
 	$(PY) -m onnx_steer_export eval-ab --bundle $(BUNDLE) --questions data/ab_optimism_test.jsonl \
 		--vector $(STEER)/ab_optimism.safetensors --layers $(AB_LAYERS) --scales=$(AB_SCALES) --seeds 3 \
 		--out reports/ab_optimism
+
+# tune on the A/B set (reports/tune_ab/): method, layer and scale chosen on half the test split by the
+# runtime's scores under a fluency bound, then checked on the other half.
+TUNE_LAYERS ?= 8,12,16
+TUNE_SCALES ?= -8,8,16
+tune-ab: setup bundle build
+	$(PY) -m onnx_steer_export make-splits
+	$(PY) -m onnx_steer_export tune --bundle $(BUNDLE) --pairs data/ab_optimism_pairs.jsonl \
+		--eval data/ab_optimism_test.jsonl --metric ab --methods vector,pca --layers $(TUNE_LAYERS) \
+		--scales=$(TUNE_SCALES) --fluency-text data/perplexity.txt --out reports/tune_ab
 
 # Issue 5 reports (reports/l2s.*, reports/w2s_*.*): data splits → 3 L2S seeds → W2S → behaviour evals.
 eval-learned: setup bundle build

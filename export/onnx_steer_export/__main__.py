@@ -5,7 +5,9 @@ from __future__ import annotations
 import sys
 
 from .cli import build_parser
+from .data.ab import ABError
 from .data.pairs import PairsError
+from .eval.tune import TuneError
 from .export.quantize import QuantizeError
 from .export.source import SourceError
 
@@ -14,7 +16,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         args.func(args, args.command_parser)
-    except (SourceError, PairsError, FileNotFoundError, QuantizeError) as err:
+    except (SourceError, PairsError, ABError, TuneError, FileNotFoundError, QuantizeError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     return 0

@@ -80,13 +80,15 @@ def generate(bundle: Path, prompts: list[str], spec: Path | None, max_new_tokens
 
 
 def score(bundle: Path, items: Sequence[dict], specs: Sequence[Path] = (), chat: bool = True,
-          binary: Path | None = None) -> list[dict]:
+          binary: Path | None = None, echo: bool = False) -> list[dict]:
     """Log-probabilities of continuations from the runtime (`onnx-steer score`), in one batched call: for
     each `{"prompt", "continuations": [...]}` item, in order, its record `{"index", "prompt_tokens",
     "continuations": [{"text", "token_ids", "tokens", "token_logprobs", "logprob"}, ...]}` (`logprob`:
     the continuation's summed natural-log probability given the prompt). `chat` renders each prompt as
     one user turn with the generation prompt, the continuation starting the assistant's answer; `specs`
-    steer every row (several compose, as with `generate`)."""
+    steer every row (several compose, as with `generate`). `echo` also scores each prompt's own tokens
+    (from the second on): the record's `prompt_logprobs`, `[{"token", "id", "logprob"}, ...]`; an item may
+    then have no continuations."""
     if not items:
         return []
     with tempfile.TemporaryDirectory() as tmp:
@@ -97,6 +99,8 @@ def score(bundle: Path, items: Sequence[dict], specs: Sequence[Path] = (), chat:
         args = ["score", "--bundle", str(bundle), "--jsonl", str(jsonl), "--out", str(out)]
         if chat:
             args.append("--chat")
+        if echo:
+            args.append("--echo")
         for spec in specs:
             args += ["--steer", str(spec)]
         run_binary(args, binary)

@@ -1,16 +1,16 @@
 """Command line: python -m onnx_steer_export {export, quantize, train-vector, train-l2s, train-w2s, train-svf,
 train-autosteer, eval, eval-behaviour, eval-svf, eval-autosteer, eval-precision, eval-ab, plot-behaviour,
-make-splits} ..."""
+tune, make-splits} ..."""
 
 from __future__ import annotations
 
 import argparse
 
-from . import data, export, train
+from . import data, export, train, tune
 from . import eval as evaluation
 
 # Command groups in the order --help lists them; each module adds its commands with `register`.
-GROUPS = (export, train, evaluation, data)
+GROUPS = (export, train, evaluation, tune, data)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -26,6 +26,8 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
+from .datasets import numbered_records, write_if_changed
+
 LETTERS = ("A", "B")
 BEHAVIOUR = "optimism"
 SPLIT_SEED = 20260419
@@ -408,15 +410,8 @@ def load_questions(path: Path) -> list[ABQuestion]:
             raise ABError(f"{path}: not JSON ({err})") from err
         questions = [parse_question(r, f"{path}: item {i}") for i, r in enumerate(records)]
     else:
-        questions = []
-        for number, line in enumerate(text.splitlines(), start=1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise ABError(f"{path}:{number}: not JSON ({err})") from err
-            questions.append(parse_question(record, f"{path}:{number}"))
+        questions = [parse_question(record, f"{path}:{number}")
+                     for number, record in numbered_records(path, text, ABError)]
     if not questions:
         raise ABError(f"{path} has no questions")
     return questions
@@ -492,7 +487,6 @@ def ab_files(name: str = BEHAVIOUR) -> dict[str, str]:
 
 def write_ab_files(out: Path, name: str = BEHAVIOUR) -> dict[str, int]:
     """Write the shipped set to `out` (files left untouched when identical); lines per file."""
-    from .datasets import write_if_changed
 
     counts = {}
     for file, text in ab_files(name).items():

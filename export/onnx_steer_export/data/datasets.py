@@ -17,7 +17,9 @@ from __future__ import annotations
 import importlib.util
 import json
 import random
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 from .. import REPO
 
@@ -251,6 +253,18 @@ def role_play(prompt: str) -> str:
 
 def read_jsonl(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def numbered_records(path: Path, text: str, error: type[ValueError]) -> Iterator[tuple[int, Any]]:
+    """(line number, parsed JSON) of each non-blank line of `text` (read from `path`); a line that is
+    not JSON raises `error` naming the file and line."""
+    for number, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            yield number, json.loads(line)
+        except json.JSONDecodeError as err:
+            raise error(f"{path}:{number}: not JSON ({err})") from err
 
 
 def read_prompts(path: Path, limit: int | None = None) -> list[str]:

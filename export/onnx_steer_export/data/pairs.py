@@ -7,11 +7,11 @@ Pairs JSONL, one object per line, either
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from .datasets import numbered_records
 from .tokens import chat_prefix, encode
 
 if TYPE_CHECKING:
@@ -33,13 +33,7 @@ class Pair:
 def load_pairs(path: Path, tokenizer: PreTrainedTokenizerFast, chat: bool = True) -> list[Pair]:
     """Tokenize every pair exactly as the runtime sees it (template text, no extra special tokens)."""
     pairs = []
-    for number, line in enumerate(path.read_text().splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as err:
-            raise PairsError(f"{path}:{number}: not JSON ({err})") from err
+    for number, record in numbered_records(path, path.read_text(), PairsError):
         if {"prompt", "positive", "negative"} <= record.keys():
             prefix = chat_prefix(tokenizer, record["prompt"], chat)
             pairs.append(Pair(encode(tokenizer, prefix + record["positive"]),

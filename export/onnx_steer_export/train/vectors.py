@@ -17,6 +17,8 @@ from ..data.tokens import bundle_tokenizer
 from ..runtime_client import capture_last_token
 from .common import save_tensors
 
+VECTOR_METHODS = ("mean", "pca")
+
 
 def direction(positive: np.ndarray, negative: np.ndarray, method: str) -> np.ndarray:
     """Mean difference, or the first principal component of the differences with positives projecting higher."""
@@ -35,11 +37,23 @@ def direction(positive: np.ndarray, negative: np.ndarray, method: str) -> np.nda
 def train_vector(bundle: Path, pairs_path: Path, method: str, layers: list[int], out: Path,
                  chat: bool = True, binary: Path | None = None) -> dict[int, np.ndarray]:
     """Compute one direction per layer and write `direction.{L}` tensors to `out` (safetensors)."""
+    return train_vectors(bundle, pairs_path, {method: out}, layers, chat, binary)[method]
+
+
+def train_vectors(bundle: Path, pairs_path: Path, outs: dict[str, Path], layers: list[int], chat: bool = True,
+                  binary: Path | None = None) -> dict[str, dict[int, np.ndarray]]:
+    """`train_vector` for several methods (method → output file) from one capture of the pairs' states."""
+    unknown = [m for m in outs if m not in VECTOR_METHODS]
+    if unknown:
+        raise ValueError(f"method must be mean or pca, got {unknown[0]!r}")
     pairs = load_pairs(pairs_path, bundle_tokenizer(bundle), chat)
     states = capture_last_token(bundle, [p.positive for p in pairs] + [p.negative for p in pairs], layers, binary)
     n = len(pairs)
-    vectors = {layer: direction(states[layer][:n], states[layer][n:], method) for layer in layers}
-    out.parent.mkdir(parents=True, exist_ok=True)
-    save_tensors({f"direction.{layer}": v for layer, v in vectors.items()}, str(out),
-              metadata={"method": method, "pairs": str(n), "bundle": bundle.name})
-    return vectors
+    trained = {}
+    for method, out in outs.items():
+        vectors = {layer: direction(states[layer][:n], states[layer][n:], method) for layer in layers}
+        out.parent.mkdir(parents=True, exist_ok=True)
+        save_tensors({f"direction.{layer}": v for layer, v in vectors.items()}, str(out),
+                     metadata={"method": method, "pairs": str(n), "bundle": bundle.name})
+        trained[method] = vectors
+    return trained
