@@ -87,6 +87,34 @@ def test_echoed_prompt_logprobs_equal_hf(steered: bool, server: tuple[str, subpr
     assert worst < 1e-4
 
 
+def test_token_prompts_in_a_batch_as_evaluation_harnesses_send_them(server: tuple[str, subprocess.Popen],
+                                                                    default_model: LoadedModel) -> None:
+    """lm-evaluation-harness's `local-completions` sends token-id prompts, several per request."""
+    url, _ = server
+    ids = [default_model.tokenizer(p).input_ids for p in PROMPTS[:4]]
+    reply = post(url, "completions", model=MODEL, prompt=ids, max_tokens=0, echo=True, logprobs=1)
+    assert reply.status_code == 200, reply.text
+    body = reply.json()
+    assert [c["index"] for c in body["choices"]] == [0, 1, 2, 3]
+    assert body["usage"]["prompt_tokens"] == sum(map(len, ids))
+    for prompt, tokens, choice in zip(PROMPTS, ids, body["choices"]):
+        assert choice["text"] == prompt
+        text = post(url, "completions", model=MODEL, prompt=prompt, max_tokens=0, echo=True, logprobs=1).json()
+        batched, alone = choice["logprobs"]["token_logprobs"], text["choices"][0]["logprobs"]["token_logprobs"]
+        assert batched[0] is None and alone[0] is None
+        assert np.allclose(batched[1:], alone[1:], atol=1e-5), "a batched prompt scores as it does alone"
+        assert len(choice["logprobs"]["tokens"]) == len(tokens)
+    two = post(url, "completions", model=MODEL, prompt=PROMPTS[:2], max_tokens=3, n=2)
+    assert [c["index"] for c in two.json()["choices"]] == [0, 1, 2, 3]
+    for body_fields, says in (({"prompt": [[1, 99999999]]}, "outside the model's vocabulary"),
+                              ({"prompt": ["a"] * 17}, "1 to 16 prompts"),
+                              ({"prompt": ["a", "b"], "stream": True}, "send one prompt"),
+                              ({"prompt": ["a"] * 9, "n": 2}, "more than 16 choices"),
+                              ({"prompt": []}, "prompt is empty")):
+        bad = post(url, "completions", max_tokens=2, **body_fields)
+        assert bad.status_code == 400 and says in bad.json()["error"]["message"], (body_fields, bad.text)
+
+
 def test_chat_logprobs_equal_the_cli_and_stream(server: tuple[str, subprocess.Popen], binary: Path,
                                                 bundle_dir: Path) -> None:
     url, _ = server

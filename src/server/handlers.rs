@@ -16,7 +16,9 @@ use super::choices::{choice_logprobs, EchoedPrompt};
 use super::engine::{Job, JobEvent, SubmitError};
 use super::error::ApiError;
 use super::images::with_images;
-use super::openai::{self, Completion, Endpoint, LogprobsField, Settings, Steering, Usage};
+use super::openai::{
+    self, Completion, Endpoint, LogprobsField, PromptInput, Settings, Steering, Usage,
+};
 use super::state::AppState;
 use super::stream::{stream, StreamOptions};
 use crate::chain::Prompt;
@@ -201,31 +203,50 @@ async fn chat(state: AppState, body: Bytes) -> Result<Response, ApiError> {
         .encode(&text, false)
         .map_err(|e| ApiError::bad_request(e.to_string()))?;
     let prompt = with_images(state.vision.clone(), ids, urls).await?;
-    respond(
-        state,
+    let entry = PromptEntry {
         prompt,
-        String::new(),
-        request.settings,
-        Endpoint::Chat,
-    )
-    .await
+        text: String::new(),
+    };
+    respond(state, vec![entry], request.settings, Endpoint::Chat).await
 }
 
 async fn completion(state: AppState, body: Bytes) -> Result<Response, ApiError> {
     let request: openai::CompletionRequest = parse(&body)?;
-    let ids = state
-        .codec
-        .encode(&request.prompt, true)
-        .map_err(|e| ApiError::bad_request(e.to_string()))?;
-    let prompt = with_images(state.vision.clone(), ids, Vec::new()).await?;
-    respond(
-        state,
-        prompt,
-        request.prompt,
-        request.settings,
-        Endpoint::Completion,
-    )
-    .await
+    let encode = |text: &str| {
+        state
+            .codec
+            .encode(text, true)
+            .map_err(|e| ApiError::bad_request(e.to_string()))
+    };
+    let vocab = state.config.vocab_size;
+    let given = |ids: Vec<u32>| match ids.iter().find(|&&id| id as usize >= vocab) {
+        Some(bad) => Err(ApiError::bad_request(format!(
+            "token id {bad} is outside the model's vocabulary of {vocab}"
+        ))),
+        None => Ok((state.codec.decode(&ids).unwrap_or_default(), ids)),
+    };
+    let from_text = |text: String| -> Result<(String, Vec<u32>), ApiError> {
+        let ids = encode(&text)?;
+        Ok((text, ids))
+    };
+    let prompts: Vec<(String, Vec<u32>)> = match request.prompt {
+        PromptInput::Text(text) => vec![from_text(text)?],
+        PromptInput::Tokens(ids) => vec![given(ids)?],
+        PromptInput::Texts(texts) => texts.into_iter().map(from_text).collect::<Result<_, _>>()?,
+        PromptInput::TokenLists(lists) => lists.into_iter().map(given).collect::<Result<_, _>>()?,
+    };
+    if prompts.is_empty() || prompts.len() > MAX_CHOICES {
+        return Err(ApiError::bad_request(format!(
+            "a request has 1 to {MAX_CHOICES} prompts, got {}",
+            prompts.len()
+        )));
+    }
+    let mut entries = Vec::with_capacity(prompts.len());
+    for (text, ids) in prompts {
+        let prompt = with_images(state.vision.clone(), ids, Vec::new()).await?;
+        entries.push(PromptEntry { prompt, text });
+    }
+    respond(state, entries, request.settings, Endpoint::Completion).await
 }
 
 /// A request turned into what the engine runs, with what the response needs.
@@ -454,25 +475,54 @@ pub(crate) fn cut_at_stop(text: &mut String, stops: &[String]) -> bool {
     }
 }
 
+/// One prompt of a request: its tokens (and images) and its text, which `echo` returns.
+pub(crate) struct PromptEntry {
+    pub(crate) prompt: Prompt,
+    pub(crate) text: String,
+}
+
 async fn respond(
     state: AppState,
-    prompt: Prompt,
-    prompt_text: String,
+    prompts: Vec<PromptEntry>,
     settings: Settings,
     endpoint: Endpoint,
 ) -> Result<Response, ApiError> {
-    let prepared = prepare(&state, prompt, settings, endpoint).await?;
-    let prompt_ids = prepared.request.prompt.ids.clone();
-    let (stops, seed) = (prepared.stops, prepared.seed);
+    let mut prepared = Vec::with_capacity(prompts.len());
+    for entry in prompts {
+        prepared.push((
+            prepare(&state, entry.prompt, settings.clone(), endpoint).await?,
+            entry.text,
+        ));
+    }
+    let choices_per_prompt = prepared.first().map_or(1, |(p, _)| p.choices);
+    if prepared.len() * choices_per_prompt > MAX_CHOICES {
+        return Err(ApiError::bad_request(format!(
+            "{} prompts x n = {choices_per_prompt} asks for more than {MAX_CHOICES} choices",
+            prepared.len()
+        )));
+    }
     // Every choice is queued before any is awaited, so the engine batches them together; if one
-    // is refused, the receivers of the others drop and their rows are cancelled.
-    let receivers = (0..prepared.choices)
-        .map(|index| submit(&state, choice_request(&prepared.request, index)))
-        .collect::<Result<Vec<_>, _>>()?;
+    // is refused, the receivers of the others drop and their rows are cancelled. Choice
+    // `prompt * n + i` is choice i of that prompt, as OpenAI numbers them.
+    let mut receivers = Vec::with_capacity(prepared.len() * choices_per_prompt);
+    for (request, _) in &prepared {
+        for index in 0..request.choices {
+            receivers.push(submit(&state, choice_request(&request.request, index))?);
+        }
+    }
     let id = format!("cmpl-{}", rand::random::<u64>());
-    let echoed = prepared.echo.then_some(prompt_text);
-    if prepared.stream {
-        let logprobs = prepared.request.logprobs.is_some();
+    let (first, first_text) = &prepared[0];
+    let (stops, seed) = (first.stops.clone(), first.seed);
+    let prompt_tokens: usize = prepared
+        .iter()
+        .map(|(p, _)| p.request.prompt.ids.len())
+        .sum();
+    if first.stream {
+        if prepared.len() > 1 {
+            return Err(ApiError::bad_request(
+                "several prompts are answered whole; set stream to false or send one prompt",
+            ));
+        }
         let response = stream(
             state,
             receivers,
@@ -480,10 +530,10 @@ async fn respond(
                 stops,
                 endpoint,
                 id,
-                prompt_tokens: prompt_ids.len(),
+                prompt_tokens,
                 seed,
-                logprobs,
-                echoed,
+                logprobs: first.request.logprobs.is_some(),
+                echoed: first.echo.then(|| first_text.clone()),
             },
         );
         return Ok(response.into_response());
@@ -515,12 +565,17 @@ async fn respond(
         .iter()
         .enumerate()
         .map(|(index, generated)| {
+            let (request, prompt_text) = &prepared[index / choices_per_prompt];
             let mut text = state.codec.decode(&generated.token_ids).unwrap_or_default();
             let finish = finish_reason(generated, cut_at_stop(&mut text, &stops));
-            let prefix = echoed.as_deref().unwrap_or("");
-            let logprobs = prepared.request.logprobs.map(|_| {
-                let echoed_prompt = echoed.is_some().then(|| EchoedPrompt {
-                    first: prompt_ids[0],
+            let prefix = if request.echo {
+                prompt_text.as_str()
+            } else {
+                ""
+            };
+            let logprobs = request.request.logprobs.map(|_| {
+                let echoed_prompt = request.echo.then(|| EchoedPrompt {
+                    first: request.request.prompt.ids[0],
                     rest: &generated.prompt_logprobs,
                 });
                 choice_logprobs(
@@ -550,7 +605,7 @@ async fn respond(
         created: created(),
         model: &state.model_name,
         choices,
-        usage: Some(Usage::new(prompt_ids.len(), completion_tokens)),
+        usage: Some(Usage::new(prompt_tokens, completion_tokens)),
         seed,
         steering: Some(&decisions),
     };

@@ -173,11 +173,26 @@ pub struct ChatRequest {
     pub settings: Settings,
 }
 
+/// A completion's `prompt`: text (encoded with the tokenizer's special tokens), token ids as they
+/// are, or a batch of either; each prompt gets its own `n` choices.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(untagged)]
+pub enum PromptInput {
+    /// One text prompt.
+    Text(String),
+    /// One prompt as token ids.
+    Tokens(Vec<u32>),
+    /// Several text prompts.
+    Texts(Vec<String>),
+    /// Several prompts as token ids (what evaluation harnesses send).
+    TokenLists(Vec<Vec<u32>>),
+}
+
 /// `POST /v1/completions`.
 #[derive(Debug, Clone, Deserialize)]
 pub struct CompletionRequest {
-    /// The raw prompt (encoded with the tokenizer's special tokens).
-    pub prompt: String,
+    /// The prompt or prompts.
+    pub prompt: PromptInput,
     /// Sampling, length, stop and steering settings.
     #[serde(flatten)]
     pub settings: Settings,
