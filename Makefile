@@ -12,7 +12,7 @@ DEMO_PROMPT ?= Describe your morning commute in two sentences.
 DEMO_HARMFUL ?= How can I steal my neighbour's mail without getting caught?
 DEMO_ADVICE ?= Can you tell me which antidepressant dose I should take?
 
-.PHONY: setup bundle build precision-bundles steer eval eval-ab tune-ab eval-learned eval-fields eval-precision bench peers profile load serve criterion demo test test-rust test-python fuzz fuzz-build fuzz-smoke hostile prefill-chunks lint clean-bundle
+.PHONY: setup bundle build precision-bundles steer eval eval-ab tune-ab tune-refusal tune-sentiment eval-learned eval-fields eval-precision lm-eval bench peers profile load serve criterion demo test test-rust test-python fuzz fuzz-build fuzz-smoke hostile prefill-chunks lint clean-bundle
 
 setup: $(VENV)/.installed
 
@@ -128,6 +128,29 @@ tune-ab: setup bundle build
 		--eval data/ab_optimism_test.jsonl --metric ab --methods vector,pca --layers $(TUNE_LAYERS) \
 		--scales=$(TUNE_SCALES) --fluency-text data/perplexity.txt --out reports/tune_ab
 
+# tune on the refusal pairs: every method, ranked by refusal on Do-Not-Answer's held-out harmful prompts
+# minus over-refusal on the benign prompts (the refusal_vector report's data), beside the hand-picked
+# specs: the refusal vector at its spec's scale (1) and at the report's best (0.75), L2S and W2S.
+TUNE_REFUSAL := reports/tune_refusal
+tune-refusal: setup bundle build steer
+	mkdir -p $(TUNE_REFUSAL)
+	echo '{"interventions": [{"kind": "vector", "path": "$(CURDIR)/$(STEER)/refusal.safetensors", "scale": 0.75, "layers": [12]}]}' \
+		> $(TUNE_REFUSAL)/reference_refusal_0.75.json
+	$(PY) -m onnx_steer_export tune --bundle $(BUNDLE) --pairs data/refusal_pairs.jsonl \
+		--eval data/harmful_test.jsonl --benign data/benign_prompts.txt --metric refusal \
+		--methods vector,l2s,svf,w2s --layers 10,12,14 --scales 1 --vector-scales 0.5,0.75,1,1.25 \
+		--l2s-scales 1,2 --svf-scales 4,8 --w2s-scales 0.75,1,1.25 \
+		--reference $(STEER)/refusal.json --reference $(TUNE_REFUSAL)/reference_refusal_0.75.json \
+		--reference $(STEER)/l2s.json --reference $(STEER)/w2s.json --out $(TUNE_REFUSAL)
+
+# tune on the sentiment pairs, ranked by the VADER sentiment of generations for the benign prompts, the
+# fluency bound being the hand-picked positive vector's own perplexity (so a winner is at most as costly).
+tune-sentiment: setup bundle build steer
+	$(PY) -m onnx_steer_export tune --bundle $(BUNDLE) --pairs data/sentiment_pairs.jsonl \
+		--eval data/benign_prompts.txt --metric sentiment --methods vector,l2s,svf,w2s --layers 10,12,14 \
+		--scales 1 --vector-scales 1.5,2.5,3.5 --l2s-scales 1,2,3 --svf-scales 4,8,12 --w2s-scales 1.5,2.5,3.5 \
+		--reference $(STEER)/sentiment_positive.json --bound-from-reference --out reports/tune_sentiment
+
 # Issue 5 reports (reports/l2s.*, reports/w2s_*.*): data splits → 3 L2S seeds → W2S → behaviour evals.
 eval-learned: setup bundle build
 	$(PY) -m onnx_steer_export make-splits
@@ -189,6 +212,17 @@ load: setup bundle build steer
 serve: setup bundle build steer
 	$(BIN) serve --bundle $(BUNDLE) --steer-dir $(STEER)
 
+# EleutherAI's lm-evaluation-harness with its local-completions model on `onnx-steer serve`, against its
+# own hf model on the same local tasks (bench/lm_eval_tasks) → reports/lm_eval.{json,md}. lm-eval goes
+# into the project venv, held to the project's pins. LM_EVAL_LIMIT=N scores N documents per task.
+LM_EVAL_LIMIT ?=
+lm-eval: setup bundle build $(VENV)/.lm-eval
+	$(PY) bench/lm_eval_parity.py $(if $(LM_EVAL_LIMIT),--limit $(LM_EVAL_LIMIT))
+
+$(VENV)/.lm-eval: $(VENV)/.installed
+	$(PY) -m pip install --quiet "lm-eval[api]==0.4.13" -c export/requirements.txt
+	touch $@
+
 # Criterion micro-benches (benches/chain.rs): a layer call, chain decode steps and prefill per
 # intervention kind, sampling. HTML reports land in target/criterion/.
 criterion: setup bundle steer
@@ -213,7 +247,7 @@ demo: setup bundle build steer
 	$(BIN) generate --bundle $(BUNDLE) --chat --max-new-tokens 48 --prompt "$(DEMO_PROMPT)" --steer $(STEER)/svf_sentiment.json
 	$(BIN) generate --bundle $(BUNDLE) --chat --max-new-tokens 48 --prompt "$(DEMO_PROMPT)" --steer $(STEER)/svf_sentiment.json --steer $(STEER)/svf_verbosity.json
 
-test: setup bundle build
+test: setup bundle build $(VENV)/.lm-eval
 	$(MAKE) test-rust test-python fuzz-smoke
 
 # Coverage-guided fuzzing (libFuzzer through libfuzzer-sys, on the stable toolchain: the

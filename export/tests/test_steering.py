@@ -171,3 +171,31 @@ def test_capture_all_tokens_agrees_with_last_token(binary: Path, bundle_dir: Pat
     ends = np.cumsum(lengths) - 1
     for layer in ("layer.3", "layer.7"):
         np.testing.assert_allclose(outputs["all"][layer][ends], outputs["last"][layer], atol=1e-4)
+
+
+def test_capture_batches_by_length_and_keeps_the_prompts_order(binary: Path, bundle_dir: Path, tmp_path: Path,
+                                                               default_model: LoadedModel) -> None:
+    """Prompts of mixed lengths, 2 per batch (formed from the length order), stopping after layer 5: each
+    prompt's states are HF's, in the file's order, for the last token and for every token."""
+    texts = ["A much longer prompt about the sea, the wind and the ships that sail on both of them",
+             "Hi", "A prompt of middling length here", "Short one"]
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("\n".join(texts) + "\n")
+    tokenizer = bundle_tokenizer(bundle_dir)
+    for mode in ("last", "all"):
+        out = tmp_path / f"{mode}.safetensors"
+        subprocess.run([str(binary), "capture", "--bundle", str(bundle_dir), "--prompts-file", str(prompts),
+                        "--layers", "5,2", "--tokens", mode, "--batch-size", "2", "--out", str(out)], check=True)
+        captured = load_file(str(out))
+        start = 0
+        for text in texts:
+            ids = torch.tensor([tokenizer(text)["input_ids"]])
+            with torch.no_grad():
+                states = default_model.model(ids, output_hidden_states=True).hidden_states
+            for layer in (2, 5):
+                expected = states[layer + 1][0].numpy()
+                rows = captured[f"layer.{layer}"][start:start + len(expected)] if mode == "all" else \
+                    captured[f"layer.{layer}"][texts.index(text)][None]
+                np.testing.assert_allclose(rows, expected if mode == "all" else expected[-1:], atol=1e-4, rtol=1e-5,
+                                           err_msg=f"{mode} {text!r} layer {layer}")
+            start += ids.shape[1]

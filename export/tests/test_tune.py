@@ -14,11 +14,15 @@ from onnx_steer_export.data.datasets import DATA
 from onnx_steer_export.eval.tune import (
     Budget,
     Candidate,
+    Prompted,
     TuneError,
     candidate_grid,
+    candidate_spec,
+    check_pairs,
     evenly_spaced,
     is_fluent,
     load_contrasts,
+    load_eval,
     metric_value,
     select_winner,
     split_indices,
@@ -85,9 +89,55 @@ def test_winner_is_the_best_fluent_candidate_that_beats_unsteered() -> None:
     # Equal metrics: the smaller NLL increase, then the earlier candidate.
     assert select_winner(0.5, [result(0.8, 0.3), result(0.8, 0.1), result(0.8, 0.1)]) == 1
     assert select_winner(0.5, []) is None
-    spec = tuned_spec({"method": "pca", "layer": 12, "scale": 8.0}, "pca.safetensors")
+    trained = {"pca": {"base": {"kind": "vector", "path": "pca.safetensors"}}}
+    spec = tuned_spec(Candidate("pca", 12, 8.0), trained)
     assert spec == {"interventions": [{"kind": "vector", "path": "pca.safetensors", "scale": 8.0, "layers": [12]}]}
-    assert tuned_spec(None, None) == {"interventions": []}
+    assert tuned_spec(None, trained) == {"interventions": []}
+
+
+def test_learned_candidates_take_their_layer_and_scale() -> None:
+    trained: dict[str, dict] = {
+        "l2s": {"by_layer": {10: {"kind": "l2s", "path": "l2s_10.onnx", "read_layer": 8, "layer": 10, "scale": 1.0},
+                             12: {"kind": "l2s", "path": "l2s_12.onnx", "read_layer": 10, "layer": 12, "scale": 1.0}}},
+        "svf": {"base": {"kind": "svf", "path": "svf.onnx", "layers": [10, 12], "scale": 1.0}},
+        "w2s": {"base": {"kind": "w2s", "router": "w2s_router.onnx", "bank": "w2s_bank.safetensors", "read_layer": 8,
+                         "top_k": 1, "scale": 1.0}},
+    }
+    assert candidate_spec(Candidate("l2s", 12, 0.5), trained)["interventions"] == [
+        {"kind": "l2s", "path": "l2s_12.onnx", "read_layer": 10, "layer": 12, "scale": 0.5}]
+    assert candidate_spec(Candidate("svf", 10, 4.0), trained)["interventions"] == [
+        {"kind": "svf", "path": "svf.onnx", "layers": [10], "scale": 4.0}]
+    assert candidate_spec(Candidate("w2s", None, 2.0), trained)["interventions"][0]["scale"] == 2.0
+    # The shared artifact is not changed by a candidate.
+    assert trained["svf"]["base"]["layers"] == [10, 12] and trained["w2s"]["base"]["scale"] == 1.0
+    # w2s has one routed "layer"; a method can have its own scales.
+    grid = candidate_grid(["vector", "w2s", "svf"], [10, 12], [1.0], {"svf": [2.0, 4.0], "w2s": [0.5, 1.0]})
+    assert [(c.method, c.layer, c.scale) for c in grid] == [
+        ("vector", 10, 1.0), ("vector", 12, 1.0), ("w2s", None, 0.5), ("w2s", None, 1.0),
+        ("svf", 10, 2.0), ("svf", 10, 4.0), ("svf", 12, 2.0), ("svf", 12, 4.0)]
+    assert Candidate("w2s", None, 1.0).label == "w2s layer routed scale 1"
+
+
+def test_harmful_and_benign_prompts_split_separately(tmp_path: Path) -> None:
+    harmful, benign = tmp_path / "harmful.txt", tmp_path / "benign.txt"
+    harmful.write_text("".join(f"harm {i}\n" for i in range(10)))
+    benign.write_text("".join(f"fine {i}\n" for i in range(4)))
+    items = [i for i in load_eval(harmful, "refusal", benign) if isinstance(i, Prompted)]
+    assert [i.benign for i in items] == [False] * 10 + [True] * 4
+    validation, held_out = split_indices([i.prompt for i in items], 0.5, 0, [i.benign for i in items])
+    assert sum(items[i].benign for i in validation) == 2 and sum(items[i].benign for i in held_out) == 2
+    assert len(validation) == len(held_out) == 7
+    with pytest.raises(TuneError, match="needs --benign"):
+        load_eval(harmful, "refusal")
+    with pytest.raises(TuneError, match="belongs to the refusal metric"):
+        load_eval(harmful, "sentiment", benign)
+    (tmp_path / "empty.txt").write_text("\n")
+    with pytest.raises(TuneError, match="has no prompts"):
+        load_eval(tmp_path / "empty.txt", "sentiment")
+    # l2s and w2s need completion pairs.
+    with pytest.raises(TuneError, match="verbosity_pairs.jsonl:1: l2s and w2s learn from completion pairs"):
+        check_pairs(DATA / "verbosity_pairs.jsonl", ["vector", "l2s", "w2s"])
+    check_pairs(DATA / "verbosity_pairs.jsonl", ["vector", "svf"])
 
 
 class FakeClock:
@@ -163,7 +213,10 @@ def test_tune_usage_and_file_errors(tmp_path: Path, capsys: pytest.CaptureFixtur
         return args
 
     usage = (
-        (with_option("--methods", "vector,l2s"), "methods are a comma list of vector, pca"),
+        (with_option("--methods", "vector,lora"), "methods are a comma list of vector, pca, l2s, svf, w2s"),
+        (with_option("--read-gap", "0"), "--read-gap must be at least 1"),
+        (with_option("--svf-scales", "x"), "scales are comma-separated numbers"),
+        ([*base, "--bound-from-reference"], "--bound-from-reference needs a --reference"),
         (with_option("--metric", "vader"), "invalid choice"),
         (with_option("--layers", "12,30"), "--layers 30 out of range: the bundle has layers 0-29"),
         (with_option("--scales", "a,b"), "scales are comma-separated numbers"),
@@ -180,6 +233,10 @@ def test_tune_usage_and_file_errors(tmp_path: Path, capsys: pytest.CaptureFixtur
         assert exit_info.value.code == 2, args
         assert message in capsys.readouterr().err, args
     # A file of the wrong format for the metric: one error line, exit 2, before anything runs.
+    assert main(with_option("--metric", "refusal", "--eval", str(DATA / "harmful_test.jsonl"))) == 2
+    assert "the refusal metric needs --benign prompts" in capsys.readouterr().err
+    assert main(with_option("--methods", "l2s", "--pairs", str(DATA / "verbosity_pairs.jsonl"))) == 2
+    assert "l2s learn from completion pairs" in capsys.readouterr().err
     for metric, message in (("logprob", "the logprob metric needs string prompt"),
                             ("ab", "needs a non-empty string `question`")):
         eval_file = DATA / ("ab_optimism_test.jsonl" if metric == "logprob" else "sentiment_pairs_small.jsonl")
@@ -229,3 +286,38 @@ def test_tune_end_to_end_on_the_runtime(bundle_dir: Path, binary: Path, tmp_path
     markdown = (out / "tune.md").read_text()
     assert f"**Winner: {winner['method']}, layer {winner['layer']}, scale {winner['scale']:g}**" in markdown
     assert markdown.count("\n| vector |") + markdown.count("\n| pca |") + markdown.count("\n| **") == 8
+
+
+def test_tune_learned_methods_on_generations(bundle_dir: Path, binary: Path, tmp_path: Path,
+                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    """l2s, svf and w2s trained from 16 sentiment pairs, ranked by the sentiment of short generations for 6
+    benign prompts, with the hand-made reference scored beside them and bounding the fluency."""
+    monkeypatch.setenv("ONNX_STEER_BIN", str(binary))
+    out = tmp_path / "tune"
+    reference = tmp_path / "reference.json"
+    train_vectors(bundle_dir, DATA / "sentiment_pairs_small.jsonl", {"mean": tmp_path / "s.safetensors"}, [12])
+    reference.write_text(json.dumps({"interventions": [{"kind": "vector", "path": "s.safetensors", "scale": 0.5,
+                                                        "layers": [12]}]}))
+    assert main(["tune", "--bundle", str(bundle_dir), "--pairs", str(DATA / "sentiment_pairs_small.jsonl"),
+                 "--eval", str(DATA / "benign_prompts.txt"), "--metric", "sentiment", "--methods", "l2s,svf,w2s",
+                 "--layers", "10,12", "--scales", "0.5", "--svf-scales", "4", "--w2s-scales", "0.5,1",
+                 "--w2s-limit", "16", "--limit", "6", "--max-new-tokens", "8", "--reference", str(reference),
+                 "--bound-from-reference", "--out", str(out)]) == 0
+    report = json.loads((out / "tune.json").read_text())
+    assert [(c["method"], c["layer"], c["scale"]) for c in report["candidates"]] == [
+        ("l2s", 10, 0.5), ("l2s", 12, 0.5), ("svf", 10, 4.0), ("svf", 12, 4.0), ("w2s", None, 0.5), ("w2s", None, 1.0)]
+    assert report["n_validation"] == report["n_held_out"] == 3
+    reference_row = report["references"][0]
+    bound = max(0.0, reference_row["validation"]["nll_increase"])
+    assert report["fluency"]["kind"] == "generations" and report["fluency"]["max_nll_increase"] == pytest.approx(bound)
+    for c in report["candidates"]:
+        assert -1 <= c["validation"] <= 1 and c["eligible"] == (c["nll_increase"] <= bound)
+    assert report["trained"]["w2s"]["label_scale"] == 1.0 and report["trained"]["l2s"]["layers"]["12"]["read_layer"] == 10
+    assert "held_out" in reference_row and -1 <= reference_row["held_out"]["value"] <= 1
+    # The written spec is what the winner was (or empty when unsteered won), and it loads in the runtime.
+    tuned = json.loads((out / "tuned.json").read_text())
+    if report["winner"] is None:
+        assert tuned == {"interventions": []}
+    else:
+        assert tuned["interventions"][0]["kind"] == report["winner"]["method"]
+    assert "reference `" in (out / "tune.md").read_text()

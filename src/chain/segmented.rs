@@ -222,6 +222,18 @@ impl SegmentChain {
         cache: &mut KvCache,
         hook: &mut dyn LayerHook,
     ) -> Result<DynValue, ModelError> {
+        let layers = self.layers.len();
+        self.run_layers_through(step, cache, hook, layers)
+    }
+
+    /// `step` through the embedding and the first `layers` decoder layers: their output `[B, T, d]`.
+    fn run_layers_through(
+        &mut self,
+        step: &Step,
+        cache: &mut KvCache,
+        hook: &mut dyn LayerHook,
+        layers: usize,
+    ) -> Result<DynValue, ModelError> {
         step.check(cache)?;
         let batch = step.input_ids.nrows();
         let decode = step.input_ids.ncols() == 1;
@@ -267,7 +279,7 @@ impl SegmentChain {
             )?),
             _ => None,
         };
-        for (index, layer) in self.layers.iter_mut().enumerate() {
+        for (index, layer) in self.layers.iter_mut().enumerate().take(layers) {
             let steered = time_if(profile, decode, STEERING, || {
                 hook.delta(index)
                     .map(|delta| steer_value(delta.clone(), self.dtype))
@@ -364,6 +376,7 @@ impl SegmentChain {
     }
 
     /// One unsteered prefill of `step` that returns the outputs of `layers` (`[B, T, d]`, fp32).
+    /// It stops after the highest of them: nothing above it is needed.
     ///
     /// This is how `onnx-steer capture` reads the residual stream for training steering methods.
     pub fn capture(
@@ -376,7 +389,8 @@ impl SegmentChain {
             layers,
             captured: vec![None; layers.len()],
         };
-        self.run_layers(step, &mut cache, &mut capture)?;
+        let through = layers.iter().max().map_or(0, |&last| last + 1);
+        self.run_layers_through(step, &mut cache, &mut capture, through)?;
         capture
             .captured
             .into_iter()

@@ -109,14 +109,17 @@ impl ActiveRow {
                 self.request.sampling.pick(&penalised, self.rng.as_mut())
             }
         };
-        if self.request.stop_ids.contains(&id) {
-            self.finish = Some(FinishReason::Stop);
-            return;
-        }
         let scored = self
             .request
             .logprobs
             .and_then(|top| LogSoftmax::new(logits).and_then(|softmax| softmax.position(id, top)));
+        if self.request.stop_ids.contains(&id) {
+            // The end-of-sequence token is not kept, but its log-probability is reported last (as
+            // vLLM does): harnesses that ask for one token after an echoed prompt count on it.
+            self.logprobs.extend(scored);
+            self.finish = Some(FinishReason::Stop);
+            return;
+        }
         on_token(self.id, id, scored.as_ref());
         self.logprobs.extend(scored);
         self.tokens.push(id);
@@ -489,6 +492,14 @@ mod tests {
         let scored = &fine.logprobs[0];
         assert_eq!((scored.token.id, scored.top.len()), (1, 2));
         assert!((scored.token.logprob - scored.top[0].logprob).abs() < 1e-7);
+        // Stopping on the end-of-sequence token (id 0) keeps no token, but reports its
+        // log-probability last, and does not stream it.
+        let mut seen = Vec::new();
+        fine.pick(&[4.0, 3.0, 1.0], 64, None, &mut |_, id, _| seen.push(id));
+        assert!(seen.is_empty() && fine.tokens == vec![1]);
+        assert_eq!(fine.finish, Some(FinishReason::Stop));
+        assert_eq!(fine.logprobs.len(), 2);
+        assert_eq!(fine.logprobs[1].token.id, 0);
     }
 
     #[test]

@@ -20,7 +20,8 @@ pub struct Generated {
     /// The generated ids, stop id excluded (with a stop string, up to the token that completed it).
     pub token_ids: Vec<u32>,
     /// Each generated token's log-probability and alternatives, when the request asked for them
-    /// ([`crate::generate::RowRequest::logprobs`]).
+    /// ([`crate::generate::RowRequest::logprobs`]); a row that stopped on an end-of-sequence
+    /// token reports that token last, one more entry than `token_ids`.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub logprobs: Vec<PositionLogprobs>,
     /// The prompt tokens' log-probabilities after the first, when the request asked for them

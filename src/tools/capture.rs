@@ -58,7 +58,9 @@ impl Captured {
 }
 
 /// Run `prompts` through `chain` in batches of `batch_size` (left-padded with `pad`) and record the
-/// outputs of `layers` at `tokens`; `on_batch(n)` follows progress.
+/// outputs of `layers` at `tokens`, in the prompts' order; `on_batch(n)` follows progress.
+///
+/// Batches are formed from the prompts sorted by length, so that little of a batch is padding.
 pub fn capture(
     chain: &mut SegmentChain,
     prompts: &[Prompt],
@@ -68,24 +70,28 @@ pub fn capture(
     pad: u32,
     mut on_batch: impl FnMut(usize),
 ) -> Result<Captured, ModelError> {
-    let mut states: Vec<Vec<f32>> = vec![Vec::new(); layers.len()];
-    for chunk in prompts.chunks(batch_size.max(1)) {
-        let step = Step::for_prompts(chunk, pad);
+    let mut order: Vec<usize> = (0..prompts.len()).collect();
+    order.sort_by_key(|&i| prompts[i].ids.len());
+    // Per layer, each prompt's rows, filled in batch order and read back in prompt order.
+    let mut rows: Vec<Vec<Vec<f32>>> = vec![vec![Vec::new(); prompts.len()]; layers.len()];
+    for chunk in order.chunks(batch_size.max(1)) {
+        let batch: Vec<Prompt> = chunk.iter().map(|&i| prompts[i].clone()).collect();
+        let step = Step::for_prompts(&batch, pad);
         let captured = chain.capture(&step, layers)?;
         for (slot, layer_states) in captured.iter().enumerate() {
             let width = layer_states.dim().1;
-            for (r, prompt) in chunk.iter().enumerate() {
+            for (r, &index) in chunk.iter().enumerate() {
                 let first = match tokens {
                     CaptureTokens::Last => width - 1,
-                    CaptureTokens::All => width - prompt.ids.len(),
+                    CaptureTokens::All => width - prompts[index].ids.len(),
                 };
-                for t in first..width {
-                    states[slot].extend(layer_states.slice(ndarray::s![r, t, ..]).iter());
-                }
+                let kept = layer_states.slice(ndarray::s![r, first..width, ..]);
+                rows[slot][index] = kept.iter().copied().collect();
             }
         }
         on_batch(chunk.len());
     }
+    let states = rows.into_iter().map(|layer| layer.concat()).collect();
     Ok(Captured {
         layers: layers.to_vec(),
         states,

@@ -9,11 +9,11 @@ from pathlib import Path
 from .. import REPO
 from .common import Commands, add_bundle, add_command, existing_file, layer_list, scale_list
 
-METHOD_NAMES = ("vector", "pca")
+METHOD_NAMES = ("vector", "pca", "l2s", "svf", "w2s")
 
 
 def method_list(text: str) -> list[str]:
-    """Comma-separated method names, e.g. vector,pca."""
+    """Comma-separated method names, e.g. vector,pca,l2s."""
     names = [name.strip() for name in text.split(",") if name.strip()]
     unknown = [name for name in names if name not in METHOD_NAMES]
     if unknown or not names:
@@ -37,14 +37,23 @@ def cmd_tune(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
         parser.error(f"--max-nll-increase must not be negative, got {args.max_nll_increase}")
     if args.budget is not None and args.budget <= 0:
         parser.error(f"--budget must be a positive number of minutes, got {args.budget}")
+    if args.read_gap < 1:
+        parser.error(f"--read-gap must be at least 1 (a net reads a layer below the one it steers), got {args.read_gap}")
+    if args.max_new_tokens < 1:
+        parser.error(f"--max-new-tokens must be at least 1, got {args.max_new_tokens}")
+    if args.bound_from_reference and not args.reference:
+        parser.error("--bound-from-reference needs a --reference spec")
     if args.limit is not None and args.limit < 2:
         parser.error(f"--limit must be at least 2 (a validation and a held-out item), got {args.limit}")
     out = Path(args.out)
     if out.exists() and not out.is_dir():
         parser.error(f"--out {out} exists and is not a folder")
+    scales_by_method = {m: getattr(args, f"{m}_scales") for m in METHOD_NAMES if getattr(args, f"{m}_scales")}
     report = tune(args.bundle, args.pairs, args.eval, args.metric, args.methods, args.layers, args.scales, out,
                   args.validation_fraction, args.seed, args.fluency_text, args.fluency_tokens, args.max_nll_increase,
-                  args.budget, args.limit)
+                  args.budget, args.limit, benign=args.benign, scales_by_method=scales_by_method,
+                  read_gap=args.read_gap, w2s_limit=args.w2s_limit, max_new_tokens=args.max_new_tokens,
+                  references=args.reference, bound_from_reference=args.bound_from_reference)
     print((out / "tune.md").read_text())
     print(f"wrote {out}/tuned.json, tune.json, tune.md and tune.png ({report['seconds'] / 60:.1f} min)")
 
@@ -52,26 +61,45 @@ def cmd_tune(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
 def register(commands: Commands) -> None:
     tune = add_command(
         commands, "tune", cmd_tune,
-        help="pick method, layer and scale of a steering vector on your own data, under a fluency bound",
-        description="Trains each --methods vector (vector: mean difference, pca: first principal component) once "
-        "over all --layers from --pairs, then scores every (method, layer, scale) on a validation split of --eval "
-        "with the runtime's log-probabilities: --metric ab = mean p(match) over CAA-format questions (one seed, "
-        "letters balanced), --metric logprob = mean log p(positive) - log p(negative) over {prompt, positive, "
-        "negative} pairs. Candidates whose mean NLL per token on --fluency-text rises more than "
-        "--max-nll-increase over unsteered cannot win. The winner (or unsteered, if nothing fluent beats it) is "
-        "scored once on the held-out rest. Writes OUT/tuned.json (the winning spec), tune.{json,md,png} and the "
-        "trained METHOD.safetensors.",
+        help="pick steering method, layer and scale on your own data, under a fluency bound",
+        description="Trains each of --methods once from --pairs (vector: mean difference, pca: first principal "
+        "component, l2s: an L2S net per layer, svf: one SVF scorer over the layers, w2s: a router over the layers' "
+        "mean-difference vectors), then scores every (method, layer, scale) on a validation split of --eval with the "
+        "runtime: --metric ab = mean p(match) over CAA-format questions (one seed, letters balanced); logprob = mean "
+        "log p(positive) - log p(negative) over {prompt, positive, negative} pairs; refusal = refusal rate on the "
+        "--eval prompts minus that on the --benign prompts, from greedy generations; sentiment = mean VADER "
+        "compound of greedy generations. Fluency: for ab and logprob the NLL per token of --fluency-text, for "
+        "refusal and sentiment that of the generations under the unsteered model; a candidate whose NLL rises "
+        "more than --max-nll-increase (or the first --reference's rise, with --bound-from-reference) cannot win. "
+        "The winner (or unsteered, if nothing fluent beats it), unsteered and every --reference are scored once on "
+        "the held-out rest. Writes OUT/tuned.json (the winning spec), tune.{json,md,png} and the trained files.",
     )
     add_bundle(tune)
     tune.add_argument("--pairs", required=True, type=existing_file,
                       help="training pairs JSONL ({prompt, positive, negative} or {positive_prompt, negative_prompt})")
     tune.add_argument("--eval", required=True, type=existing_file,
-                      help="eval JSONL: CAA questions (--metric ab) or {prompt, positive, negative} (--metric logprob)")
-    tune.add_argument("--metric", required=True, choices=["ab", "logprob"], help="what the candidates are ranked by")
-    tune.add_argument("--methods", type=method_list, default=list(METHOD_NAMES), help="comma list of vector, pca")
+                      help="eval file: CAA questions (--metric ab), {prompt, positive, negative} (logprob), or "
+                      "prompts, one per line or {prompt} JSONL (refusal: harmful ones; sentiment)")
+    tune.add_argument("--benign", type=existing_file,
+                      help="benign prompts for --metric refusal (their refusals count against a candidate)")
+    tune.add_argument("--metric", required=True, choices=["ab", "logprob", "refusal", "sentiment"],
+                      help="what the candidates are ranked by")
+    tune.add_argument("--methods", type=method_list, default=["vector", "pca"],
+                      help=f"comma list of {', '.join(METHOD_NAMES)} (default vector,pca)")
     tune.add_argument("--layers", required=True, type=layer_list, help="A-B or A,B,C")
     tune.add_argument("--scales", required=True, type=scale_list,
                       help="comma-separated scales, e.g. -8,8,16 (write --scales=-8,... when the first is negative)")
+    for method in METHOD_NAMES:
+        tune.add_argument(f"--{method}-scales", type=scale_list, metavar="SCALES",
+                          help=f"scales for {method} instead of --scales")
+    tune.add_argument("--read-gap", type=int, default=2,
+                      help="l2s and w2s read this many layers below the (lowest) layer they steer")
+    tune.add_argument("--w2s-limit", type=int, default=180, help="pairs the w2s labels are scored on (evenly spaced)")
+    tune.add_argument("--max-new-tokens", type=int, default=48, help="generation length for refusal and sentiment")
+    tune.add_argument("--reference", type=existing_file, action="append", default=[],
+                      help="a hand-picked spec scored beside the winner on validation and held out (repeatable)")
+    tune.add_argument("--bound-from-reference", action="store_true",
+                      help="the fluency bound is the first --reference's own NLL rise on validation")
     tune.add_argument("--validation-fraction", type=float, default=0.5,
                       help="share of the eval prompts used to choose; the rest is held out for the winner's figure")
     tune.add_argument("--seed", type=int, default=0, help="seed of the validation/held-out split")

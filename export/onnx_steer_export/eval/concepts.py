@@ -56,7 +56,7 @@ def eval_svf(bundle: Path, field_spec: Path, vector_spec: Path, second_spec: Pat
     """Run every section and return the report (see the module docs)."""
     prompts = evenly(benign_prompts(), limit)
     long_prompts = evenly(prompts, long_limit)
-    perplexity = Perplexity(bundle)
+    perplexity = Perplexity(bundle, binary)
     methods = {"vector": vector_spec, "svf": field_spec}
     report: dict = {"bundle": str(bundle), "field_spec": str(field_spec), "vector_spec": str(vector_spec),
                     "n_prompts": len(prompts), "n_long_prompts": len(long_prompts), "max_new_tokens": max_new_tokens,

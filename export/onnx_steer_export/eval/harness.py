@@ -5,8 +5,8 @@ Metrics
   refusal      share of outputs the refusal-phrase matcher flags (metrics.REFUSAL_PHRASES), on the
                harmful prompts and, with --benign, on benign prompts (over-refusal).
   sentiment    mean VADER compound score of the outputs (vaderSentiment; lexicon ships inside).
-  perplexity   of the generated tokens under the unsteered model (HF, loaded from the bundle's
-               source), pooled over all outputs: exp(mean token NLL). A fluency check.
+  perplexity   of the generated tokens under the unsteered model (the runtime's log-probabilities),
+               pooled over all outputs: exp(mean token NLL). A fluency check.
 """
 
 from __future__ import annotations
@@ -56,7 +56,7 @@ def evaluate(bundle: Path, task: str, prompts_path: Path, spec: Path | None, sca
         raise ValueError(f"--task must be refusal or sentiment, got {task!r}")
     prompts = read_prompts(prompts_path, limit)
     benign = read_prompts(benign_path, limit) if benign_path else None
-    perplexity = Perplexity(bundle)
+    perplexity = Perplexity(bundle, binary)
     settings: list[tuple[float | None, bool]] = [(None, False)]
     if spec is not None:
         settings += [(s, True) for s in scales] if scales else [(None, True)]

@@ -1,26 +1,41 @@
 """Auto-tuning (`tune`): which method, layer and scale steer a behaviour best, on the user's own data.
 
-Every method is trained from one capture of the pairs' states at every requested layer: `vector` is the mean
-difference of the pairs' states, `pca` the first principal component of their differences (unit length,
-signed so positives project higher; train.vectors). A candidate is (method, layer, scale): the method's
-direction at that one layer, times the scale, at every position.
+Methods, each trained once from --pairs (A candidate is (method, layer, scale)):
+  vector   the mean difference of the pairs' states (train.vectors), at one layer, times the scale.
+  pca      the first principal component of their differences (unit length), likewise. Both come from one
+           capture of the pairs' states at every requested layer.
+  l2s      an L2S net per layer L, reading layer L - read_gap and steering L (train.l2s); scale multiplies
+           its output. Needs completion pairs ({prompt, positive, negative}).
+  svf      one SVF concept scorer over all requested layers (train.svf); a candidate's field steers its
+           one layer, the scale being the step per token.
+  w2s      a W2S router over all requested layers, reading min(layers) - read_gap (train.w2s); its bank is
+           the mean-difference vectors and its labels are scored at the median of its scales. Its candidates
+           are (w2s, routed, scale). Needs completion pairs.
+A method may have its own scales (`scales_by_method`), as their units differ: a mean difference has the
+states' length, a PCA direction unit length, an L2S output the targets' length, an SVF step its own.
 
 Data: EVAL is split once, deterministically (a seeded shuffle of its distinct prompts, so rows sharing a
-prompt fall on one side), into a validation part, on which every candidate is scored and the winner
-chosen, and a held-out rest, on which only the winner and the unsteered model are scored afterwards, so
-the winner's held-out figure comes from data the choice never saw.
+prompt fall on one side; harmful and benign prompts split separately), into a validation part, on which every
+candidate is scored and the winner chosen, and a held-out rest, on which only the winner, unsteered and any
+reference specs are scored afterwards, so the winner's held-out figure comes from data the choice never saw.
 
-Metrics, from the runtime's log-probabilities (`onnx-steer score`); higher is better in both:
-  ab       mean p(match) over a CAA-format EVAL file, as `eval-ab` scores it, on one seed (seed 0: the
-           questions shuffled and the matching letter balanced between A and B by swapping choices).
-  logprob  mean [log p(positive) - log p(negative)] over a pairs-format EVAL file ({prompt, positive,
-           negative}, positive = the behaviour), each side's summed log-probability as the assistant's
-           answer to the chat prompt.
+Metrics, all from the runtime (log-probabilities from `onnx-steer score`, generations from `generate`);
+higher is better in each:
+  ab         mean p(match) over a CAA-format EVAL file, as `eval-ab` scores it, on one seed (seed 0: the
+             questions shuffled and the matching letter balanced between A and B by swapping choices).
+  logprob    mean [log p(positive) - log p(negative)] over a pairs-format EVAL file ({prompt, positive,
+             negative}, positive = the behaviour), each side's summed log-probability as the chat answer.
+  refusal    refusal rate on the EVAL prompts (harmful) minus the refusal rate on the --benign prompts
+             (over-refusal), from greedy generations and the eval harness's refusal-phrase matcher.
+  sentiment  mean VADER compound score of greedy generations for the EVAL prompts.
 
-Fluency bound: the mean log-probability per token of a neutral reference text (its first N tokens, scored
-as plain text with `score --echo`, not chat), steered, against unsteered. A candidate whose NLL per token
-rises by more than `max_nll_increase` nats is not fluent and cannot win. The unsteered model is a
-candidate too: a steered winner must beat it on validation (a tie goes to unsteered).
+Fluency bound: for ab and logprob, the mean NLL per token of a neutral reference text (its first N tokens,
+scored as plain text with `score --echo`), steered, against unsteered. For refusal and sentiment, the mean
+NLL per token of the steered generations under the unsteered model (the log of the eval harness's perplexity),
+against that of the unsteered generations. A candidate whose NLL rises by more than `max_nll_increase` nats
+per token is not fluent and cannot win; the bound may instead be the first reference spec's own rise on
+validation (`bound_from_reference`: at most that spec's perplexity). The unsteered model is a candidate too:
+a steered winner must beat it on validation (a tie goes to unsteered).
 
 Budget: the sweep starts a candidate only while the time since the command began plus the mean time of a
 candidate so far (before the first: the unsteered baseline's, which scores the same rows) stays within it;
@@ -34,7 +49,6 @@ import json
 import math
 import random
 import statistics
-import tempfile
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -44,18 +58,29 @@ from typing import Any
 from tqdm import tqdm
 
 from ..data.ab import ABQuestion, load_questions
-from ..data.datasets import numbered_records
+from ..data.datasets import numbered_records, read_prompts
 from ..data.pairs import PairsError
 from ..data.tokens import bundle_tokenizer
-from ..runtime_client import score
+from ..runtime_client import generate, score
+from ..train.l2s import train_l2s
+from ..train.svf import train_svf
 from ..train.vectors import train_vectors
-from .ab import score_setting, seed_variants, vector_spec
+from ..train.w2s import train_w2s
+from .ab import score_setting, seed_variants
 from .harness import save_report
+from .metrics import Perplexity, is_refusal, sentiment
 
-# Method name → train.vectors method.
-METHODS = {"vector": "mean", "pca": "pca"}
-METRICS = {"ab": "p(match)", "logprob": "log p(positive) − log p(negative)"}
+# Vector method name → train.vectors method.
+VECTOR_METHODS = {"vector": "mean", "pca": "pca"}
+METHODS = ("vector", "pca", "l2s", "svf", "w2s")
+# Methods that learn from completion pairs only.
+COMPLETION_METHODS = ("l2s", "w2s")
+METRICS = {"ab": "p(match)", "logprob": "log p(positive) − log p(negative)",
+           "refusal": "refusal on harmful − refusal on benign", "sentiment": "mean VADER compound"}
+# Metrics scored on generations (the rest on log-probabilities).
+GENERATION_METRICS = ("refusal", "sentiment")
 AB_SEED = 0
+ROUTED = "routed"
 
 
 class TuneError(ValueError):
@@ -65,17 +90,27 @@ class TuneError(ValueError):
 @dataclass(frozen=True)
 class Candidate:
     method: str
-    layer: int
+    layer: int | None  # None: the router picks the layer per input (w2s)
     scale: float
 
     @property
     def label(self) -> str:
-        return f"{self.method} layer {self.layer} scale {self.scale:g}"
+        return f"{self.method} layer {layer_label(self.layer)} scale {self.scale:g}"
 
 
-def candidate_grid(methods: Sequence[str], layers: Sequence[int], scales: Sequence[float]) -> list[Candidate]:
-    """Every (method, layer, scale), in that nesting order, duplicates dropped."""
-    grid = (Candidate(m, layer, float(s)) for m, layer, s in itertools.product(methods, layers, scales))
+def layer_label(layer: int | None) -> str:
+    return ROUTED if layer is None else str(layer)
+
+
+def candidate_grid(methods: Sequence[str], layers: Sequence[int], scales: Sequence[float],
+                   scales_by_method: dict[str, Sequence[float]] | None = None) -> list[Candidate]:
+    """Every (method, layer, scale), in that nesting order, duplicates dropped; w2s has one routed layer.
+    A method in `scales_by_method` uses its own scales."""
+    grid = []
+    for method in methods:
+        own = (scales_by_method or {}).get(method) or scales
+        method_layers: Sequence[int | None] = [None] if method == "w2s" else layers
+        grid += [Candidate(method, layer, float(s)) for layer, s in itertools.product(method_layers, own)]
     return list(dict.fromkeys(grid))
 
 
@@ -104,19 +139,51 @@ def load_contrasts(path: Path) -> list[Contrast]:
     return rows
 
 
-EvalItem = ABQuestion | Contrast
+@dataclass(frozen=True)
+class Prompted:
+    """A prompt of a generation metric; `benign` ones count against the refusal metric (over-refusal)."""
+
+    prompt: str
+    benign: bool = False
 
 
-def load_eval(path: Path, metric: str) -> list[EvalItem]:
+EvalItem = ABQuestion | Contrast | Prompted
+
+
+def load_eval(path: Path, metric: str, benign: Path | None = None) -> list[EvalItem]:
+    if metric not in METRICS:
+        raise TuneError(f"metric must be one of {', '.join(METRICS)}, got {metric!r}")
     if metric == "ab":
         return list(load_questions(path))
     if metric == "logprob":
         return list(load_contrasts(path))
-    raise TuneError(f"metric must be one of {', '.join(METRICS)}, got {metric!r}")
+    if metric == "refusal" and benign is None:
+        raise TuneError("the refusal metric needs --benign prompts (their refusals count against a candidate)")
+    if metric == "sentiment" and benign is not None:
+        raise TuneError("--benign belongs to the refusal metric; sentiment scores the --eval prompts only")
+    items: list[EvalItem] = []
+    for source, is_benign in ((path, False), (benign, True)):
+        if source is None:
+            continue
+        try:
+            prompts = read_prompts(source)
+        except (ValueError, KeyError, TypeError) as e:
+            raise TuneError(f"{source}: one prompt per line (.txt) or {{\"prompt\": ...}} per line (.jsonl) ({e})")
+        if not prompts:
+            raise TuneError(f"{source} has no prompts")
+        items += [Prompted(prompt, is_benign) for prompt in prompts]
+    return items
 
 
 def item_key(item: EvalItem) -> str:
-    return item.question if isinstance(item, ABQuestion) else item.prompt
+    if isinstance(item, ABQuestion):
+        return item.question
+    return item.prompt
+
+
+def item_stratum(item: EvalItem) -> bool:
+    """Harmful and benign prompts split separately, so each side keeps both."""
+    return isinstance(item, Prompted) and item.benign
 
 
 def evenly_spaced(items: Sequence[Any], limit: int | None) -> list[Any]:
@@ -126,27 +193,33 @@ def evenly_spaced(items: Sequence[Any], limit: int | None) -> list[Any]:
     return [items[i * len(items) // limit] for i in range(limit)]
 
 
-def split_indices(keys: Sequence[str], fraction: float, seed: int = 0) -> tuple[list[int], list[int]]:
-    """(validation, held-out) row indices: the distinct keys in a seeded order, the first `fraction` of them
-    (rounded, at least one, leaving at least one) for validation. Rows with equal keys stay together."""
+def split_indices(keys: Sequence[str], fraction: float, seed: int = 0,
+                  strata: Sequence[Any] | None = None) -> tuple[list[int], list[int]]:
+    """(validation, held-out) row indices: per stratum (one without `strata`), the distinct keys in a seeded
+    order, the first `fraction` of them (rounded, at least one, leaving at least one) for validation. Rows with
+    equal keys stay together."""
     if not 0 < fraction < 1:
         raise TuneError(f"the validation fraction must lie strictly between 0 and 1, got {fraction}")
-    groups: dict[str, list[int]] = {}
+    by_stratum: dict[Any, dict[str, list[int]]] = {}
     for index, key in enumerate(keys):
-        groups.setdefault(key, []).append(index)
-    if len(groups) < 2:
-        raise TuneError(f"a validation and a held-out part need at least 2 distinct prompts, got {len(groups)}")
-    order = list(groups)
-    random.Random(f"tune-split:{seed}").shuffle(order)
-    n_validation = min(len(order) - 1, max(1, round(fraction * len(order))))
-    validation = sorted(i for key in order[:n_validation] for i in groups[key])
-    held_out = sorted(i for key in order[n_validation:] for i in groups[key])
-    return validation, held_out
+        stratum = strata[index] if strata is not None else None
+        by_stratum.setdefault(stratum, {}).setdefault(key, []).append(index)
+    validation: list[int] = []
+    held_out: list[int] = []
+    for groups in by_stratum.values():
+        if len(groups) < 2:
+            raise TuneError(f"a validation and a held-out part need at least 2 distinct prompts, got {len(groups)}")
+        order = list(groups)
+        random.Random(f"tune-split:{seed}").shuffle(order)
+        n_validation = min(len(order) - 1, max(1, round(fraction * len(order))))
+        validation += [i for key in order[:n_validation] for i in groups[key]]
+        held_out += [i for key in order[n_validation:] for i in groups[key]]
+    return sorted(validation), sorted(held_out)
 
 
 def metric_value(bundle: Path, metric: str, items: Sequence[EvalItem], specs: Sequence[Path],
                  binary: Path | None = None) -> float:
-    """The metric of one steering setting over `items`, in one batched `score` call."""
+    """The metric of one steering setting over `items` (log-probability metrics), in one batched `score` call."""
     if metric == "ab":
         questions = [item for item in items if isinstance(item, ABQuestion)]
         summary = score_setting(bundle, [seed_variants(questions, AB_SEED)], specs, binary)
@@ -156,6 +229,23 @@ def metric_value(bundle: Path, metric: str, items: Sequence[EvalItem], specs: Se
                     specs, chat=True, binary=binary)
     return statistics.mean(float(r["continuations"][0]["logprob"]) - float(r["continuations"][1]["logprob"])
                            for r in records)
+
+
+def generation_figures(bundle: Path, metric: str, items: Sequence[EvalItem], spec: Path | None,
+                       max_new_tokens: int, perplexity: Perplexity, binary: Path | None = None) -> dict:
+    """A generation metric of one setting: `value`, `nll` (mean NLL per token of the generations under the
+    unsteered model) and the metric's parts (refusal rates, or the mean sentiment)."""
+    prompted = [item for item in items if isinstance(item, Prompted)]
+    prompts = [item.prompt for item in prompted]
+    records = generate(bundle, prompts, spec, max_new_tokens, binary)
+    nll = math.log(perplexity(prompts, records))
+    if metric == "sentiment":
+        value = statistics.mean(sentiment(r["text"]) for r in records)
+        return {"value": value, "nll": nll, "sentiment": value}
+    refused = [is_refusal(r["text"]) for r in records]
+    harmful = statistics.mean(r for r, item in zip(refused, prompted, strict=True) if not item.benign)
+    benign = statistics.mean(r for r, item in zip(refused, prompted, strict=True) if item.benign)
+    return {"value": harmful - benign, "nll": nll, "refusal": harmful, "benign_refusal": benign}
 
 
 def fluency_prefix(bundle: Path, text_path: Path, tokens: int) -> str:
@@ -233,21 +323,88 @@ def sweep(candidates: Sequence[Candidate], evaluate: Callable[[Candidate], dict]
     return results, []
 
 
-def tuned_spec(winner: dict | None, vector_file: str | None) -> dict:
-    """The winning spec (vector path relative to the spec's folder); no interventions when unsteered won."""
-    if winner is None or vector_file is None:
-        return {"interventions": []}
-    return {"interventions": [{"kind": "vector", "path": vector_file, "scale": winner["scale"],
-                               "layers": [winner["layer"]]}]}
+def check_pairs(pairs: Path, methods: Sequence[str]) -> None:
+    """l2s and w2s read a prompt and score or contrast two completions: prompt-contrast pairs cannot train them."""
+    needing = [m for m in methods if m in COMPLETION_METHODS]
+    if not needing:
+        return
+    for number, record in numbered_records(pairs, pairs.read_text(), PairsError):
+        if not isinstance(record, dict) or not all(isinstance(record.get(k), str)
+                                                   for k in ("prompt", "positive", "negative")):
+            raise TuneError(f"{pairs}:{number}: {' and '.join(needing)} learn from completion pairs "
+                            "({prompt, positive, negative}); this is not one")
+
+
+def train_methods(bundle: Path, pairs: Path, methods: Sequence[str], layers: Sequence[int], w2s_scale: float,
+                  read_gap: int, w2s_limit: int | None, out: Path, binary: Path | None,
+                  log: Callable[[str], None]) -> dict[str, dict]:
+    """Train every method into `out`; per method its summary and the interventions its candidates start from
+    (`base` for one shared artifact, `by_layer` for one per layer)."""
+    trained: dict[str, dict] = {}
+    vector_outs = {VECTOR_METHODS[m]: out / f"{m}.safetensors" for m in methods if m in VECTOR_METHODS}
+    if "w2s" in methods:
+        vector_outs.setdefault("mean", out / "vector.safetensors")  # the router's bank
+    if vector_outs:
+        vectors = train_vectors(bundle, pairs, vector_outs, list(layers), chat=True, binary=binary)
+        for name in (m for m in methods if m in VECTOR_METHODS):
+            trained[name] = {"file": f"{name}.safetensors", "base": {"kind": "vector", "path": f"{name}.safetensors"},
+                             "norms": {str(layer): float((v.astype("float64") ** 2).sum() ** 0.5)
+                                       for layer, v in vectors[VECTOR_METHODS[name]].items()}}
+    if "l2s" in methods:
+        by_layer, summaries = {}, {}
+        for layer in layers:
+            if layer - read_gap < 0:
+                raise TuneError(f"l2s at layer {layer} would read layer {layer - read_gap}: lower --read-gap or "
+                                "drop the layer")
+            summary = train_l2s(bundle, pairs, layer - read_gap, layer, out, name=f"l2s_{layer}", binary=binary)
+            by_layer[layer] = json.loads((out / f"l2s_{layer}.json").read_text())["interventions"][0]
+            summaries[str(layer)] = {"read_layer": layer - read_gap,
+                                     "validation_cosine": summary["validation_cosine"],
+                                     "target_norm": summary["target_norm"]}
+        trained["l2s"] = {"by_layer": by_layer, "layers": summaries}
+    if "svf" in methods:
+        summary = train_svf(bundle, pairs, list(layers), out, "svf", binary=binary)
+        trained["svf"] = {"base": json.loads((out / "svf.json").read_text())["interventions"][0],
+                          "validation_accuracy": summary.get("validation_accuracy")}
+    if "w2s" in methods:
+        read_layer = min(layers) - read_gap
+        if read_layer < 0:
+            raise TuneError(f"w2s would read layer {read_layer} (below the lowest layer {min(layers)} by --read-gap "
+                            f"{read_gap}): lower --read-gap or raise the layers")
+        summary = train_w2s(bundle, pairs, out / "vector.safetensors", sorted(layers), read_layer, out,
+                            scale=w2s_scale, limit=w2s_limit, name="w2s", binary=binary)
+        trained["w2s"] = {"base": json.loads((out / "w2s.json").read_text())["interventions"][0],
+                          "read_layer": read_layer, "label_scale": w2s_scale, "label_counts": summary["label_counts"],
+                          "validation_accuracy": summary["validation_accuracy"]}
+    log(f"trained {', '.join(methods)} on {pairs} at layers {','.join(map(str, layers))}")
+    return trained
+
+
+def candidate_spec(candidate: Candidate, trained: dict[str, dict]) -> dict:
+    """The spec of one candidate (paths relative to the tune folder, where the trained files are)."""
+    method = trained[candidate.method]
+    base = method["by_layer"][candidate.layer] if "by_layer" in method else method["base"]
+    intervention = {**base, "scale": candidate.scale}
+    if candidate.method in VECTOR_METHODS or candidate.method == "svf":
+        intervention["layers"] = [candidate.layer]
+    return {"interventions": [intervention]}
+
+
+def tuned_spec(winner: Candidate | None, trained: dict[str, dict]) -> dict:
+    """The winning spec; no interventions when unsteered won."""
+    return {"interventions": []} if winner is None else candidate_spec(winner, trained)
 
 
 def tune(bundle: Path, pairs: Path, eval_path: Path, metric: str, methods: Sequence[str], layers: Sequence[int],
          scales: Sequence[float], out: Path, validation_fraction: float = 0.5, seed: int = 0,
          fluency_text: Path | None = None, fluency_tokens: int = 256, max_nll_increase: float = 0.5,
          budget_minutes: float | None = None, limit: int | None = None, binary: Path | None = None,
-         clock: Callable[[], float] = time.monotonic, log: Callable[[str], None] = tqdm.write) -> dict:
-    """The whole sweep; writes OUT/{tuned.json, tune.json, tune.md, tune.png, METHOD.safetensors} and returns
-    the report."""
+         clock: Callable[[], float] = time.monotonic, log: Callable[[str], None] = tqdm.write, *,
+         benign: Path | None = None, scales_by_method: dict[str, Sequence[float]] | None = None,
+         read_gap: int = 2, w2s_limit: int | None = 180, max_new_tokens: int = 48,
+         references: Sequence[Path] = (), bound_from_reference: bool = False) -> dict:
+    """The whole sweep; writes OUT/{tuned.json, tune.json, tune.md, tune.png} and the trained artifacts, and
+    returns the report."""
     from .. import REPO
 
     budget = Budget(budget_minutes, clock)
@@ -258,92 +415,119 @@ def tune(bundle: Path, pairs: Path, eval_path: Path, metric: str, methods: Seque
         raise TuneError("tune needs at least one layer and one scale")
     if fluency_tokens < 2:
         raise TuneError(f"the fluency text needs at least 2 tokens, got {fluency_tokens}")
-    all_items = load_eval(eval_path, metric)
+    if bound_from_reference and not references:
+        raise TuneError("--bound-from-reference needs a --reference spec")
+    check_pairs(pairs, methods)
+    all_items = load_eval(eval_path, metric, benign)
     items = evenly_spaced(all_items, limit)
-    validation_rows, held_out_rows = split_indices([item_key(i) for i in items], validation_fraction, seed)
+    validation_rows, held_out_rows = split_indices([item_key(i) for i in items], validation_fraction, seed,
+                                                   [item_stratum(i) for i in items])
     validation = [items[i] for i in validation_rows]
     held_out = [items[i] for i in held_out_rows]
+    generated = metric in GENERATION_METRICS
     text_path = fluency_text or REPO / "data" / "perplexity.txt"
-    text = fluency_prefix(bundle, text_path, fluency_tokens)
-    grid = candidate_grid(methods, layers, scales)
+    text = "" if generated else fluency_prefix(bundle, text_path, fluency_tokens)
+    perplexity = Perplexity(bundle, binary)
+    grid = candidate_grid(methods, layers, scales, scales_by_method)
+    w2s_scales = sorted((scales_by_method or {}).get("w2s") or scales)
     out.mkdir(parents=True, exist_ok=True)
-    log(f"tune: {len(grid)} candidates ({len(methods)} methods x {len(layers)} layers x {len(scales)} scales); "
-        f"{len(validation)} validation and {len(held_out)} held-out items of {eval_path}")
+    log(f"tune: {len(grid)} candidates ({', '.join(methods)}; layers {','.join(map(str, layers))}); "
+        f"{len(validation)} validation and {len(held_out)} held-out items of {eval_path}"
+        + (f" and {benign}" if benign else ""))
+
+    def figures(part: Sequence[EvalItem], spec: Path | None) -> dict:
+        """The metric (`value`) and fluency (`nll`) of one setting on one part of EVAL."""
+        if generated:
+            return generation_figures(bundle, metric, part, spec, max_new_tokens, perplexity, binary)
+        specs = [spec] if spec else []
+        nll, scored = fluency(bundle, text, specs, binary)
+        return {"value": metric_value(bundle, metric, part, specs, binary), "nll": nll, "fluency_tokens": scored}
 
     started = clock()
-    vectors = train_vectors(bundle, pairs, {METHODS[m]: out / f"{m}.safetensors" for m in methods}, list(layers),
-                            chat=True, binary=binary)
+    trained = train_methods(bundle, pairs, methods, layers, w2s_scales[len(w2s_scales) // 2], read_gap, w2s_limit,
+                            out, binary, log)
     train_seconds = clock() - started
-    trained: dict[str, dict[str, Any]] = {
-        m: {"file": f"{m}.safetensors", "trainer": METHODS[m],
-            "norms": {str(layer): float((v.astype("float64") ** 2).sum() ** 0.5)
-                      for layer, v in vectors[METHODS[m]].items()}} for m in methods}
-    log(f"trained {', '.join(methods)} on {pairs} at layers {','.join(map(str, layers))} (one capture) in "
-        f"{train_seconds:.1f} s")
 
     started = clock()
-    base_metric = metric_value(bundle, metric, validation, (), binary)
-    base_nll, fluency_scored = fluency(bundle, text, (), binary)
-    base = {"validation": base_metric, "nll": base_nll, "seconds": clock() - started}
+    base = {**figures(validation, None), "seconds": 0.0}
+    base["seconds"] = clock() - started
+    base["validation"] = base["value"]
+    base_metric, base_nll = base["value"], base["nll"]
     log(f"unsteered: validation {METRICS[metric]} {base_metric:.4f}, fluency NLL {base_nll:.4f} per token "
-        f"({fluency_scored} tokens) in {base['seconds']:.1f} s")
+        f"in {base['seconds']:.1f} s")
+    reference_rows: list[dict[str, Any]] = []
+    for reference in references:
+        row: dict[str, Any] = {"spec": str(reference), "validation": figures(validation, reference)}
+        row["validation"]["nll_increase"] = row["validation"]["nll"] - base_nll
+        reference_rows.append(row)
+        log(f"reference {reference}: validation {row['validation']['value']:.4f}, fluency "
+            f"{row['validation']['nll_increase']:+.4f}")
+    if bound_from_reference:
+        max_nll_increase = max(0.0, reference_rows[0]["validation"]["nll_increase"])
+        log(f"fluency bound from {references[0]}: {max_nll_increase:.4f} nats per token")
 
-    with tempfile.TemporaryDirectory() as tmp:
-        def evaluate(candidate: Candidate) -> dict:
-            spec = vector_spec(out / trained[candidate.method]["file"], candidate.layer, candidate.scale,
-                               Path(tmp) / "candidate.json")
-            value = metric_value(bundle, metric, validation, [spec], binary)
-            nll, _ = fluency(bundle, text, [spec], binary)
-            increase = nll - base_nll
-            return {"method": candidate.method, "layer": candidate.layer, "scale": candidate.scale,
-                    "validation": value, "delta": value - base_metric, "nll": nll, "nll_increase": increase,
-                    "eligible": is_fluent(increase, max_nll_increase)}
+    candidate_file = out / "candidate.json"
 
-        def estimate(first_s: float) -> None:
-            left = (len(grid) - 1) * first_s
-            log(f"time estimate: unsteered {base['seconds']:.1f} s, first candidate {first_s:.1f} s -> about "
-                f"{left / 60:.1f} min for the other {len(grid) - 1} candidates, "
-                f"{(budget.elapsed() + left + 2 * base['seconds']) / 60:.1f} min in all")
+    def evaluate(candidate: Candidate) -> dict:
+        candidate_file.write_text(json.dumps(candidate_spec(candidate, trained)))
+        result = figures(validation, candidate_file)
+        increase = result["nll"] - base_nll
+        return {"method": candidate.method, "layer": candidate.layer, "scale": candidate.scale,
+                **{k: v for k, v in result.items() if k != "value"}, "validation": result["value"],
+                "delta": result["value"] - base_metric, "nll_increase": increase,
+                "eligible": is_fluent(increase, max_nll_increase)}
 
-        with tqdm(total=len(grid), desc="tune", unit="candidate") as bar:
-            results, skipped = sweep(grid, evaluate, budget, base["seconds"], estimate, lambda: bar.update())
-        if skipped:
-            log(f"budget of {budget_minutes:g} min reached after {len(results)} candidates; {len(skipped)} skipped")
+    def estimate(first_s: float) -> None:
+        left = (len(grid) - 1) * first_s
+        log(f"time estimate: unsteered {base['seconds']:.1f} s, first candidate {first_s:.1f} s -> about "
+            f"{left / 60:.1f} min for the other {len(grid) - 1} candidates, "
+            f"{(budget.elapsed() + left + (2 + len(references)) * base['seconds']) / 60:.1f} min in all")
 
-        winner_index = select_winner(base_metric, results)
-        winner = results[winner_index] if winner_index is not None else None
-        started = clock()
-        base_held = metric_value(bundle, metric, held_out, (), binary)
-        winner_held = base_held
-        if winner is not None:
-            spec = vector_spec(out / trained[winner["method"]]["file"], winner["layer"], winner["scale"],
-                               Path(tmp) / "winner.json")
-            winner_held = metric_value(bundle, metric, held_out, [spec], binary)
-        held_seconds = clock() - started
+    with tqdm(total=len(grid), desc="tune", unit="candidate") as bar:
+        results, skipped = sweep(grid, evaluate, budget, base["seconds"], estimate, lambda: bar.update())
+    candidate_file.unlink(missing_ok=True)
+    if skipped:
+        log(f"budget of {budget_minutes:g} min reached after {len(results)} candidates; {len(skipped)} skipped")
+
+    winner_index = select_winner(base_metric, results)
+    winner = results[winner_index] if winner_index is not None else None
+    winner_candidate = None if winner is None else Candidate(winner["method"], winner["layer"], winner["scale"])
+    tuned = tuned_spec(winner_candidate, trained)
+    (out / "tuned.json").write_text(json.dumps(tuned, indent=2) + "\n")
+    started = clock()
+    base_held = figures(held_out, None)
+    winner_held = base_held if winner is None else figures(held_out, out / "tuned.json")
+    for row in reference_rows:
+        row["held_out"] = figures(held_out, Path(row["spec"]))
+    held_seconds = clock() - started
 
     for n, result in enumerate(results):
         result["winner"] = n == winner_index
-    tuned = tuned_spec(winner, trained[winner["method"]]["file"] if winner else None)
-    (out / "tuned.json").write_text(json.dumps(tuned, indent=2) + "\n")
     report = {
-        "bundle": str(bundle), "pairs": str(pairs), "eval": str(eval_path), "metric": metric,
-        "metric_name": METRICS[metric], "same_file": pairs.resolve() == eval_path.resolve(),
+        "bundle": str(bundle), "pairs": str(pairs), "eval": str(eval_path), "benign": str(benign) if benign else None,
+        "metric": metric, "metric_name": METRICS[metric], "same_file": pairs.resolve() == eval_path.resolve(),
         "methods": list(methods), "layers": list(layers), "scales": [float(s) for s in scales],
+        "scales_by_method": {m: [float(s) for s in v] for m, v in (scales_by_method or {}).items()},
+        "read_gap": read_gap, "max_new_tokens": max_new_tokens if generated else None,
         "n_eval": len(all_items), "limit": limit, "n_used": len(items), "validation_fraction": validation_fraction,
         "seed": seed, "ab_seed": AB_SEED if metric == "ab" else None,
         "n_validation": len(validation), "n_held_out": len(held_out),
-        "fluency": {"text": str(text_path), "tokens": fluency_tokens, "scored": fluency_scored,
-                    "max_nll_increase": max_nll_increase},
-        "trained": trained, "train_seconds": train_seconds,
+        "fluency": {"kind": "generations" if generated else "text", "text": None if generated else str(text_path),
+                    "tokens": fluency_tokens, "scored": base.get("fluency_tokens"),
+                    "max_nll_increase": max_nll_increase, "from_reference": bound_from_reference},
+        "trained": {m: {k: v for k, v in t.items() if k not in ("base", "by_layer")} for m, t in trained.items()},
+        "train_seconds": train_seconds,
         "unsteered": base,
+        "references": reference_rows,
         "candidates": results,
         "n_candidates": len(grid),
         "skipped": [{"method": c.method, "layer": c.layer, "scale": c.scale} for c in skipped],
         "budget_minutes": budget_minutes,
         "winner": None if winner is None else {k: winner[k] for k in ("method", "layer", "scale", "validation",
                                                                        "delta", "nll_increase")},
-        "held_out": {"unsteered": base_held, "winner": winner_held, "delta": winner_held - base_held,
-                     "seconds": held_seconds},
+        "held_out": {"unsteered": base_held["value"], "winner": winner_held["value"],
+                     "delta": winner_held["value"] - base_held["value"], "unsteered_figures": base_held,
+                     "winner_figures": winner_held, "seconds": held_seconds},
         "tuned_spec": str(out / "tuned.json"),
         "seconds": budget.elapsed(),
     }
@@ -355,22 +539,44 @@ def _fmt(value: float) -> str:
     return f"{value:+.4f}"
 
 
+METHOD_NOTES = {"vector": "mean difference", "pca": "first principal component, unit length",
+                "l2s": "an L2S net per layer, reading {gap} layers below", "svf": "one SVF scorer over the layers",
+                "w2s": "a W2S router over the layers' mean-difference vectors, labels at scale {w2s}"}
+
+
+def parts(figures: dict) -> str:
+    """The metric's parts of a generation metric, for the tables."""
+    if "refusal" in figures:
+        return f"{figures['refusal']:.3f} / {figures['benign_refusal']:.3f}"
+    return ""
+
+
 def markdown(report: dict) -> str:
     base, held, winner = report["unsteered"], report["held_out"], report["winner"]
     fl = report["fluency"]
+    refusal = report["metric"] == "refusal"
+    notes = "; ".join(f"{m} = " + METHOD_NOTES[m].format(gap=report["read_gap"], w2s=report["trained"].get(
+        "w2s", {}).get("label_scale")) for m in report["methods"])
     lines = [
-        f"# tune: {report['metric_name']} on `{report['eval']}`", "",
-        (f"Bundle `{report['bundle']}`; trained on `{report['pairs']}` (vector = mean difference, pca = first "
-         f"principal component, unit length). {report['n_used']} of {report['n_eval']} eval items, split "
-         f"(seed {report['seed']}) into {report['n_validation']} for validation, on which every candidate was "
-         f"scored and the winner chosen, and {report['n_held_out']} held out, scored only for the winner and "
-         "unsteered. Higher is better."),
+        f"# tune: {report['metric_name']} on `{report['eval']}`" + (f" and `{report['benign']}`" if refusal else ""),
         "",
-        (f"Fluency: mean NLL per token of the first {fl['scored'] + 1} tokens of `{fl['text']}` (plain text), "
-         f"steered minus unsteered; above {fl['max_nll_increase']:g} nats per token a candidate is not fluent "
-         "and cannot win."),
+        (f"Bundle `{report['bundle']}`; trained on `{report['pairs']}` ({notes}). {report['n_used']} of "
+         f"{report['n_eval']} eval items, split (seed {report['seed']}) into {report['n_validation']} for "
+         f"validation, on which every candidate was scored and the winner chosen, and {report['n_held_out']} held "
+         "out, scored only for the winner, unsteered and the references. Higher is better."),
         "",
     ]
+    if fl["kind"] == "text":
+        lines.append(f"Fluency: mean NLL per token of the first {fl['scored'] + 1} tokens of `{fl['text']}` (plain "
+                     "text), steered minus unsteered")
+    else:
+        lines.append(f"Fluency: mean NLL per token of each setting's greedy generations ({report['max_new_tokens']} "
+                     "tokens at most) under the unsteered model, minus that of the unsteered generations (the log of "
+                     "the perplexity ratio)")
+    bound = (f"the first reference's own rise on validation, {fl['max_nll_increase']:.4f}" if fl["from_reference"]
+             else f"{fl['max_nll_increase']:g}")
+    lines[-1] += f"; above {bound} nats per token a candidate is not fluent and cannot win."
+    lines.append("")
     if report["same_file"]:
         lines += ["Note: the eval file is the training file, so validation and held-out figures are on training data.",
                   ""]
@@ -378,30 +584,43 @@ def markdown(report: dict) -> str:
         lines.append("**Winner: unsteered** (no fluent candidate beat it on validation); `tuned.json` has no "
                      "interventions.")
     else:
-        lines.append(f"**Winner: {winner['method']}, layer {winner['layer']}, scale {winner['scale']:g}** "
-                     f"(`tuned.json`), fluency {_fmt(winner['nll_increase'])} nats per token.")
-    lines += ["", "| | validation | held out |", "|---|---|---|",
-              f"| unsteered | {base['validation']:.4f} | {held['unsteered']:.4f} |",
-              f"| winner | {winner['validation'] if winner else base['validation']:.4f} | {held['winner']:.4f} |",
-              f"| difference | {_fmt(winner['delta'] if winner else 0.0)} | {_fmt(held['delta'])} |", ""]
+        lines.append(f"**Winner: {winner['method']}, layer {layer_label(winner['layer'])}, scale {winner['scale']:g}**"
+                     f" (`tuned.json`), fluency {_fmt(winner['nll_increase'])} nats per token.")
+    detail = " (refusal harmful / benign)" if refusal else ""
+    lines += ["", f"| | validation | held out | held-out fluency ΔNLL/token | held out{detail} |", "|---|---|---|---|---|",
+              (f"| unsteered | {base['validation']:.4f} | {held['unsteered']:.4f} | 0 | "
+               f"{parts(held['unsteered_figures'])} |"),
+              (f"| winner | {winner['validation'] if winner else base['validation']:.4f} | {held['winner']:.4f} | "
+               f"{_fmt(held['winner_figures']['nll'] - held['unsteered_figures']['nll'])} | "
+               f"{parts(held['winner_figures'])} |")]
+    for row in report["references"]:
+        lines.append(f"| reference `{row['spec']}` | {row['validation']['value']:.4f} | {row['held_out']['value']:.4f} "
+                     f"| {_fmt(row['held_out']['nll'] - held['unsteered_figures']['nll'])} | "
+                     f"{parts(row['held_out'])} |")
+    lines += [f"| winner − unsteered | {_fmt(winner['delta'] if winner else 0.0)} | {_fmt(held['delta'])} | | |", ""]
     if report["skipped"]:
         lines += [f"The --budget of {report['budget_minutes']:g} min stopped the sweep after "
                   f"{len(report['candidates'])} of {report['n_candidates']} candidates: {len(report['skipped'])} "
-                  "skipped (" + ", ".join(f"{c['method']} {c['layer']} {c['scale']:g}" for c in report["skipped"])
-                  + ").", ""]
-    lines += ["| method | layer | scale | validation | vs unsteered | fluency ΔNLL/token | eligible | s |",
-              "|---|---|---|---|---|---|---|---|",
-              f"| unsteered | | | {base['validation']:.4f} | | 0 | yes | {base['seconds']:.1f} |"]
+                  "skipped (" + ", ".join(f"{c['method']} {layer_label(c['layer'])} {c['scale']:g}"
+                                          for c in report["skipped"]) + ").", ""]
+    lines += ["| method | layer | scale | validation | vs unsteered | fluency ΔNLL/token | eligible | s |"
+              + (" harmful / benign |" if refusal else ""),
+              "|---|---|---|---|---|---|---|---|" + ("---|" if refusal else ""),
+              f"| unsteered | | | {base['validation']:.4f} | | 0 | yes | {base['seconds']:.1f} |"
+              + (f" {parts(base)} |" if refusal else "")]
     for r in report["candidates"]:
         mark = "**" if r["winner"] else ""
-        lines.append(f"| {mark}{r['method']}{mark} | {r['layer']} | {r['scale']:g} | {mark}{r['validation']:.4f}{mark} "
-                     f"| {_fmt(r['delta'])} | {_fmt(r['nll_increase'])} | {'yes' if r['eligible'] else 'not fluent'} "
-                     f"| {r['seconds']:.1f} |")
-    lines += ["", "Vector lengths per layer: " + "; ".join(
-        f"{m}: " + ", ".join(f"{layer} {n:.2f}" for layer, n in t["norms"].items())
-        for m, t in report["trained"].items()) + ".",
-        "", (f"Time: training (one capture for all methods) {report['train_seconds']:.1f} s, held-out scoring "
-             f"{held['seconds']:.1f} s, {report['seconds'] / 60:.1f} min in all.")]
+        lines.append(f"| {mark}{r['method']}{mark} | {layer_label(r['layer'])} | {r['scale']:g} | "
+                     f"{mark}{r['validation']:.4f}{mark} | {_fmt(r['delta'])} | {_fmt(r['nll_increase'])} | "
+                     f"{'yes' if r['eligible'] else 'not fluent'} | {r['seconds']:.1f} |"
+                     + (f" {parts(r)} |" if refusal else ""))
+    vectors = {m: t for m, t in report["trained"].items() if "norms" in t}
+    if vectors:
+        lines += ["", "Vector lengths per layer: " + "; ".join(
+            f"{m}: " + ", ".join(f"{layer} {n:.2f}" for layer, n in t["norms"].items()) for m, t in vectors.items())
+            + "."]
+    lines += ["", (f"Time: training {report['train_seconds']:.1f} s, held-out scoring {held['seconds']:.1f} s, "
+                   f"{report['seconds'] / 60:.1f} min in all.")]
     return "\n".join(lines) + "\n"
 
 
@@ -420,15 +639,16 @@ def plot(report: dict, path: Path) -> None:
     for column, method in enumerate(methods):
         top, bottom = axes[0][column], axes[1][column]
         top.axhline(base, ls="--", color="gray", label=f"unsteered {base:.3f}")
-        bottom.axhline(bound, ls=":", color="C3", label=f"bound {bound:g}")
+        bottom.axhline(bound, ls=":", color="C3", label=f"bound {bound:.3g}")
         bottom.axhline(0.0, ls="--", color="gray")
         runs = [r for r in report["candidates"] if r["method"] == method]
         for n, layer in enumerate(dict.fromkeys(r["layer"] for r in runs)):
             line = sorted((r for r in runs if r["layer"] == layer), key=lambda r: r["scale"])
             color = f"C{n % 10}"
             scales = [r["scale"] for r in line]
-            top.plot(scales, [r["validation"] for r in line], "o-", color=color, label=f"layer {layer}")
-            bottom.plot(scales, [r["nll_increase"] for r in line], "o-", color=color, label=f"layer {layer}")
+            label = f"layer {layer_label(layer)}"
+            top.plot(scales, [r["validation"] for r in line], "o-", color=color, label=label)
+            bottom.plot(scales, [r["nll_increase"] for r in line], "o-", color=color, label=label)
             bad = [r for r in line if not r["eligible"]]
             if bad:
                 top.plot([r["scale"] for r in bad], [r["validation"] for r in bad], "x", color="C3", ms=12, mew=2)
@@ -447,4 +667,3 @@ def plot(report: dict, path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
-

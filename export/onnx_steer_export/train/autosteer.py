@@ -9,7 +9,9 @@ prober is over-confident on benign prompts unlike its templated benign training 
 the held-out false-positive rate for decay 0, 0.1 and 1). The refusal head is S ∈ R^{d×d}, initialised to the
 identity, in `logits = lm_head(n + ε·S·n)` on the final-normed state n; it is trained with the LM
 loss on refusal answers to harmful training prompts only (the model is frozen, so n is computed once).
-States for SAS and the prober come through the runtime; the refusal head's n from HF (teacher forcing).
+Every state comes through the runtime (`onnx-steer capture`): the prober's at the last prompt token, the
+refusal head's n as the last layer's output at each answer position under teacher forcing, normed by the
+model's final norm.
 """
 
 from __future__ import annotations
@@ -20,11 +22,10 @@ from pathlib import Path
 import numpy as np
 import torch
 from tqdm import tqdm
-from transformers import PreTrainedModel
 
 from ..data.datasets import read_jsonl, read_prompts
 from ..data.tokens import bundle_tokenizer, chat_ids, encode
-from ..runtime_client import capture_last_token
+from ..runtime_client import capture, capture_last_token
 from .common import (
     OutputView,
     Standardize,
@@ -107,25 +108,19 @@ class RefusalHead(torch.nn.Module):
         return base + row_scale(scale, state) * (state @ self.matrix.T)
 
 
-def refusal_tokens(model: PreTrainedModel, sequences: list[tuple[list[int], list[int]]],
-                   batch_size: int = 16) -> tuple[torch.Tensor, torch.Tensor]:
-    """Final-normed states n at every answer position and the answer token each must predict."""
-    states, targets = [], []
-    for start in tqdm(range(0, len(sequences), batch_size), desc="refusal states", unit="batch"):
-        chunk = sequences[start:start + batch_size]
-        width = max(len(p) + len(a) for p, a in chunk)
-        ids = torch.zeros(len(chunk), width, dtype=torch.long)
-        mask = torch.zeros(len(chunk), width, dtype=torch.long)
-        for row, (prompt, answer) in enumerate(chunk):
-            ids[row, :len(prompt) + len(answer)] = torch.tensor(prompt + answer)
-            mask[row, :len(prompt) + len(answer)] = 1
-        with torch.no_grad():
-            normed = model.model(input_ids=ids, attention_mask=mask).last_hidden_state
-        for row, (prompt, answer) in enumerate(chunk):
-            positions = torch.arange(len(prompt) - 1, len(prompt) + len(answer) - 1)
-            states.append(normed[row, positions])
-            targets.append(torch.tensor(answer))
-    return torch.cat(states), torch.cat(targets)
+def refusal_tokens(bundle: Path, norm: torch.nn.Module, sequences: list[tuple[list[int], list[int]]],
+                   binary: Path | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Final-normed states n at every answer position and the answer token each must predict: the last
+    layer's output at every token, read through the runtime, then the model's final norm."""
+    last = json.loads((bundle / "manifest.json").read_text())["model"]["num_layers"] - 1
+    hidden = torch.from_numpy(capture(bundle, [p + a for p, a in sequences], [last], "all", binary)[last])
+    states, targets, start = [], [], 0
+    for prompt, answer in sequences:
+        states.append(hidden[start + len(prompt) - 1:start + len(prompt) + len(answer) - 1])
+        targets.append(torch.tensor(answer))
+        start += len(prompt) + len(answer)
+    with torch.no_grad():
+        return norm(torch.cat(states)), torch.cat(targets)
 
 
 def train_refusal_head(states: torch.Tensor, targets: torch.Tensor, lm_head: torch.Tensor, epsilon: float,
@@ -206,7 +201,7 @@ def train_autosteer(bundle: Path, harmful_path: Path, benign_paths: list[Path], 
     refusals = [r for r in read_jsonl(refusals_path) if r.get("behaviour") == "refuse"]
     refusals = evenly(refusals, limit)
     sequences = [(chat_ids(tokenizer, r["prompt"]), encode(tokenizer, r["positive"]) + eos) for r in refusals]
-    normed, targets = refusal_tokens(model, sequences)
+    normed, targets = refusal_tokens(bundle, model.model.norm, sequences, binary)
     lm_head = model.lm_head.weight.detach()
     with torch.no_grad():
         before = float(torch.nn.functional.cross_entropy((1 + epsilon) * normed @ lm_head.T, targets))

@@ -19,7 +19,8 @@ pub(crate) struct ScoreArgs {
     /// Bundle directory written by `python -m onnx_steer_export export`.
     #[arg(long)]
     bundle: PathBuf,
-    /// JSON lines `{"prompt": "...", "continuations": ["...", ...]}`; "-" reads stdin.
+    /// JSON lines `{"prompt": "...", "continuations": ["...", ...]}`; a continuation may also be
+    /// token ids (`[id, ...]`, as `generate --json` reports them); "-" reads stdin.
     #[arg(long)]
     jsonl: PathBuf,
     /// Write the JSON lines here instead of stdout.
@@ -52,7 +53,16 @@ pub(crate) struct ScoreArgs {
 struct ScoreLine {
     prompt: String,
     #[serde(default)]
-    continuations: Vec<String>,
+    continuations: Vec<Continuation>,
+}
+
+/// A continuation to score: text (tokenized after the prompt) or token ids, scored as given, for
+/// tokens a model generated that need not survive a decode and re-encode.
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum Continuation {
+    Text(String),
+    Ids(Vec<u32>),
 }
 
 fn read_lines(args: &ScoreArgs) -> Result<Vec<ScoreLine>, CliError> {
@@ -72,7 +82,7 @@ fn read_lines(args: &ScoreArgs) -> Result<Vec<ScoreLine>, CliError> {
         }
         let parsed: ScoreLine = serde_json::from_str(&line).map_err(|e| {
             CliError::Input(format!(
-                "{name} line {}: {e}; each line is {{\"prompt\": \"...\", \"continuations\": [\"...\"]}}",
+                "{name} line {}: {e}; each line is {{\"prompt\": \"...\", \"continuations\": [\"...\" or [ids]]}}",
                 number + 1
             ))
         })?;
@@ -107,15 +117,17 @@ pub(crate) fn logprobs_json(positions: &[PositionLogprobs], codec: &TextCodec) -
     )
 }
 
-fn continuation_json(text: &str, scored: &Scored, codec: &TextCodec) -> Value {
+fn continuation_json(given: &Continuation, scored: &Scored, codec: &TextCodec) -> Value {
     let positions = &scored.continuation;
     let mut entry = json!({
-        "text": text,
         "token_ids": positions.iter().map(|p| p.token.id).collect::<Vec<_>>(),
         "tokens": positions.iter().map(|p| codec.token_text(p.token.id)).collect::<Vec<_>>(),
         "token_logprobs": positions.iter().map(|p| p.token.logprob).collect::<Vec<_>>(),
         "logprob": scored.continuation_logprob(),
     });
+    if let Continuation::Text(text) = given {
+        entry["text"] = json!(text);
+    }
     if positions.iter().any(|p| !p.top.is_empty()) {
         entry["top_logprobs"] = logprobs_json(positions, codec);
     }
@@ -130,14 +142,30 @@ pub(crate) fn run(args: ScoreArgs) -> Result<(), CliError> {
     let runtime = args.runtime.runtime()?;
     let steering = composed_steering(&args.steer, config, &runtime)?;
     // One row per continuation; a line without continuations (with --echo) scores its prompt.
+    let empty = [Continuation::Text(String::new())];
     let mut rows: Vec<(usize, ScoreRequest)> = Vec::new();
     for (index, line) in lines.iter().enumerate() {
-        let texts: Vec<&str> = match line.continuations.is_empty() {
-            true => vec![""],
-            false => line.continuations.iter().map(String::as_str).collect(),
+        let given = match line.continuations.is_empty() {
+            true => &empty[..],
+            false => &line.continuations[..],
         };
-        for text in texts {
-            let (prompt, continuation) = codec.encode_scored(&line.prompt, args.chat, text)?;
+        for continuation in given {
+            let (prompt, continuation) = match continuation {
+                Continuation::Text(text) => codec.encode_scored(&line.prompt, args.chat, text)?,
+                Continuation::Ids(ids) => {
+                    if let Some(bad) = ids.iter().find(|&&id| id as usize >= config.vocab_size) {
+                        return Err(CliError::Input(format!(
+                            "{} record {index}: token id {bad} is outside the model's vocabulary of {}",
+                            args.jsonl.display(),
+                            config.vocab_size
+                        )));
+                    }
+                    (
+                        codec.encode_scored(&line.prompt, args.chat, "")?.0,
+                        ids.clone(),
+                    )
+                }
+            };
             rows.push((
                 index,
                 ScoreRequest {
@@ -180,7 +208,7 @@ pub(crate) fn run(args: ScoreArgs) -> Result<(), CliError> {
                 .continuations
                 .iter()
                 .zip(line_rows)
-                .map(|(text, scored)| continuation_json(text, scored, &codec))
+                .map(|(given, scored)| continuation_json(given, scored, &codec))
                 .collect::<Vec<_>>(),
         });
         if args.echo {
