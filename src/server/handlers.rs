@@ -487,6 +487,10 @@ async fn respond(
     settings: Settings,
     endpoint: Endpoint,
 ) -> Result<Response, ApiError> {
+    // One seed for the request (given, or drawn here), so that every prompt samples from it and
+    // the seed reported back is the one each prompt used.
+    let mut settings = settings;
+    settings.seed.get_or_insert_with(rand::random);
     let mut prepared = Vec::with_capacity(prompts.len());
     for entry in prompts {
         prepared.push((

@@ -36,6 +36,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from ..data.ab import LETTERS, ABQuestion, load_questions, with_matching
+from ..figures import save_figure
 from ..runtime_client import score, with_scale
 from .harness import save_report
 
@@ -285,9 +286,7 @@ def plot(report: dict, path: Path) -> None:
     ax.set_ylim(max(0.0, min(values) - margin), min(1.0, max(values) + margin))
     ax.set_title(f"{Path(report['questions']).name}: {report['n_questions']} questions, {report['seeds']} seeds")
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def write(report: dict, out: Path) -> None:

@@ -16,6 +16,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from ..data.datasets import DATA, behaviour, benign_prompts, read_jsonl, role_play
+from ..figures import save_figure
 from ..runtime_client import generate, with_scale
 from ..train.common import evenly
 from .harness import save_report
@@ -145,9 +146,7 @@ def plot_sweep(report: dict, path: Path) -> None:
         ax.set_xlabel("scale")
         ax.set_title(f"{title} ({report['style']} prompts)")
         ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def plot_styles(reports: list[dict], path: Path) -> None:
@@ -170,9 +169,7 @@ def plot_styles(reports: list[dict], path: Path) -> None:
         ax.axhline(0, color="black", lw=0.5)
         ax.set_title(f"{report['style']} prompts")
         ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def write_report(report: dict, out: Path) -> None:

@@ -21,6 +21,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from ..data.datasets import benign_prompts
+from ..figures import save_figure
 from ..runtime_client import compose_spec, generate
 from ..train.common import evenly
 from .harness import save_report
@@ -178,9 +179,7 @@ def plot(report: dict, path: Path) -> None:
         axes[3].set_title("multi-attribute: effect per concept")
         axes[3].legend(loc="upper left", fontsize=7)
         twin.legend(loc="upper right", fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def write(report: dict, out: Path) -> None:

@@ -20,6 +20,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from ..data.datasets import read_prompts
+from ..figures import save_figure
 from ..runtime_client import generate, with_scale
 from .metrics import REFUSAL_PHRASES, Perplexity, is_refusal, sentiment
 
@@ -120,6 +121,4 @@ def plot(report: dict, path: Path) -> None:
     axes[1].set_ylabel("perplexity / unsteered")
     axes[1].set_title("fluency")
     axes[1].legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_figure(fig, path)

@@ -15,6 +15,7 @@ from pathlib import Path
 
 from .. import REPO
 from ..data.datasets import read_prompts
+from ..figures import save_figure
 from ..runtime_client import bench, generate, perplexity
 from .harness import save_report
 
@@ -110,8 +111,7 @@ def plot(report: dict, path: Path) -> None:
     axis.set_xlabel("decode tokens/s (batch 1)")
     axis.set_ylabel("perplexity on the fixed text")
     axis.set_title("precision: speed against quality")
-    figure.tight_layout()
-    figure.savefig(path, dpi=120)
+    save_figure(figure, path)
 
 
 def run(reference: Path, bundles: list[Path], text: Path, prompts: Path, limit: int, max_new_tokens: int,

@@ -16,6 +16,7 @@ import numpy as np
 from tqdm import tqdm
 
 from ..data.datasets import DATA, benign_prompts, read_jsonl
+from ..figures import save_figure
 from ..runtime_client import generate
 from ..train.autosteer import auroc
 from ..train.common import evenly
@@ -85,9 +86,7 @@ def plot(report: dict, path: Path) -> None:
         ax.axhline(target, ls=style, color="gray", lw=0.8)
     ax.set_title("AutoSteer vs refusal vector (held-out split)")
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def write(report: dict, out: Path) -> None:

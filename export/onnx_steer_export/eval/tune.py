@@ -61,6 +61,7 @@ from ..data.ab import ABQuestion, load_questions
 from ..data.datasets import numbered_records, read_prompts
 from ..data.pairs import PairsError
 from ..data.tokens import bundle_tokenizer
+from ..figures import save_figure
 from ..runtime_client import generate, score
 from ..train.l2s import train_l2s
 from ..train.svf import train_svf
@@ -664,6 +665,4 @@ def plot(report: dict, path: Path) -> None:
     if any(not r["eligible"] for r in report["candidates"]):
         fig.text(0.01, 0.01, "x: not fluent (cannot win)", fontsize=8, color="C3")
     fig.suptitle(f"tune: {Path(report['eval']).name}, {report['n_validation']} validation items")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_figure(fig, path)

@@ -25,6 +25,7 @@ from tqdm import tqdm
 
 from ..data.datasets import read_jsonl, read_prompts
 from ..data.tokens import bundle_tokenizer, chat_ids, encode
+from ..figures import save_figure
 from ..runtime_client import capture, capture_last_token
 from .common import (
     OutputView,
@@ -67,10 +68,7 @@ def plot_sas(scores: dict[int, float], chosen: int, path: Path) -> None:
     ax.set_xlabel("layer")
     ax.set_ylabel("safety awareness score")
     ax.set_title(f"AutoSteer SAS per layer (chosen: {chosen})")
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 class Prober(torch.nn.Module):
