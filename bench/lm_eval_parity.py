@@ -156,10 +156,11 @@ def main() -> None:
             "local-completions", f"model={served},base_url={url}/v1/completions,tokenizer_backend=huggingface,"
             f"tokenizer={tokenizer},tokenized_requests=True,max_retries=1", tasks, runs / "server", args.limit,
             args.batch_size)
-    hf, hf_seconds = run_harness("hf", hf_model_args(args.bundle), tasks, runs / "hf", args.limit, args.batch_size)
+    hf_args = hf_model_args(args.bundle)
+    hf, hf_seconds = run_harness("hf", hf_args, tasks, runs / "hf", args.limit, args.batch_size)
     rows = compare(tasks, server, hf, runs / "server", runs / "hf")
     worst = max(abs(r[m]["difference_points"]) for r in rows for m in ("acc", "acc_norm"))
-    report = {"lm_eval_version": importlib.metadata.version("lm-eval"), "bundle": shown(args.bundle), "hf_model_args": hf_model_args(args.bundle).replace(str(REPO) + "/", ""), "tokenizer": shown(tokenizer),
+    report = {"lm_eval_version": importlib.metadata.version("lm-eval"), "bundle": shown(args.bundle), "hf_model_args": hf_args.replace(str(REPO) + "/", ""), "tokenizer": shown(tokenizer),
               "limit": args.limit, "batch_size": args.batch_size, "server_seconds": server_seconds,
               "hf_seconds": hf_seconds, "tasks": rows, "max_difference_points": worst,
               "tolerance_points": args.tolerance, "within_tolerance": worst <= args.tolerance}

@@ -3,19 +3,15 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import subprocess
 import sys
 from pathlib import Path
 
-import pytest
-
 from conftest import REPO
 
 
-@pytest.mark.skipif(importlib.util.find_spec("lm_eval") is None, reason="lm-eval is installed by `make test`")
 def test_lm_eval_local_completions_matches_hf(binary: Path, bundle_dir: Path, tmp_path: Path) -> None:
     out = tmp_path / "lm_eval"
     subprocess.run([sys.executable, str(REPO / "bench" / "lm_eval_parity.py"), "--bundle", str(bundle_dir),
