@@ -51,11 +51,13 @@ class Chain:
             "position_ids": np.arange(start, start + count, dtype=np.int64)[None],
             "attention_mask": np.ones((1, start + count), dtype=np.int64)})
         delta = np.zeros((1, 1, self.config["hidden_size"]), dtype=self.float)
+        lengths = {"seqlens_k": np.array([start + count - 1], np.int32),
+                   "total_sequence_length": np.array(start + count, np.int32)}
         for index, layer in enumerate(self.layers):
             key, value = past[index]
             hidden, key, value = layer.run(None, {
                 "hidden_in": hidden, "attention_bias": bias, "cos": cos, "sin": sin,
-                "past_key": key, "past_value": value, "steer_delta": delta})
+                "past_key": key, "past_value": value, **lengths, "steer_delta": delta})
             past[index] = (key, value)
         (normed,) = self.sessions["norm"].run(None, {"hidden_in": hidden})
         (logits,) = self.sessions["head"].run(None, {"normed": normed})
@@ -63,7 +65,8 @@ class Chain:
 
     def generate(self, prompt: list[int], new_tokens: int) -> int:
         """Prefill and decode; returns the count of kernel events before decoding began (per session)."""
-        shape = (1, self.config["num_key_value_heads"], 0, self.config["head_dim"])
+        # KV buffers of the final length: GroupQueryAttention writes each step at its positions.
+        shape = (1, self.config["num_key_value_heads"], len(prompt) + new_tokens, self.config["head_dim"])
         past = [(np.zeros(shape, self.float), np.zeros(shape, self.float)) for _ in self.layers]
         token = self.step(prompt, past, 0)
         for step in range(new_tokens - 1):

@@ -2,6 +2,6 @@
 
 from pathlib import Path
 
-FORMAT_VERSION = 3
+FORMAT_VERSION = 4
 # The repository checkout this package is installed from (editable install): data/, target/, onnx/.
 REPO = Path(__file__).resolve().parents[2]

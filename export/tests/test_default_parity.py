@@ -70,3 +70,49 @@ def test_batch_rows_equal_single_prompt_runs(binary: Path, bundle_dir: Path, tmp
     for text, record in zip(prompts, batched):
         alone = run_generate(binary, bundle_dir, "--chat", "--max-new-tokens", "24", "--prompt", text)[0]
         assert record["token_ids"] == alone["token_ids"], text
+
+
+def test_layer_graphs_append_to_their_kv_buffer_in_place(bundle_dir: Path) -> None:
+    """Each layer's past_key/past_value feed only GroupQueryAttention, which returns them as the
+    presents: no Concat of past and new. Bound to one buffer, a prefill then a decode step write it
+    in place and give what the same steps give with separate past and present buffers."""
+    import numpy as np
+    import onnx
+    import onnxruntime as ort
+
+    for index in range(30):
+        graph = onnx.load(str(bundle_dir / f"layer_{index:02d}.onnx"), load_external_data=False).graph
+        readers = {name: [n.op_type for n in graph.node if name in n.input] for name in ("past_key", "past_value")}
+        assert readers == {"past_key": ["GroupQueryAttention"], "past_value": ["GroupQueryAttention"]}, index
+        producers = [n.op_type for n in graph.node if "present_key" in n.output or "present_value" in n.output]
+        assert producers == ["GroupQueryAttention"], index
+
+    session = ort.InferenceSession(str(bundle_dir / "layer_00.onnx"), providers=["CPUExecutionProvider"])
+    rng = np.random.default_rng(0)
+    capacity, heads, head_dim, width = 16, 3, 64, 576
+    buffers = [np.zeros((1, heads, capacity, head_dim), np.float32) for _ in range(2)]
+    separate = [np.zeros((1, heads, capacity, head_dim), np.float32) for _ in range(2)]
+    past = 0
+    for tokens in (5, 1, 1):
+        total = past + tokens
+        feeds = {"hidden_in": rng.standard_normal((1, tokens, width)).astype(np.float32),
+                 "attention_bias": np.where(np.arange(total)[None, :] <= np.arange(past, total)[:, None], 0.0,
+                                            np.finfo(np.float32).min).astype(np.float32)[None, None],
+                 "cos": np.ones((1, tokens, head_dim), np.float32), "sin": np.zeros((1, tokens, head_dim), np.float32),
+                 "seqlens_k": np.array([total - 1], np.int32), "total_sequence_length": np.array(total, np.int32),
+                 "steer_delta": np.zeros((1, 1, width), np.float32)}
+        binding = session.io_binding()
+        for name, value in feeds.items():
+            binding.bind_cpu_input(name, value)
+        for name, buffer in zip(("key", "value"), buffers):
+            binding.bind_ortvalue_input(f"past_{name}", ort.OrtValue.ortvalue_from_numpy(buffer))
+            binding.bind_ortvalue_output(f"present_{name}", ort.OrtValue.ortvalue_from_numpy(buffer))
+        binding.bind_output("hidden_out")
+        session.run_with_iobinding(binding)
+        in_place = binding.get_outputs()[-1].numpy()
+        reference, *separate = session.run(None, {**feeds, "past_key": separate[0], "past_value": separate[1]})
+        np.testing.assert_allclose(in_place, reference, rtol=1e-6, atol=1e-6)
+        for buffer, present in zip(buffers, separate):
+            np.testing.assert_array_equal(buffer, present)
+        assert np.abs(buffers[0][:, :, :total]).max() > 0 and not buffers[0][:, :, total:].any()
+        past = total

@@ -19,6 +19,7 @@ pub mod segmented;
 pub mod step;
 
 use ndarray::{Array2, ArrayView2};
+use ort::value::{DynValue, Tensor};
 
 use crate::bundle::{BundleError, Dtype, ModelConfig};
 use crate::runtime::RuntimeError;
@@ -79,6 +80,29 @@ pub enum ModelError {
         "the monolithic full.onnx takes token ids only; run image prompts on the segment chain"
     )]
     ImagesUnsupported,
+}
+
+/// GroupQueryAttention's lengths for `rows` rows that end at `total` positions: `seqlens_k`
+/// (each row's `total - 1`) and `total_sequence_length`, the only per-step inputs besides tokens
+/// and positions that a layer's attention reads.
+pub(crate) fn attention_lengths(rows: usize, total: usize) -> Result<[DynValue; 2], ModelError> {
+    let as_i32 = |n: usize| {
+        i32::try_from(n).map_err(|_| ModelError::Shape(format!("{n} positions do not fit int32")))
+    };
+    let seqlens = Tensor::from_array(ndarray::Array1::from_elem(rows, as_i32(total - 1)?));
+    let total = Tensor::from_array(ndarray::arr0(as_i32(total)?));
+    let tensor = RuntimeError::tensor("attention lengths");
+    Ok([
+        seqlens.map_err(RuntimeError::tensor("attention lengths"))?.into_dyn(),
+        total.map_err(tensor)?.into_dyn(),
+    ])
+}
+
+/// Host memory, where outputs the runtime reads next (hidden states, logits) are bound.
+pub(crate) fn host_memory() -> Result<ort::memory::MemoryInfo<'static>, ModelError> {
+    use ort::memory::{AllocationDevice, AllocatorType, MemoryInfo, MemoryType};
+    MemoryInfo::new(AllocationDevice::CPU, 0, AllocatorType::Device, MemoryType::Default)
+        .map_err(run_error("host memory"))
 }
 
 pub(crate) fn run_error(segment: &str) -> impl FnOnce(ort::Error) -> ModelError + '_ {

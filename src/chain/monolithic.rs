@@ -1,15 +1,13 @@
 //! The whole model as one graph (`full.onnx`): the baseline the chain is benchmarked against.
 
-use std::borrow::Cow;
-
 use ndarray::Array2;
-use ort::session::SessionInputValue;
+use ort::value::Tensor;
 
 use super::hook::LayerHook;
-use super::segment::{load_segment, logits_of, take, LoadedSegment};
-use super::{run_error, CausalLm, KvCache, ModelError, Step};
+use super::segment::{load_segment, logits_of, LoadedSegment};
+use super::kv_cache::{KvNames, Rows};
+use super::{attention_lengths, host_memory, run_error, CausalLm, KvCache, ModelError, Step};
 use crate::bundle::{Bundle, Dtype, ModelConfig};
-use crate::runtime::values::view_input;
 use crate::runtime::Runtime;
 
 /// The whole model as one graph (`full.onnx`): the baseline the chain is benchmarked against.
@@ -64,38 +62,51 @@ impl CausalLm for Monolithic {
             return Err(ModelError::ImagesUnsupported);
         }
         step.check(cache)?;
+        let (batch, tokens) = step.input_ids.dim();
+        if batch > 1 && tokens > 1 && !cache.is_empty() {
+            return Err(ModelError::Shape(format!(
+                "the monolithic full.onnx takes several new tokens after cached ones for one row at a time, not {batch}"
+            )));
+        }
+        let total = cache.len + tokens;
+        cache.reserve(total)?;
         let full = &mut self.full;
-        let mut inputs: Vec<(Cow<'_, str>, SessionInputValue<'_>)> = vec![
-            (
-                "input_ids".into(),
-                view_input(step.input_ids.view(), &full.name)?,
-            ),
-            (
-                "position_ids".into(),
-                view_input(step.position_ids.view(), &full.name)?,
-            ),
-            (
-                "attention_mask".into(),
-                view_input(step.attention_mask.view(), &full.name)?,
-            ),
+        let name = full.name.as_str();
+        let mut binding = full.session.create_binding().map_err(run_error(name))?;
+        let ids = [
+            ("input_ids", &step.input_ids),
+            ("position_ids", &step.position_ids),
+            ("attention_mask", &step.attention_mask),
         ];
-        for index in 0..self.config.num_layers {
-            inputs.push((
-                format!("past_key.{index}").into(),
-                (&cache.keys[index]).into(),
-            ));
-            inputs.push((
-                format!("past_value.{index}").into(),
-                (&cache.values[index]).into(),
-            ));
+        for (input, array) in ids {
+            let value = Tensor::from_array(array.clone()).map_err(run_error(name))?;
+            binding.bind_input(input, &value).map_err(run_error(name))?;
         }
-        let mut outputs = full.session.run(inputs).map_err(run_error(&full.name))?;
+        let [seqlens, total] = attention_lengths(batch, total)?;
+        binding.bind_input("seqlens_k", &seqlens).map_err(run_error(name))?;
+        binding
+            .bind_input("total_sequence_length", &total)
+            .map_err(run_error(name))?;
         for index in 0..self.config.num_layers {
-            cache.keys[index] = take(&mut outputs, &format!("present_key.{index}"), &full.name)?;
-            cache.values[index] =
-                take(&mut outputs, &format!("present_value.{index}"), &full.name)?;
+            let names = [
+                format!("past_key.{index}"),
+                format!("past_value.{index}"),
+                format!("present_key.{index}"),
+                format!("present_value.{index}"),
+            ];
+            let names = KvNames {
+                past_key: &names[0],
+                past_value: &names[1],
+                present_key: &names[2],
+                present_value: &names[3],
+            };
+            cache.bind(&mut binding, index, names, Rows::All, name)?;
         }
-        cache.len += step.input_ids.ncols();
-        logits_of(&outputs["logits"], &full.name)
+        binding
+            .bind_output_to_device("logits", &host_memory()?)
+            .map_err(run_error(name))?;
+        let outputs = full.session.run_binding(&binding).map_err(run_error(name))?;
+        cache.len += tokens;
+        logits_of(&outputs["logits"], name)
     }
 }

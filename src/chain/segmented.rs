@@ -4,7 +4,7 @@
 use std::borrow::Cow;
 use std::time::Instant;
 
-use ndarray::{Array2, Array3};
+use ndarray::{Array2, Array3, Axis};
 use ort::session::SessionInputValue;
 use ort::value::DynValue;
 
@@ -12,7 +12,8 @@ use super::hook::{LayerHook, Site};
 use super::profile::{time_if, SegmentProfile, STEERING};
 use super::segment::{load_segment, logits_of, take, LoadedSegment};
 use super::step::{ImageEmbeds, Step};
-use super::{run_error, CausalLm, KvCache, ModelError, PositionVisitor};
+use super::kv_cache::{KvNames, Rows};
+use super::{attention_lengths, host_memory, run_error, CausalLm, KvCache, ModelError, PositionVisitor};
 use crate::bundle::{Bundle, Dtype, ModelConfig, SegmentKind};
 use crate::runtime::values::{hidden_to_f32, value_in, view_input};
 use crate::runtime::Runtime;
@@ -134,15 +135,71 @@ const HEAD_ROWS: usize = 256;
 pub const DEFAULT_PREFILL_CHUNK: usize = 512;
 
 /// Inputs and outputs every layer segment has (the manifest contract).
-pub const LAYER_INPUTS: [&str; 7] = [
+pub const LAYER_INPUTS: [&str; 9] = [
     "hidden_in",
     "attention_bias",
     "cos",
     "sin",
     "past_key",
     "past_value",
+    "seqlens_k",
+    "total_sequence_length",
     "steer_delta",
 ];
+/// The names a layer graph's KV buffers are bound to.
+const LAYER_KV: KvNames<'static> = KvNames {
+    past_key: "past_key",
+    past_value: "past_value",
+    present_key: "present_key",
+    present_value: "present_value",
+};
+
+/// What one layer call reads besides the KV buffers.
+struct LayerInputs<'a> {
+    hidden: &'a DynValue,
+    positions: &'a [DynValue; 3],
+    lengths: &'a [DynValue; 2],
+    delta: &'a DynValue,
+}
+
+/// Run layer `index` on `inputs` for `rows`, its KV buffers bound in place: its output `[B, T, d]`.
+fn run_layer(
+    layer: &mut LoadedSegment,
+    index: usize,
+    inputs: LayerInputs<'_>,
+    cache: &mut KvCache,
+    rows: Rows,
+) -> Result<DynValue, ModelError> {
+    let name = layer.name.as_str();
+    let mut binding = layer.session.create_binding().map_err(run_error(name))?;
+    let [bias, cos, sin] = inputs.positions;
+    let [seqlens, total] = inputs.lengths;
+    let bound = [
+        ("hidden_in", inputs.hidden),
+        ("attention_bias", bias),
+        ("cos", cos),
+        ("sin", sin),
+        ("seqlens_k", seqlens),
+        ("total_sequence_length", total),
+        ("steer_delta", inputs.delta),
+    ];
+    for (input, value) in bound {
+        binding.bind_input(input, value).map_err(run_error(name))?;
+    }
+    cache.bind(&mut binding, index, LAYER_KV, rows, name)?;
+    binding
+        .bind_output_to_device("hidden_out", &host_memory()?)
+        .map_err(run_error(name))?;
+    let mut outputs = layer.session.run_binding(&binding).map_err(run_error(name))?;
+    take(&mut outputs, "hidden_out", name)
+}
+
+/// Row `row` of a batch-first tensor (`[B, ...]` -> `[1, ...]`), in the same dtype.
+fn row_of(value: &DynValue, row: usize, dtype: Dtype) -> Result<DynValue, ModelError> {
+    let (array, _) = crate::runtime::values::to_f32(value, "batch row")?;
+    let one = array.select(Axis(0), &[row]);
+    Ok(value_in(one, dtype, "batch row")?)
+}
 /// Outputs every layer segment has.
 pub const LAYER_OUTPUTS: [&str; 3] = ["hidden_out", "present_key", "present_value"];
 /// What the positions segment computes once per step for every layer.
@@ -279,48 +336,82 @@ impl SegmentChain {
             )?),
             _ => None,
         };
+        cache.reserve(past + tokens)?;
+        let dtype = self.dtype;
+        let whole_lengths = whole
+            .as_ref()
+            .map(|_| attention_lengths(batch, past + tokens))
+            .transpose()?;
         for (index, layer) in self.layers.iter_mut().enumerate().take(layers) {
             let steered = time_if(profile, decode, STEERING, || {
                 hook.delta(index)
-                    .map(|delta| steer_value(delta.clone(), self.dtype))
+                    .map(|delta| steer_value(delta.clone(), dtype))
                     .transpose()
             })?;
             let delta = steered.as_ref().unwrap_or(&unsteered);
+            let layer_name = layer.name.clone();
+            // GroupQueryAttention takes several new tokens after cached ones one row at a time.
             let mut run = |hidden: &DynValue,
-                           [bias, cos, sin]: &[DynValue; 3],
+                           positions: &[DynValue; 3],
+                           lengths: &[DynValue; 2],
+                           (start, end): (usize, usize),
                            profile: &mut Option<SegmentProfile>| {
-                let inputs: Vec<(Cow<'_, str>, SessionInputValue<'_>)> = vec![
-                    (Cow::Borrowed("hidden_in"), hidden.into()),
-                    (Cow::Borrowed("attention_bias"), bias.into()),
-                    (Cow::Borrowed("cos"), cos.into()),
-                    (Cow::Borrowed("sin"), sin.into()),
-                    (Cow::Borrowed("past_key"), (&cache.keys[index]).into()),
-                    (Cow::Borrowed("past_value"), (&cache.values[index]).into()),
-                    (Cow::Borrowed("steer_delta"), delta.into()),
-                ];
-                let mut outputs = time_if(profile, decode, &layer.name, || {
-                    layer.session.run(inputs).map_err(run_error(&layer.name))
-                })?;
-                let next = take(&mut outputs, "hidden_out", &layer.name)?;
-                cache.keys[index] = take(&mut outputs, "present_key", &layer.name)?;
-                cache.values[index] = take(&mut outputs, "present_value", &layer.name)?;
-                Ok::<_, ModelError>(next)
+                let inputs = LayerInputs {
+                    hidden,
+                    positions,
+                    lengths,
+                    delta,
+                };
+                if batch == 1 || end - start == 1 || past + start == 0 {
+                    return time_if(profile, decode, &layer_name, || {
+                        run_layer(layer, index, inputs, cache, Rows::All)
+                    });
+                }
+                let mut outputs = Vec::with_capacity(batch);
+                for row in 0..batch {
+                    let hidden = row_of(hidden, row, dtype)?;
+                    let [bias, cos, sin] = positions;
+                    let positions = [
+                        row_of(bias, row, dtype)?,
+                        row_of(cos, row, dtype)?,
+                        row_of(sin, row, dtype)?,
+                    ];
+                    let lengths = attention_lengths(1, past + end)?;
+                    let delta = row_of(delta, row, dtype)?;
+                    let inputs = LayerInputs {
+                        hidden: &hidden,
+                        positions: &positions,
+                        lengths: &lengths,
+                        delta: &delta,
+                    };
+                    let out = time_if(profile, decode, &layer_name, || {
+                        run_layer(layer, index, inputs, cache, Rows::One(row))
+                    })?;
+                    outputs.push(hidden_to_f32(&out)?);
+                }
+                let views: Vec<_> = outputs.iter().map(|o| o.view()).collect();
+                let stacked = ndarray::concatenate(Axis(0), &views)
+                    .map_err(|e| ModelError::Shape(format!("layer rows do not stack: {e}")))?;
+                Ok::<_, ModelError>(value_in(stacked, dtype, &layer_name)?)
             };
-            hidden = match &whole {
-                Some(positions) => run(&hidden, positions, profile)?,
-                None => {
+            hidden = match (&whole, &whole_lengths) {
+                (Some(positions), Some(lengths)) => {
+                    run(&hidden, positions, lengths, (0, tokens), profile)?
+                }
+                _ => {
                     let full = hidden_to_f32(&hidden)?;
                     let mut out = Array3::<f32>::zeros(full.dim());
                     for &(start, end) in &chunks {
                         let positions =
                             chunk_positions(&mut self.positions, profile, step, past, start, end)?;
+                        let lengths = attention_lengths(batch, past + end)?;
                         let part = full.slice(ndarray::s![.., start..end, ..]).to_owned();
-                        let part = value_in(part, self.dtype, &layer.name)?;
-                        let part = run(&part, &positions, profile)?;
+                        let part = value_in(part, dtype, &layer_name)?;
+                        let part = run(&part, &positions, &lengths, (start, end), profile)?;
                         out.slice_mut(ndarray::s![.., start..end, ..])
                             .assign(&hidden_to_f32(&part)?);
                     }
-                    value_in(out, self.dtype, &layer.name)?
+                    value_in(out, dtype, &layer_name)?
                 }
             };
             hidden = time_if(profile, decode, STEERING, || {

@@ -244,6 +244,9 @@ impl RunningBatch {
         let group = BatchSteering::new(requests.iter().map(|r| r.steering.clone()).collect());
         let mut cache = model.new_cache(requests.len())?;
         let step = Step::for_prompts(&prompts, self.pad_id);
+        // Sized once for the longest the group can grow, so that no decode step reallocates it.
+        let longest = requests.iter().map(|r| r.max_new_tokens).max().unwrap_or(0);
+        cache.reserve((step.input_ids.ncols() + longest).min(context))?;
         let started = Instant::now();
         let mut prefill = group.prefill(model.config());
         let ids: Vec<&[u32]> = prompts.iter().map(|p| p.ids.as_slice()).collect();

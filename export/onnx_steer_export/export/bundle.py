@@ -20,8 +20,14 @@ from transformers import PreTrainedModel
 
 from .. import FORMAT_VERSION
 from .digest import sha256
-from .graph_passes import copy_dims_in_reshapes, merge_sibling_matmuls
+from .graph_passes import (
+    copy_dims_in_reshapes,
+    drop_untyped_value_info,
+    emit_group_query_attention,
+    merge_sibling_matmuls,
+)
 from .segments import (
+    STAND_IN_DOMAIN,
     EmbedSegment,
     FullModel,
     HeadSegment,
@@ -94,34 +100,41 @@ def layer_io(dims: ModelDims, dtype: str) -> tuple[list[TensorSpec], list[Tensor
     inputs = [
         TensorSpec("hidden_in", dtype, hidden),
         *position_io(dims, dtype)[1],
-        kv_spec("past_key", dims, dtype, "past"),
-        kv_spec("past_value", dims, dtype, "past"),
+        kv_spec("past_key", dims, dtype, "capacity"),
+        kv_spec("past_value", dims, dtype, "capacity"),
+        *attention_lengths(),
         TensorSpec("steer_delta", dtype, ("batch", "steer_tokens", dims.hidden)),
     ]
     outputs = [
         TensorSpec("hidden_out", dtype, hidden),
-        kv_spec("present_key", dims, dtype, "total"),
-        kv_spec("present_value", dims, dtype, "total"),
+        kv_spec("present_key", dims, dtype, "capacity"),
+        kv_spec("present_value", dims, dtype, "capacity"),
     ]
     return inputs, outputs
 
 
+def attention_lengths() -> list[TensorSpec]:
+    """What GroupQueryAttention reads of the step's lengths: each row's P+T-1 and P+T."""
+    return [TensorSpec("seqlens_k", "int32", ("batch",)), TensorSpec("total_sequence_length", "int32", ())]
+
+
 def full_io(dims: ModelDims, dtype: str) -> tuple[list[TensorSpec], list[TensorSpec]]:
-    past = [kv_spec(f"past_{kind}.{i}", dims, dtype, "past") for i in range(dims.layers) for kind in ("key", "value")]
-    present = [
-        kv_spec(f"present_{kind}.{i}", dims, dtype, "total") for i in range(dims.layers) for kind in ("key", "value")
-    ]
+    past = [kv_spec(f"past_{kind}.{i}", dims, dtype, "capacity") for i in range(dims.layers)
+            for kind in ("key", "value")]
+    present = [kv_spec(f"present_{kind}.{i}", dims, dtype, "capacity") for i in range(dims.layers)
+               for kind in ("key", "value")]
     inputs = [
         TensorSpec("input_ids", "int64", ("batch", "tokens")),
         TensorSpec("position_ids", "int64", ("batch", "tokens")),
         TensorSpec("attention_mask", "int64", ("batch", "total")),
+        *attention_lengths(),
         *past,
     ]
     return inputs, [TensorSpec("logits", "float32", ("batch", dims.vocab)), *present]
 
 
-TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "int64": torch.int64}
-DUMMY_SIZES = {"batch": 2, "tokens": 3, "past": 4, "total": 7, "steer_tokens": 1, "images": 2}
+TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "int64": torch.int64, "int32": torch.int32}
+DUMMY_SIZES = {"batch": 2, "tokens": 3, "past": 4, "total": 7, "capacity": 9, "steer_tokens": 1, "images": 2}
 
 
 def dummy(spec: TensorSpec) -> torch.Tensor:
@@ -130,6 +143,10 @@ def dummy(spec: TensorSpec) -> torch.Tensor:
         return torch.ones(shape, dtype=torch.int64)
     if spec.name == "attention_bias":
         return torch.zeros(shape).to(TORCH_DTYPES[spec.dtype])
+    if spec.name == "seqlens_k":
+        return torch.full(shape, DUMMY_SIZES["total"] - 1, dtype=torch.int32)
+    if spec.name == "total_sequence_length":
+        return torch.tensor(DUMMY_SIZES["total"], dtype=torch.int32)
     if spec.dtype == "int64":
         return torch.arange(shape[-1], dtype=torch.int64).expand(shape).contiguous() + DUMMY_SIZES["past"]
     return torch.randn(shape).to(TORCH_DTYPES[spec.dtype])
@@ -152,10 +169,13 @@ def export_graph(module: nn.Module, path: Path, inputs: list[TensorSpec], output
             opset_version=OPSET,
             dynamo=False,
             do_constant_folding=True,
+            custom_opsets={STAND_IN_DOMAIN: 1},
         )
+    emit_group_query_attention(path)
     model = onnxslim.slim(str(path))
     merge_sibling_matmuls(model)
     copy_dims_in_reshapes(model)
+    drop_untyped_value_info(model)
     onnx.save_model(model, str(path))
 
 

@@ -5,6 +5,7 @@ costs about as much as a small matrix product."""
 from __future__ import annotations
 
 from collections import defaultdict
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -130,3 +131,35 @@ def merge_sibling_matmuls(model: onnx.ModelProto) -> int:
         merged += len(nodes)
     drop_dead_nodes(graph)
     return merged
+
+
+def emit_group_query_attention(path: Path) -> int:
+    """Turn the tracer's stand-in nodes (`segments.GroupQueryAttentionOp`) into ONNX Runtime's
+    com.microsoft GroupQueryAttention, whose empty cos_cache, sin_cache and position_ids inputs sit
+    before attention_bias. Rewrites the file in place; returns how many nodes it rewrote."""
+    from .segments import STAND_IN_DOMAIN
+
+    model = onnx.load(str(path))
+    rewritten = 0
+    for node in model.graph.node:
+        if node.domain == STAND_IN_DOMAIN and node.op_type == "GroupQueryAttention":
+            inputs = list(node.input)
+            del node.input[:]
+            node.input.extend([*inputs[:7], "", "", "", inputs[7]])
+            node.domain = "com.microsoft"
+            rewritten += 1
+    drop_untyped_value_info(model)
+    imports = [op for op in model.opset_import if op.domain != STAND_IN_DOMAIN]
+    if rewritten:
+        imports.append(onnx.helper.make_opsetid("com.microsoft", 1))
+    del model.opset_import[:]
+    model.opset_import.extend(imports)
+    onnx.save_model(model, str(path))
+    return rewritten
+
+
+def drop_untyped_value_info(model: onnx.ModelProto) -> None:
+    """Forget inferred types left unknown (element type 0), which ONNX Runtime refuses: the tracer and
+    onnx's shape inference cannot type a contrib op's outputs."""
+    for info in [info for info in model.graph.value_info if not info.type.tensor_type.elem_type]:
+        model.graph.value_info.remove(info)

@@ -78,7 +78,10 @@ def segment_parity(bundle: Path, model: PreTrainedModel, input_ids: torch.Tensor
     dims = model.config.get_text_config()
     kv_heads = getattr(dims, "num_key_value_heads", None) or dims.num_attention_heads
     head_dim = getattr(dims, "head_dim", None) or dims.hidden_size // dims.num_attention_heads
-    empty = np.zeros((mask.shape[0], kv_heads, 0, head_dim), dtype=embedded.dtype)
+    batch, tokens = mask.shape
+    # The KV buffers hold exactly this step: GroupQueryAttention writes it at positions 0..T-1.
+    buffer = np.zeros((batch, kv_heads, tokens, head_dim), dtype=embedded.dtype)
+    lengths = {"seqlens_k": np.full(batch, tokens - 1, np.int32), "total_sequence_length": np.array(tokens, np.int32)}
 
     results = [_errors("embed", _session(bundle / "embed.onnx").run(None, {"input_ids": input_ids.numpy()})[0],
                        embedded, text)]
@@ -87,8 +90,8 @@ def segment_parity(bundle: Path, model: PreTrainedModel, input_ids: torch.Tensor
     hidden_in = embedded
     for index, reference in enumerate(layer_outputs):
         got = _session(bundle / f"layer_{index:02d}.onnx").run(None, {
-            "hidden_in": hidden_in, "attention_bias": bias, "cos": cos, "sin": sin, "past_key": empty, "past_value": empty,
-            "steer_delta": np.zeros((mask.shape[0], 1, embedded.shape[-1]), dtype=embedded.dtype),
+            "hidden_in": hidden_in, "attention_bias": bias, "cos": cos, "sin": sin, "past_key": buffer, "past_value": buffer,
+            **lengths, "steer_delta": np.zeros((batch, 1, embedded.shape[-1]), dtype=embedded.dtype),
         })[0]
         results.append(_errors(f"layer_{index:02d}", got, reference.numpy(), valid))
         hidden_in = reference.numpy()

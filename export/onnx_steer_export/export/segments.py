@@ -8,8 +8,9 @@ ONNX graphs have a plain tensor interface:
   embed:     input_ids [B,T]                                -> hidden [B,T,d]
   positions: position_ids [B,T], attention_mask [B,P+T]     -> attention_bias [B,1,T,P+T], cos/sin [B,T,hd]
   layer:     hidden_in [B,T,d], attention_bias, cos, sin,
-             past_key/past_value [B,kv,P,hd], steer_delta [B,1|T,d]
-                                                            -> hidden_out, present_key/present_value [B,kv,P+T,hd]
+             past_key/past_value [B,kv,C,hd] (a buffer of C >= P+T positions), seqlens_k [B] (P+T-1, int32),
+             total_sequence_length [] (P+T, int32), steer_delta [B,1|T,d]
+                                                            -> hidden_out, present_key/present_value [B,kv,C,hd]
   norm:      hidden_in [B,T,d]                              -> normed [B,d] (final norm, last position)
   head:      normed [B,d]                                   -> logits [B,V] (fp32)
   full:      the same chain in one graph (the benchmark baseline)
@@ -21,6 +22,11 @@ at the image-token positions before layer 0:
 
 The mask and the rotary tables are computed once per step by `positions`, not once per layer:
 in a decode step those small graphs cost as much as the layer's own matrix products.
+
+Attention is ONNX Runtime's GroupQueryAttention contrib op. Bound with present_key/present_value on
+the same memory as past_key/past_value, it writes the step's keys and values into the buffer at
+positions P..P+T-1 and attends over it in place: no Concat of past and new, so the bytes a decode
+step moves do not grow with the context, and no KV head is repeated for its query heads.
 """
 
 from __future__ import annotations
@@ -35,21 +41,80 @@ from transformers import AttentionInterface, PreTrainedModel
 
 
 class ExplicitKvCache:
-    """Stands in for an HF `Cache` for one layer: concatenates the given past and keeps the present."""
+    """Stands in for an HF `Cache` for one layer: hands the step's new keys and values to
+    `grouped_attention`, which appends them to the buffer `past_key`/`past_value` in place."""
 
-    def __init__(self, past_key: torch.Tensor, past_value: torch.Tensor) -> None:
+    def __init__(self, past_key: torch.Tensor, past_value: torch.Tensor, seqlens_k: torch.Tensor,
+                 total_sequence_length: torch.Tensor) -> None:
         self.past_key = past_key
         self.past_value = past_value
+        self.seqlens_k = seqlens_k
+        self.total_sequence_length = total_sequence_length
         self.present_key: torch.Tensor | None = None
         self.present_value: torch.Tensor | None = None
 
     def update(self, key: torch.Tensor, value: torch.Tensor, layer_idx: int, *args: object, **kwargs: object):
-        self.present_key = torch.cat([self.past_key, key], dim=2)
-        self.present_value = torch.cat([self.past_value, value], dim=2)
-        return self.present_key, self.present_value
+        return key, value
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
-        return self.past_key.shape[2]
+        return 0
+
+
+# The cache of the layer being traced: HF passes the attention function the layer's module, not its cache.
+_TRACED_CACHE: list[ExplicitKvCache] = []
+
+
+@contextmanager
+def traced_cache(cache: ExplicitKvCache) -> Iterator[ExplicitKvCache]:
+    _TRACED_CACHE.append(cache)
+    try:
+        yield cache
+    finally:
+        _TRACED_CACHE.pop()
+
+
+class GroupQueryAttentionOp(torch.autograd.Function):
+    """ONNX Runtime's com.microsoft GroupQueryAttention on a KV buffer, with an additive bias.
+
+    `forward` is its reference semantics in torch (what the tracer runs); `symbolic` emits the op,
+    whose three empty inputs (cos_cache, sin_cache, position_ids: the rotary embedding is applied
+    before, by the HF layer) precede attention_bias."""
+
+    @staticmethod
+    def forward(ctx: object, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, past_key: torch.Tensor,
+                past_value: torch.Tensor, seqlens_k: torch.Tensor, total: torch.Tensor, bias: torch.Tensor,
+                heads: int, kv_heads: int, scale: float, softcap: float) -> tuple[torch.Tensor, ...]:
+        batch, tokens, _ = query.shape
+        head_dim = past_key.shape[-1]
+        end = int(total)
+        start = end - tokens
+        present = []
+        for past, new in ((past_key, key), (past_value, value)):
+            buffer = past.clone()
+            buffer[:, :, start:end] = new.reshape(batch, tokens, kv_heads, head_dim).transpose(1, 2)
+            present.append(buffer)
+        keys, values = present[0][:, :, :end], present[1][:, :, :end]
+        grouped = query.reshape(batch, tokens, kv_heads, heads // kv_heads, head_dim).permute(0, 2, 3, 1, 4)
+        scores = torch.matmul(grouped, keys.transpose(2, 3)[:, :, None]) * scale
+        if softcap > 0:
+            scores = torch.tanh(scores / softcap) * softcap
+        scores = scores + bias[:, :, None]
+        probs = nn.functional.softmax(scores, dim=-1, dtype=torch.float32).to(query.dtype)
+        out = torch.matmul(probs, values[:, :, None]).permute(0, 3, 1, 2, 4).reshape(batch, tokens, -1)
+        return out, present[0], present[1]
+
+    @staticmethod
+    def symbolic(g: torch.Graph, query: torch.Value, key: torch.Value, value: torch.Value, past_key: torch.Value,
+                 past_value: torch.Value, seqlens_k: torch.Value, total: torch.Value, bias: torch.Value,
+                 heads: int, kv_heads: int, scale: float, softcap: float) -> tuple[torch.Value, ...]:
+        # A custom-domain stand-in that `graph_passes.emit_group_query_attention` turns into the contrib
+        # op: the TorchScript exporter cannot emit its empty optional inputs.
+        return g.op(f"{STAND_IN_DOMAIN}::GroupQueryAttention", query, key, value, past_key, past_value, seqlens_k,
+                    total, bias, num_heads_i=heads, kv_num_heads_i=kv_heads, scale_f=scale, softcap_f=softcap,
+                    outputs=3)
+
+
+STAND_IN_DOMAIN = "onnx_steer"
 
 
 def additive_causal_mask(attention_mask: torch.Tensor, query_len: int, dtype: torch.dtype) -> torch.Tensor:
@@ -71,26 +136,29 @@ def additive_causal_mask(attention_mask: torch.Tensor, query_len: int, dtype: to
 def grouped_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                       attention_mask: torch.Tensor | None, scaling: float, dropout: float = 0.0,
                       **kwargs: object) -> tuple[torch.Tensor, None]:
-    """Eager attention for grouped KV heads without repeating the KV cache.
+    """The layer's attention as GroupQueryAttention on the traced layer's KV buffer.
 
-    HF's eager path expands every KV head `groups` times, which in a decode step copies the whole
-    cache of every layer. Here the `groups` query heads that share a KV head are stacked along the
-    query axis instead (heads are numbered kv_head * groups + r, as in `repeat_kv`).
-    """
-    batch, heads, _, head_dim = query.shape
-    kv_heads = key.shape[1]
-    groups = heads // kv_heads
-    # Only the batch size is read from a shape: the exporter's reshape pass turns it into a copied dim,
-    # so no Shape/Gather/Concat chain runs per step.
-    grouped = query.reshape(batch, kv_heads, -1, head_dim)
-    scores = torch.matmul(grouped, key.transpose(2, 3)) * scaling
-    if attention_mask is not None:
-        # Row g*T + t of a KV head's block is query head (kv*groups + g) at token t.
-        scores = scores + attention_mask.repeat(1, 1, groups, 1)
-    probs = nn.functional.softmax(scores, dim=-1, dtype=torch.float32).to(query.dtype)
-    out = torch.matmul(probs, value).reshape(batch, heads, -1, head_dim)
+    `query` [B,heads,T,hd] and `key`/`value` [B,kv,T,hd] are the step's, after the rotary embedding;
+    the buffer's presents are left on the cache for the segment to return. Logit soft-capping
+    (Gemma 2) is the op's `softcap`."""
+    cache = _TRACED_CACHE[-1]
+    # Head counts come from the module, not from traced shapes: the op's attributes must be constants.
+    heads, kv_heads = query.shape[1], key.shape[1]
+    heads, kv_heads = int(heads), int(kv_heads)
+    assert attention_mask is not None, "the segments always pass the positions graph's bias"
+    softcap = float(getattr(getattr(module, "config", None), "attn_logit_softcapping", None) or 0.0)
+
+    def packed(states: torch.Tensor) -> torch.Tensor:
+        """[B,heads,T,hd] -> [B,T,heads*hd], with a reshape target the graph passes make constant."""
+        states = states.transpose(1, 2)
+        return states.reshape(states.shape[0], states.shape[1], -1)
+
+    out, cache.present_key, cache.present_value = GroupQueryAttentionOp.apply(
+        packed(query), packed(key), packed(value),
+        cache.past_key, cache.past_value, cache.seqlens_k, cache.total_sequence_length, attention_mask,
+        heads, kv_heads, float(scaling), softcap)
     # The weights are not returned: export never asks for them.
-    return out.transpose(1, 2).contiguous(), None
+    return out.reshape(out.shape[0], out.shape[1], heads, -1), None
 
 
 GROUPED_ATTENTION = "onnx_steer_grouped"
@@ -99,11 +167,8 @@ AttentionInterface.register(GROUPED_ATTENTION, grouped_attention)
 
 @contextmanager
 def exported_attention(model: PreTrainedModel) -> Iterator[None]:
-    """Trace `model` with `grouped_attention` where it is exact (no logit soft-capping), then restore."""
+    """Trace `model` with `grouped_attention`, then restore its attention implementation."""
     before = model.config._attn_implementation
-    if getattr(model.config, "attn_logit_softcapping", None):
-        yield
-        return
     model.set_attn_implementation(GROUPED_ATTENTION)
     try:
         yield
@@ -166,18 +231,20 @@ class LayerSegment(nn.Module):
         sin: torch.Tensor,
         past_key: torch.Tensor,
         past_value: torch.Tensor,
+        seqlens_k: torch.Tensor,
+        total_sequence_length: torch.Tensor,
         steer_delta: torch.Tensor,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """`steer_delta` is added to the layer output on the provider, so steering a static or
         predicted vector costs one Add and never moves activations to the host; zeros leave it unsteered."""
-        cache = ExplicitKvCache(past_key, past_value)
-        hidden_out = self.layer(
-            hidden_in,
-            attention_mask=attention_bias,
-            past_key_values=cache,
-            use_cache=True,
-            position_embeddings=(cos, sin),
-        )
+        with traced_cache(ExplicitKvCache(past_key, past_value, seqlens_k, total_sequence_length)) as cache:
+            hidden_out = self.layer(
+                hidden_in,
+                attention_mask=attention_bias,
+                past_key_values=cache,
+                use_cache=True,
+                position_embeddings=(cos, sin),
+            )
         assert cache.present_key is not None and cache.present_value is not None
         return hidden_out + steer_delta, cache.present_key, cache.present_value
 
@@ -250,13 +317,15 @@ class FullModel(nn.Module):
         self.head = HeadSegment(model)
 
     def forward(
-        self, input_ids: torch.Tensor, position_ids: torch.Tensor, attention_mask: torch.Tensor, *past: torch.Tensor
+        self, input_ids: torch.Tensor, position_ids: torch.Tensor, attention_mask: torch.Tensor,
+        seqlens_k: torch.Tensor, total_sequence_length: torch.Tensor, *past: torch.Tensor
     ) -> tuple[torch.Tensor, ...]:
         hidden = self.embed(input_ids)
         bias, cos, sin = self.positions(position_ids, attention_mask)
         no_steer = torch.zeros_like(hidden[:, :1, :])
         presents: list[torch.Tensor] = []
         for i, layer in enumerate(self.layers):
-            hidden, key, value = layer(hidden, bias, cos, sin, past[2 * i], past[2 * i + 1], no_steer)
+            hidden, key, value = layer(hidden, bias, cos, sin, past[2 * i], past[2 * i + 1], seqlens_k,
+                                       total_sequence_length, no_steer)
             presents += [key, value]
         return (self.head(self.norm(hidden)), *presents)
