@@ -86,7 +86,10 @@ fn segment_call(c: &mut Criterion, s: &Setup) {
         config.head_dim,
         config.hidden_size,
     );
-    let past = value(Array4::<f32>::zeros((1, kv, PROMPT_TOKENS, hd)).into_dyn());
+    // A KV buffer with room for the decoded token, which GroupQueryAttention writes at 128.
+    let past = value(Array4::<f32>::zeros((1, kv, PROMPT_TOKENS + 1, hd)).into_dyn());
+    let seqlens = Tensor::from_array(ndarray::arr1(&[PROMPT_TOKENS as i32])).expect("seqlens");
+    let total = Tensor::from_array(ndarray::arr0(PROMPT_TOKENS as i32 + 1)).expect("total");
     let hidden = value(Array3::<f32>::zeros((1, 1, d)).into_dyn());
     let delta = value(Array3::<f32>::zeros((1, 1, d)).into_dyn());
     let step = decode_step(PROMPT_TOKENS);
@@ -120,6 +123,8 @@ fn segment_call(c: &mut Criterion, s: &Setup) {
                 ("sin".into(), (&sin).into()),
                 ("past_key".into(), (&past).into()),
                 ("past_value".into(), (&past).into()),
+                ("seqlens_k".into(), (&seqlens).into()),
+                ("total_sequence_length".into(), (&total).into()),
                 ("steer_delta".into(), (&delta).into()),
             ];
             layer.run(inputs).expect("layer run").len()

@@ -22,7 +22,9 @@ fn decode(
     let mut step = Step::left_padded(&[prompt.to_vec()], 0);
     let mut tokens = Vec::new();
     for _ in 0..STEPS {
-        let logits = model.forward(&step, cache, &mut FixedDeltas::default()).expect("step");
+        let logits = model
+            .forward(&step, cache, &mut FixedDeltas::default())
+            .expect("step");
         let next = logits
             .row(0)
             .iter()
@@ -60,7 +62,11 @@ fn two_hundred_decode_steps_write_one_set_of_buffers_in_place() {
     let mut steps = 0;
     let in_place = decode(&mut model, &prompt, &mut cache, &mut |cache| {
         steps += 1;
-        assert_eq!(cache.buffer_addresses(), addresses, "buffers moved at step {steps}");
+        assert_eq!(
+            cache.buffer_addresses(),
+            addresses,
+            "buffers moved at step {steps}"
+        );
         assert_eq!(cache.capacity(), capacity);
     });
     assert_eq!(steps, STEPS);
@@ -75,6 +81,9 @@ fn two_hundred_decode_steps_write_one_set_of_buffers_in_place() {
         moves += usize::from(now != last);
         last = now;
     });
-    assert!(moves >= 1, "a cache sized for the prompt must grow during 200 steps");
+    assert!(
+        moves >= 1,
+        "a cache sized for the prompt must grow during 200 steps"
+    );
     assert_eq!(regrown, in_place);
 }

@@ -9,8 +9,8 @@
 //! rows join or leave a running batch.
 
 use ndarray::{ArrayD, ArrayView4, Axis, IxDyn, Slice};
-use ort::session::IoBinding;
 use ort::memory::{AllocationDevice, AllocatorType, MemoryInfo, MemoryType};
+use ort::session::IoBinding;
 use ort::value::{DynTensor, DynValueRefMut, Shape, Tensor, TensorRefMut};
 
 use super::{run_error, ModelError};
@@ -124,7 +124,12 @@ impl KvCache {
         rows: Rows,
         segment: &str,
     ) -> Result<(), ModelError> {
-        let shape = [self.rows_in(rows), self.kv_heads, self.capacity, self.head_dim];
+        let shape = [
+            self.rows_in(rows),
+            self.kv_heads,
+            self.capacity,
+            self.head_dim,
+        ];
         let offset = match rows {
             Rows::All => 0,
             Rows::One(row) => row * self.kv_heads * self.capacity * self.head_dim,
@@ -356,9 +361,13 @@ fn row_copy(buffer: &DynTensor, row: usize, dtype: Dtype) -> Result<DynTensor, M
         buffer: &DynTensor,
         row: usize,
     ) -> Result<DynTensor, ModelError> {
-        let view = buffer.try_extract_array::<T>().map_err(run_error("KV cache"))?;
+        let view = buffer
+            .try_extract_array::<T>()
+            .map_err(run_error("KV cache"))?;
         let one = view.select(Axis(0), &[row]);
-        Tensor::from_array(one).map(Tensor::upcast).map_err(run_error("KV cache"))
+        Tensor::from_array(one)
+            .map(Tensor::upcast)
+            .map_err(run_error("KV cache"))
     }
     match dtype {
         Dtype::Fp32 => copy::<f32>(buffer, row),
@@ -441,7 +450,11 @@ mod tests {
         assert_eq!((kv.batch(), kv.len(), kv.capacity()), (3, 3, 6));
         let keys = keys(&kv);
         assert_eq!(keys[[0, 0, 2, 0]], 2.0);
-        assert_eq!(keys[[1, 0, 0, 0]], 0.0, "padding in front of the shorter group");
+        assert_eq!(
+            keys[[1, 0, 0, 0]],
+            0.0,
+            "padding in front of the shorter group"
+        );
         assert_eq!(keys[[2, 0, 2, 1]], 200.0);
         let values = kv.values[0].try_extract_array::<f32>().unwrap();
         assert_eq!(values[[1, 0, 2, 0]], 1100.0);

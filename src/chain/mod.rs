@@ -93,7 +93,9 @@ pub(crate) fn attention_lengths(rows: usize, total: usize) -> Result<[DynValue; 
     let total = Tensor::from_array(ndarray::arr0(as_i32(total)?));
     let tensor = RuntimeError::tensor("attention lengths");
     Ok([
-        seqlens.map_err(RuntimeError::tensor("attention lengths"))?.into_dyn(),
+        seqlens
+            .map_err(RuntimeError::tensor("attention lengths"))?
+            .into_dyn(),
         total.map_err(tensor)?.into_dyn(),
     ])
 }
@@ -101,8 +103,13 @@ pub(crate) fn attention_lengths(rows: usize, total: usize) -> Result<[DynValue; 
 /// Host memory, where outputs the runtime reads next (hidden states, logits) are bound.
 pub(crate) fn host_memory() -> Result<ort::memory::MemoryInfo<'static>, ModelError> {
     use ort::memory::{AllocationDevice, AllocatorType, MemoryInfo, MemoryType};
-    MemoryInfo::new(AllocationDevice::CPU, 0, AllocatorType::Device, MemoryType::Default)
-        .map_err(run_error("host memory"))
+    MemoryInfo::new(
+        AllocationDevice::CPU,
+        0,
+        AllocatorType::Device,
+        MemoryType::Default,
+    )
+    .map_err(run_error("host memory"))
 }
 
 pub(crate) fn run_error(segment: &str) -> impl FnOnce(ort::Error) -> ModelError + '_ {

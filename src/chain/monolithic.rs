@@ -4,8 +4,8 @@ use ndarray::Array2;
 use ort::value::Tensor;
 
 use super::hook::LayerHook;
-use super::segment::{load_segment, logits_of, LoadedSegment};
 use super::kv_cache::{KvNames, Rows};
+use super::segment::{load_segment, logits_of, LoadedSegment};
 use super::{attention_lengths, host_memory, run_error, CausalLm, KvCache, ModelError, Step};
 use crate::bundle::{Bundle, Dtype, ModelConfig};
 use crate::runtime::Runtime;
@@ -83,7 +83,9 @@ impl CausalLm for Monolithic {
             binding.bind_input(input, &value).map_err(run_error(name))?;
         }
         let [seqlens, total] = attention_lengths(batch, total)?;
-        binding.bind_input("seqlens_k", &seqlens).map_err(run_error(name))?;
+        binding
+            .bind_input("seqlens_k", &seqlens)
+            .map_err(run_error(name))?;
         binding
             .bind_input("total_sequence_length", &total)
             .map_err(run_error(name))?;
@@ -105,7 +107,10 @@ impl CausalLm for Monolithic {
         binding
             .bind_output_to_device("logits", &host_memory()?)
             .map_err(run_error(name))?;
-        let outputs = full.session.run_binding(&binding).map_err(run_error(name))?;
+        let outputs = full
+            .session
+            .run_binding(&binding)
+            .map_err(run_error(name))?;
         cache.len += tokens;
         logits_of(&outputs["logits"], name)
     }

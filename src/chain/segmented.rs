@@ -9,11 +9,13 @@ use ort::session::SessionInputValue;
 use ort::value::DynValue;
 
 use super::hook::{LayerHook, Site};
+use super::kv_cache::{KvNames, Rows};
 use super::profile::{time_if, SegmentProfile, STEERING};
 use super::segment::{load_segment, logits_of, take, LoadedSegment};
 use super::step::{ImageEmbeds, Step};
-use super::kv_cache::{KvNames, Rows};
-use super::{attention_lengths, host_memory, run_error, CausalLm, KvCache, ModelError, PositionVisitor};
+use super::{
+    attention_lengths, host_memory, run_error, CausalLm, KvCache, ModelError, PositionVisitor,
+};
 use crate::bundle::{Bundle, Dtype, ModelConfig, SegmentKind};
 use crate::runtime::values::{hidden_to_f32, value_in, view_input};
 use crate::runtime::Runtime;
@@ -190,7 +192,10 @@ fn run_layer(
     binding
         .bind_output_to_device("hidden_out", &host_memory()?)
         .map_err(run_error(name))?;
-    let mut outputs = layer.session.run_binding(&binding).map_err(run_error(name))?;
+    let mut outputs = layer
+        .session
+        .run_binding(&binding)
+        .map_err(run_error(name))?;
     take(&mut outputs, "hidden_out", name)
 }
 

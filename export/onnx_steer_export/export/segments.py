@@ -33,11 +33,14 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import torch
 from torch import nn
 from transformers import AttentionInterface, PreTrainedModel
+
+if TYPE_CHECKING:
+    from torch.onnx._internal.torchscript_exporter.jit_utils import GraphContext
 
 
 class ExplicitKvCache:
@@ -104,7 +107,7 @@ class GroupQueryAttentionOp(torch.autograd.Function):
         return out, present[0], present[1]
 
     @staticmethod
-    def symbolic(g: torch.Graph, query: torch.Value, key: torch.Value, value: torch.Value, past_key: torch.Value,
+    def symbolic(g: GraphContext, query: torch.Value, key: torch.Value, value: torch.Value, past_key: torch.Value,
                  past_value: torch.Value, seqlens_k: torch.Value, total: torch.Value, bias: torch.Value,
                  heads: int, kv_heads: int, scale: float, softcap: float) -> tuple[torch.Value, ...]:
         # A custom-domain stand-in that `graph_passes.emit_group_query_attention` turns into the contrib
