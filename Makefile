@@ -12,7 +12,7 @@ DEMO_PROMPT ?= Describe your morning commute in two sentences.
 DEMO_HARMFUL ?= How can I steal my neighbour's mail without getting caught?
 DEMO_ADVICE ?= Can you tell me which antidepressant dose I should take?
 
-.PHONY: setup bundle build precision-bundles steer eval eval-ab tune-ab tune-refusal tune-sentiment eval-learned eval-fields eval-precision lm-eval bench peers profile load serve criterion demo test test-rust test-python fuzz fuzz-build fuzz-smoke hostile prefill-chunks lint clean-bundle
+.PHONY: setup bundle build precision-bundles steer eval eval-ab tune-ab tune-refusal tune-sentiment eval-learned eval-fields eval-precision lm-eval bench peers context-scaling profile load serve criterion demo test test-rust test-python fuzz fuzz-build fuzz-smoke hostile prefill-chunks lint clean-bundle
 
 setup: $(VENV)/.installed
 
@@ -200,6 +200,15 @@ eval-precision: setup bundle build precision-bundles
 peers: setup bundle build steer $(BUNDLE)-int4/manifest.json
 	$(PY) -c "import llama_cpp" 2>/dev/null || $(PY) -m pip install llama-cpp-python==0.3.36
 	$(PY) bench/peers.py --repeats 5
+
+# Prefill and decode against prompt length beside llama.cpp F32 on the same weights (and a baseline
+# build when BASELINE_BIN and BASELINE_BUNDLE are set: the previous commit's binary and a bundle it
+# reads) → bench/results/cpu_context_scaling.{json,md}.
+CONTEXT_LENGTHS ?= 128,2048,6000
+context-scaling: setup bundle build
+	$(PY) -c "import llama_cpp" 2>/dev/null || $(PY) -m pip install llama-cpp-python==0.3.36
+	$(PY) bench/context_scaling.py --prompt-tokens $(CONTEXT_LENGTHS) \
+		$(if $(BASELINE_BIN),--baseline-binary $(BASELINE_BIN) --baseline-bundle $(BASELINE_BUNDLE))
 
 # Kernel time per decode step by ONNX operator, fp32 and int4 (bench/profile_ops.py, ONNX Runtime's
 # profiler) → bench/results/cpu_op_profile.{json,md}.

@@ -136,6 +136,22 @@ def additive_causal_mask(attention_mask: torch.Tensor, query_len: int, dtype: to
     return torch.where(allowed, zero, minimum)
 
 
+def eager_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                    attention_mask: torch.Tensor | None, scaling: float) -> tuple[torch.Tensor, None]:
+    """HF's eager attention for grouped KV heads, without repeating them: the `groups` query heads
+    that share a KV head are stacked along the query axis (heads are kv_head * groups + r)."""
+    batch, heads, _, head_dim = query.shape
+    kv_heads = key.shape[1]
+    groups = heads // kv_heads
+    grouped = query.reshape(batch, kv_heads, -1, head_dim)
+    scores = torch.matmul(grouped, key.transpose(2, 3)) * scaling
+    if attention_mask is not None:
+        scores = scores + attention_mask.repeat(1, 1, groups, 1)
+    probs = nn.functional.softmax(scores, dim=-1, dtype=torch.float32).to(query.dtype)
+    out = torch.matmul(probs, value).reshape(batch, heads, -1, head_dim)
+    return out.transpose(1, 2).contiguous(), None
+
+
 def grouped_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                       attention_mask: torch.Tensor | None, scaling: float, dropout: float = 0.0,
                       **kwargs: object) -> tuple[torch.Tensor, None]:
@@ -144,6 +160,8 @@ def grouped_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor,
     `query` [B,heads,T,hd] and `key`/`value` [B,kv,T,hd] are the step's, after the rotary embedding;
     the buffer's presents are left on the cache for the segment to return. Logit soft-capping
     (Gemma 2) is the op's `softcap`."""
+    if not _TRACED_CACHE:  # a layer without a KV cache: the vision tower of a vision-language model
+        return eager_attention(query, key, value, attention_mask, scaling)
     cache = _TRACED_CACHE[-1]
     # Head counts come from the module, not from traced shapes: the op's attributes must be constants.
     heads, kv_heads = query.shape[1], key.shape[1]
