@@ -9,11 +9,10 @@
 //! rows join or leave a running batch.
 
 use ndarray::{ArrayD, ArrayView4, Axis, IxDyn, Slice};
-use ort::memory::{AllocationDevice, AllocatorType, MemoryInfo, MemoryType};
 use ort::session::IoBinding;
 use ort::value::{DynTensor, DynValueRefMut, Shape, Tensor, TensorRefMut};
 
-use super::{run_error, ModelError};
+use super::{host_memory, run_error, ModelError};
 use crate::bundle::{Dtype, ModelConfig};
 
 /// Positions a growing cache adds at least: a decode step that outgrows it reallocates once per
@@ -329,13 +328,7 @@ fn memory_view(
     shape: &[usize; 4],
     dtype: Dtype,
 ) -> Result<DynValueRefMut<'static>, ModelError> {
-    let info = MemoryInfo::new(
-        AllocationDevice::CPU,
-        0,
-        AllocatorType::Device,
-        MemoryType::Default,
-    )
-    .map_err(run_error("KV cache"))?;
+    let info = host_memory()?;
     let shape = Shape::from(shape.map(|d| d as i64));
     // SAFETY: `bind` binds the view for one run of a binding that the caller drops before the
     // cache changes, and `offset + shape` elements lie within the buffer (`Rows::One(r)` addresses

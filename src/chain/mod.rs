@@ -89,15 +89,12 @@ pub(crate) fn attention_lengths(rows: usize, total: usize) -> Result<[DynValue; 
     let as_i32 = |n: usize| {
         i32::try_from(n).map_err(|_| ModelError::Shape(format!("{n} positions do not fit int32")))
     };
-    let seqlens = Tensor::from_array(ndarray::Array1::from_elem(rows, as_i32(total - 1)?));
-    let total = Tensor::from_array(ndarray::arr0(as_i32(total)?));
-    let tensor = RuntimeError::tensor("attention lengths");
-    Ok([
-        seqlens
-            .map_err(RuntimeError::tensor("attention lengths"))?
-            .into_dyn(),
-        total.map_err(tensor)?.into_dyn(),
-    ])
+    const WHAT: &str = "attention lengths";
+    let seqlens = Tensor::from_array(ndarray::Array1::from_elem(rows, as_i32(total - 1)?))
+        .map_err(RuntimeError::tensor(WHAT))?;
+    let total =
+        Tensor::from_array(ndarray::arr0(as_i32(total)?)).map_err(RuntimeError::tensor(WHAT))?;
+    Ok([seqlens.into_dyn(), total.into_dyn()])
 }
 
 /// Host memory, where outputs the runtime reads next (hidden states, logits) are bound.

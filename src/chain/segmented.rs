@@ -343,9 +343,10 @@ impl SegmentChain {
         };
         cache.reserve(past + tokens)?;
         let dtype = self.dtype;
-        let whole_lengths = whole
-            .as_ref()
-            .map(|_| attention_lengths(batch, past + tokens))
+        let whole = whole
+            .map(|positions| {
+                Ok::<_, ModelError>((positions, attention_lengths(batch, past + tokens)?))
+            })
             .transpose()?;
         for (index, layer) in self.layers.iter_mut().enumerate().take(layers) {
             let steered = time_if(profile, decode, STEERING, || {
@@ -399,11 +400,11 @@ impl SegmentChain {
                     .map_err(|e| ModelError::Shape(format!("layer rows do not stack: {e}")))?;
                 Ok::<_, ModelError>(value_in(stacked, dtype, &layer_name)?)
             };
-            hidden = match (&whole, &whole_lengths) {
-                (Some(positions), Some(lengths)) => {
+            hidden = match &whole {
+                Some((positions, lengths)) => {
                     run(&hidden, positions, lengths, (0, tokens), profile)?
                 }
-                _ => {
+                None => {
                     let full = hidden_to_f32(&hidden)?;
                     let mut out = Array3::<f32>::zeros(full.dim());
                     for &(start, end) in &chunks {
