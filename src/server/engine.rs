@@ -1,11 +1,11 @@
 //! The engine thread: it owns the model and a [`RunningBatch`], admits queued jobs between decode
 //! steps (up to `max_batch` rows), and streams each row's tokens back to its request.
 //!
-//! Requests never touch the model: they send a [`Job`] through a bounded queue and read
-//! [`JobEvent`]s. A request that goes away drops its receiver; the engine then cancels the row and
+//! Requests never touch the model: they send their [`Job`]s through a bounded queue, as one group
+//! that joins the batch together, and read [`JobEvent`]s. A request that goes away drops its receiver; the engine then cancels the row and
 //! its KV cache is freed at once.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::mpsc::{self, Receiver, SyncSender, TryRecvError, TrySendError};
 use std::sync::Arc;
@@ -77,7 +77,7 @@ impl Drop for AliveGuard {
 /// Sends jobs to the engine thread; cheap to clone.
 #[derive(Clone)]
 pub struct EngineHandle {
-    jobs: SyncSender<Job>,
+    jobs: SyncSender<Vec<Job>>,
     waiting: Arc<AtomicUsize>,
     running: Arc<AtomicUsize>,
     alive: Arc<AtomicBool>,
@@ -85,16 +85,23 @@ pub struct EngineHandle {
 }
 
 impl EngineHandle {
-    /// Queue `job`, or refuse it at once when the queue is full or the engine has stopped.
-    pub fn submit(&self, job: Job) -> Result<(), SubmitError> {
+    /// Queue `jobs` (the choices of one request) to join the batch together, in one prefill
+    /// when they fit, so that what they generate does not depend on when the engine woke up.
+    /// Refused whole, at once, when the queue cannot take them all or the engine has stopped.
+    pub fn submit(&self, jobs: Vec<Job>) -> Result<(), SubmitError> {
+        let count = jobs.len();
         // Counted before the send, so the engine's decrement never runs ahead of it.
-        self.waiting.fetch_add(1, Ordering::Relaxed);
-        let refused = match self.jobs.try_send(job) {
-            Ok(()) => return Ok(()),
-            Err(TrySendError::Full(_)) => SubmitError::QueueFull(self.max_queue),
-            Err(TrySendError::Disconnected(_)) => SubmitError::EngineStopped,
+        let before = self.waiting.fetch_add(count, Ordering::Relaxed);
+        let refused = if before + count > self.max_queue.max(1) {
+            SubmitError::QueueFull(self.max_queue)
+        } else {
+            match self.jobs.try_send(jobs) {
+                Ok(()) => return Ok(()),
+                Err(TrySendError::Full(_)) => SubmitError::QueueFull(self.max_queue),
+                Err(TrySendError::Disconnected(_)) => SubmitError::EngineStopped,
+            }
         };
-        self.waiting.fetch_sub(1, Ordering::Relaxed);
+        self.waiting.fetch_sub(count, Ordering::Relaxed);
         Err(refused)
     }
 
@@ -143,7 +150,7 @@ pub fn spawn(
                 waiting,
                 running,
                 batch: RunningBatch::new(options.pad_id).with_text(codec.clone()),
-                deferred: None,
+                deferred: VecDeque::new(),
                 codec,
                 listeners: HashMap::new(),
             }
@@ -155,12 +162,12 @@ pub fn spawn(
 struct Engine {
     model: Box<dyn CausalLm + Send>,
     options: EngineOptions,
-    queue: Receiver<Job>,
+    queue: Receiver<Vec<Job>>,
     waiting: Arc<AtomicUsize>,
     running: Arc<AtomicUsize>,
     batch: RunningBatch,
-    /// A job taken from the queue that did not fit the last prefill group; it joins first.
-    deferred: Option<Job>,
+    /// Jobs taken from the queue that have not joined yet, in arrival order: they join first.
+    deferred: VecDeque<Job>,
     codec: Arc<TextCodec>,
     listeners: HashMap<RowId, UnboundedSender<JobEvent>>,
 }
@@ -198,34 +205,32 @@ impl Engine {
         let mut open = true;
         let mut longest = 0;
         while self.batch.len() + admitted.len() < self.options.max_batch {
-            let next = match self.deferred.take() {
-                Some(job) => job,
-                None if self.batch.is_empty() && admitted.is_empty() => match self.queue.recv() {
-                    Ok(job) => job,
-                    Err(_) => {
-                        open = false;
-                        break;
-                    }
-                },
-                None => match self.queue.try_recv() {
-                    Ok(job) => job,
+            let Some(next) = self.deferred.pop_front() else {
+                let idle = self.batch.is_empty() && admitted.is_empty();
+                let group = match idle {
+                    true => self.queue.recv().map_err(|_| TryRecvError::Disconnected),
+                    false => self.queue.try_recv(),
+                };
+                match group {
+                    Ok(group) => self.deferred.extend(group),
                     Err(TryRecvError::Empty) => break,
                     Err(TryRecvError::Disconnected) => {
                         open = false;
                         break;
                     }
-                },
+                }
+                continue;
             };
             let length = longest.max(next.request.prompt.ids.len());
             if !admitted.is_empty() && (admitted.len() + 1) * length > self.options.prefill_tokens {
-                self.deferred = Some(next);
+                self.deferred.push_front(next);
                 break;
             }
             longest = length;
             self.waiting.fetch_sub(1, Ordering::Relaxed);
             admitted.push(next);
         }
-        (admitted, open || self.deferred.is_some())
+        (admitted, open || !self.deferred.is_empty())
     }
 
     /// Prefill the admitted jobs as one group; a job that cannot run fails alone.
@@ -343,7 +348,7 @@ fn send(listeners: &HashMap<RowId, UnboundedSender<JobEvent>>, id: RowId, event:
 mod tests {
     use super::*;
 
-    fn handle(capacity: usize) -> (EngineHandle, Receiver<Job>) {
+    fn handle(capacity: usize) -> (EngineHandle, Receiver<Vec<Job>>) {
         let (jobs, queue) = mpsc::sync_channel(capacity);
         let handle = EngineHandle {
             jobs,
@@ -375,16 +380,19 @@ mod tests {
 
     #[test]
     fn a_full_queue_is_busy_and_a_stopped_engine_is_unavailable() {
-        let (handle, queue) = handle(1);
-        assert!(handle.submit(job()).is_ok());
-        assert!(matches!(
-            handle.submit(job()),
-            Err(SubmitError::QueueFull(1))
-        ));
+        let (handle, queue) = handle(2);
+        assert!(handle.submit(vec![job()]).is_ok());
+        assert!(
+            matches!(
+                handle.submit(vec![job(), job()]),
+                Err(SubmitError::QueueFull(2))
+            ),
+            "two choices that do not both fit are refused together"
+        );
         assert_eq!(handle.queue_depth(), 1, "a refused job is not counted");
         drop(queue);
         assert!(matches!(
-            handle.submit(job()),
+            handle.submit(vec![job()]),
             Err(SubmitError::EngineStopped)
         ));
         assert_eq!(handle.queue_depth(), 1);

@@ -443,18 +443,23 @@ async fn steering(
     }
 }
 
-fn submit(state: &AppState, request: RowRequest) -> Result<UnboundedReceiver<JobEvent>, ApiError> {
-    let (events, receiver) = unbounded_channel();
-    state
-        .engine
-        .submit(Job { request, events })
-        .map_err(|e| match e {
-            SubmitError::QueueFull(_) => {
-                ApiError::new(StatusCode::TOO_MANY_REQUESTS, e.to_string())
-            }
-            SubmitError::EngineStopped => ApiError::unavailable(e.to_string()),
-        })?;
-    Ok(receiver)
+/// Queue `requests` to join the batch together; one receiver of row events per request, in order.
+fn submit(
+    state: &AppState,
+    requests: Vec<RowRequest>,
+) -> Result<Vec<UnboundedReceiver<JobEvent>>, ApiError> {
+    let (jobs, receivers) = requests
+        .into_iter()
+        .map(|request| {
+            let (events, receiver) = unbounded_channel();
+            (Job { request, events }, receiver)
+        })
+        .unzip();
+    state.engine.submit(jobs).map_err(|e| match e {
+        SubmitError::QueueFull(_) => ApiError::new(StatusCode::TOO_MANY_REQUESTS, e.to_string()),
+        SubmitError::EngineStopped => ApiError::unavailable(e.to_string()),
+    })?;
+    Ok(receivers)
 }
 
 /// Unix seconds, for `created`.
@@ -505,15 +510,15 @@ async fn respond(
             prepared.len()
         )));
     }
-    // Every choice is queued before any is awaited, so the engine batches them together; if one
-    // is refused, the receivers of the others drop and their rows are cancelled. Choice
-    // `prompt * n + i` is choice i of that prompt, as OpenAI numbers them.
-    let mut receivers = Vec::with_capacity(prepared.len() * choices_per_prompt);
-    for (request, _) in &prepared {
-        for index in 0..request.choices {
-            receivers.push(submit(&state, choice_request(&request.request, index))?);
-        }
-    }
+    // Every choice is queued at once, as one group that joins the batch together (or is refused
+    // whole). Choice `prompt * n + i` is choice i of that prompt, as OpenAI numbers them.
+    let requests = prepared
+        .iter()
+        .flat_map(|(request, _)| {
+            (0..request.choices).map(|index| choice_request(&request.request, index))
+        })
+        .collect();
+    let receivers = submit(&state, requests)?;
     let id = format!("cmpl-{}", rand::random::<u64>());
     let (first, first_text) = &prepared[0];
     let (stops, seed) = (first.stops.clone(), first.seed);
