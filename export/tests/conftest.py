@@ -13,6 +13,7 @@ import torch
 from onnx_steer_export import REPO
 from onnx_steer_export.export.source import LoadedModel, load
 from onnx_steer_export.runtime_client import find_binary
+from onnx_steer_export.train.reference import greedy
 
 
 @pytest.fixture(scope="session")
@@ -45,18 +46,7 @@ def run_generate(binary: Path, bundle: Path, *args: str) -> list[dict]:
 
 def hf_greedy(loaded: LoadedModel, input_ids: list[int], max_new_tokens: int) -> list[int]:
     """HF `generate(do_sample=False)` new tokens, without the trailing EOS (the runtime drops it too)."""
-    model = loaded.model
-    ids = torch.tensor([input_ids])
-    with torch.no_grad():
-        out = model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False,
-                             max_new_tokens=max_new_tokens, pad_token_id=loaded.tokenizer.pad_token_id)
-    new = out[0, ids.shape[1]:].tolist()
-    eos = model.generation_config.eos_token_id
-    eos = {eos} if isinstance(eos, int) else set(eos or [])
-    for i, token in enumerate(new):
-        if token in eos:
-            return new[:i]
-    return new
+    return greedy(loaded.model, input_ids, max_new_tokens, loaded.tokenizer.pad_token_id)
 
 
 def generate_error(binary: Path, bundle_dir: Path, spec: dict, where: Path) -> str:

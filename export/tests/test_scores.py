@@ -15,7 +15,7 @@ from safetensors.numpy import save_file
 
 from onnx_steer_export.export.source import LoadedModel
 from onnx_steer_export.runtime_client import run_binary
-from onnx_steer_export.train.reference import added
+from onnx_steer_export.train.reference import token_logprobs
 
 from conftest import run_generate
 
@@ -65,15 +65,8 @@ def prompt_ids(model: LoadedModel, prompt: str, chat: bool) -> list[int]:
 
 
 def hf_logprobs(model: LoadedModel, ids: list[int], steer: torch.Tensor | None) -> torch.Tensor:
-    """log p(ids[t] | ids[:t]) for t = 1.., from one HF forward (with the vector added at every position)."""
-    with torch.no_grad():
-        if steer is None:
-            logits = model.model(torch.tensor([ids])).logits
-        else:
-            with added(model.model, {LAYER: steer}):
-                logits = model.model(torch.tensor([ids])).logits
-    logprobs = torch.log_softmax(logits[0].double(), dim=-1)
-    return logprobs[torch.arange(len(ids) - 1), torch.tensor(ids[1:])]
+    """log p(ids[t] | ids[:t]) for t = 1.., with the vector added at layer LAYER when given."""
+    return token_logprobs(model.model, ids, None if steer is None else {LAYER: steer})
 
 
 @pytest.mark.parametrize("steered", [False, True], ids=["unsteered", "vector"])

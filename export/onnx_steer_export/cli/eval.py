@@ -79,6 +79,21 @@ def cmd_eval_precision(args: argparse.Namespace, parser: argparse.ArgumentParser
     print(Path(args.out).with_suffix(".md").read_text())
 
 
+def cmd_check_model(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
+    from ..eval.model_check import check_model, passed, write_markdown
+    from ..export.source import load
+
+    report = check_model(load(args.source), args.bundle, new_tokens=args.max_new_tokens,
+                         speed_prompt_tokens=args.prompt_tokens, repeats=args.repeats)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.with_suffix(".json").write_text(json.dumps(report, indent=2) + "\n")
+    write_markdown(out.with_suffix(".md"), report)
+    print(out.with_suffix(".md").read_text())
+    if not passed(report):
+        parser.exit(1, "check-model: the bundle does not match HF within the tolerances above\n")
+
+
 def cmd_eval_ab(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
     from ..data.ab import ABError
     from ..eval.ab import evaluate_ab, markdown, write
@@ -192,6 +207,20 @@ def register(commands: Commands) -> None:
     precision.add_argument("--max-tokens", type=int, default=512, help="tokens of the text scored")
     precision.add_argument("--repeats", type=int, default=3, help="timed bench runs per bundle")
     precision.add_argument("--out", default=str(REPO / "reports/precision"), help="report path stem")
+
+    check = add_command(
+        commands, "check-model", cmd_check_model,
+        help="check a bundle against the HF model it came from: segments, greedy tokens, log-probs, speed",
+        description="For a bundle and its --source: the scaled error of every segment on HF's own inputs, "
+        "greedy generations against HF generate, `onnx-steer score` log-probabilities against HF's, and "
+        "prefill/decode speed beside HF eager in the same run. Writes OUT.{json,md}; exits 1 when a check fails.",
+    )
+    add_bundle(check)
+    check.add_argument("--source", required=True, help="what the bundle was exported from (as for export)")
+    check.add_argument("--max-new-tokens", type=int, default=32, help="greedy tokens per prompt")
+    check.add_argument("--prompt-tokens", type=int, default=128, help="prompt length of the speed run")
+    check.add_argument("--repeats", type=int, default=3, help="timed runs per runtime")
+    add_report_out(check, ".json and .md")
 
     ab = add_command(
         commands, "eval-ab", cmd_eval_ab,

