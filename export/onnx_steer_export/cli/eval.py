@@ -40,15 +40,16 @@ def cmd_eval(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
 
 def cmd_eval_behaviour(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
     from ..eval.behaviour import evaluate_methods, markdown_table, plot_sweep, write_report
+    from ..eval.harness import report_file
 
     scales = args.sweep_scale
     report = evaluate_methods(args.bundle, dict(args.method), scales, args.style, args.limit, args.max_new_tokens)
     out = Path(args.out)
     write_report(report, out)
     if scales:
-        plot_sweep(report, out.with_suffix(".png"))
+        plot_sweep(report, report_file(out, ".png"))
     print(markdown_table(report))
-    print(f"wrote {out.with_suffix('.json')}, {out.with_suffix('.md')}" + (" and .png" if scales else ""))
+    print(f"wrote {report_file(out, '.json')}, {report_file(out, '.md')}" + (" and .png" if scales else ""))
 
 
 def cmd_eval_svf(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
@@ -72,24 +73,23 @@ def cmd_eval_autosteer(args: argparse.Namespace, parser: argparse.ArgumentParser
 
 
 def cmd_eval_precision(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
+    from ..eval.harness import report_file
     from ..eval.precision import run
 
     run(args.reference, args.bundle, args.text, args.prompts, args.limit, args.max_new_tokens, args.max_tokens,
         args.repeats, Path(args.out))
-    print(Path(args.out).with_suffix(".md").read_text())
+    print(report_file(Path(args.out), ".md").read_text())
 
 
 def cmd_check_model(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
-    from ..eval.model_check import check_model, passed, write_markdown
+    from ..eval.harness import save_report
+    from ..eval.model_check import check_model, markdown, passed
     from ..export.source import load
 
     report = check_model(load(args.source), args.bundle, new_tokens=args.max_new_tokens,
                          speed_prompt_tokens=args.prompt_tokens, repeats=args.repeats)
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".json").write_text(json.dumps(report, indent=2) + "\n")
-    write_markdown(out.with_suffix(".md"), report)
-    print(out.with_suffix(".md").read_text())
+    save_report(report, Path(args.out), markdown)
+    print(markdown(report))
     if not passed(report):
         parser.exit(1, "check-model: the bundle does not match HF within the tolerances above\n")
 

@@ -79,14 +79,19 @@ def evaluate(bundle: Path, task: str, prompts_path: Path, spec: Path | None, sca
     }
 
 
+def report_file(out: Path, extension: str) -> Path:
+    """`out` + `extension`: report stems are names like `qwen2.5-0.5b`, whose dots are no suffix."""
+    return out.with_name(out.name + extension)
+
+
 def save_report(report: dict, out: Path, markdown: Callable[[dict], str],
                 plot: Callable[[dict, Path], None] | None = None) -> None:
     """Write `out`.json, `out`.md (and `out`.png with `plot`)."""
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".json").write_text(json.dumps(report, indent=2) + "\n")
-    out.with_suffix(".md").write_text(markdown(report))
+    report_file(out, ".json").write_text(json.dumps(report, indent=2) + "\n")
+    report_file(out, ".md").write_text(markdown(report))
     if plot is not None:
-        plot(report, out.with_suffix(".png"))
+        plot(report, report_file(out, ".png"))
 
 
 def plot(report: dict, path: Path) -> None:

@@ -175,7 +175,7 @@ def passed(report: dict) -> bool:
             and report["worst_logprob_error"] < LOGPROB_TOLERANCE)
 
 
-def write_markdown(path: Path, report: dict) -> None:
+def markdown(report: dict) -> str:
     model, figures = report["model"], report["speed"]
     greedy_rows = "\n".join(
         f"| {row['prompt']} | {row['tokens']} | {'equal' if row['first_difference'] is None else row['first_difference']} |"
@@ -207,4 +207,4 @@ def write_markdown(path: Path, report: dict) -> None:
         greedy_rows,
         "",
     ]
-    path.write_text("\n".join(lines))
+    return "\n".join(lines)
