@@ -157,6 +157,8 @@ def export_graph(module: nn.Module, path: Path, inputs: list[TensorSpec], output
     sibling MatMuls merge, and run-time Reshape targets become constants where they copy dims. In a
     decode step every tiny node costs about as much as a small matrix product."""
     args = tuple(dummy(spec) for spec in inputs)
+    # Only graphs with a KV cache attend through the stand-in op; the others would warn of an unused domain.
+    attends = any(spec.name == "seqlens_k" for spec in inputs)
     with warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore")
         torch.onnx.export(
@@ -169,7 +171,7 @@ def export_graph(module: nn.Module, path: Path, inputs: list[TensorSpec], output
             opset_version=OPSET,
             dynamo=False,
             do_constant_folding=True,
-            custom_opsets={STAND_IN_DOMAIN: 1},
+            custom_opsets={STAND_IN_DOMAIN: 1} if attends else None,
         )
     emit_group_query_attention(path)
     model = onnxslim.slim(str(path))

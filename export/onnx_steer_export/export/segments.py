@@ -112,9 +112,14 @@ class GroupQueryAttentionOp(torch.autograd.Function):
                  heads: int, kv_heads: int, scale: float, softcap: float) -> tuple[torch.Value, ...]:
         # A custom-domain stand-in that `graph_passes.emit_group_query_attention` turns into the contrib
         # op: the TorchScript exporter cannot emit its empty optional inputs.
-        return g.op(f"{STAND_IN_DOMAIN}::GroupQueryAttention", query, key, value, past_key, past_value, seqlens_k,
-                    total, bias, num_heads_i=heads, kv_num_heads_i=kv_heads, scale_f=scale, softcap_f=softcap,
-                    outputs=3)
+        out, present_key, present_value = g.op(
+            f"{STAND_IN_DOMAIN}::GroupQueryAttention", query, key, value, past_key, past_value, seqlens_k, total, bias,
+            num_heads_i=heads, kv_num_heads_i=kv_heads, scale_f=scale, softcap_f=softcap, outputs=3)
+        # Typed like the op's inputs, so the exporter's shape inference has nothing to warn about.
+        out.setType(query.type())
+        present_key.setType(past_key.type())
+        present_value.setType(past_value.type())
+        return out, present_key, present_value
 
 
 STAND_IN_DOMAIN = "onnx_steer"
