@@ -203,6 +203,7 @@ MODEL        ?= qwen2.5-0.5b-instruct
 MODEL_BUNDLE := onnx/$(MODEL)
 
 models/$(MODEL)/gguf-path: $(VENV)/.installed export/onnx_steer_export/export/fetch.py
+	mkdir -p $(@D)
 	$(PY) -m onnx_steer_export fetch $(MODEL) > $@.tmp && mv $@.tmp $@
 
 $(MODEL_BUNDLE)/manifest.json: models/$(MODEL)/gguf-path $(addprefix export/onnx_steer_export/export/,source.py segments.py bundle.py graph_passes.py)
