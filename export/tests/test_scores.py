@@ -6,13 +6,13 @@ from __future__ import annotations
 import json
 import subprocess
 from pathlib import Path
-from typing import cast
 
 import numpy as np
 import pytest
 import torch
 from safetensors.numpy import save_file
 
+from onnx_steer_export.eval.model_check import prompt_ids
 from onnx_steer_export.export.source import LoadedModel
 from onnx_steer_export.runtime_client import run_binary
 from onnx_steer_export.train.reference import token_logprobs
@@ -55,13 +55,6 @@ def runtime_scores(binary: Path, bundle: Path, tmp_path: Path, *flags: str) -> l
     out = tmp_path / "scored.jsonl"
     run_binary(["score", "--bundle", str(bundle), "--jsonl", str(lines), "--out", str(out), *flags], binary)
     return [json.loads(line) for line in out.read_text().splitlines()]
-
-
-def prompt_ids(model: LoadedModel, prompt: str, chat: bool) -> list[int]:
-    if chat:
-        return list(cast(list[int], model.tokenizer.apply_chat_template(
-            [{"role": "user", "content": prompt}], add_generation_prompt=True, tokenize=True, return_dict=False)))
-    return list(model.tokenizer(prompt).input_ids)
 
 
 def hf_logprobs(model: LoadedModel, ids: list[int], steer: torch.Tensor | None) -> torch.Tensor:
