@@ -9,7 +9,7 @@ from typing import Any
 import onnx
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, GemmaConfig, LlamaConfig, PretrainedConfig, Qwen2Config
+from transformers import AutoModelForCausalLM, Gemma3TextConfig, GemmaConfig, LlamaConfig, PretrainedConfig, Qwen2Config
 
 from onnx_steer_export.export.bundle import export_bundle
 from onnx_steer_export.export.parity import segment_parity
@@ -27,6 +27,11 @@ SMALL: dict[str, Any] = {"hidden_size": 64, "intermediate_size": 128, "num_hidde
 CONFIGS: dict[str, PretrainedConfig] = {
     "qwen2": Qwen2Config(**SMALL, tie_word_embeddings=False),
     "gemma": GemmaConfig(**SMALL, head_dim=16),
+    # A sliding layer with a window shorter than the test prompts and its own rotary base, then a global one.
+    "gemma3_text": Gemma3TextConfig(**SMALL, head_dim=16, sliding_window=4,
+                                    layer_types=["sliding_attention", "full_attention"],
+                                    rope_parameters={"sliding_attention": {"rope_type": "default", "rope_theta": 10.0},
+                                                     "full_attention": {"rope_type": "default", "rope_theta": 10000.0}}),
     "llama": LlamaConfig(**SMALL, tie_word_embeddings=True),
 }
 

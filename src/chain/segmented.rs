@@ -16,7 +16,7 @@ use super::step::{ImageEmbeds, Step};
 use super::{
     attention_lengths, host_memory, run_error, CausalLm, KvCache, ModelError, PositionVisitor,
 };
-use crate::bundle::{Bundle, Dtype, ModelConfig, SegmentKind};
+use crate::bundle::{Bundle, Dtype, ModelConfig, Segment, SegmentKind};
 use crate::runtime::values::{hidden_to_f32, value_in, view_input};
 use crate::runtime::Runtime;
 
@@ -42,16 +42,27 @@ fn splice_images(
     Ok(value_in(array, dtype, "image splice")?)
 }
 
-/// The positions graph's mask bias and rotary tables for tokens `start..end` of `step`, after
-/// `past` cached positions.
+/// The positions graph with the names of its outputs: the attention bias and the rotary tables,
+/// which layers bind by name.
+struct PositionsGraph {
+    segment: LoadedSegment,
+    outputs: Vec<String>,
+}
+
+/// The positions graph's outputs for tokens `start..end` of `step`, after `past` cached
+/// positions, in the order of [`PositionsGraph::outputs`].
 fn chunk_positions(
-    positions: &mut LoadedSegment,
+    positions: &mut PositionsGraph,
     profile: &mut Option<SegmentProfile>,
     step: &Step,
     past: usize,
     start: usize,
     end: usize,
-) -> Result<[DynValue; 3], ModelError> {
+) -> Result<Vec<DynValue>, ModelError> {
+    let PositionsGraph {
+        segment: positions,
+        outputs: names,
+    } = positions;
     let decode = step.input_ids.ncols() == 1;
     // Column slices of several rows are not contiguous, which ONNX Runtime needs: those are
     // copied (a whole-step slice is borrowed as it is).
@@ -74,8 +85,10 @@ fn chunk_positions(
             ])
             .map_err(run_error(&positions.name))
     })?;
-    let [bias, cos, sin] = POSITION_OUTPUTS.map(|name| take(&mut outputs, name, &positions.name));
-    Ok([bias?, cos?, sin?])
+    names
+        .iter()
+        .map(|name| take(&mut outputs, name, &positions.name))
+        .collect()
 }
 
 /// Keeps fp32 copies of chosen layers' outputs (for `capture`).
@@ -122,8 +135,8 @@ pub struct SegmentChain {
     config: ModelConfig,
     dtype: Dtype,
     embed: LoadedSegment,
-    positions: LoadedSegment,
-    layers: Vec<LoadedSegment>,
+    positions: PositionsGraph,
+    layers: Vec<ChainLayer>,
     norm: LoadedSegment,
     head: LoadedSegment,
     profile: Option<SegmentProfile>,
@@ -136,18 +149,55 @@ const HEAD_ROWS: usize = 256;
 /// Query tokens per layer call of a long prefill ([`SegmentChain::with_prefill_chunk`]).
 pub const DEFAULT_PREFILL_CHUNK: usize = 512;
 
-/// Inputs and outputs every layer segment has (the manifest contract).
-pub const LAYER_INPUTS: [&str; 9] = [
+/// Inputs every layer segment has besides the positions graph's outputs (the manifest contract).
+pub const LAYER_INPUTS: [&str; 6] = [
     "hidden_in",
-    "attention_bias",
-    "cos",
-    "sin",
     "past_key",
     "past_value",
     "seqlens_k",
     "total_sequence_length",
     "steer_delta",
 ];
+
+/// A layer segment and which of the positions graph's outputs it reads: the attention bias and
+/// its rotary pair (`cos`/`sin`, or `cos_sliding`/`sin_sliding` on Gemma 3's sliding layers).
+struct ChainLayer {
+    segment: LoadedSegment,
+    tables: Vec<usize>,
+}
+
+impl ChainLayer {
+    /// Load `segment`, matching each input that is not in [`LAYER_INPUTS`] to a positions output.
+    fn load(
+        bundle: &Bundle,
+        runtime: &Runtime,
+        segment: &Segment,
+        positions: &[String],
+    ) -> Result<Self, ModelError> {
+        let loaded = load_segment(bundle, runtime, segment, &LAYER_INPUTS, &LAYER_OUTPUTS)?;
+        let tables = segment
+            .inputs
+            .iter()
+            .filter(|input| !LAYER_INPUTS.contains(&input.name.as_str()))
+            .map(|input| {
+                positions
+                    .iter()
+                    .position(|name| *name == input.name)
+                    .ok_or_else(|| ModelError::Interface {
+                        file: segment.file.clone(),
+                        problem: format!(
+                            "input {} is neither a layer input nor an output of the positions graph ({positions:?})",
+                            input.name
+                        ),
+                    })
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(Self {
+            segment: loaded,
+            tables,
+        })
+    }
+}
 /// The names a layer graph's KV buffers are bound to.
 const LAYER_KV: KvNames<'static> = KvNames {
     past_key: "past_key",
@@ -159,40 +209,41 @@ const LAYER_KV: KvNames<'static> = KvNames {
 /// What one layer call reads besides the KV buffers.
 struct LayerInputs<'a> {
     hidden: &'a DynValue,
-    positions: &'a [DynValue; 3],
+    positions: &'a [DynValue],
     lengths: &'a [DynValue; 2],
     delta: &'a DynValue,
 }
 
 /// Run layer `index` on `inputs` for `rows`, its KV buffers bound in place: its output `[B, T, d]`.
 fn run_layer(
-    layer: &mut LoadedSegment,
+    layer: &mut ChainLayer,
     index: usize,
     inputs: LayerInputs<'_>,
     cache: &mut KvCache,
     rows: Rows,
+    position_names: &[String],
 ) -> Result<DynValue, ModelError> {
-    let name = layer.name.as_str();
-    let mut binding = layer.session.create_binding().map_err(run_error(name))?;
-    let [bias, cos, sin] = inputs.positions;
+    let ChainLayer { segment, tables } = layer;
+    let name = segment.name.as_str();
+    let mut binding = segment.session.create_binding().map_err(run_error(name))?;
     let [seqlens, total] = inputs.lengths;
     let bound = [
         ("hidden_in", inputs.hidden),
-        ("attention_bias", bias),
-        ("cos", cos),
-        ("sin", sin),
         ("seqlens_k", seqlens),
         ("total_sequence_length", total),
         ("steer_delta", inputs.delta),
     ];
-    for (input, value) in bound {
+    let tables = tables
+        .iter()
+        .map(|&table| (position_names[table].as_str(), &inputs.positions[table]));
+    for (input, value) in bound.into_iter().chain(tables) {
         binding.bind_input(input, value).map_err(run_error(name))?;
     }
     cache.bind(&mut binding, index, LAYER_KV, rows, name)?;
     binding
         .bind_output_to_device("hidden_out", &host_memory()?)
         .map_err(run_error(name))?;
-    let mut outputs = layer
+    let mut outputs = segment
         .session
         .run_binding(&binding)
         .map_err(run_error(name))?;
@@ -207,8 +258,6 @@ fn row_of(value: &DynValue, row: usize, dtype: Dtype) -> Result<DynValue, ModelE
 }
 /// Outputs every layer segment has.
 pub const LAYER_OUTPUTS: [&str; 3] = ["hidden_out", "present_key", "present_value"];
-/// What the positions segment computes once per step for every layer.
-const POSITION_OUTPUTS: [&str; 3] = ["attention_bias", "cos", "sin"];
 
 impl SegmentChain {
     /// Build one session per segment, verifying each file's sha256 as it is read.
@@ -226,17 +275,21 @@ impl SegmentChain {
             &["input_ids"],
             &["hidden"],
         )?;
-        let positions = load_segment(
-            bundle,
-            runtime,
-            find(SegmentKind::Positions)?,
-            &["position_ids", "attention_mask"],
-            &POSITION_OUTPUTS,
-        )?;
+        let positions = find(SegmentKind::Positions)?;
+        let positions = PositionsGraph {
+            segment: load_segment(
+                bundle,
+                runtime,
+                positions,
+                &["position_ids", "attention_mask"],
+                &["attention_bias"],
+            )?,
+            outputs: positions.outputs.iter().map(|o| o.name.clone()).collect(),
+        };
         let layers = bundle
             .layers()
             .into_iter()
-            .map(|segment| load_segment(bundle, runtime, segment, &LAYER_INPUTS, &LAYER_OUTPUTS))
+            .map(|segment| ChainLayer::load(bundle, runtime, segment, &positions.outputs))
             .collect::<Result<Vec<_>, _>>()?;
         let norm = load_segment(
             bundle,
@@ -343,6 +396,7 @@ impl SegmentChain {
         };
         cache.reserve(past + tokens)?;
         let dtype = self.dtype;
+        let position_names = self.positions.outputs.clone();
         let whole = whole
             .map(|positions| {
                 Ok::<_, ModelError>((positions, attention_lengths(batch, past + tokens)?))
@@ -355,10 +409,10 @@ impl SegmentChain {
                     .transpose()
             })?;
             let delta = steered.as_ref().unwrap_or(&unsteered);
-            let layer_name = layer.name.clone();
+            let layer_name = layer.segment.name.clone();
             // GroupQueryAttention takes several new tokens after cached ones one row at a time.
             let mut run = |hidden: &DynValue,
-                           positions: &[DynValue; 3],
+                           positions: &[DynValue],
                            lengths: &[DynValue; 2],
                            (start, end): (usize, usize),
                            profile: &mut Option<SegmentProfile>| {
@@ -370,18 +424,16 @@ impl SegmentChain {
                 };
                 if batch == 1 || end - start == 1 || past + start == 0 {
                     return time_if(profile, decode, &layer_name, || {
-                        run_layer(layer, index, inputs, cache, Rows::All)
+                        run_layer(layer, index, inputs, cache, Rows::All, &position_names)
                     });
                 }
                 let mut outputs = Vec::with_capacity(batch);
                 for row in 0..batch {
                     let hidden = row_of(hidden, row, dtype)?;
-                    let [bias, cos, sin] = positions;
-                    let positions = [
-                        row_of(bias, row, dtype)?,
-                        row_of(cos, row, dtype)?,
-                        row_of(sin, row, dtype)?,
-                    ];
+                    let positions = positions
+                        .iter()
+                        .map(|table| row_of(table, row, dtype))
+                        .collect::<Result<Vec<_>, _>>()?;
                     let lengths = attention_lengths(1, past + end)?;
                     let delta = row_of(delta, row, dtype)?;
                     let inputs = LayerInputs {
@@ -391,7 +443,7 @@ impl SegmentChain {
                         delta: &delta,
                     };
                     let out = time_if(profile, decode, &layer_name, || {
-                        run_layer(layer, index, inputs, cache, Rows::One(row))
+                        run_layer(layer, index, inputs, cache, Rows::One(row), &position_names)
                     })?;
                     outputs.push(hidden_to_f32(&out)?);
                 }

@@ -27,6 +27,7 @@ from .graph_passes import (
     merge_sibling_matmuls,
 )
 from .segments import (
+    FULL_ATTENTION,
     STAND_IN_DOMAIN,
     EmbedSegment,
     FullModel,
@@ -38,6 +39,8 @@ from .segments import (
     VisionSegment,
     decoder_layers,
     exported_attention,
+    rotary_layer_types,
+    rotary_suffix,
 )
 from .source import LoadedModel
 
@@ -85,21 +88,25 @@ def kv_spec(name: str, dims: ModelDims, dtype: str, length: str) -> TensorSpec:
     return TensorSpec(name, dtype, ("batch", dims.kv_heads, length, dims.head_dim))
 
 
-def position_io(dims: ModelDims, dtype: str) -> tuple[list[TensorSpec], list[TensorSpec]]:
+def rotary_pair(dims: ModelDims, dtype: str, suffix: str) -> list[TensorSpec]:
+    return [TensorSpec(f"{name}{suffix}", dtype, ("batch", "tokens", dims.head_dim)) for name in ("cos", "sin")]
+
+
+def position_io(dims: ModelDims, dtype: str, suffixes: list[str]) -> tuple[list[TensorSpec], list[TensorSpec]]:
+    """The positions graph: the causal bias, then one rotary pair per suffix (`rotary_suffix`)."""
     inputs = [TensorSpec("position_ids", "int64", ("batch", "tokens")),
               TensorSpec("attention_mask", "int64", ("batch", "total"))]
-    return inputs, [
-        TensorSpec("attention_bias", dtype, ("batch", 1, "tokens", "total")),
-        TensorSpec("cos", dtype, ("batch", "tokens", dims.head_dim)),
-        TensorSpec("sin", dtype, ("batch", "tokens", dims.head_dim)),
-    ]
+    tables = [spec for suffix in suffixes for spec in rotary_pair(dims, dtype, suffix)]
+    return inputs, [TensorSpec("attention_bias", dtype, ("batch", 1, "tokens", "total")), *tables]
 
 
-def layer_io(dims: ModelDims, dtype: str) -> tuple[list[TensorSpec], list[TensorSpec]]:
+def layer_io(dims: ModelDims, dtype: str, suffix: str) -> tuple[list[TensorSpec], list[TensorSpec]]:
+    """A decoder layer that reads the rotary pair `suffix` of the positions graph."""
     hidden = ("batch", "tokens", dims.hidden)
     inputs = [
         TensorSpec("hidden_in", dtype, hidden),
-        *position_io(dims, dtype)[1],
+        TensorSpec("attention_bias", dtype, ("batch", 1, "tokens", "total")),
+        *rotary_pair(dims, dtype, suffix),
         kv_spec("past_key", dims, dtype, "capacity"),
         kv_spec("past_value", dims, dtype, "capacity"),
         *attention_lengths(),
@@ -190,6 +197,7 @@ def eos_token_ids(loaded: LoadedModel) -> list[int]:
 def model_section(loaded: LoadedModel, dims: ModelDims) -> dict:
     config = loaded.model.config.get_text_config()
     rope = getattr(config, "rope_parameters", None) or {}
+    rope = rope.get(FULL_ATTENTION, rope)  # per layer type (Gemma 3): the global layers' parameters
     return {
         "architecture": loaded.model.config.model_type,
         "hidden_size": dims.hidden,
@@ -287,14 +295,14 @@ def export_bundle(loaded: LoadedModel, out: Path, dtype: str = "fp32", monolithi
     out.mkdir(parents=True, exist_ok=True)
 
     hidden = ("batch", "tokens", dims.hidden)
-    lin, lout = layer_io(dims, float_type)
-    pin, pout = position_io(dims, float_type)
+    suffixes = [rotary_suffix(t) for t in rotary_layer_types(model)]
+    pin, pout = position_io(dims, float_type, sorted(set(suffixes)))
     jobs: list[tuple[dict, nn.Module, list[TensorSpec], list[TensorSpec]]] = [
         ({"kind": "embed", "file": "embed.onnx"}, EmbedSegment(model),
          [TensorSpec("input_ids", "int64", ("batch", "tokens"))], [TensorSpec("hidden", float_type, hidden)]),
         ({"kind": "positions", "file": "positions.onnx"}, PositionsSegment(model), pin, pout),
-        *(({"kind": "layer", "index": i, "file": f"layer_{i:02d}.onnx"}, LayerSegment(model, i), lin, lout)
-          for i in range(dims.layers)),
+        *(({"kind": "layer", "index": i, "file": f"layer_{i:02d}.onnx"}, LayerSegment(model, i),
+           *layer_io(dims, float_type, suffix)) for i, suffix in enumerate(suffixes)),
         ({"kind": "norm", "file": "norm.onnx"}, NormSegment(model),
          [TensorSpec("hidden_in", float_type, hidden)], [TensorSpec("normed", float_type, ("batch", dims.hidden))]),
         ({"kind": "head", "file": "head.onnx"}, HeadSegment(model),

@@ -85,14 +85,16 @@ def segment_parity(bundle: Path, model: PreTrainedModel, input_ids: torch.Tensor
 
     results = [_errors("embed", _session(bundle / "embed.onnx").run(None, {"input_ids": input_ids.numpy()})[0],
                        embedded, text)]
-    bias, cos, sin = _session(bundle / "positions.onnx").run(
-        None, {"position_ids": position_ids.numpy(), "attention_mask": mask})
+    positions = _session(bundle / "positions.onnx")
+    tables = dict(zip([o.name for o in positions.get_outputs()],
+                      positions.run(None, {"position_ids": position_ids.numpy(), "attention_mask": mask})))
     hidden_in = embedded
     for index, reference in enumerate(layer_outputs):
-        got = _session(bundle / f"layer_{index:02d}.onnx").run(None, {
-            "hidden_in": hidden_in, "attention_bias": bias, "cos": cos, "sin": sin, "past_key": buffer, "past_value": buffer,
-            **lengths, "steer_delta": np.zeros((batch, 1, embedded.shape[-1]), dtype=embedded.dtype),
-        })[0]
+        layer = _session(bundle / f"layer_{index:02d}.onnx")
+        step = {"hidden_in": hidden_in, "past_key": buffer, "past_value": buffer, **lengths,
+                "steer_delta": np.zeros((batch, 1, embedded.shape[-1]), dtype=embedded.dtype), **tables}
+        # Each layer reads the bias and its own rotary pair of the positions graph's tables.
+        got = layer.run(None, {i.name: step[i.name] for i in layer.get_inputs()})[0]
         results.append(_errors(f"layer_{index:02d}", got, reference.numpy(), valid))
         hidden_in = reference.numpy()
     normed = _session(bundle / "norm.onnx").run(None, {"hidden_in": hidden_in})[0]

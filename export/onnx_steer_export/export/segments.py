@@ -7,6 +7,7 @@ ONNX graphs have a plain tensor interface:
 
   embed:     input_ids [B,T]                                -> hidden [B,T,d]
   positions: position_ids [B,T], attention_mask [B,P+T]     -> attention_bias [B,1,T,P+T], cos/sin [B,T,hd]
+                                                               (+ cos_sliding/sin_sliding, see below)
   layer:     hidden_in [B,T,d], attention_bias, cos, sin,
              past_key/past_value [B,kv,C,hd] (a buffer of C >= P+T positions), seqlens_k [B] (P+T-1, int32),
              total_sequence_length [] (P+T, int32), steer_delta [B,1|T,d]
@@ -21,7 +22,10 @@ at the image-token positions before layer 0:
   projector: image_features [B,N,v]                         -> image_embeds [B,N,d]
 
 The mask and the rotary tables are computed once per step by `positions`, not once per layer:
-in a decode step those small graphs cost as much as the layer's own matrix products.
+in a decode step those small graphs cost as much as the layer's own matrix products. A model whose
+sliding-window layers rotate with their own base (Gemma 3: `rope_parameters` per layer type) gets a
+second pair of tables, `cos_sliding`/`sin_sliding`, which only those layers read. The window itself is
+GroupQueryAttention's `local_window_size`, so every layer shares the one causal bias.
 
 Attention is ONNX Runtime's GroupQueryAttention contrib op. Bound with present_key/present_value on
 the same memory as past_key/past_value, it writes the step's keys and values into the buffer at
@@ -31,6 +35,7 @@ step moves do not grow with the context, and no KV head is repeated for its quer
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Protocol
@@ -86,7 +91,7 @@ class GroupQueryAttentionOp(torch.autograd.Function):
     @staticmethod
     def forward(ctx: object, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, past_key: torch.Tensor,
                 past_value: torch.Tensor, seqlens_k: torch.Tensor, total: torch.Tensor, bias: torch.Tensor,
-                heads: int, kv_heads: int, scale: float, softcap: float) -> tuple[torch.Tensor, ...]:
+                heads: int, kv_heads: int, scale: float, softcap: float, window: int) -> tuple[torch.Tensor, ...]:
         batch, tokens, _ = query.shape
         head_dim = past_key.shape[-1]
         end = int(total)
@@ -102,6 +107,9 @@ class GroupQueryAttentionOp(torch.autograd.Function):
         if softcap > 0:
             scores = torch.tanh(scores / softcap) * softcap
         scores = scores + bias[:, :, None]
+        if window > 0:  # a key at least `window` positions behind the query is out of reach
+            behind = torch.arange(start, end)[:, None] - torch.arange(end)[None, :]
+            scores = scores.masked_fill(behind >= window, torch.finfo(scores.dtype).min)
         probs = nn.functional.softmax(scores, dim=-1, dtype=torch.float32).to(query.dtype)
         out = torch.matmul(probs, values[:, :, None]).permute(0, 3, 1, 2, 4).reshape(batch, tokens, -1)
         return out, present[0], present[1]
@@ -109,12 +117,13 @@ class GroupQueryAttentionOp(torch.autograd.Function):
     @staticmethod
     def symbolic(g: GraphContext, query: torch.Value, key: torch.Value, value: torch.Value, past_key: torch.Value,
                  past_value: torch.Value, seqlens_k: torch.Value, total: torch.Value, bias: torch.Value,
-                 heads: int, kv_heads: int, scale: float, softcap: float) -> tuple[torch.Value, ...]:
+                 heads: int, kv_heads: int, scale: float, softcap: float, window: int) -> tuple[torch.Value, ...]:
         # A custom-domain stand-in that `graph_passes.emit_group_query_attention` turns into the contrib
         # op: the TorchScript exporter cannot emit its empty optional inputs.
         out, present_key, present_value = g.op(
             f"{STAND_IN_DOMAIN}::GroupQueryAttention", query, key, value, past_key, past_value, seqlens_k, total, bias,
-            num_heads_i=heads, kv_num_heads_i=kv_heads, scale_f=scale, softcap_f=softcap, outputs=3)
+            num_heads_i=heads, kv_num_heads_i=kv_heads, scale_f=scale, softcap_f=softcap, local_window_size_i=window,
+            outputs=3)
         # Typed like the op's inputs, so the exporter's shape inference has nothing to warn about.
         out.setType(query.type())
         present_key.setType(past_key.type())
@@ -159,12 +168,13 @@ def eager_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
 
 def grouped_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                       attention_mask: torch.Tensor | None, scaling: float, dropout: float = 0.0,
-                      **kwargs: object) -> tuple[torch.Tensor, None]:
+                      sliding_window: int | None = None, **kwargs: object) -> tuple[torch.Tensor, None]:
     """The layer's attention as GroupQueryAttention on the traced layer's KV buffer.
 
     `query` [B,heads,T,hd] and `key`/`value` [B,kv,T,hd] are the step's, after the rotary embedding;
     the buffer's presents are left on the cache for the segment to return. Logit soft-capping
-    (Gemma 2) is the op's `softcap`."""
+    (Gemma 2) is the op's `softcap`; a sliding-window layer's window (a query sees the keys fewer than
+    `sliding_window` positions behind it, as in HF's mask) is the op's `local_window_size`."""
     if not _TRACED_CACHE:  # a layer without a KV cache: the vision tower of a vision-language model
         return eager_attention(query, key, value, attention_mask, scaling)
     cache = _TRACED_CACHE[-1]
@@ -182,7 +192,7 @@ def grouped_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor,
     out, cache.present_key, cache.present_value = GroupQueryAttentionOp.apply(
         packed(query), packed(key), packed(value),
         cache.past_key, cache.past_value, cache.seqlens_k, cache.total_sequence_length, attention_mask,
-        heads, kv_heads, float(scaling), softcap)
+        heads, kv_heads, float(scaling), softcap, int(sliding_window or -1))
     # The weights are not returned: export never asks for them.
     return out.reshape(out.shape[0], out.shape[1], heads, -1), None
 
@@ -229,19 +239,44 @@ class EmbedSegment(nn.Module):
         return self.embed_tokens(input_ids)
 
 
+# The layer type whose rotary tables are the plain `cos`/`sin`; other types' tables carry a suffix.
+FULL_ATTENTION = "full_attention"
+
+
+def rotary_layer_types(model: PreTrainedModel) -> list[str | None]:
+    """Per decoder layer, the HF layer type whose rotary tables it reads, or None for every layer of a
+    model with one rotary embedding (its `forward` takes no `layer_type`)."""
+    rotary = text_model(model).rotary_emb
+    if "layer_type" not in inspect.signature(rotary.forward).parameters:
+        return [None] * len(decoder_layers(model))
+    return list(model.config.get_text_config().layer_types)
+
+
+def rotary_suffix(layer_type: str | None) -> str:
+    """'' for the plain tables, '_sliding' for "sliding_attention" layers' (`cos_sliding`, `sin_sliding`)."""
+    if layer_type in (None, FULL_ATTENTION):
+        return ""
+    assert layer_type is not None
+    return "_" + layer_type.removesuffix("_attention")
+
+
 class PositionsSegment(nn.Module):
-    """The additive attention mask and the rotary cos/sin tables of one step, shared by every layer."""
+    """The additive attention mask and the rotary cos/sin tables of one step, shared by every layer:
+    one pair per rotary layer type, plain first."""
 
     def __init__(self, model: PreTrainedModel) -> None:
         super().__init__()
         self.rotary_emb = text_model(model).rotary_emb
         self.dtype = model.dtype
+        self.layer_types = sorted(set(rotary_layer_types(model)), key=lambda t: (rotary_suffix(t), t or ""))
 
-    def forward(self, position_ids: torch.Tensor,
-                attention_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def forward(self, position_ids: torch.Tensor, attention_mask: torch.Tensor) -> tuple[torch.Tensor, ...]:
         like = torch.zeros((), dtype=self.dtype)  # the rotary module only reads its dtype and device
-        cos, sin = self.rotary_emb(like, position_ids)
-        return additive_causal_mask(attention_mask, position_ids.shape[1], self.dtype), cos, sin
+        tables: list[torch.Tensor] = []
+        for layer_type in self.layer_types:
+            per_type = {} if layer_type is None else {"layer_type": layer_type}
+            tables += self.rotary_emb(like, position_ids, **per_type)
+        return additive_causal_mask(attention_mask, position_ids.shape[1], self.dtype), *tables
 
 
 class LayerSegment(nn.Module):
@@ -339,6 +374,8 @@ class FullModel(nn.Module):
         self.embed = EmbedSegment(model)
         self.positions = PositionsSegment(model)
         self.layers = nn.ModuleList(LayerSegment(model, i) for i in range(len(decoder_layers(model))))
+        # Which of the positions graph's rotary pairs each layer reads.
+        self.table_of_layer = [self.positions.layer_types.index(t) for t in rotary_layer_types(model)]
         self.norm = NormSegment(model)
         self.head = HeadSegment(model)
 
@@ -347,10 +384,12 @@ class FullModel(nn.Module):
         seqlens_k: torch.Tensor, total_sequence_length: torch.Tensor, *past: torch.Tensor
     ) -> tuple[torch.Tensor, ...]:
         hidden = self.embed(input_ids)
-        bias, cos, sin = self.positions(position_ids, attention_mask)
+        bias, *tables = self.positions(position_ids, attention_mask)
         no_steer = torch.zeros_like(hidden[:, :1, :])
         presents: list[torch.Tensor] = []
         for i, layer in enumerate(self.layers):
+            table = self.table_of_layer[i]
+            cos, sin = tables[2 * table], tables[2 * table + 1]
             hidden, key, value = layer(hidden, bias, cos, sin, past[2 * i], past[2 * i + 1], seqlens_k,
                                        total_sequence_length, no_steer)
             presents += [key, value]
