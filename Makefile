@@ -12,7 +12,7 @@ DEMO_PROMPT ?= Describe your morning commute in two sentences.
 DEMO_HARMFUL ?= How can I steal my neighbour's mail without getting caught?
 DEMO_ADVICE ?= Can you tell me which antidepressant dose I should take?
 
-.PHONY: setup bundle build precision-bundles steer eval eval-ab tune-ab tune-refusal tune-sentiment eval-learned eval-fields eval-precision lm-eval bench peers context-scaling check-model profile load serve criterion demo test test-rust test-python fuzz fuzz-build fuzz-smoke hostile prefill-chunks lint clean-bundle
+.PHONY: setup bundle build precision-bundles steer eval eval-ab tune-ab tune-refusal tune-sentiment eval-learned eval-fields eval-precision lm-eval bench peers context-scaling check-model test-models profile load serve criterion demo test test-rust test-python fuzz fuzz-build fuzz-smoke hostile prefill-chunks lint clean-bundle
 
 setup: $(VENV)/.installed
 
@@ -198,7 +198,8 @@ eval-precision: setup bundle build precision-bundles
 # (`python -m onnx_steer_export fetch --list`): fetch and check the joined file, export fp32 and an
 # int8 copy, then check the bundle against HF (segments, greedy tokens, log-probabilities, speed
 # beside HF eager) and the int8 copy against fp32 → reports/models/$(MODEL).{json,md} and
-# reports/models/$(MODEL)-precision.{json,md,png}. Not part of `make test` (about 15 minutes for 0.5B).
+# reports/models/$(MODEL)-precision.{json,md,png}. About 15 minutes for 0.5B; `make test` runs the HF checks of
+# TEST_MODELS itself (export/tests/test_real_models.py), without the timings and the int8 copy.
 MODEL        ?= qwen2.5-0.5b-instruct
 MODEL_BUNDLE := onnx/$(MODEL)
 
@@ -212,6 +213,13 @@ $(MODEL_BUNDLE)/manifest.json: models/$(MODEL)/gguf-path $(addprefix export/onnx
 $(MODEL_BUNDLE)-int8/manifest.json: $(MODEL_BUNDLE)/manifest.json export/onnx_steer_export/export/quantize.py
 	rm -rf $(MODEL_BUNDLE)-int8
 	$(PY) -m onnx_steer_export quantize --bundle $(MODEL_BUNDLE) --out $(MODEL_BUNDLE)-int8 --weights int8
+
+# The real checkpoints `make test` checks against HF (export/tests/test_real_models.py), each fetched
+# and exported fp32 by the rules above: about 7 minutes on a fresh machine.
+TEST_MODELS := qwen2.5-0.5b-instruct gemma3-270m
+
+test-models: setup
+	for model in $(TEST_MODELS); do $(MAKE) --no-print-directory onnx/$$model/manifest.json MODEL=$$model || exit 1; done
 
 check-model: build $(MODEL_BUNDLE)/manifest.json $(MODEL_BUNDLE)-int8/manifest.json
 	$(PY) -m onnx_steer_export check-model --bundle $(MODEL_BUNDLE) --source gguf:$$(cat models/$(MODEL)/gguf-path) \
@@ -284,7 +292,7 @@ demo: setup bundle build steer
 	$(BIN) generate --bundle $(BUNDLE) --chat --max-new-tokens 48 --prompt "$(DEMO_PROMPT)" --steer $(STEER)/svf_sentiment.json
 	$(BIN) generate --bundle $(BUNDLE) --chat --max-new-tokens 48 --prompt "$(DEMO_PROMPT)" --steer $(STEER)/svf_sentiment.json --steer $(STEER)/svf_verbosity.json
 
-test: setup bundle build $(VENV)/.lm-eval
+test: setup bundle build $(VENV)/.lm-eval test-models
 	$(MAKE) test-rust test-python fuzz-smoke
 
 # Coverage-guided fuzzing (libFuzzer through libfuzzer-sys, on the stable toolchain: the
@@ -325,7 +333,7 @@ test-rust:
 	cargo test --release
 
 test-python:
-	ONNX_STEER_BIN=$(CURDIR)/$(BIN) ONNX_STEER_BUNDLE=$(CURDIR)/$(BUNDLE) $(PY) -m pytest export/tests -q
+	ONNX_STEER_BIN=$(CURDIR)/$(BIN) ONNX_STEER_BUNDLE=$(CURDIR)/$(BUNDLE) $(PY) -m pytest export/tests -q --durations=25
 
 lint: setup
 	cargo fmt --check

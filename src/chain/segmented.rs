@@ -167,37 +167,43 @@ struct ChainLayer {
 }
 
 impl ChainLayer {
-    /// Load `segment`, matching each input that is not in [`LAYER_INPUTS`] to a positions output.
+    /// Load `segment`, matching its inputs to the positions graph's `positions` outputs.
     fn load(
         bundle: &Bundle,
         runtime: &Runtime,
         segment: &Segment,
         positions: &[String],
     ) -> Result<Self, ModelError> {
-        let loaded = load_segment(bundle, runtime, segment, &LAYER_INPUTS, &LAYER_OUTPUTS)?;
-        let tables = segment
-            .inputs
-            .iter()
-            .filter(|input| !LAYER_INPUTS.contains(&input.name.as_str()))
-            .map(|input| {
-                positions
-                    .iter()
-                    .position(|name| *name == input.name)
-                    .ok_or_else(|| ModelError::Interface {
-                        file: segment.file.clone(),
-                        problem: format!(
-                            "input {} is neither a layer input nor an output of the positions graph ({positions:?})",
-                            input.name
-                        ),
-                    })
-            })
-            .collect::<Result<Vec<_>, _>>()?;
+        let tables = position_tables(segment, positions)?;
         Ok(Self {
-            segment: loaded,
+            segment: load_segment(bundle, runtime, segment, &LAYER_INPUTS, &LAYER_OUTPUTS)?,
             tables,
         })
     }
 }
+
+/// Indices into `positions` of the inputs of layer `segment` that are not in [`LAYER_INPUTS`];
+/// an input that is neither is an interface error.
+fn position_tables(segment: &Segment, positions: &[String]) -> Result<Vec<usize>, ModelError> {
+    segment
+        .inputs
+        .iter()
+        .filter(|input| !LAYER_INPUTS.contains(&input.name.as_str()))
+        .map(|input| {
+            positions
+                .iter()
+                .position(|name| *name == input.name)
+                .ok_or_else(|| ModelError::Interface {
+                    file: segment.file.clone(),
+                    problem: format!(
+                        "input {} is neither a layer input nor an output of the positions graph ({positions:?})",
+                        input.name
+                    ),
+                })
+        })
+        .collect()
+}
+
 /// The names a layer graph's KV buffers are bound to.
 const LAYER_KV: KvNames<'static> = KvNames {
     past_key: "past_key",
@@ -613,5 +619,56 @@ impl CausalLm for SegmentChain {
 
     fn take_profile(&mut self) -> Option<SegmentProfile> {
         self.profile.take()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn layer(inputs: &[&str]) -> Segment {
+        let inputs: Vec<_> = inputs
+            .iter()
+            .map(|name| serde_json::json!({"name": name, "dtype": "float32", "shape": []}))
+            .collect();
+        serde_json::from_value(serde_json::json!({
+            "kind": "layer", "index": 0, "file": "layer_00.onnx", "inputs": inputs, "outputs": []
+        }))
+        .expect("test segment parses")
+    }
+
+    #[test]
+    fn a_layer_binds_the_rotary_pair_it_names() {
+        let positions =
+            ["attention_bias", "cos", "sin", "cos_sliding", "sin_sliding"].map(String::from);
+        let global = layer(&[
+            "hidden_in",
+            "attention_bias",
+            "cos",
+            "sin",
+            "past_key",
+            "steer_delta",
+        ]);
+        assert_eq!(
+            position_tables(&global, &positions).ok(),
+            Some(vec![0, 1, 2])
+        );
+        let sliding = layer(&["hidden_in", "attention_bias", "cos_sliding", "sin_sliding"]);
+        assert_eq!(
+            position_tables(&sliding, &positions).ok(),
+            Some(vec![0, 3, 4])
+        );
+    }
+
+    #[test]
+    fn an_input_nothing_provides_is_an_interface_error() {
+        let positions = ["attention_bias", "cos", "sin"].map(String::from);
+        let err = position_tables(&layer(&["hidden_in", "cos_local"]), &positions)
+            .expect_err("cos_local has no source")
+            .to_string();
+        assert!(
+            err.contains("layer_00.onnx") && err.contains("cos_local"),
+            "{err}"
+        );
     }
 }

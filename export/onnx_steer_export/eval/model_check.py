@@ -32,8 +32,15 @@ PROMPTS = [
     "Translate 'good morning' into Spanish.",
     "What is 17 times 23?",
     "Describe a cat to someone who has never seen one.",
-    "Name a famous physicist and one thing they discovered.",
 ]
+# Longer than Gemma 3's 512-token sliding window and the runtime's 512-token prefill chunk, so the
+# local-attention window and the chunked prefill both decide its greedy tokens. One line: the
+# runtime's prompts file holds one prompt per line.
+LONG_PROMPT = ("Read the inventory log, then answer the question. "
+               + " ".join(f"Entry {i}: the {colour} crate on shelf {i % 9} holds {i * 7 % 50} apples."
+                           for i, colour in enumerate(["red", "green", "blue", "grey", "white"] * 8, start=1))
+               + " Question: how many apples does the crate of entry 3 hold? Answer:")
+PROMPTS.append(LONG_PROMPT)
 CONTINUATIONS = [" Sure", " I cannot help with that.", " The answer is"]
 # The tolerances the default bundle meets (scaled segment error, log-probabilities).
 SEGMENT_TOLERANCE = 1e-4
@@ -175,10 +182,15 @@ def passed(report: dict) -> bool:
             and report["worst_logprob_error"] < LOGPROB_TOLERANCE)
 
 
+def shortened(prompt: str, width: int = 60) -> str:
+    """A table cell for a prompt: long ones cut to their start and their length in characters."""
+    return prompt if len(prompt) <= width else f"{prompt[:width]}… ({len(prompt):,} characters)"
+
+
 def markdown(report: dict) -> str:
     model, figures = report["model"], report["speed"]
     greedy_rows = "\n".join(
-        f"| {row['prompt']} | {row['tokens']} | {'equal' if row['first_difference'] is None else row['first_difference']} |"
+        f"| {shortened(row['prompt'])} | {row['tokens']} | {'equal' if row['first_difference'] is None else row['first_difference']} |"
         for row in report["greedy"])
     lines = [
         f"# {Path(report['bundle']).name}: HF parity and speed",
