@@ -63,15 +63,16 @@ def with_scale(spec: Path, scale: float, out: Path) -> Path:
 
 
 def generate(bundle: Path, prompts: list[str], spec: Path | None, max_new_tokens: int,
-             binary: Path | None = None, batch: int = 32) -> list[dict]:
-    """Greedy chat generations from the runtime (`onnx-steer generate --json`), `batch` prompts per call."""
+             binary: Path | None = None, batch: int = 32, chat: bool = True) -> list[dict]:
+    """Greedy generations from the runtime (`onnx-steer generate --json`), `batch` prompts per call,
+    chat-templated unless `chat` is false (a base model without a template)."""
     records: list[dict] = []
     with tempfile.TemporaryDirectory() as tmp:
         for start in range(0, len(prompts), batch):
             chunk = Path(tmp) / "prompts.txt"
             chunk.write_text("\n".join(p.replace("\n", " ") for p in prompts[start:start + batch]) + "\n")
-            args = ["generate", "--bundle", str(bundle), "--chat", "--greedy", "--json", "--max-new-tokens",
-                    str(max_new_tokens), "--prompts-file", str(chunk)]
+            args = ["generate", "--bundle", str(bundle), "--greedy", "--json", "--max-new-tokens",
+                    str(max_new_tokens), "--prompts-file", str(chunk)] + ["--chat"] * chat
             if spec is not None:
                 args += ["--steer", str(spec)]
             done = run_binary(args, binary, capture_output=True, text=True)

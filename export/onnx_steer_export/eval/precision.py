@@ -2,8 +2,9 @@
 
 For each bundle, through the Rust runtime:
   perplexity      on a fixed text (`onnx-steer perplexity`, teacher-forced), and its change vs fp32;
-  greedy match    of chat generations on held-out prompts: the share of token positions equal to the
-                  fp32 bundle's, the share of whole generations equal, and the mean first divergence;
+  greedy match    of generations on held-out prompts (chat-templated when the model has a template):
+                  the share of token positions equal to the fp32 bundle's, the share of whole
+                  generations equal, and the mean first divergence;
   speed           prefill and decode tokens/s and the share of the memory-bandwidth limit reached
                   (`onnx-steer bench`, batch 1, segment chain).
 """
@@ -59,18 +60,21 @@ def evaluate_precision(reference: Path, bundles: list[Path], text: Path, prompts
     rows = []
     reference_ids: list[list[int]] = []
     reference_perplexity = None
+    # A base model without a chat template (Gemma 3 270M) generates from the raw prompts.
+    chat = json.loads((reference / "manifest.json").read_text())["tokenizer"].get("chat_template") is not None
     for bundle in [reference, *bundles]:
         manifest = json.loads((bundle / "manifest.json").read_text())
         weights = manifest.get("weights", {}).get("format", manifest["dtype"])
         print(f"== {bundle.name} ({weights})", flush=True)
         score = perplexity(bundle, text, max_tokens)
-        ids = [record["token_ids"] for record in generate(bundle, prompts, None, max_new_tokens)]
+        ids = [record["token_ids"] for record in generate(bundle, prompts, None, max_new_tokens, chat=chat)]
         if bundle == reference:
             reference_ids, reference_perplexity = ids, score["perplexity"]
         rows.append({"bundle": bundle.name, "weights": weights, "perplexity": score["perplexity"],
                      "perplexity_change": score["perplexity"] / reference_perplexity - 1,
                      "tokens_scored": score["tokens"], **greedy_match(ids, reference_ids), **speed(bundle, repeats)})
-    return {"reference": reference.name, "text": shown(text), "prompts": shown(prompts_path), "prompt_count": len(prompts),
+    return {"reference": reference.name, "text": shown(text), "prompts": shown(prompts_path), "chat": chat,
+            "prompt_count": len(prompts),
             "max_new_tokens": max_new_tokens, "rows": rows}
 
 
@@ -79,7 +83,7 @@ def markdown(report: dict) -> str:
         f"# Precision: quality and speed against {report['reference']}",
         "",
         (f"Perplexity: `{report['text']}` ({report['rows'][0]['tokens_scored']} tokens, teacher-forced). Greedy match: "
-         f"{report['prompt_count']} held-out chat prompts of `{report['prompts']}`, {report['max_new_tokens']} new tokens. "
+         f"{report['prompt_count']} held-out {'chat' if report.get('chat', True) else 'raw'} prompts of `{report['prompts']}`, {report['max_new_tokens']} new tokens. "
          "Speed: `onnx-steer bench`, batch 1, 128-token prompt, 128 new tokens, segment chain. "
          "Command: `make eval-precision`."),
         "",
