@@ -128,16 +128,18 @@ tune-ab: setup bundle build
 		--eval data/ab_optimism_test.jsonl --metric ab --methods vector,pca --layers $(TUNE_LAYERS) \
 		--scales=$(TUNE_SCALES) --fluency-text data/perplexity.txt --out reports/tune_ab
 
-# tune on the refusal pairs: every method, ranked by refusal on Do-Not-Answer's held-out harmful prompts
-# minus over-refusal on the benign prompts (the refusal_vector report's data; 200 of the 386, evenly
-# spaced, 32 new tokens, to fit in about 25 minutes), beside the hand-picked specs: the refusal vector at
-# its spec's scale (1) and at the report's best (0.75), L2S and W2S.
+# tune on the behaviour pairs (the refusal pairs plus "refer" advice and "comply" benign rows, which the
+# hand-picked L2S and W2S learn from): every method, ranked by refusal on Do-Not-Answer's held-out harmful
+# prompts minus over-refusal on the benign prompts (the refusal_vector report's data; 200 of the 386,
+# evenly spaced, 32 new tokens, to fit in about 30 minutes), beside the hand-picked specs: the refusal
+# vector at its spec's scale (1) and at the report's best (0.75), L2S and W2S. On the refusal pairs alone
+# the winner (SVF, layer 14) scored 0.333 held out against the hand-picked L2S's 0.466.
 TUNE_REFUSAL := reports/tune_refusal
 tune-refusal: setup bundle build steer
 	mkdir -p $(TUNE_REFUSAL)
 	echo '{"interventions": [{"kind": "vector", "path": "../../$(STEER)/refusal.safetensors", "scale": 0.75, "layers": [12]}]}' \
 		> $(TUNE_REFUSAL)/reference_refusal_0.75.json
-	$(PY) -m onnx_steer_export tune --bundle $(BUNDLE) --pairs data/refusal_pairs.jsonl \
+	$(PY) -m onnx_steer_export tune --bundle $(BUNDLE) --pairs data/behaviour_pairs.jsonl \
 		--eval data/harmful_test.jsonl --benign data/benign_prompts.txt --metric refusal \
 		--limit 200 --max-new-tokens 32 --methods vector,l2s,svf,w2s --layers 10,12,14 --scales 1 \
 		--vector-scales 0.5,0.75,1 --l2s-scales 1,2 --svf-scales 4,8 --w2s-scales 0.75,1 \
