@@ -52,17 +52,16 @@ struct PositionsGraph {
 /// The positions graph's outputs for tokens `start..end` of `step`, after `past` cached
 /// positions, in the order of [`PositionsGraph::outputs`].
 fn chunk_positions(
-    positions: &mut PositionsGraph,
+    PositionsGraph {
+        segment: positions,
+        outputs: names,
+    }: &mut PositionsGraph,
     profile: &mut Option<SegmentProfile>,
     step: &Step,
     past: usize,
     start: usize,
     end: usize,
 ) -> Result<Vec<DynValue>, ModelError> {
-    let PositionsGraph {
-        segment: positions,
-        outputs: names,
-    } = positions;
     let decode = step.input_ids.ncols() == 1;
     // Column slices of several rows are not contiguous, which ONNX Runtime needs: those are
     // copied (a whole-step slice is borrowed as it is).
@@ -163,7 +162,8 @@ pub const LAYER_INPUTS: [&str; 6] = [
 /// its rotary pair (`cos`/`sin`, or `cos_sliding`/`sin_sliding` on Gemma 3's sliding layers).
 struct ChainLayer {
     segment: LoadedSegment,
-    tables: Vec<usize>,
+    /// Each such input's name and its index among the positions graph's outputs.
+    tables: Vec<(String, usize)>,
 }
 
 impl ChainLayer {
@@ -174,7 +174,10 @@ impl ChainLayer {
         segment: &Segment,
         positions: &[String],
     ) -> Result<Self, ModelError> {
-        let tables = position_tables(segment, positions)?;
+        let tables = position_tables(segment, positions)?
+            .into_iter()
+            .map(|table| (positions[table].clone(), table))
+            .collect();
         Ok(Self {
             segment: load_segment(bundle, runtime, segment, &LAYER_INPUTS, &LAYER_OUTPUTS)?,
             tables,
@@ -227,7 +230,6 @@ fn run_layer(
     inputs: LayerInputs<'_>,
     cache: &mut KvCache,
     rows: Rows,
-    position_names: &[String],
 ) -> Result<DynValue, ModelError> {
     let ChainLayer { segment, tables } = layer;
     let name = segment.name.as_str();
@@ -241,7 +243,7 @@ fn run_layer(
     ];
     let tables = tables
         .iter()
-        .map(|&table| (position_names[table].as_str(), &inputs.positions[table]));
+        .map(|(input, table)| (input.as_str(), &inputs.positions[*table]));
     for (input, value) in bound.into_iter().chain(tables) {
         binding.bind_input(input, value).map_err(run_error(name))?;
     }
@@ -402,7 +404,6 @@ impl SegmentChain {
         };
         cache.reserve(past + tokens)?;
         let dtype = self.dtype;
-        let position_names = self.positions.outputs.clone();
         let whole = whole
             .map(|positions| {
                 Ok::<_, ModelError>((positions, attention_lengths(batch, past + tokens)?))
@@ -430,7 +431,7 @@ impl SegmentChain {
                 };
                 if batch == 1 || end - start == 1 || past + start == 0 {
                     return time_if(profile, decode, &layer_name, || {
-                        run_layer(layer, index, inputs, cache, Rows::All, &position_names)
+                        run_layer(layer, index, inputs, cache, Rows::All)
                     });
                 }
                 let mut outputs = Vec::with_capacity(batch);
@@ -449,7 +450,7 @@ impl SegmentChain {
                         delta: &delta,
                     };
                     let out = time_if(profile, decode, &layer_name, || {
-                        run_layer(layer, index, inputs, cache, Rows::One(row), &position_names)
+                        run_layer(layer, index, inputs, cache, Rows::One(row))
                     })?;
                     outputs.push(hidden_to_f32(&out)?);
                 }

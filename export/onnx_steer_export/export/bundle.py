@@ -295,14 +295,15 @@ def export_bundle(loaded: LoadedModel, out: Path, dtype: str = "fp32", monolithi
     out.mkdir(parents=True, exist_ok=True)
 
     hidden = ("batch", "tokens", dims.hidden)
-    suffixes = [rotary_suffix(t) for t in rotary_layer_types(model)]
-    pin, pout = position_io(dims, float_type, sorted(set(suffixes)))
+    positions = PositionsSegment(model)
+    pin, pout = position_io(dims, float_type, [rotary_suffix(t) for t in positions.layer_types])
     jobs: list[tuple[dict, nn.Module, list[TensorSpec], list[TensorSpec]]] = [
         ({"kind": "embed", "file": "embed.onnx"}, EmbedSegment(model),
          [TensorSpec("input_ids", "int64", ("batch", "tokens"))], [TensorSpec("hidden", float_type, hidden)]),
-        ({"kind": "positions", "file": "positions.onnx"}, PositionsSegment(model), pin, pout),
+        ({"kind": "positions", "file": "positions.onnx"}, positions, pin, pout),
         *(({"kind": "layer", "index": i, "file": f"layer_{i:02d}.onnx"}, LayerSegment(model, i),
-           *layer_io(dims, float_type, suffix)) for i, suffix in enumerate(suffixes)),
+           *layer_io(dims, float_type, rotary_suffix(layer_type)))
+          for i, layer_type in enumerate(rotary_layer_types(model))),
         ({"kind": "norm", "file": "norm.onnx"}, NormSegment(model),
          [TensorSpec("hidden_in", float_type, hidden)], [TensorSpec("normed", float_type, ("batch", dims.hidden))]),
         ({"kind": "head", "file": "head.onnx"}, HeadSegment(model),

@@ -268,7 +268,7 @@ class PositionsSegment(nn.Module):
         super().__init__()
         self.rotary_emb = text_model(model).rotary_emb
         self.dtype = model.dtype
-        self.layer_types = sorted(set(rotary_layer_types(model)), key=lambda t: (rotary_suffix(t), t or ""))
+        self.layer_types = sorted(set(rotary_layer_types(model)), key=rotary_suffix)
 
     def forward(self, position_ids: torch.Tensor, attention_mask: torch.Tensor) -> tuple[torch.Tensor, ...]:
         like = torch.zeros((), dtype=self.dtype)  # the rotary module only reads its dtype and device
