@@ -21,6 +21,7 @@ from onnx_steer_export.eval.tune import (
     check_pairs,
     evenly_spaced,
     is_fluent,
+    layer_label,
     load_contrasts,
     load_eval,
     metric_value,
@@ -64,10 +65,15 @@ def test_limit_spreads_evenly() -> None:
 
 def test_candidate_grid_nests_method_layer_scale() -> None:
     grid = candidate_grid(["vector", "pca"], [8, 12], [-8, 8, 8])
-    assert [(c.method, c.layer, c.scale) for c in grid] == [
-        ("vector", 8, -8.0), ("vector", 8, 8.0), ("vector", 12, -8.0), ("vector", 12, 8.0),
-        ("pca", 8, -8.0), ("pca", 8, 8.0), ("pca", 12, -8.0), ("pca", 12, 8.0)]
-    assert Candidate("pca", 12, 8.0).label == "pca layer 12 scale 8"
+    assert [(c.method, c.layers, c.scale) for c in grid] == [
+        ("vector", (8,), -8.0), ("vector", (8,), 8.0), ("vector", (12,), -8.0), ("vector", (12,), 8.0),
+        ("pca", (8,), -8.0), ("pca", (8,), 8.0), ("pca", (12,), -8.0), ("pca", (12,), 8.0)]
+    assert Candidate("pca", (12,), 8.0).label == "pca layer 12 scale 8"
+    # Spans come after the single layers, for vector and pca only.
+    grid = candidate_grid(["vector", "svf"], [8], [1.0], spans=[[10, 11, 12]])
+    assert [(c.method, c.layers) for c in grid] == [("vector", (8,)), ("vector", (10, 11, 12)), ("svf", (8,))]
+    assert Candidate("vector", (10, 11, 12), 0.5).label == "vector layer 10-12 scale 0.5"
+    assert Candidate("vector", (8, 12), 0.5).label == "vector layer 8,12 scale 0.5"
     # The trainer refuses an unknown method before it reads anything.
     with pytest.raises(ValueError, match="method must be mean or pca, got 'median'"):
         train_vectors(Path("no-bundle"), Path("no-pairs.jsonl"), {"mean": Path("a"), "median": Path("b")}, [1])
@@ -90,8 +96,10 @@ def test_winner_is_the_best_fluent_candidate_that_beats_unsteered() -> None:
     assert select_winner(0.5, [result(0.8, 0.3), result(0.8, 0.1), result(0.8, 0.1)]) == 1
     assert select_winner(0.5, []) is None
     trained = {"pca": {"base": {"kind": "vector", "path": "pca.safetensors"}}}
-    spec = tuned_spec(Candidate("pca", 12, 8.0), trained)
+    spec = tuned_spec(Candidate("pca", (12,), 8.0), trained)
     assert spec == {"interventions": [{"kind": "vector", "path": "pca.safetensors", "scale": 8.0, "layers": [12]}]}
+    spec = tuned_spec(Candidate("pca", (10, 11), 0.5), trained)
+    assert spec["interventions"][0]["layers"] == [10, 11] and spec["interventions"][0]["scale"] == 0.5
     assert tuned_spec(None, trained) == {"interventions": []}
 
 
@@ -103,18 +111,20 @@ def test_learned_candidates_take_their_layer_and_scale() -> None:
         "w2s": {"base": {"kind": "w2s", "router": "w2s_router.onnx", "bank": "w2s_bank.safetensors", "read_layer": 8,
                          "top_k": 1, "scale": 1.0}},
     }
-    assert candidate_spec(Candidate("l2s", 12, 0.5), trained)["interventions"] == [
+    assert candidate_spec(Candidate("l2s", (12,), 0.5), trained)["interventions"] == [
         {"kind": "l2s", "path": "l2s_12.onnx", "read_layer": 10, "layer": 12, "scale": 0.5}]
-    assert candidate_spec(Candidate("svf", 10, 4.0), trained)["interventions"] == [
+    with pytest.raises(TuneError, match="l2s steers one layer per candidate, got 10-12"):
+        candidate_spec(Candidate("l2s", (10, 11, 12), 0.5), trained)
+    assert candidate_spec(Candidate("svf", (10,), 4.0), trained)["interventions"] == [
         {"kind": "svf", "path": "svf.onnx", "layers": [10], "scale": 4.0}]
     assert candidate_spec(Candidate("w2s", None, 2.0), trained)["interventions"][0]["scale"] == 2.0
     # The shared artifact is not changed by a candidate.
     assert trained["svf"]["base"]["layers"] == [10, 12] and trained["w2s"]["base"]["scale"] == 1.0
     # w2s has one routed "layer"; a method can have its own scales.
     grid = candidate_grid(["vector", "w2s", "svf"], [10, 12], [1.0], {"svf": [2.0, 4.0], "w2s": [0.5, 1.0]})
-    assert [(c.method, c.layer, c.scale) for c in grid] == [
-        ("vector", 10, 1.0), ("vector", 12, 1.0), ("w2s", None, 0.5), ("w2s", None, 1.0),
-        ("svf", 10, 2.0), ("svf", 10, 4.0), ("svf", 12, 2.0), ("svf", 12, 4.0)]
+    assert [(c.method, c.layers, c.scale) for c in grid] == [
+        ("vector", (10,), 1.0), ("vector", (12,), 1.0), ("w2s", None, 0.5), ("w2s", None, 1.0),
+        ("svf", (10,), 2.0), ("svf", (10,), 4.0), ("svf", (12,), 2.0), ("svf", (12,), 4.0)]
     assert Candidate("w2s", None, 1.0).label == "w2s layer routed scale 1"
 
 
@@ -160,11 +170,11 @@ def test_budget_stops_before_a_candidate_that_would_overrun() -> None:
 
     def work(candidate: Candidate) -> dict:
         clock.now += 8.0
-        return {"layer": candidate.layer, "scale": candidate.scale}
+        return {"layers": candidate.layers, "scale": candidate.scale}
 
     done, skipped = sweep(grid, work, budget, first_estimate_s=4.0, on_first=firsts.append)
     # Starts at 5, 13, 21 (each expected to end by 30: 13, 21, 29); at 29 the next would end at 37.
-    assert [(r["layer"], r["scale"]) for r in done] == [(1, 1.0), (1, 2.0), (1, 3.0)]
+    assert [(r["layers"], r["scale"]) for r in done] == [((1,), 1.0), ((1,), 2.0), ((1,), 3.0)]
     assert all(r["seconds"] == 8.0 for r in done) and firsts == [8.0]
     assert skipped == grid[3:]
     # The estimate before the first candidate is the baseline's: too long, nothing runs.
@@ -218,7 +228,10 @@ def test_tune_usage_and_file_errors(tmp_path: Path, capsys: pytest.CaptureFixtur
         (with_option("--svf-scales", "x"), "scales are comma-separated numbers"),
         ([*base, "--bound-from-reference"], "--bound-from-reference needs a --reference"),
         (with_option("--metric", "vader"), "invalid choice"),
-        (with_option("--layers", "12,30"), "--layers 30 out of range: the bundle has layers 0-29"),
+        (with_option("--layers", "12,30"), "--layers/--spans 30 out of range: the bundle has layers 0-29"),
+        (with_option("--spans", "28-31"), "--layers/--spans 30,31 out of range"),
+        (with_option("--spans", "14-10"), "spans are A-B[,C-D] with A <= B"),
+        (with_option("--spans", "12"), "spans are A-B[,C-D] with A <= B"),
         (with_option("--scales", "a,b"), "scales are comma-separated numbers"),
         (with_option("--validation-fraction", "1"), "strictly between 0 and 1"),
         (with_option("--fluency-tokens", "1"), "--fluency-tokens must be at least 2"),
@@ -249,12 +262,13 @@ def test_tune_usage_and_file_errors(tmp_path: Path, capsys: pytest.CaptureFixtur
 def test_tune_end_to_end_on_the_runtime(bundle_dir: Path, binary: Path, tmp_path: Path,
                                         monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
     """A small real sweep: 16 sentiment pairs (trained on and, split in half, evaluated on), both methods,
-    2 layers, 2 scales, the logprob metric."""
+    2 layers and one span, 2 scales, the logprob metric."""
     monkeypatch.setenv("ONNX_STEER_BIN", str(binary))
     out = tmp_path / "tune"
     pairs = str(DATA / "sentiment_pairs_small.jsonl")
     assert main(["tune", "--bundle", str(bundle_dir), "--pairs", pairs, "--eval", pairs, "--metric", "logprob",
-                 "--methods", "vector,pca", "--layers", "10,14", "--scales", "2,8", "--limit", "16",
+                 "--methods", "vector,pca", "--layers", "10,14", "--spans", "11-13", "--scales", "2,8",
+                 "--limit", "16",
                  "--fluency-tokens", "64", "--out", str(out)]) == 0
     assert "time estimate:" in capsys.readouterr().out
     for name in ("tuned.json", "tune.json", "tune.md", "tune.png", "vector.safetensors", "pca.safetensors"):
@@ -264,8 +278,8 @@ def test_tune_end_to_end_on_the_runtime(bundle_dir: Path, binary: Path, tmp_path
     assert report["n_used"] == 16 and report["n_validation"] == 8 and report["n_held_out"] == 8
     assert report["same_file"] and report["skipped"] == [] and report["fluency"]["scored"] == 63
     candidates = report["candidates"]
-    assert [(c["method"], c["layer"], c["scale"]) for c in candidates] == [
-        (m, layer, s) for m in ("vector", "pca") for layer in (10, 14) for s in (2.0, 8.0)]
+    assert [(c["method"], c["layers"], c["scale"]) for c in candidates] == [
+        (m, layers, s) for m in ("vector", "pca") for layers in ([10], [14], [11, 12, 13]) for s in (2.0, 8.0)]
     base = report["unsteered"]["validation"]
     for c in candidates:
         assert c["eligible"] == (c["nll_increase"] <= 0.5) and c["seconds"] > 0
@@ -277,15 +291,16 @@ def test_tune_end_to_end_on_the_runtime(bundle_dir: Path, binary: Path, tmp_path
     assert chosen[0]["validation"] == max(c["validation"] for c in candidates if c["eligible"])
     tuned = json.loads((out / "tuned.json").read_text())
     assert tuned == {"interventions": [{"kind": "vector", "path": f"{winner['method']}.safetensors",
-                                        "scale": winner["scale"], "layers": [winner["layer"]]}]}
+                                        "scale": winner["scale"], "layers": winner["layers"]}]}
     # The written spec runs as it is and reproduces the winner's held-out figure.
     items = load_contrasts(DATA / "sentiment_pairs_small.jsonl")
     held = [items[i] for i in split_indices([c.prompt for c in items], 0.5, 0)[1]]
     assert metric_value(bundle_dir, "logprob", held, [out / "tuned.json"], binary) == pytest.approx(
         report["held_out"]["winner"], abs=1e-5)
     markdown = (out / "tune.md").read_text()
-    assert f"**Winner: {winner['method']}, layer {winner['layer']}, scale {winner['scale']:g}**" in markdown
-    assert markdown.count("\n| vector |") + markdown.count("\n| pca |") + markdown.count("\n| **") == 8
+    assert f"**Winner: {winner['method']}, layer {layer_label(winner['layers'])}, scale {winner['scale']:g}**" in markdown
+    assert markdown.count("\n| vector |") + markdown.count("\n| pca |") + markdown.count("\n| **") == 12
+    assert "| vector | 11-13 | 2 |" in markdown or "| **vector** | 11-13 | 2 |" in markdown
 
 
 def test_tune_learned_methods_on_generations(bundle_dir: Path, binary: Path, tmp_path: Path,
@@ -304,8 +319,9 @@ def test_tune_learned_methods_on_generations(bundle_dir: Path, binary: Path, tmp
                  "--w2s-limit", "16", "--limit", "6", "--max-new-tokens", "8", "--reference", str(reference),
                  "--bound-from-reference", "--out", str(out)]) == 0
     report = json.loads((out / "tune.json").read_text())
-    assert [(c["method"], c["layer"], c["scale"]) for c in report["candidates"]] == [
-        ("l2s", 10, 0.5), ("l2s", 12, 0.5), ("svf", 10, 4.0), ("svf", 12, 4.0), ("w2s", None, 0.5), ("w2s", None, 1.0)]
+    assert [(c["method"], c["layers"], c["scale"]) for c in report["candidates"]] == [
+        ("l2s", [10], 0.5), ("l2s", [12], 0.5), ("svf", [10], 4.0), ("svf", [12], 4.0), ("w2s", None, 0.5),
+        ("w2s", None, 1.0)]
     assert report["n_validation"] == report["n_held_out"] == 3
     reference_row = report["references"][0]
     bound = max(0.0, reference_row["validation"]["nll_increase"])

@@ -21,13 +21,29 @@ def method_list(text: str) -> list[str]:
     return list(dict.fromkeys(names))
 
 
+def span_list(text: str) -> list[list[int]]:
+    """Comma-separated spans A-B (inclusive), e.g. 10-14,8-12."""
+    spans = []
+    for item in text.split(","):
+        first, sep, last = item.strip().partition("-")
+        try:
+            span = list(range(int(first), int(last) + 1)) if sep else []
+        except ValueError:
+            span = []
+        if not span:
+            raise argparse.ArgumentTypeError(f"spans are A-B[,C-D] with A <= B, got {text!r}")
+        spans.append(span)
+    return spans
+
+
 def cmd_tune(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
     from ..eval.tune import tune
 
     num_layers = json.loads((args.bundle / "manifest.json").read_text()).get("model", {}).get("num_layers")
-    bad = [layer for layer in args.layers if layer < 0 or (num_layers is not None and layer >= num_layers)]
+    asked = [*args.layers, *(layer for span in args.spans for layer in span)]
+    bad = sorted({layer for layer in asked if layer < 0 or (num_layers is not None and layer >= num_layers)})
     if bad:
-        parser.error(f"--layers {','.join(map(str, bad))} out of range: the bundle has layers 0-{num_layers - 1}"
+        parser.error(f"--layers/--spans {','.join(map(str, bad))} out of range: the bundle has layers 0-{num_layers - 1}"
                      if num_layers else f"--layers must not be negative, got {bad}")
     if not 0 < args.validation_fraction < 1:
         parser.error(f"--validation-fraction must lie strictly between 0 and 1, got {args.validation_fraction}")
@@ -53,7 +69,7 @@ def cmd_tune(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
                   args.validation_fraction, args.seed, args.fluency_text, args.fluency_tokens, args.max_nll_increase,
                   args.budget, args.limit, benign=args.benign, scales_by_method=scales_by_method,
                   read_gap=args.read_gap, w2s_limit=args.w2s_limit, max_new_tokens=args.max_new_tokens,
-                  references=args.reference, bound_from_reference=args.bound_from_reference)
+                  references=args.reference, bound_from_reference=args.bound_from_reference, spans=args.spans)
     print((out / "tune.md").read_text())
     print(f"wrote {out}/tuned.json, tune.json, tune.md and tune.png ({report['seconds'] / 60:.1f} min)")
 
@@ -87,6 +103,8 @@ def register(commands: Commands) -> None:
     tune.add_argument("--methods", type=method_list, default=["vector", "pca"],
                       help=f"comma list of {', '.join(METHOD_NAMES)} (default vector,pca)")
     tune.add_argument("--layers", required=True, type=layer_list, help="A-B or A,B,C")
+    tune.add_argument("--spans", type=span_list, default=[], metavar="A-B[,C-D]",
+                      help="vector and pca also steer every layer of each span at once (e.g. 10-14)")
     tune.add_argument("--scales", required=True, type=scale_list,
                       help="comma-separated scales, e.g. -8,8,16 (write --scales=-8,... when the first is negative)")
     for method in METHOD_NAMES:

@@ -1,9 +1,11 @@
 """Auto-tuning (`tune`): which method, layer and scale steer a behaviour best, on the user's own data.
 
-Methods, each trained once from --pairs (A candidate is (method, layer, scale)):
-  vector   the mean difference of the pairs' states (train.vectors), at one layer, times the scale.
+Methods, each trained once from --pairs (A candidate is (method, layers, scale)):
+  vector   the mean difference of the pairs' states (train.vectors), at one layer, times the scale; with
+           `spans`, also at every layer of each span at once (each layer its own mean difference), as
+           hand-made specs often steer a band of layers with a smaller scale.
   pca      the first principal component of their differences (unit length), likewise. Both come from one
-           capture of the pairs' states at every requested layer.
+           capture of the pairs' states at every requested layer and span layer.
   l2s      an L2S net per layer L, reading layer L - read_gap and steering L (train.l2s); scale multiplies
            its output. Needs completion pairs ({prompt, positive, negative}).
   svf      one SVF concept scorer over all requested layers (train.svf); a candidate's field steers its
@@ -91,27 +93,36 @@ class TuneError(ValueError):
 @dataclass(frozen=True)
 class Candidate:
     method: str
-    layer: int | None  # None: the router picks the layer per input (w2s)
+    layers: tuple[int, ...] | None  # the layers it steers; None: the router picks one per input (w2s)
     scale: float
 
     @property
     def label(self) -> str:
-        return f"{self.method} layer {layer_label(self.layer)} scale {self.scale:g}"
+        return f"{self.method} layer {layer_label(self.layers)} scale {self.scale:g}"
 
 
-def layer_label(layer: int | None) -> str:
-    return ROUTED if layer is None else str(layer)
+def layer_label(layers: Sequence[int] | None) -> str:
+    """"routed", "12", "10-14" (a contiguous span) or "8,12"."""
+    if layers is None:
+        return ROUTED
+    if len(layers) > 1 and list(layers) == list(range(layers[0], layers[-1] + 1)):
+        return f"{layers[0]}-{layers[-1]}"
+    return ",".join(map(str, layers))
 
 
 def candidate_grid(methods: Sequence[str], layers: Sequence[int], scales: Sequence[float],
-                   scales_by_method: dict[str, Sequence[float]] | None = None) -> list[Candidate]:
-    """Every (method, layer, scale), in that nesting order, duplicates dropped; w2s has one routed layer.
-    A method in `scales_by_method` uses its own scales."""
+                   scales_by_method: dict[str, Sequence[float]] | None = None,
+                   spans: Sequence[Sequence[int]] = ()) -> list[Candidate]:
+    """Every (method, layers, scale), in that nesting order, duplicates dropped: one layer at a time, then
+    (vector and pca only) each span; w2s has one routed candidate per scale. A method in `scales_by_method`
+    uses its own scales."""
     grid = []
     for method in methods:
         own = (scales_by_method or {}).get(method) or scales
-        method_layers: Sequence[int | None] = [None] if method == "w2s" else layers
-        grid += [Candidate(method, layer, float(s)) for layer, s in itertools.product(method_layers, own)]
+        method_layers: list[tuple[int, ...] | None] = (
+            [None] if method == "w2s" else [(layer,) for layer in layers]
+            + ([tuple(span) for span in spans] if method in VECTOR_METHODS else []))
+        grid += [Candidate(method, steered, float(s)) for steered, s in itertools.product(method_layers, own)]
     return list(dict.fromkeys(grid))
 
 
@@ -338,15 +349,16 @@ def check_pairs(pairs: Path, methods: Sequence[str]) -> None:
 
 def train_methods(bundle: Path, pairs: Path, methods: Sequence[str], layers: Sequence[int], w2s_scale: float,
                   read_gap: int, w2s_limit: int | None, out: Path, binary: Path | None,
-                  log: Callable[[str], None]) -> dict[str, dict]:
+                  log: Callable[[str], None], spans: Sequence[Sequence[int]] = ()) -> dict[str, dict]:
     """Train every method into `out`; per method its summary and the interventions its candidates start from
-    (`base` for one shared artifact, `by_layer` for one per layer)."""
+    (`base` for one shared artifact, `by_layer` for one per layer). Vectors cover the span layers too."""
     trained: dict[str, dict] = {}
     vector_outs = {VECTOR_METHODS[m]: out / f"{m}.safetensors" for m in methods if m in VECTOR_METHODS}
     if "w2s" in methods:
         vector_outs.setdefault("mean", out / "vector.safetensors")  # the router's bank
     if vector_outs:
-        vectors = train_vectors(bundle, pairs, vector_outs, list(layers), chat=True, binary=binary)
+        vector_layers = sorted({*layers, *(layer for span in spans for layer in span)})
+        vectors = train_vectors(bundle, pairs, vector_outs, vector_layers, chat=True, binary=binary)
         for name in (m for m in methods if m in VECTOR_METHODS):
             trained[name] = {"file": f"{name}.safetensors", "base": {"kind": "vector", "path": f"{name}.safetensors"},
                              "norms": {str(layer): float((v.astype("float64") ** 2).sum() ** 0.5)
@@ -384,10 +396,13 @@ def train_methods(bundle: Path, pairs: Path, methods: Sequence[str], layers: Seq
 def candidate_spec(candidate: Candidate, trained: dict[str, dict]) -> dict:
     """The spec of one candidate (paths relative to the tune folder, where the trained files are)."""
     method = trained[candidate.method]
-    base = method["by_layer"][candidate.layer] if "by_layer" in method else method["base"]
+    steered = list(candidate.layers or ())
+    if "by_layer" in method and len(steered) != 1:
+        raise TuneError(f"{candidate.method} steers one layer per candidate, got {layer_label(candidate.layers)}")
+    base = method["by_layer"][steered[0]] if "by_layer" in method else method["base"]
     intervention = {**base, "scale": candidate.scale}
     if candidate.method in VECTOR_METHODS or candidate.method == "svf":
-        intervention["layers"] = [candidate.layer]
+        intervention["layers"] = steered
     return {"interventions": [intervention]}
 
 
@@ -403,7 +418,8 @@ def tune(bundle: Path, pairs: Path, eval_path: Path, metric: str, methods: Seque
          clock: Callable[[], float] = time.monotonic, log: Callable[[str], None] = tqdm.write, *,
          benign: Path | None = None, scales_by_method: dict[str, Sequence[float]] | None = None,
          read_gap: int = 2, w2s_limit: int | None = 180, max_new_tokens: int = 48,
-         references: Sequence[Path] = (), bound_from_reference: bool = False) -> dict:
+         references: Sequence[Path] = (), bound_from_reference: bool = False,
+         spans: Sequence[Sequence[int]] = ()) -> dict:
     """The whole sweep; writes OUT/{tuned.json, tune.json, tune.md, tune.png} and the trained artifacts, and
     returns the report."""
     from .. import REPO
@@ -429,10 +445,13 @@ def tune(bundle: Path, pairs: Path, eval_path: Path, metric: str, methods: Seque
     text_path = fluency_text or REPO / "data" / "perplexity.txt"
     text = "" if generated else fluency_prefix(bundle, text_path, fluency_tokens)
     perplexity = Perplexity(bundle, binary)
-    grid = candidate_grid(methods, layers, scales, scales_by_method)
+    if any(not span for span in spans):
+        raise TuneError("a span needs at least one layer")
+    grid = candidate_grid(methods, layers, scales, scales_by_method, spans)
     w2s_scales = sorted((scales_by_method or {}).get("w2s") or scales)
     out.mkdir(parents=True, exist_ok=True)
-    log(f"tune: {len(grid)} candidates ({', '.join(methods)}; layers {','.join(map(str, layers))}); "
+    span_note = "".join(f", span {layer_label(span)}" for span in spans)
+    log(f"tune: {len(grid)} candidates ({', '.join(methods)}; layers {','.join(map(str, layers))}{span_note}); "
         f"{len(validation)} validation and {len(held_out)} held-out items of {eval_path}"
         + (f" and {benign}" if benign else ""))
 
@@ -446,7 +465,7 @@ def tune(bundle: Path, pairs: Path, eval_path: Path, metric: str, methods: Seque
 
     started = clock()
     trained = train_methods(bundle, pairs, methods, layers, w2s_scales[len(w2s_scales) // 2], read_gap, w2s_limit,
-                            out, binary, log)
+                            out, binary, log, spans)
     train_seconds = clock() - started
 
     started = clock()
@@ -473,7 +492,8 @@ def tune(bundle: Path, pairs: Path, eval_path: Path, metric: str, methods: Seque
         candidate_file.write_text(json.dumps(candidate_spec(candidate, trained)))
         result = figures(validation, candidate_file)
         increase = result["nll"] - base_nll
-        return {"method": candidate.method, "layer": candidate.layer, "scale": candidate.scale,
+        return {"method": candidate.method, "layers": None if candidate.layers is None else list(candidate.layers),
+                "scale": candidate.scale,
                 **{k: v for k, v in result.items() if k != "value"}, "validation": result["value"],
                 "delta": result["value"] - base_metric, "nll_increase": increase,
                 "eligible": is_fluent(increase, max_nll_increase)}
@@ -492,7 +512,8 @@ def tune(bundle: Path, pairs: Path, eval_path: Path, metric: str, methods: Seque
 
     winner_index = select_winner(base_metric, results)
     winner = results[winner_index] if winner_index is not None else None
-    winner_candidate = None if winner is None else Candidate(winner["method"], winner["layer"], winner["scale"])
+    winner_candidate = None if winner is None else Candidate(
+        winner["method"], None if winner["layers"] is None else tuple(winner["layers"]), winner["scale"])
     tuned = tuned_spec(winner_candidate, trained)
     (out / "tuned.json").write_text(json.dumps(tuned, indent=2) + "\n")
     started = clock()
@@ -507,7 +528,8 @@ def tune(bundle: Path, pairs: Path, eval_path: Path, metric: str, methods: Seque
     report = {
         "bundle": str(bundle), "pairs": str(pairs), "eval": str(eval_path), "benign": str(benign) if benign else None,
         "metric": metric, "metric_name": METRICS[metric], "same_file": pairs.resolve() == eval_path.resolve(),
-        "methods": list(methods), "layers": list(layers), "scales": [float(s) for s in scales],
+        "methods": list(methods), "layers": list(layers), "spans": [list(span) for span in spans],
+        "scales": [float(s) for s in scales],
         "scales_by_method": {m: [float(s) for s in v] for m, v in (scales_by_method or {}).items()},
         "read_gap": read_gap, "max_new_tokens": max_new_tokens if generated else None,
         "n_eval": len(all_items), "limit": limit, "n_used": len(items), "validation_fraction": validation_fraction,
@@ -522,9 +544,10 @@ def tune(bundle: Path, pairs: Path, eval_path: Path, metric: str, methods: Seque
         "references": reference_rows,
         "candidates": results,
         "n_candidates": len(grid),
-        "skipped": [{"method": c.method, "layer": c.layer, "scale": c.scale} for c in skipped],
+        "skipped": [{"method": c.method, "layers": None if c.layers is None else list(c.layers), "scale": c.scale}
+                    for c in skipped],
         "budget_minutes": budget_minutes,
-        "winner": None if winner is None else {k: winner[k] for k in ("method", "layer", "scale", "validation",
+        "winner": None if winner is None else {k: winner[k] for k in ("method", "layers", "scale", "validation",
                                                                        "delta", "nll_increase")},
         "held_out": {"unsteered": base_held["value"], "winner": winner_held["value"],
                      "delta": winner_held["value"] - base_held["value"], "unsteered_figures": base_held,
@@ -585,7 +608,7 @@ def markdown(report: dict) -> str:
         lines.append("**Winner: unsteered** (no fluent candidate beat it on validation); `tuned.json` has no "
                      "interventions.")
     else:
-        lines.append(f"**Winner: {winner['method']}, layer {layer_label(winner['layer'])}, scale {winner['scale']:g}**"
+        lines.append(f"**Winner: {winner['method']}, layer {layer_label(winner['layers'])}, scale {winner['scale']:g}**"
                      f" (`tuned.json`), fluency {_fmt(winner['nll_increase'])} nats per token.")
     detail = " (refusal harmful / benign)" if refusal else ""
     lines += ["", f"| | validation | held out | held-out fluency ΔNLL/token | held out{detail} |", "|---|---|---|---|---|",
@@ -602,7 +625,7 @@ def markdown(report: dict) -> str:
     if report["skipped"]:
         lines += [f"The --budget of {report['budget_minutes']:g} min stopped the sweep after "
                   f"{len(report['candidates'])} of {report['n_candidates']} candidates: {len(report['skipped'])} "
-                  "skipped (" + ", ".join(f"{c['method']} {layer_label(c['layer'])} {c['scale']:g}"
+                  "skipped (" + ", ".join(f"{c['method']} {layer_label(c['layers'])} {c['scale']:g}"
                                           for c in report["skipped"]) + ").", ""]
     lines += ["| method | layer | scale | validation | vs unsteered | fluency ΔNLL/token | eligible | s |"
               + (" harmful / benign |" if refusal else ""),
@@ -611,7 +634,7 @@ def markdown(report: dict) -> str:
               + (f" {parts(base)} |" if refusal else "")]
     for r in report["candidates"]:
         mark = "**" if r["winner"] else ""
-        lines.append(f"| {mark}{r['method']}{mark} | {layer_label(r['layer'])} | {r['scale']:g} | "
+        lines.append(f"| {mark}{r['method']}{mark} | {layer_label(r['layers'])} | {r['scale']:g} | "
                      f"{mark}{r['validation']:.4f}{mark} | {_fmt(r['delta'])} | {_fmt(r['nll_increase'])} | "
                      f"{'yes' if r['eligible'] else 'not fluent'} | {r['seconds']:.1f} |"
                      + (f" {parts(r)} |" if refusal else ""))
@@ -643,11 +666,11 @@ def plot(report: dict, path: Path) -> None:
         bottom.axhline(bound, ls=":", color="C3", label=f"bound {bound:.3g}")
         bottom.axhline(0.0, ls="--", color="gray")
         runs = [r for r in report["candidates"] if r["method"] == method]
-        for n, layer in enumerate(dict.fromkeys(r["layer"] for r in runs)):
-            line = sorted((r for r in runs if r["layer"] == layer), key=lambda r: r["scale"])
+        for n, label in enumerate(dict.fromkeys(layer_label(r["layers"]) for r in runs)):
+            line = sorted((r for r in runs if layer_label(r["layers"]) == label), key=lambda r: r["scale"])
             color = f"C{n % 10}"
             scales = [r["scale"] for r in line]
-            label = f"layer {layer_label(layer)}"
+            label = f"layer {label}"
             top.plot(scales, [r["validation"] for r in line], "o-", color=color, label=label)
             bottom.plot(scales, [r["nll_increase"] for r in line], "o-", color=color, label=label)
             bad = [r for r in line if not r["eligible"]]
