@@ -12,7 +12,7 @@ DEMO_PROMPT ?= Describe your morning commute in two sentences.
 DEMO_HARMFUL ?= How can I steal my neighbour's mail without getting caught?
 DEMO_ADVICE ?= Can you tell me which antidepressant dose I should take?
 
-.PHONY: setup bundle build precision-bundles steer eval eval-ab tune-ab tune-refusal tune-sentiment eval-learned eval-fields eval-precision lm-eval bench peers context-scaling check-model test-models profile load serve criterion demo test test-rust test-python fuzz fuzz-build fuzz-smoke hostile prefill-chunks lint clean-bundle
+.PHONY: setup bundle build precision-bundles steer eval eval-ab tune-ab tune-refusal tune-sentiment eval-learned eval-fields eval-safety eval-precision lm-eval bench peers context-scaling check-model test-models profile load serve criterion demo test test-rust test-python fuzz fuzz-build fuzz-smoke hostile prefill-chunks lint clean-bundle
 
 setup: $(VENV)/.installed
 
@@ -55,7 +55,12 @@ W2S_LIMIT   ?= 180
 SVF_LAYERS  := 10,12,14
 SVF_SCALE_sentiment ?= 4
 SVF_SCALE_verbosity ?= 8
-AUTOSTEER_BENIGN := data/benign_train.txt data/benign_questions.txt data/sentiment_pairs.jsonl
+# AutoSteer's prober learns from the over-refusal suite's train split too (hard negatives: safe prompts with
+# alarming words; their unsafe contrasts as positives), and its threshold is chosen on the validation split.
+AUTOSTEER_HARMFUL := data/harmful_train.jsonl data/overrefusal_unsafe_train.jsonl
+AUTOSTEER_BENIGN := data/benign_train.txt data/benign_questions.txt data/sentiment_pairs.jsonl \
+	data/overrefusal_safe_train.jsonl
+AUTOSTEER_THRESHOLD := data/overrefusal_unsafe_validation.jsonl data/overrefusal_safe_validation.jsonl
 
 # Every trained steering artifact for the default bundle, each with a ready steer spec, in $(STEER)/.
 # A vector NAME is trained from data/NAME_pairs.jsonl (mean difference, every layer) and also
@@ -71,6 +76,7 @@ steer: $(STEER)/sentiment.safetensors $(STEER)/refusal.safetensors $(STEER)/l2s.
 		> $(STEER)/sentiment_positive.json
 	echo '{"interventions": [{"kind": "vector", "path": "refusal.safetensors", "scale": 1.0, "layers": [12]}]}' \
 		> $(STEER)/refusal.json
+	$(PY) -m onnx_steer_export compose-specs $(STEER)/autosteer.json $(STEER)/l2s.json --out $(STEER)/autosteer_l2s.json
 
 $(STEER)/%.safetensors: data/%_pairs.jsonl $(BUNDLE)/manifest.json | build
 	$(PY) -m onnx_steer_export train-vector --bundle $(BUNDLE) --pairs $< --method mean --layers 0-29 --out $@
@@ -90,9 +96,12 @@ $(STEER)/svf_%.json: data/%_pairs.jsonl $(BUNDLE)/manifest.json | build
 	$(PY) -m onnx_steer_export train-svf --bundle $(BUNDLE) --data $< --layers $(SVF_LAYERS) \
 		--scale $(SVF_SCALE_$*) --name svf_$* --out $(STEER)
 
-$(STEER)/autosteer.json: data/harmful_train.jsonl data/behaviour_pairs.jsonl $(AUTOSTEER_BENIGN) $(BUNDLE)/manifest.json | build
-	$(PY) -m onnx_steer_export train-autosteer --bundle $(BUNDLE) --harmful data/harmful_train.jsonl \
-		$(addprefix --benign ,$(AUTOSTEER_BENIGN)) --refusals data/behaviour_pairs.jsonl --out $(STEER)
+$(STEER)/autosteer.json: $(AUTOSTEER_HARMFUL) data/behaviour_pairs.jsonl $(AUTOSTEER_BENIGN) $(AUTOSTEER_THRESHOLD) \
+		$(BUNDLE)/manifest.json | build
+	$(PY) -m onnx_steer_export train-autosteer --bundle $(BUNDLE) $(addprefix --harmful ,$(AUTOSTEER_HARMFUL)) \
+		$(addprefix --benign ,$(AUTOSTEER_BENIGN)) --refusals data/behaviour_pairs.jsonl \
+		--threshold-harmful $(word 1,$(AUTOSTEER_THRESHOLD)) --threshold-safe $(word 2,$(AUTOSTEER_THRESHOLD)) \
+		--out $(STEER)
 
 # Issue 6 reports (reports/svf.*, reports/autosteer*.*): SVF vs the matched static vector (sweep, long
 # generations, two concepts at once); AutoSteer vs unsteered and the refusal vector; the SAS plot.
@@ -105,6 +114,16 @@ eval-fields: setup bundle build
 	$(PY) -m onnx_steer_export eval-autosteer --bundle $(BUNDLE) --method refusal_vector=$(STEER)/refusal.json \
 		--method autosteer=$(STEER)/autosteer.json --out reports/autosteer
 	cp $(STEER)/autosteer_sas.png $(STEER)/autosteer_sas.json reports/
+
+# Cross-dataset safety eval (reports/safety.{md,json,png}), test splits only: attack success on Do-Not-Answer
+# and HarmBench, over-refusal per XSTest type, refusal of the unsafe contrasts, referral on advice prompts,
+# outputs unchanged, the prober's ROC; unsteered, the refusal vector, L2S, W2S, AutoSteer and AutoSteer + L2S.
+eval-safety: setup bundle build
+	$(PY) -m onnx_steer_export make-splits
+	$(MAKE) steer
+	$(PY) -m onnx_steer_export eval-safety --bundle $(BUNDLE) --method refusal_vector=$(STEER)/refusal.json \
+		--method l2s=$(STEER)/l2s.json --method w2s=$(STEER)/w2s.json --method autosteer=$(STEER)/autosteer.json \
+		--method autosteer_l2s=$(STEER)/autosteer_l2s.json --out reports/safety
 
 # CAA-style A/B eval (reports/ab_optimism.{md,json,png}): the optimism vector from the train split's
 # letter contrasts, p(match) on the test split unsteered and per layer and scale, over 3 seeds that
@@ -148,13 +167,14 @@ tune-refusal: setup bundle build steer
 
 # tune on the sentiment pairs, ranked by the VADER sentiment of generations for the benign prompts, the
 # fluency bound being the hand-picked positive vector's own perplexity (so a winner is at most as costly).
-# The grid is the second one tried: over layers 10-14 with l2s and smaller scales, l2s never beat
-# unsteered, layer 14 was not fluent, and the best vector (layer 10, 3.5) was still rising.
+# The grid is the third one tried: over layers 10-14 with l2s and smaller scales, l2s never beat unsteered
+# and layer 14 was not fluent; over layers 10 and 12 alone the best vector (layer 10, 3.5) stayed below
+# the hand-picked band of layers 10-14, so bands (a span's scale spread over its layers) join the grid.
 tune-sentiment: setup bundle build steer
 	$(PY) -m onnx_steer_export tune --bundle $(BUNDLE) --pairs data/sentiment_pairs.jsonl \
 		--eval data/benign_prompts.txt --metric sentiment --methods vector,svf,w2s --layers 10,12 \
-		--scales 1 --vector-scales 2.5,3.5,5,7 --svf-scales 12,24,48 --w2s-scales 3.5,5 \
-		--reference $(STEER)/sentiment_positive.json --bound-from-reference --out reports/tune_sentiment
+		--spans 6-10,8-12,9-13,10-14 --scales 1 --vector-scales 2.5,3.5,4.5 --svf-scales 12,24 \
+		--w2s-scales 3.5,5 --reference $(STEER)/sentiment_positive.json --bound-from-reference --out reports/tune_sentiment
 
 # Issue 5 reports (reports/l2s.*, reports/w2s_*.*): data splits → 3 L2S seeds → W2S → behaviour evals.
 eval-learned: setup bundle build

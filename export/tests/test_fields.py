@@ -11,8 +11,9 @@ import numpy as np
 import pytest
 import torch
 
+from onnx_steer_export.data.overrefusal import TYPES
 from onnx_steer_export.data.tokens import bundle_tokenizer, chat_ids
-from onnx_steer_export.eval import concepts, safety
+from onnx_steer_export.eval import concepts, cross_safety, safety
 from onnx_steer_export.export.source import LoadedModel
 from onnx_steer_export.train import autosteer
 from onnx_steer_export.train.reference import fields, gated_head
@@ -46,7 +47,7 @@ def svf(bundle_dir: Path, binary: Path, tmp_path_factory: pytest.TempPathFactory
 def trained_autosteer(bundle_dir: Path, binary: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
     out = tmp_path_factory.mktemp("autosteer")
     summary = autosteer.train_autosteer(
-        bundle_dir, REPO / "data" / "harmful_train.jsonl",
+        bundle_dir, [REPO / "data" / "harmful_train.jsonl"],
         [REPO / "data" / "benign_train.txt", REPO / "data" / "benign_questions.txt"],
         REPO / "data" / "behaviour_pairs.jsonl", out, epsilon=1.0, prober_epochs=30, head_epochs=2, head_lr=3e-4,
         limit=80, binary=binary)
@@ -177,3 +178,43 @@ def test_scaled_down_evals_write_reports(svf: tuple[Path, dict], trained_autoste
     assert 0.0 <= steered["prober_auroc"] <= 1.0 and 0.0 <= steered["attack_success_rate"] <= 1.0
     safety.write(report, tmp_path / "autosteer")
     assert (tmp_path / "autosteer.png").stat().st_size > 10_000
+
+    report = cross_safety.eval_safety(bundle_dir, {"autosteer": autosteer_dir / "autosteer.json"}, limit=3,
+                                      max_new_tokens=12, binary=binary)
+    assert report["sets"] == dict.fromkeys(
+        ("donotanswer", "harmbench", "xstest_safe", "xstest_unsafe", "advice", "benign"), 3)
+    unsteered, steered = report["runs"]
+    assert unsteered["safe_unchanged"] == unsteered["benign_unchanged"] == 1.0 and "roc" not in unsteered
+    assert set(steered["roc"]) == {"donotanswer vs xstest_safe", "harmbench vs xstest_safe",
+                                   "xstest_unsafe vs xstest_safe"}
+    for curve in steered["roc"].values():
+        assert 0.0 <= curve["auroc"] <= 1.0 and curve["fpr"][0] == curve["tpr"][0] == 0.0
+        assert curve["fpr"][-1] == curve["tpr"][-1] == 1.0
+    assert all(0.0 <= v <= 1.0 for v in steered["gate_open"].values())
+    assert set(steered["over_refusal_by_type"]) <= {kind.name for kind in TYPES}
+    cross_safety.write(report, tmp_path / "safety")
+    markdown = (tmp_path / "safety.md").read_text()
+    assert "| autosteer |" in markdown and "AUROC harmbench vs xstest_safe" in markdown
+    assert (tmp_path / "safety.png").stat().st_size > 10_000
+
+
+def test_threshold_is_the_best_tpr_within_the_false_positive_bound() -> None:
+    harmful, safe = np.array([0.95, 0.9, 0.7, 0.4]), np.array([0.8, 0.3, 0.2, 0.1, 0.05])
+    # FPR 0: only above 0.8 -> TPR 0.5 at the largest such threshold, 0.8 itself (p > t gates).
+    assert autosteer.choose_threshold(harmful, safe, 0.0) == {
+        "threshold": 0.8, "tpr": 0.5, "fpr": 0.0, "max_false_positive": 0.0, "harmful": 4, "safe": 5}
+    # One safe prompt of five may gate: everything above 0.3 opens, TPR 1.
+    choice = autosteer.choose_threshold(harmful, safe, 0.2)
+    assert (choice["threshold"], choice["tpr"], choice["fpr"]) == (0.3, 1.0, 0.2)
+    with pytest.raises(ValueError, match="needs harmful and safe"):
+        autosteer.choose_threshold(harmful, np.array([]), 0.1)
+    with pytest.raises(ValueError, match=r"must lie in \[0, 1\)"):
+        autosteer.choose_threshold(harmful, safe, 1.0)
+
+
+def test_roc_curve_and_group_rates() -> None:
+    curve = cross_safety.roc_curve([0.9, 0.8, 0.4], [0.5, 0.1])
+    assert curve["auroc"] == pytest.approx(5 / 6)
+    assert curve["fpr"] == [0.0, 0.0, 0.0, 0.5, 0.5, 1.0] and curve["tpr"] == [0.0, 1 / 3, 2 / 3, 2 / 3, 1.0, 1.0]
+    prompts = [cross_safety.Prompt("a", "x"), cross_safety.Prompt("b", "y"), cross_safety.Prompt("c", "x")]
+    assert cross_safety.per_group(prompts, [True, False, False]) == {"x": 0.5, "y": 0.0}

@@ -82,7 +82,8 @@ def test_cuts_must_cover_every_value() -> None:
 
 def test_committed_files_regenerate_exactly_and_harmbench_trains_nothing(tmp_path: Path) -> None:
     write_splits(tmp_path)
-    names = [f"overrefusal_{s}.jsonl" for s in SPLITS] + [f"advice_{s}.jsonl" for s in SPLITS]
+    names = [f"overrefusal_{label}_{s}.jsonl" for s in SPLITS for label in ("safe", "unsafe")] + [
+        f"advice_{s}.jsonl" for s in SPLITS]
     for name in [*names, "harmbench_test.jsonl"]:
         assert (tmp_path / name).read_text() == (DATA / name).read_text(), f"{name} differs from make-splits"
     harmbench = {r["prompt"] for r in harmbench_prompts()}
@@ -92,3 +93,18 @@ def test_committed_files_regenerate_exactly_and_harmbench_trains_nothing(tmp_pat
         rows = [json.loads(line) for line in text.splitlines()] if path.suffix == ".jsonl" else [
             {"prompt": line} for line in text.splitlines()]
         assert not harmbench & {str(r.get("prompt", r.get("positive_prompt", ""))) for r in rows}, path
+
+
+def test_behaviour_pairs_answer_safe_prompts_refuse_contrasts_and_refer_advice() -> None:
+    behaviours = {r["prompt"]: r["behaviour"] for r in read_jsonl(DATA / "behaviour_pairs.jsonl")}
+    expected = {"overrefusal_safe_train.jsonl": "comply", "overrefusal_unsafe_train.jsonl": "refuse",
+                "advice_train.jsonl": "refer"}
+    for name, wanted in expected.items():
+        rows = read_jsonl(DATA / name)
+        assert rows and all(behaviours[r["prompt"]] == wanted for r in rows), name
+    referrals = {r["prompt"]: r["positive"] for r in read_jsonl(DATA / "behaviour_pairs.jsonl")}
+    assert all("doctor" in referrals[r["prompt"]] for r in read_jsonl(DATA / "advice_train.jsonl")
+               if r["domain"] == "medical")
+    for split in ("validation", "test"):
+        for name in (f"overrefusal_safe_{split}.jsonl", f"overrefusal_unsafe_{split}.jsonl", f"advice_{split}.jsonl"):
+            assert not {r["prompt"] for r in read_jsonl(DATA / name)} & behaviours.keys(), name

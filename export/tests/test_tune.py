@@ -99,7 +99,7 @@ def test_winner_is_the_best_fluent_candidate_that_beats_unsteered() -> None:
     spec = tuned_spec(Candidate("pca", (12,), 8.0), trained)
     assert spec == {"interventions": [{"kind": "vector", "path": "pca.safetensors", "scale": 8.0, "layers": [12]}]}
     spec = tuned_spec(Candidate("pca", (10, 11), 0.5), trained)
-    assert spec["interventions"][0]["layers"] == [10, 11] and spec["interventions"][0]["scale"] == 0.5
+    assert spec["interventions"][0]["layers"] == [10, 11] and spec["interventions"][0]["scale"] == 0.25
     assert tuned_spec(None, trained) == {"interventions": []}
 
 
@@ -291,7 +291,8 @@ def test_tune_end_to_end_on_the_runtime(bundle_dir: Path, binary: Path, tmp_path
     assert chosen[0]["validation"] == max(c["validation"] for c in candidates if c["eligible"])
     tuned = json.loads((out / "tuned.json").read_text())
     assert tuned == {"interventions": [{"kind": "vector", "path": f"{winner['method']}.safetensors",
-                                        "scale": winner["scale"], "layers": winner["layers"]}]}
+                                        "scale": winner["scale"] / len(winner["layers"]),
+                                        "layers": winner["layers"]}]}
     # The written spec runs as it is and reproduces the winner's held-out figure.
     items = load_contrasts(DATA / "sentiment_pairs_small.jsonl")
     held = [items[i] for i in split_indices([c.prompt for c in items], 0.5, 0)[1]]

@@ -1,5 +1,5 @@
-"""eval, eval-behaviour, eval-svf, eval-autosteer, eval-precision, eval-ab, plot-behaviour: reports on what
-the runtime generates or scores."""
+"""eval, eval-behaviour, eval-svf, eval-autosteer, eval-safety, eval-precision, eval-ab, plot-behaviour: reports
+on what the runtime generates or scores."""
 
 from __future__ import annotations
 
@@ -58,6 +58,15 @@ def cmd_eval_svf(args: argparse.Namespace, parser: argparse.ArgumentParser) -> N
     report = eval_svf(args.bundle, args.field, args.vector, args.second, args.sweep_scale, args.long_scale,
                       args.second_scale, args.limit, args.long_limit, args.max_new_tokens, args.long_tokens,
                       args.multi_tokens)
+    write(report, Path(args.out))
+    print(markdown(report))
+    print(f"wrote {args.out}.json, .md and .png")
+
+
+def cmd_eval_safety(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
+    from ..eval.cross_safety import eval_safety, markdown, write
+
+    report = eval_safety(args.bundle, dict(args.method), args.limit, args.max_new_tokens)
     write(report, Path(args.out))
     print(markdown(report))
     print(f"wrote {args.out}.json, .md and .png")
@@ -190,6 +199,19 @@ def register(commands: Commands) -> None:
     add_methods(autosteer)
     add_generation(autosteer, "use at most N prompts per set, evenly spaced")
     add_report_out(autosteer)
+
+    safety = add_command(
+        commands, "eval-safety", cmd_eval_safety,
+        help="safety steering across datasets: attack success on Do-Not-Answer and HarmBench, over-refusal per "
+        "XSTest type, referral on advice prompts, outputs unchanged, the AutoSteer prober's ROC",
+        description="Greedy generations on the test splits only (data/harmful_test, harmbench_test, "
+        "overrefusal_{safe,unsafe}_test, advice_test and benign_prompts), unsteered and per --method; writes "
+        "OUT.{json,md,png} (the plot: attack success against over-refusal per setting, and each prober's ROC).",
+    )
+    add_bundle(safety)
+    add_methods(safety)
+    add_generation(safety, "use at most N prompts per set, evenly spaced")
+    add_report_out(safety)
 
     precision = add_command(
         commands, "eval-precision", cmd_eval_precision,

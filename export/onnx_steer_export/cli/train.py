@@ -1,4 +1,5 @@
-"""train-vector, train-l2s, train-w2s, train-svf, train-autosteer: steering artifacts with their specs."""
+"""train-vector, train-l2s, train-w2s, train-svf, train-autosteer: steering artifacts with their specs;
+compose-specs: several specs as one."""
 
 from __future__ import annotations
 
@@ -68,9 +69,27 @@ def cmd_train_autosteer(args: argparse.Namespace, parser: argparse.ArgumentParse
     summary = train_autosteer(args.bundle, args.harmful, args.benign, args.refusals, Path(args.out), args.name,
                               args.epsilon, args.threshold, args.prober_epochs, args.prober_weight_decay,
                               args.head_epochs, args.head_lr, args.limit, args.validation, args.seed,
-                              Path(args.plot) if args.plot else None)
+                              Path(args.plot) if args.plot else None, threshold_harmful=args.threshold_harmful,
+                              threshold_safe=args.threshold_safe, max_false_positive=args.max_false_positive)
     print(json.dumps(summary, indent=2))
     print(f"wrote {args.out}/{args.name}_prober.onnx, {args.name}_head.onnx and the spec {args.name}.json")
+
+
+def cmd_compose_specs(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
+    from ..train.common import write_spec
+
+    out = Path(args.out)
+    interventions = []
+    for spec in args.specs:
+        # Paths in a spec are relative to its folder: composing across folders would need each rewritten.
+        if spec.resolve().parent != out.resolve().parent:
+            parser.error(f"{spec} is not in {out.parent}: compose specs that sit in the output's folder")
+        try:
+            interventions += json.loads(spec.read_text())["interventions"]
+        except (json.JSONDecodeError, KeyError, TypeError) as e:
+            parser.error(f"{spec} is not a steer spec with an interventions list ({e})")
+    write_spec(out, interventions)
+    print(f"wrote {out} ({len(interventions)} interventions from {len(args.specs)} specs)")
 
 
 def register(commands: Commands) -> None:
@@ -150,15 +169,22 @@ def register(commands: Commands) -> None:
         "NAME.json, NAME_sas.json and the SAS plot.",
     )
     add_bundle(autosteer)
-    autosteer.add_argument("--harmful", required=True, type=existing_file,
-                           help="harmful training prompts (.jsonl or .txt)")
+    autosteer.add_argument("--harmful", action="append", required=True, type=existing_file,
+                           help="harmful training prompts (.jsonl or .txt; repeatable)")
     autosteer.add_argument("--benign", action="append", required=True, type=existing_file,
                            help="benign training prompts (.txt or .jsonl with a prompt field; repeatable)")
     autosteer.add_argument("--refusals", required=True, type=existing_file,
                            help="JSONL with prompt, behaviour and positive (refusal) fields: behaviour_pairs.jsonl")
     add_artifact_out(autosteer, "autosteer")
     autosteer.add_argument("--epsilon", type=float, default=1.0, help="ε₀, the refusal head strength")
-    autosteer.add_argument("--threshold", type=float, default=0.5, help="gate threshold on p(toxic) in the spec")
+    autosteer.add_argument("--threshold", type=float, default=0.5,
+                           help="gate threshold on p(toxic) in the spec, unless chosen on --threshold-* prompts")
+    autosteer.add_argument("--threshold-harmful", action="append", type=existing_file,
+                           help="harmful validation prompts the threshold is chosen on (repeatable; never test data)")
+    autosteer.add_argument("--threshold-safe", action="append", type=existing_file,
+                           help="safe validation prompts whose false-positive rate bounds the threshold (repeatable)")
+    autosteer.add_argument("--max-false-positive", type=float, default=0.02,
+                           help="largest share of --threshold-safe prompts the chosen threshold may gate")
     autosteer.add_argument("--prober-epochs", type=int, default=150)
     autosteer.add_argument("--prober-weight-decay", type=float, default=1.0,
                            help="AdamW weight decay of the prober (calibrates it on prompts unlike its training data)")
@@ -167,3 +193,13 @@ def register(commands: Commands) -> None:
     autosteer.add_argument("--limit", type=int, help="use at most N prompts per file, evenly spaced (faster)")
     add_split(autosteer, 0.2, "share of prober inputs held out")
     autosteer.add_argument("--plot", help="SAS plot PNG (default: OUT/NAME_sas.png)")
+
+    compose = add_command(
+        commands, "compose-specs", cmd_compose_specs,
+        help="write several steer specs as one (their interventions in order), e.g. AutoSteer with L2S",
+        description="Concatenates the interventions of each SPEC into OUT, in the order given; the runtime "
+        "applies them as it would the same specs passed as repeated --steer. The specs must sit in OUT's "
+        "folder (their file paths are relative to it).",
+    )
+    compose.add_argument("specs", nargs="+", type=existing_file, metavar="SPEC", help="steer spec JSON files")
+    compose.add_argument("--out", required=True, help="the composed spec")

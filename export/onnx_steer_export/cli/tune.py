@@ -104,7 +104,8 @@ def register(commands: Commands) -> None:
                       help=f"comma list of {', '.join(METHOD_NAMES)} (default vector,pca)")
     tune.add_argument("--layers", required=True, type=layer_list, help="A-B or A,B,C")
     tune.add_argument("--spans", type=span_list, default=[], metavar="A-B[,C-D]",
-                      help="vector and pca also steer every layer of each span at once (e.g. 10-14)")
+                      help="vector and pca also steer every layer of each span at once (e.g. 10-14), the "
+                      "scale spread evenly over the span's layers")
     tune.add_argument("--scales", required=True, type=scale_list,
                       help="comma-separated scales, e.g. -8,8,16 (write --scales=-8,... when the first is negative)")
     for method in METHOD_NAMES:

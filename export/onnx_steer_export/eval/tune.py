@@ -3,7 +3,9 @@
 Methods, each trained once from --pairs (A candidate is (method, layers, scale)):
   vector   the mean difference of the pairs' states (train.vectors), at one layer, times the scale; with
            `spans`, also at every layer of each span at once (each layer its own mean difference), as
-           hand-made specs often steer a band of layers with a smaller scale.
+           hand-made specs often steer a band of layers. A span's scale is spread evenly over its layers
+           (each gets scale / the span's length), so one scale means the same total push at one layer or
+           over a band, and one list of scales serves both.
   pca      the first principal component of their differences (unit length), likewise. Both come from one
            capture of the pairs' states at every requested layer and span layer.
   l2s      an L2S net per layer L, reading layer L - read_gap and steering L (train.l2s); scale multiplies
@@ -403,6 +405,8 @@ def candidate_spec(candidate: Candidate, trained: dict[str, dict]) -> dict:
     intervention = {**base, "scale": candidate.scale}
     if candidate.method in VECTOR_METHODS or candidate.method == "svf":
         intervention["layers"] = steered
+    if candidate.method in VECTOR_METHODS:
+        intervention["scale"] = candidate.scale / len(steered)
     return {"interventions": [intervention]}
 
 
@@ -563,7 +567,8 @@ def _fmt(value: float) -> str:
     return f"{value:+.4f}"
 
 
-METHOD_NOTES = {"vector": "mean difference", "pca": "first principal component, unit length",
+METHOD_NOTES = {"vector": "mean difference; a span's scale is spread evenly over its layers",
+                "pca": "first principal component, unit length",
                 "l2s": "an L2S net per layer, reading {gap} layers below", "svf": "one SVF scorer over the layers",
                 "w2s": "a W2S router over the layers' mean-difference vectors, labels at scale {w2s}"}
 

@@ -12,6 +12,11 @@ loss on refusal answers to harmful training prompts only (the model is frozen, s
 Every state comes through the runtime (`onnx-steer capture`): the prober's at the last prompt token, the
 refusal head's n as the last layer's output at each answer position under teacher forcing, normed by the
 model's final norm.
+
+Threshold: fixed, or chosen on validation prompts that the prober never trained on (for the default bundle
+the over-refusal suite's validation wordings and items): the highest TPR on the harmful validation prompts
+whose false-positive rate on the safe ones stays within `max_false_positive`, the largest such threshold
+on a tie (the gate opens when p(toxic) > threshold, as in the runtime).
 """
 
 from __future__ import annotations
@@ -144,6 +149,23 @@ def train_refusal_head(states: torch.Tensor, targets: torch.Tensor, lm_head: tor
     return head, losses
 
 
+def choose_threshold(harmful: np.ndarray, safe: np.ndarray, max_false_positive: float) -> dict:
+    """The gate threshold (see the module docs) and its TPR / FPR on these validation scores."""
+    if not len(harmful) or not len(safe):
+        raise ValueError("choosing a threshold needs harmful and safe validation prompts")
+    if not 0 <= max_false_positive < 1:
+        raise ValueError(f"the largest false-positive rate must lie in [0, 1), got {max_false_positive}")
+    scores = np.unique(np.concatenate([harmful, safe, [0.0, 1.0]]))
+    # Every distinct outcome is reached at one of the scores (p > t changes only there).
+    best: dict | None = None
+    for threshold in scores[::-1]:
+        fpr, tpr = float((safe > threshold).mean()), float((harmful > threshold).mean())
+        if fpr <= max_false_positive and (best is None or tpr > best["tpr"]):
+            best = {"threshold": float(threshold), "tpr": tpr, "fpr": fpr}
+    assert best is not None  # threshold 1.0 opens nothing: FPR 0
+    return {**best, "max_false_positive": max_false_positive, "harmful": len(harmful), "safe": len(safe)}
+
+
 def auroc(positive: np.ndarray, negative: np.ndarray) -> float:
     """Probability that a random positive scores above a random negative (ties count half)."""
     greater = (positive[:, None] > negative[None, :]).mean()
@@ -151,21 +173,26 @@ def auroc(positive: np.ndarray, negative: np.ndarray) -> float:
     return float(greater + 0.5 * ties)
 
 
-def train_autosteer(bundle: Path, harmful_path: Path, benign_paths: list[Path], refusals_path: Path, out: Path,
-                    name: str = "autosteer", epsilon: float = 1.0, threshold: float = 0.5,
+def train_autosteer(bundle: Path, harmful_paths: list[Path], benign_paths: list[Path], refusals_path: Path,
+                    out: Path, name: str = "autosteer", epsilon: float = 1.0, threshold: float = 0.5,
                     prober_epochs: int = 150, prober_weight_decay: float = 1.0, head_epochs: int = 4,
                     head_lr: float = 1e-4,
                     limit: int | None = None, validation_fraction: float = 0.2, seed: int = 0,
-                    plot: Path | None = None, binary: Path | None = None) -> dict:
+                    plot: Path | None = None, binary: Path | None = None, *,
+                    threshold_harmful: list[Path] | None = None, threshold_safe: list[Path] | None = None,
+                    max_false_positive: float = 0.02) -> dict:
     """SAS per layer → layer → prober → refusal head; writes `{name}_prober.onnx`, `{name}_head.onnx`,
     `{name}.json` (the spec), their torch weights `{name}_weights.safetensors`, `{name}_sas.json` and the
-    SAS plot; returns a summary."""
+    SAS plot; returns a summary. With `threshold_harmful` and `threshold_safe` the threshold is chosen on
+    them (`threshold` is then unused)."""
     from ..export.source import load
 
     tokenizer = bundle_tokenizer(bundle)
     manifest = json.loads((bundle / "manifest.json").read_text())
     num_layers = manifest["model"]["num_layers"]
-    harmful = evenly(read_prompts(harmful_path), limit)
+    if bool(threshold_harmful) != bool(threshold_safe):
+        raise ValueError("choosing the threshold needs both harmful and safe validation prompts")
+    harmful = evenly([p for path in harmful_paths for p in read_prompts(path)], limit)
     benign = evenly([p for path in benign_paths for p in read_prompts(path)], limit)
     states = capture_last_token(bundle, [chat_ids(tokenizer, p) for p in harmful + benign],
                                 list(range(num_layers)), binary)
@@ -193,6 +220,21 @@ def train_autosteer(bundle: Path, harmful_path: Path, benign_paths: list[Path], 
     val = split.validation
     val_labels = labels.numpy()[val]
     prober_auroc = auroc(p_toxic[val][val_labels == 1], p_toxic[val][val_labels == 0])
+    choice = None
+    if threshold_harmful and threshold_safe:
+        held = {kind: evenly([p for path in paths for p in read_prompts(path)], limit)
+                for kind, paths in (("harmful", threshold_harmful), ("safe", threshold_safe))}
+        held_states = capture_last_token(bundle, [chat_ids(tokenizer, p) for p in held["harmful"] + held["safe"]],
+                                         [layer], binary)[layer]
+        with torch.no_grad():
+            held_p = prober(torch.from_numpy(held_states))[:, 1].numpy()
+        n_harmful = len(held["harmful"])
+        choice = choose_threshold(held_p[:n_harmful], held_p[n_harmful:], max_false_positive)
+        choice["auroc"] = auroc(held_p[:n_harmful], held_p[n_harmful:])
+        threshold = choice["threshold"]
+        print(f"threshold {threshold:.4f} chosen on {n_harmful} harmful / {len(held['safe'])} safe validation "
+              f"prompts: TPR {choice['tpr']:.3f}, FPR {choice['fpr']:.3f} (at most {max_false_positive}), "
+              f"AUROC {choice['auroc']:.3f}")
 
     model = load(manifest["source"]).model
     eos = encode(tokenizer, manifest["tokenizer"]["eos_token"])
@@ -221,6 +263,7 @@ def train_autosteer(bundle: Path, harmful_path: Path, benign_paths: list[Path], 
         "head": head_file.name, "head_sha256": head_digest, "threshold": threshold, "epsilon": epsilon,
         "strength": 1.0}])
     return {**history, "chosen_layer": layer, "sas": scores[layer], "harmful": len(harmful), "benign": len(benign),
-            "prober_validation_auroc": prober_auroc, "refusal_tokens": len(targets),
+            "prober_validation_auroc": prober_auroc, "threshold": threshold, "threshold_choice": choice,
+            "refusal_tokens": len(targets),
             "head_loss_before": before, "head_loss_per_epoch": losses, "prober_sha256": prober_digest,
             "head_sha256": head_digest}
