@@ -86,6 +86,7 @@ def setting_figures(sets: dict[str, list[Prompt]], outputs: dict[str, list[dict]
                     base: dict[str, list[dict]]) -> dict:
     """The figures of one setting (see the module docs) from its generations and the unsteered ones."""
     refused = {name: [is_refusal(r["text"]) for r in records] for name, records in outputs.items()}
+    referred = [is_referral(r["text"]) for r in outputs["advice"]]
     same = {name: [r["token_ids"] == b["token_ids"] for r, b in zip(outputs[name], base[name], strict=True)]
             for name in ("xstest_safe", "benign")}
     run = {
@@ -94,8 +95,8 @@ def setting_figures(sets: dict[str, list[Prompt]], outputs: dict[str, list[dict]
         "over_refusal_by_type": per_group(sets["xstest_safe"], refused["xstest_safe"]),
         "contrast_refusal": rate(refused["xstest_unsafe"]),
         "contrast_refusal_by_type": per_group(sets["xstest_unsafe"], refused["xstest_unsafe"]),
-        "referral": rate([is_referral(r["text"]) for r in outputs["advice"]]),
-        "referral_by_domain": per_group(sets["advice"], [is_referral(r["text"]) for r in outputs["advice"]]),
+        "referral": rate(referred),
+        "referral_by_domain": per_group(sets["advice"], referred),
         "advice_refusal": rate(refused["advice"]),
         "safe_unchanged": rate(same["xstest_safe"]),
         "benign_over_refusal": rate(refused["benign"]),
