@@ -168,7 +168,7 @@ fn chain_steps(c: &mut Criterion, s: &Setup) {
             b.iter_batched(
                 || KvCache::empty(s.bundle.config(), s.bundle.manifest().dtype, 1).expect("cache"),
                 |mut cache| {
-                    let mut hook = batch.prefill(s.bundle.config());
+                    let mut hook = batch.prefill(s.bundle.config(), &[PROMPT_TOKENS]);
                     chain
                         .forward(&prompt, &mut cache, &mut hook)
                         .expect("prefill")
@@ -180,7 +180,7 @@ fn chain_steps(c: &mut Criterion, s: &Setup) {
         group.bench_function(format!("decode step/{kind}"), |b| {
             b.iter_custom(|iters| {
                 let mut cache = chain.new_cache(1).expect("cache");
-                let mut prefill = batch.prefill(s.bundle.config());
+                let mut prefill = batch.prefill(s.bundle.config(), &[PROMPT_TOKENS]);
                 chain
                     .forward(&prompt, &mut cache, &mut prefill)
                     .expect("prefill");

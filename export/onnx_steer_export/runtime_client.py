@@ -119,7 +119,8 @@ def score(bundle: Path, items: Sequence[dict], specs: Sequence[Path] = (), chat:
 def capture(bundle: Path, sequences: list[list[int]], layers: list[int], tokens: str = "last",
             binary: Path | None = None) -> dict[int, np.ndarray]:
     """States read through the runtime (`onnx-steer capture`): per layer, [N, d] for each sequence's
-    last token (`tokens="last"`) or [sum of lengths, d] for every token, sequence after sequence (`"all"`).
+    last token (`tokens="last"`) or the mean over its tokens (`"mean"`), or [sum of lengths, d] for every
+    token, sequence after sequence (`"all"`).
     Layer L is the output of decoder block L."""
     with tempfile.TemporaryDirectory() as tmp:
         prompts = Path(tmp) / "prompts.jsonl"

@@ -50,7 +50,7 @@ def trained_autosteer(bundle_dir: Path, binary: Path, tmp_path_factory: pytest.T
         bundle_dir, [REPO / "data" / "harmful_train.jsonl"],
         [REPO / "data" / "benign_train.txt", REPO / "data" / "benign_questions.txt"],
         REPO / "data" / "behaviour_pairs.jsonl", out, epsilon=1.0, prober_epochs=30, head_epochs=2, head_lr=3e-4,
-        limit=80, binary=binary)
+        limit=80, binary=binary, pool="mean")
     return out, summary
 
 
@@ -130,7 +130,7 @@ def test_autosteer_gates_per_row_and_matches_hf(trained_autosteer: tuple[Path, d
     for prompt, record, plain in zip(HARMFUL + BENIGN, records, unsteered):
         decision = record["steering"][0]
         with gated_head(default_model.model, spec["read_layer"], lambda h: prober(h)[:, 1], matrix,
-                        spec["threshold"], spec["epsilon"]) as kept:
+                        spec["threshold"], spec["epsilon"], spec["pool"]) as kept:
             expected = hf_greedy(default_model, chat_ids(bundle_tokenizer(bundle_dir), prompt), TOKENS)
         assert abs(decision["p_toxic"] - float(kept["p_toxic"][0])) < 1e-4, prompt
         assert decision["gated"] == bool(kept["epsilon"][0] > 0), prompt

@@ -248,8 +248,9 @@ impl RunningBatch {
         let longest = requests.iter().map(|r| r.max_new_tokens).max().unwrap_or(0);
         cache.reserve((step.input_ids.ncols() + longest).min(context))?;
         let started = Instant::now();
-        let mut prefill = group.prefill(model.config());
         let ids: Vec<&[u32]> = prompts.iter().map(|p| p.ids.as_slice()).collect();
+        let lengths: Vec<usize> = ids.iter().map(|ids| ids.len()).collect();
+        let mut prefill = group.prefill(model.config(), &lengths);
         let echo: Vec<Option<usize>> = requests
             .iter()
             .map(|r| r.prompt_logprobs.then_some(r.logprobs.unwrap_or(0)))

@@ -119,8 +119,9 @@ pub fn score(
     let width = step.input_ids.ncols();
     let top = options.top_logprobs;
 
-    let mut prefill = group.prefill(model.config());
     let ids: Vec<&[u32]> = prompts.iter().map(|p| p.ids.as_slice()).collect();
+    let lengths: Vec<usize> = ids.iter().map(|ids| ids.len()).collect();
+    let mut prefill = group.prefill(model.config(), &lengths);
     let echo = vec![options.prompt_logprobs.then_some(top); unique.len()];
     let (last, echoed) = prefill_logits(model, &step, &mut cache, &mut prefill, &ids, &echo)?;
     let mut scored = Vec::with_capacity(requests.len());

@@ -14,7 +14,7 @@ use super::resolve::{sum_at, LayerAddition, ResolvedSteering};
 use super::spec::Phase;
 use crate::bundle::ModelConfig;
 use crate::chain::{FixedDeltas, LayerHook, ModelError, Site};
-use crate::runtime::values::last_position_f32;
+use crate::runtime::values::{pooled_f32, Pooling};
 
 /// The rewrite graphs to run at one site, each with every row's scale (0 leaves a row untouched).
 type Plan = Vec<(Arc<FieldGraph>, Array1<f32>)>;
@@ -121,10 +121,12 @@ impl BatchSteering {
 
     /// The hook for the prefill step: static prompt deltas, and learned interventions reading
     /// their layer and deciding each row's additions. Afterwards, [`PrefillSteering::decode`]
-    /// gives the fixed deltas of every decode step.
-    pub fn prefill(&self, config: &ModelConfig) -> PrefillSteering<'_> {
+    /// gives the fixed deltas of every decode step. `prompt_lengths` are the rows' real (unpadded)
+    /// prompt tokens, which a mean-pooling prober reads.
+    pub fn prefill(&self, config: &ModelConfig, prompt_lengths: &[usize]) -> PrefillSteering<'_> {
         PrefillSteering {
             batch: self,
+            prompt_lengths: prompt_lengths.to_vec(),
             num_layers: config.num_layers,
             hidden: config.hidden_size,
             decided: vec![Vec::new(); self.rows.len()],
@@ -138,6 +140,7 @@ impl BatchSteering {
 /// Prefill-time steering of a batch (a [`LayerHook`]): see [`BatchSteering::prefill`].
 pub struct PrefillSteering<'a> {
     batch: &'a BatchSteering,
+    prompt_lengths: Vec<usize>,
     num_layers: usize,
     hidden: usize,
     /// Additions learned interventions decided, per row.
@@ -210,15 +213,23 @@ impl LayerHook for PrefillSteering<'_> {
     }
 
     fn observe(&mut self, layer: usize, hidden: &DynValue) -> Result<(), ModelError> {
-        // Prompts are left-padded, so every row's last prompt token is the last position.
-        let states = last_position_f32(hidden)?;
+        // Each pooling's states are computed once, for the rows of every net that reads this layer.
+        let mut pooled: Vec<(Pooling, Array2<f32>)> = Vec::new();
         for (r, row) in self.batch.rows.iter().enumerate() {
             for learned in row.iter().flat_map(|s| s.learned.iter()) {
                 if learned.read_layer() != layer {
                     continue;
                 }
+                let pool = learned.pool();
+                let index = match pooled.iter().position(|(p, _)| *p == pool) {
+                    Some(index) => index,
+                    None => {
+                        pooled.push((pool, pooled_f32(hidden, &self.prompt_lengths, pool)?));
+                        pooled.len() - 1
+                    }
+                };
                 let outcome = learned
-                    .decide(states.row(r))
+                    .decide(pooled[index].1.row(r))
                     .map_err(|e| ModelError::Intervention(e.to_string()))?;
                 self.decided[r].extend(outcome.additions);
                 self.decisions[r].push(outcome.decision);

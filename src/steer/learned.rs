@@ -14,7 +14,7 @@ use serde::Serialize;
 use super::field::FieldGraph;
 use super::files::{read_pinned, NetFile};
 use super::resolve::{check_delta, check_direction, check_finite, check_layer, LayerAddition};
-use super::spec::{AutoSteerIntervention, L2sIntervention, Positions, W2sIntervention};
+use super::spec::{AutoSteerIntervention, L2sIntervention, Pooling, Positions, W2sIntervention};
 use super::vector::{VectorFormat, MAX_VECTOR_FILE_BYTES};
 use super::{Directions, SteerError};
 use crate::bundle::ModelConfig;
@@ -83,6 +83,7 @@ enum Action {
 /// Where a learned net reads, and how its additions apply.
 struct Reading {
     layer: usize,
+    pool: Pooling,
     scale: f32,
     positions: Positions,
 }
@@ -91,6 +92,7 @@ impl Reading {
     fn at(layer: usize, scale: f32, positions: Positions) -> Self {
         Self {
             layer,
+            pool: Pooling::Last,
             scale,
             positions,
         }
@@ -252,7 +254,10 @@ impl Learned {
             threshold: spec.threshold,
             epsilon: spec.epsilon * spec.strength,
         };
-        let reading = Reading::at(spec.read_layer, 1.0, Positions::All);
+        let reading = Reading {
+            pool: spec.pool,
+            ..Reading::at(spec.read_layer, 1.0, Positions::All)
+        };
         Self::load(runtime, config, net, reading, action)
     }
 
@@ -278,6 +283,11 @@ impl Learned {
             width: net.width,
             action,
         })
+    }
+
+    /// How the net's input condenses the prompt at [`Self::read_layer`].
+    pub(crate) fn pool(&self) -> Pooling {
+        self.reading.pool
     }
 
     /// The layer whose output this intervention reads.

@@ -263,7 +263,7 @@ mod tests {
         let composed = ResolvedSteering::compose([part(1.0), part(2.0)]).unwrap();
         assert_eq!(composed.delta(1, Phase::Decode), Some(vec![3.0, 6.0, 9.0]));
         let mut decode = BatchSteering::uniform(Some(Arc::new(composed)), 1)
-            .prefill(&config())
+            .prefill(&config(), &[1])
             .decode();
         assert!(decode.steers() && !decode.rewrites(Site::Head));
         assert_eq!(
@@ -282,7 +282,12 @@ mod tests {
     #[test]
     fn decode_steering_follows_rows_that_join_and_leave() {
         let steering = ones_at_layer_2();
-        let decode = |rows| BatchSteering::new(rows).prefill(&config()).decode();
+        let decode = |rows: Vec<_>| {
+            let lengths = vec![1; rows.len()];
+            BatchSteering::new(rows)
+                .prefill(&config(), &lengths)
+                .decode()
+        };
         let mut running = decode(vec![None]);
         running
             .append_rows(1, decode(vec![Some(steering), None]), 2)
@@ -330,7 +335,7 @@ mod tests {
     fn batch_rows_get_their_own_deltas() {
         let steering = ones_at_layer_2();
         let batch = BatchSteering::new(vec![None, Some(steering)]);
-        let mut prefill = batch.prefill(&config());
+        let mut prefill = batch.prefill(&config(), &[1, 1]);
         assert!(prefill.delta(1).is_none());
         let layer2 = prefill.delta(2).unwrap().clone();
         assert_eq!(layer2.row(0).to_vec(), vec![0.0; 3]);

@@ -7,6 +7,7 @@ use serde::{Deserialize, Serialize};
 
 use super::files::read_regular;
 use super::SteerError;
+pub use crate::runtime::values::Pooling;
 
 /// Which token positions an intervention touches.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
@@ -138,7 +139,8 @@ fn default_threshold() -> f32 {
     0.5
 }
 
-/// AutoSteer: a prober `state [B, d] -> probs [B, 2]` reads the last prompt token at `read_layer`;
+/// AutoSteer: a prober `state [B, d] -> probs [B, 2]` reads the prompt at `read_layer` (its last
+/// token, or the mean over its tokens: `pool`);
 /// rows whose p(toxic) exceeds `threshold` get the refusal head `n ← n + ε·S·n` (ε = epsilon ·
 /// strength) between the final norm and the LM head for the whole generation; other rows run untouched.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -151,6 +153,9 @@ pub struct AutoSteerIntervention {
     pub prober_sha256: Option<String>,
     /// The layer the prober reads (chosen by the Safety Awareness Score at training).
     pub read_layer: usize,
+    /// How the prompt's states at `read_layer` become the prober's input; as at training.
+    #[serde(default)]
+    pub pool: Pooling,
     /// The refusal head's rewrite graph (`state [B, d]` → `steered`).
     pub head: PathBuf,
     /// Expected sha256 of `head`; checked at load when given.

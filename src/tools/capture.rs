@@ -2,6 +2,7 @@
 //! prompts, keeping the chosen layers' outputs at the chosen positions.
 
 use crate::chain::{CausalLm, ModelError, Prompt, SegmentChain, Step};
+use crate::runtime::values::Pooling;
 use crate::steer::vector::write_f32_tensors;
 use crate::steer::SteerError;
 
@@ -12,6 +13,8 @@ pub enum CaptureTokens {
     Last,
     /// Every real (unpadded) token: `[total, d]` per layer, plus each prompt's length.
     All,
+    /// The mean over each prompt's real tokens: `[N, d]` per layer (what a mean-pooling prober reads).
+    Mean,
 }
 
 /// The recorded states: for each layer, the rows of every prompt's chosen positions, in order.
@@ -81,12 +84,13 @@ pub fn capture(
         for (slot, layer_states) in captured.iter().enumerate() {
             let width = layer_states.dim().1;
             for (r, &index) in chunk.iter().enumerate() {
-                let first = match tokens {
-                    CaptureTokens::Last => width - 1,
-                    CaptureTokens::All => width - prompts[index].ids.len(),
+                let prompt =
+                    layer_states.slice(ndarray::s![r, width - prompts[index].ids.len().., ..]);
+                rows[slot][index] = match tokens {
+                    CaptureTokens::Last => Pooling::Last.reduce(prompt).to_vec(),
+                    CaptureTokens::All => prompt.iter().copied().collect(),
+                    CaptureTokens::Mean => Pooling::Mean.reduce(prompt).to_vec(),
                 };
-                let kept = layer_states.slice(ndarray::s![r, first..width, ..]);
-                rows[slot][index] = kept.iter().copied().collect();
             }
         }
         on_batch(chunk.len());

@@ -70,7 +70,8 @@ def cmd_train_autosteer(args: argparse.Namespace, parser: argparse.ArgumentParse
                               args.epsilon, args.threshold, args.prober_epochs, args.prober_weight_decay,
                               args.head_epochs, args.head_lr, args.limit, args.validation, args.seed,
                               Path(args.plot) if args.plot else None, threshold_harmful=args.threshold_harmful,
-                              threshold_safe=args.threshold_safe, max_false_positive=args.max_false_positive)
+                              threshold_safe=args.threshold_safe, max_false_positive=args.max_false_positive,
+                              pool=args.pool)
     print(json.dumps(summary, indent=2))
     print(f"wrote {args.out}/{args.name}_prober.onnx, {args.name}_head.onnx and the spec {args.name}.json")
 
@@ -164,7 +165,7 @@ def register(commands: Commands) -> None:
         help="AutoSteer: choose the layer by Safety Awareness Score, train the prober and the refusal head",
         description="AutoSteer (a safety prober gates a refusal head that acts between the final norm and the LM "
         "head). Prints and plots the SAS of every layer (harmful vs benign "
-        "last-token differences), trains the safety prober at the best layer and the refusal head S (identity "
+        "differences of the pooled prompt states), trains the safety prober at the best layer and the refusal head S (identity "
         "at start, LM loss on refusals to harmful prompts). Writes NAME_prober.onnx, NAME_head.onnx, the spec "
         "NAME.json, NAME_sas.json and the SAS plot.",
     )
@@ -185,6 +186,9 @@ def register(commands: Commands) -> None:
                            help="safe validation prompts whose false-positive rate bounds the threshold (repeatable)")
     autosteer.add_argument("--max-false-positive", type=float, default=0.02,
                            help="largest share of --threshold-safe prompts the chosen threshold may gate")
+    autosteer.add_argument("--pool", choices=("last", "mean"), default="last",
+                           help="the prober's input at its layer: the prompt's last token (the paper's), or the "
+                           "mean over its tokens (reads the request rather than the template's end)")
     autosteer.add_argument("--prober-epochs", type=int, default=150)
     autosteer.add_argument("--prober-weight-decay", type=float, default=1.0,
                            help="AdamW weight decay of the prober (calibrates it on prompts unlike its training data)")

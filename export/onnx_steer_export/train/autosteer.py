@@ -1,15 +1,18 @@
 """AutoSteer: a safety prober at the layer with the highest Safety Awareness Score gates a refusal
 head that acts between the final norm and the LM head.
 
-SAS(L): d_i = h_L(harmful_i) − h_L(benign_i) at the last prompt token (chat template), paired by
-index; SAS is the mean pairwise cosine similarity of the d_i. The prober reads the chosen layer:
+SAS(L): d_i = h_L(harmful_i) − h_L(benign_i), paired by index, on the prompt's state at layer L (chat
+template): its last token (`pool="last"`, the paper's reading and the default) or the mean over its tokens
+(`"mean"`); SAS is the mean pairwise cosine similarity of the d_i. The last token of a chat prompt is the
+template's own end; the mean reads the request itself (issue 20 in the README compares the two). The
+prober reads the chosen layer:
 standardise → Linear(d→64) → ReLU → Linear(64→2) → softmax, cross-entropy on harmful vs benign
 training prompts (classes weighted to balance), AdamW with weight decay 1 by default: without it the
 prober is over-confident on benign prompts unlike its templated benign training data (issue 6 reports
 the held-out false-positive rate for decay 0, 0.1 and 1). The refusal head is S ∈ R^{d×d}, initialised to the
 identity, in `logits = lm_head(n + ε·S·n)` on the final-normed state n; it is trained with the LM
 loss on refusal answers to harmful training prompts only (the model is frozen, so n is computed once).
-Every state comes through the runtime (`onnx-steer capture`): the prober's at the last prompt token, the
+Every state comes through the runtime (`onnx-steer capture`): the prober's pooled as above, the
 refusal head's n as the last layer's output at each answer position under teacher forcing, normed by the
 model's final norm.
 
@@ -23,6 +26,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import torch
@@ -31,7 +35,7 @@ from tqdm import tqdm
 from ..data.datasets import read_jsonl, read_prompts
 from ..data.tokens import bundle_tokenizer, chat_ids, encode
 from ..figures import save_figure
-from ..runtime_client import capture, capture_last_token
+from ..runtime_client import capture
 from .common import (
     OutputView,
     Standardize,
@@ -46,6 +50,7 @@ from .common import (
 )
 
 PROBER_UNITS = 64
+Pooling = Literal["last", "mean"]
 
 
 def safety_awareness(harmful: dict[int, np.ndarray], benign: dict[int, np.ndarray]) -> dict[int, float]:
@@ -180,7 +185,7 @@ def train_autosteer(bundle: Path, harmful_paths: list[Path], benign_paths: list[
                     limit: int | None = None, validation_fraction: float = 0.2, seed: int = 0,
                     plot: Path | None = None, binary: Path | None = None, *,
                     threshold_harmful: list[Path] | None = None, threshold_safe: list[Path] | None = None,
-                    max_false_positive: float = 0.02) -> dict:
+                    max_false_positive: float = 0.02, pool: Pooling = "last") -> dict:
     """SAS per layer → layer → prober → refusal head; writes `{name}_prober.onnx`, `{name}_head.onnx`,
     `{name}.json` (the spec), their torch weights `{name}_weights.safetensors`, `{name}_sas.json` and the
     SAS plot; returns a summary. With `threshold_harmful` and `threshold_safe` the threshold is chosen on
@@ -194,8 +199,8 @@ def train_autosteer(bundle: Path, harmful_paths: list[Path], benign_paths: list[
         raise ValueError("choosing the threshold needs both harmful and safe validation prompts")
     harmful = evenly([p for path in harmful_paths for p in read_prompts(path)], limit)
     benign = evenly([p for path in benign_paths for p in read_prompts(path)], limit)
-    states = capture_last_token(bundle, [chat_ids(tokenizer, p) for p in harmful + benign],
-                                list(range(num_layers)), binary)
+    states = capture(bundle, [chat_ids(tokenizer, p) for p in harmful + benign], list(range(num_layers)), pool,
+                     binary)
     scores = safety_awareness({layer: s[:len(harmful)] for layer, s in states.items()},
                               {layer: s[len(harmful):] for layer, s in states.items()})
     layer = max(scores, key=lambda candidate: scores[candidate])
@@ -224,8 +229,8 @@ def train_autosteer(bundle: Path, harmful_paths: list[Path], benign_paths: list[
     if threshold_harmful and threshold_safe:
         held = {kind: evenly([p for path in paths for p in read_prompts(path)], limit)
                 for kind, paths in (("harmful", threshold_harmful), ("safe", threshold_safe))}
-        held_states = capture_last_token(bundle, [chat_ids(tokenizer, p) for p in held["harmful"] + held["safe"]],
-                                         [layer], binary)[layer]
+        held_states = capture(bundle, [chat_ids(tokenizer, p) for p in held["harmful"] + held["safe"]], [layer],
+                              pool, binary)[layer]
         with torch.no_grad():
             held_p = prober(torch.from_numpy(held_states))[:, 1].numpy()
         n_harmful = len(held["harmful"])
@@ -250,7 +255,7 @@ def train_autosteer(bundle: Path, harmful_paths: list[Path], benign_paths: list[
     hidden = states[layer].shape[1]
     save_tensors({**{f"prober.{k}": v.detach().numpy() for k, v in prober.state_dict().items()},
                "head.matrix": head.matrix.detach().numpy()}, str(out / f"{name}_weights.safetensors"),
-              metadata={"read_layer": str(layer), "epsilon": str(epsilon)})
+              metadata={"read_layer": str(layer), "pool": pool, "epsilon": str(epsilon)})
     prober_file, head_file = out / f"{name}_prober.onnx", out / f"{name}_head.onnx"
     prober_digest = export_net(prober, hidden, "probs", prober_file, {
         "kind": "autosteer_prober", "read_layer": layer, "bundle": bundle.name, "seed": seed})
@@ -260,9 +265,9 @@ def train_autosteer(bundle: Path, harmful_paths: list[Path], benign_paths: list[
                               {"kind": "autosteer_head", "epsilon": epsilon, "bundle": bundle.name})
     write_spec(out / f"{name}.json", [{
         "kind": "autosteer", "prober": prober_file.name, "prober_sha256": prober_digest, "read_layer": layer,
-        "head": head_file.name, "head_sha256": head_digest, "threshold": threshold, "epsilon": epsilon,
+        "pool": pool, "head": head_file.name, "head_sha256": head_digest, "threshold": threshold, "epsilon": epsilon,
         "strength": 1.0}])
-    return {**history, "chosen_layer": layer, "sas": scores[layer], "harmful": len(harmful), "benign": len(benign),
+    return {**history, "chosen_layer": layer, "pool": pool, "sas": scores[layer], "harmful": len(harmful), "benign": len(benign),
             "prober_validation_auroc": prober_auroc, "threshold": threshold, "threshold_choice": choice,
             "refusal_tokens": len(targets),
             "head_loss_before": before, "head_loss_per_epoch": losses, "prober_sha256": prober_digest,

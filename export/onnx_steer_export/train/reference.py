@@ -105,16 +105,17 @@ def fields(model: PreTrainedModel, terms: dict[int, list[tuple[Callable[[torch.T
 
 @contextmanager
 def gated_head(model: PreTrainedModel, read_layer: int, p_toxic: Callable[[torch.Tensor], torch.Tensor],
-               matrix: torch.Tensor, threshold: float, epsilon: float) -> Iterator[dict[str, torch.Tensor]]:
+               matrix: torch.Tensor, threshold: float, epsilon: float,
+               pool: str = "last") -> Iterator[dict[str, torch.Tensor]]:
     """AutoSteer as the runtime does it: at the first (prefill) forward, gate each row on p(toxic) of
-    its last token at `read_layer`; gated rows get `n + ε·S·n` after the final norm from then on.
-    Yields the kept p(toxic) and ε per row."""
+    its state at `read_layer`, the last token or the mean over the prompt (`pool`; unpadded rows); gated
+    rows get `n + ε·S·n` after the final norm from then on. Yields the kept p(toxic) and ε per row."""
     kept: dict[str, torch.Tensor] = {}
 
     def read(_module: torch.nn.Module, _inputs: tuple, out: torch.Tensor) -> None:
         if "epsilon" not in kept:
             with torch.no_grad():
-                kept["p_toxic"] = p_toxic(out[:, -1, :])
+                kept["p_toxic"] = p_toxic(out.mean(dim=1) if pool == "mean" else out[:, -1, :])
             kept["epsilon"] = torch.where(kept["p_toxic"] > threshold, epsilon, 0.0)
 
     def head(_module: torch.nn.Module, _inputs: tuple, out: torch.Tensor) -> torch.Tensor:
