@@ -113,13 +113,13 @@ pub fn pooled_f32(
     Ok(pooled)
 }
 
-/// [`pooled_f32`] on an fp32 view (a row without a length is read whole).
+/// [`pooled_f32`] on an fp32 view (the caller checks that every row has a length).
 fn pool_rows(view: ArrayView3<'_, f32>, lengths: &[usize], pooling: Pooling) -> Array2<f32> {
     let (rows, width, hidden) = view.dim();
     let mut out = Array2::zeros((rows, hidden));
-    for (r, mut row) in out.outer_iter_mut().enumerate() {
-        let length = lengths.get(r).map_or(width, |&length| length.min(width));
-        row.assign(&pooling.reduce(view.slice(ndarray::s![r, width - length.., ..])));
+    for (r, (mut row, &length)) in out.outer_iter_mut().zip(lengths).enumerate() {
+        let start = width - length.min(width);
+        row.assign(&pooling.reduce(view.slice(ndarray::s![r, start.., ..])));
     }
     out
 }

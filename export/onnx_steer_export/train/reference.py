@@ -5,11 +5,15 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from typing import TYPE_CHECKING
 
 import torch
 from transformers import PreTrainedModel
 
 from ..export.segments import decoder_layers, text_model
+
+if TYPE_CHECKING:
+    from .autosteer import Pooling
 
 
 @contextmanager
@@ -106,7 +110,7 @@ def fields(model: PreTrainedModel, terms: dict[int, list[tuple[Callable[[torch.T
 @contextmanager
 def gated_head(model: PreTrainedModel, read_layer: int, p_toxic: Callable[[torch.Tensor], torch.Tensor],
                matrix: torch.Tensor, threshold: float, epsilon: float,
-               pool: str = "last") -> Iterator[dict[str, torch.Tensor]]:
+               pool: Pooling = "last") -> Iterator[dict[str, torch.Tensor]]:
     """AutoSteer as the runtime does it: at the first (prefill) forward, gate each row on p(toxic) of
     its state at `read_layer`, the last token or the mean over the prompt (`pool`; unpadded rows); gated
     rows get `n + ε·S·n` after the final norm from then on. Yields the kept p(toxic) and ε per row."""
