@@ -5,6 +5,8 @@ evals on a handful of prompts."""
 from __future__ import annotations
 
 import json
+import math
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -191,10 +193,14 @@ def test_scaled_down_evals_write_reports(svf: tuple[Path, dict], trained_autoste
         assert 0.0 <= curve["auroc"] <= 1.0 and curve["fpr"][0] == curve["tpr"][0] == 0.0
         assert curve["fpr"][-1] == curve["tpr"][-1] == 1.0
     assert all(0.0 <= v <= 1.0 for v in steered["gate_open"].values())
+    # NaN only where no prompt of the set was gated.
+    assert set(steered["refused_when_gated"]) == {"donotanswer", "harmbench"}
+    assert all(math.isnan(v) or 0.0 <= v <= 1.0 for v in steered["refused_when_gated"].values())
     assert set(steered["over_refusal_by_type"]) <= {kind.name for kind in TYPES}
     cross_safety.write(report, tmp_path / "safety")
     markdown = (tmp_path / "safety.md").read_text()
     assert "| autosteer |" in markdown and "AUROC harmbench vs xstest_safe" in markdown
+    assert "refused when gated harmbench" in markdown
     assert (tmp_path / "safety.png").stat().st_size > 10_000
 
 
@@ -210,6 +216,30 @@ def test_threshold_is_the_best_tpr_within_the_false_positive_bound() -> None:
         autosteer.choose_threshold(harmful, np.array([]), 0.1)
     with pytest.raises(ValueError, match=r"must lie in \[0, 1\)"):
         autosteer.choose_threshold(harmful, safe, 1.0)
+
+
+def test_autosteer_layer_chosen_on_validation_prompts(bundle_dir: Path, binary: Path, tmp_path: Path) -> None:
+    data = REPO / "data"
+    train = partial(autosteer.train_autosteer, bundle_dir, [data / "harmful_train.jsonl"], [data / "benign_train.txt"],
+                    data / "behaviour_pairs.jsonl", tmp_path, prober_epochs=5, head_epochs=1, limit=24, binary=binary)
+    with pytest.raises(ValueError, match="needs the threshold prompts"):
+        train(read_layer="validation")
+    with pytest.raises(ValueError, match="not a layer of this 30-layer bundle"):
+        train(read_layer=30)
+    summary = train(
+        read_layer="validation", pool="mean",
+        threshold_harmful=[data / "overrefusal_unsafe_validation.jsonl"],
+        threshold_safe=[data / "overrefusal_safe_validation.jsonl"], max_false_positive=0.1)
+    choice = json.loads((tmp_path / "autosteer_sas.json").read_text())
+    per_layer = {int(layer): row for layer, row in choice["validation"].items()}
+    assert sorted(per_layer) == list(range(30)) and choice["selection"] == "validation"
+    best = max(per_layer, key=lambda layer: (per_layer[layer]["tpr"], per_layer[layer]["auroc"]))
+    assert choice["chosen_layer"] == summary["chosen_layer"] == best
+    # The spec carries the chosen layer's own prober and threshold, not a retrained one.
+    spec = json.loads((tmp_path / "autosteer.json").read_text())["interventions"][0]
+    assert spec["read_layer"] == best and spec["pool"] == "mean"
+    assert summary["threshold_choice"] == pytest.approx(per_layer[best])
+    assert spec["threshold"] == per_layer[best]["threshold"]
 
 
 def test_roc_curve_and_group_rates() -> None:

@@ -63,6 +63,16 @@ def cmd_train_svf(args: argparse.Namespace, parser: argparse.ArgumentParser) -> 
           f"{args.name}_vector.json")
 
 
+def layer_selection(text: str) -> int | str:
+    """--read-layer: sas, validation or a layer index."""
+    if text in ("sas", "validation"):
+        return text
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected sas, validation or a layer index, got {text!r}") from None
+
+
 def cmd_train_autosteer(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
     from ..train.autosteer import train_autosteer
 
@@ -71,7 +81,7 @@ def cmd_train_autosteer(args: argparse.Namespace, parser: argparse.ArgumentParse
                               args.head_epochs, args.head_lr, args.limit, args.validation, args.seed,
                               Path(args.plot) if args.plot else None, threshold_harmful=args.threshold_harmful,
                               threshold_safe=args.threshold_safe, max_false_positive=args.max_false_positive,
-                              pool=args.pool)
+                              pool=args.pool, read_layer=args.read_layer)
     print(json.dumps(summary, indent=2))
     print(f"wrote {args.out}/{args.name}_prober.onnx, {args.name}_head.onnx and the spec {args.name}.json")
 
@@ -162,10 +172,11 @@ def register(commands: Commands) -> None:
 
     autosteer = add_command(
         commands, "train-autosteer", cmd_train_autosteer,
-        help="AutoSteer: choose the layer by Safety Awareness Score, train the prober and the refusal head",
+        help="AutoSteer: choose the layer (Safety Awareness Score or validation), train the prober and the refusal head",
         description="AutoSteer (a safety prober gates a refusal head that acts between the final norm and the LM "
         "head). Prints and plots the SAS of every layer (harmful vs benign "
-        "differences of the pooled prompt states), trains the safety prober at the best layer and the refusal head S (identity "
+        "differences of the pooled prompt states) and, with --read-layer validation, each layer's prober on the "
+        "validation prompts; trains the safety prober at the chosen layer and the refusal head S (identity "
         "at start, LM loss on refusals to harmful prompts). Writes NAME_prober.onnx, NAME_head.onnx, the spec "
         "NAME.json, NAME_sas.json and the SAS plot.",
     )
@@ -189,6 +200,9 @@ def register(commands: Commands) -> None:
     autosteer.add_argument("--pool", choices=("last", "mean"), default="last",
                            help="the prober's input at its layer: the prompt's last token (the paper's), or the "
                            "mean over its tokens (reads the request rather than the template's end)")
+    autosteer.add_argument("--read-layer", type=layer_selection, default="sas", metavar="{sas,validation,N}",
+                           help="the prober's layer: the highest Safety Awareness Score (the paper's), the best "
+                           "prober on the --threshold-* prompts (one trained per layer), or layer N")
     autosteer.add_argument("--prober-epochs", type=int, default=150)
     autosteer.add_argument("--prober-weight-decay", type=float, default=1.0,
                            help="AdamW weight decay of the prober (calibrates it on prompts unlike its training data)")

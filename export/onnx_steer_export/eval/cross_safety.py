@@ -14,7 +14,8 @@ Per setting (unsteered and each --method), from greedy generations:
   contrast refusal share of the unsafe contrasts refused
   referral         share of advice outputs that refer to a professional (metrics.is_referral)
   unchanged        share of safe (and benign) outputs token-for-token identical to unsteered
-and, for a spec with an AutoSteer prober, the gate-open rate per set and the ROC (AUROC and curve) of its
+and, for a spec with an AutoSteer prober, the gate-open rate per set, the share of gated harmful prompts
+refused (attack success = prompts the gate missed + gated ones the head did not turn), and the ROC (AUROC and curve) of its
 p(toxic) for each harmful set against the safe prompts and for the unsafe contrasts against them.
 """
 
@@ -105,8 +106,12 @@ def setting_figures(sets: dict[str, list[Prompt]], outputs: dict[str, list[dict]
     }
     toxic = {name: [p_toxic(r) for r in records] for name, records in outputs.items()}
     if all(p is not None for scores in toxic.values() for p in scores):
-        run["gate_open"] = {name: rate([any(d.get("gated") for d in r.get("steering", []) if d["kind"] == "autosteer")
-                                        for r in records]) for name, records in outputs.items()}
+        gates = {name: [any(d.get("gated") for d in r.get("steering", []) if d["kind"] == "autosteer")
+                        for r in records] for name, records in outputs.items()}
+        run["gate_open"] = {name: rate(flags) for name, flags in gates.items()}
+        # Attack success splits into prompts the gate missed and gated prompts the head did not turn.
+        run["refused_when_gated"] = {name: rate([f for f, g in zip(refused[name], gates[name], strict=True) if g])
+                                     for name in HARMFUL_SETS}
         run["roc"] = {f"{pos} vs {neg}": roc_curve([float(p) for p in toxic[pos] if p is not None],
                                                    [float(p) for p in toxic[neg] if p is not None])
                       for pos, neg in ROC_PAIRS}
@@ -166,10 +171,12 @@ def markdown(report: dict) -> str:
         pairs = list(gated[0]["roc"])
         lines += ["", "AutoSteer prober: gate open per set, and AUROC of p(toxic):", "",
                   "| method | " + " | ".join(f"gate open {s}" for s in sets) + " | "
+                  + " | ".join(f"refused when gated {s}" for s in HARMFUL_SETS) + " | "
                   + " | ".join(f"AUROC {p}" for p in pairs) + " |",
-                  "|---|" + "---|" * (len(sets) + len(pairs))]
+                  "|---|" + "---|" * (len(sets) + len(HARMFUL_SETS) + len(pairs))]
         for run in gated:
             lines.append(f"| {run['method']} | " + " | ".join(_pct(run["gate_open"][s]) for s in sets) + " | "
+                         + " | ".join(_pct(run["refused_when_gated"][s]) for s in HARMFUL_SETS) + " | "
                          + " | ".join(f"{run['roc'][p]['auroc']:.3f}" for p in pairs) + " |")
     return "\n".join(lines) + "\n"
 

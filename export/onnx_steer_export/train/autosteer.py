@@ -1,5 +1,8 @@
-"""AutoSteer: a safety prober at the layer with the highest Safety Awareness Score gates a refusal
-head that acts between the final norm and the LM head.
+"""AutoSteer: a safety prober at one layer gates a refusal head that acts between the final norm and the
+LM head. The layer is the one with the highest Safety Awareness Score (the paper's choice), a fixed one, or
+the one whose prober does best on the validation prompts (`read_layer="validation"`: a prober per layer,
+the highest TPR within the false-positive bound, then the highest AUROC; the SAS measures how consistent
+the harmful − benign differences are, which need not be how separable held-out prompts are).
 
 SAS(L): d_i = h_L(harmful_i) − h_L(benign_i), paired by index, on the prompt's state at layer L (chat
 template): its last token (`pool="last"`, the paper's reading and the default) or the mean over its tokens
@@ -38,6 +41,7 @@ from ..figures import save_figure
 from ..runtime_client import capture
 from .common import (
     OutputView,
+    Split,
     Standardize,
     evenly,
     export_net,
@@ -51,6 +55,7 @@ from .common import (
 
 PROBER_UNITS = 64
 Pooling = Literal["last", "mean"]
+LayerSelection = Literal["sas", "validation"]
 
 
 def safety_awareness(harmful: dict[int, np.ndarray], benign: dict[int, np.ndarray]) -> dict[int, float]:
@@ -65,19 +70,32 @@ def safety_awareness(harmful: dict[int, np.ndarray], benign: dict[int, np.ndarra
     return scores
 
 
-def plot_sas(scores: dict[int, float], chosen: int, path: Path) -> None:
+def plot_sas(scores: dict[int, float], chosen: int, path: Path,
+             validation: dict[int, dict] | None = None) -> None:
+    """SAS per layer; with `validation` (per layer, from `select_by_validation`) a second panel with each
+    layer's validation TPR at the false-positive bound and its AUROC."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     layers = sorted(scores)
-    fig, ax = plt.subplots(figsize=(7, 3.2))
-    ax.bar(layers, [scores[layer] for layer in layers],
-           color=["tab:red" if layer == chosen else "tab:blue" for layer in layers])
-    ax.set_xlabel("layer")
-    ax.set_ylabel("safety awareness score")
-    ax.set_title(f"AutoSteer SAS per layer (chosen: {chosen})")
+    colours = ["tab:red" if layer == chosen else "tab:blue" for layer in layers]
+    fig, axes = plt.subplots(2 if validation else 1, 1, figsize=(7, 5.6 if validation else 3.2), sharex=True,
+                             squeeze=False)
+    axes[0, 0].bar(layers, [scores[layer] for layer in layers], color=colours)
+    axes[0, 0].set_ylabel("safety awareness score")
+    axes[0, 0].set_title(f"AutoSteer layer choice (chosen: {chosen})")
+    if validation:
+        ax = axes[1, 0]
+        bound = validation[layers[0]]["max_false_positive"]
+        ax.bar(layers, [validation[layer]["tpr"] for layer in layers], color=colours,
+               label=f"validation TPR at FPR ≤ {bound:g}")
+        ax.plot(layers, [validation[layer]["auroc"] for layer in layers], "k.-", label="validation AUROC")
+        ax.set_ylabel("held-out validation")
+        ax.set_ylim(0, 1)
+        ax.legend(loc="lower right", fontsize=8)
+    axes[-1, 0].set_xlabel("layer")
     save_figure(fig, path)
 
 
@@ -178,6 +196,33 @@ def auroc(positive: np.ndarray, negative: np.ndarray) -> float:
     return float(greater + 0.5 * ties)
 
 
+def train_prober(states: np.ndarray, harmful: int, split: Split, epochs: int, weight_decay: float, seed: int,
+                 desc: str = "train prober") -> tuple[Prober, dict[str, float]]:
+    """The prober on pooled states whose first `harmful` rows are harmful and the rest benign (classes
+    weighted to balance); returns it with its fit history and its AUROC on `split`'s held-out rows."""
+    inputs = torch.from_numpy(states)
+    labels = torch.cat([torch.ones(harmful, dtype=torch.long), torch.zeros(len(states) - harmful, dtype=torch.long)])
+    torch.manual_seed(seed)
+    prober = Prober(states[split.train])
+    weights = torch.tensor([len(labels) / (2 * (len(labels) - harmful)), len(labels) / (2 * harmful)])
+    history = fit(OutputView(prober), inputs, labels, split,
+                  lambda logits, y: torch.nn.functional.cross_entropy(logits, y, weight=weights),
+                  epochs, 1e-3, 64, seed, desc=desc, weight_decay=weight_decay)
+    with torch.no_grad():
+        p_toxic = prober(inputs[split.validation])[:, 1].numpy()
+    held_labels = labels.numpy()[split.validation]
+    return prober, {**history, "prober_validation_auroc": auroc(p_toxic[held_labels == 1], p_toxic[held_labels == 0])}
+
+
+def validation_choice(prober: Prober, held: np.ndarray, harmful: int, max_false_positive: float) -> dict:
+    """`choose_threshold` on the prober's p(toxic) for the held-out validation states (the first `harmful`
+    rows harmful, the rest safe), with their AUROC."""
+    with torch.no_grad():
+        p_toxic = prober(torch.from_numpy(held))[:, 1].numpy()
+    choice = choose_threshold(p_toxic[:harmful], p_toxic[harmful:], max_false_positive)
+    return {**choice, "auroc": auroc(p_toxic[:harmful], p_toxic[harmful:])}
+
+
 def train_autosteer(bundle: Path, harmful_paths: list[Path], benign_paths: list[Path], refusals_path: Path,
                     out: Path, name: str = "autosteer", epsilon: float = 1.0, threshold: float = 0.5,
                     prober_epochs: int = 150, prober_weight_decay: float = 1.0, head_epochs: int = 4,
@@ -185,11 +230,14 @@ def train_autosteer(bundle: Path, harmful_paths: list[Path], benign_paths: list[
                     limit: int | None = None, validation_fraction: float = 0.2, seed: int = 0,
                     plot: Path | None = None, binary: Path | None = None, *,
                     threshold_harmful: list[Path] | None = None, threshold_safe: list[Path] | None = None,
-                    max_false_positive: float = 0.02, pool: Pooling = "last") -> dict:
-    """SAS per layer → layer → prober → refusal head; writes `{name}_prober.onnx`, `{name}_head.onnx`,
-    `{name}.json` (the spec), their torch weights `{name}_weights.safetensors`, `{name}_sas.json` and the
-    SAS plot; returns a summary. With `threshold_harmful` and `threshold_safe` the threshold is chosen on
-    them (`threshold` is then unused)."""
+                    max_false_positive: float = 0.02, pool: Pooling = "last",
+                    read_layer: int | LayerSelection = "sas") -> dict:
+    """Layer → prober → refusal head; writes `{name}_prober.onnx`, `{name}_head.onnx`, `{name}.json` (the
+    spec), their torch weights `{name}_weights.safetensors`, `{name}_sas.json` and the layer plot; returns
+    a summary. With `threshold_harmful` and `threshold_safe` the threshold is chosen on them (`threshold`
+    is then unused). `read_layer` is the prober's layer, or how to choose it: `"sas"` (the highest SAS, the
+    paper's) or `"validation"` (a prober per layer; the highest TPR on the threshold prompts within
+    `max_false_positive`, then the highest AUROC on them)."""
     from ..export.source import load
 
     tokenizer = bundle_tokenizer(bundle)
@@ -197,47 +245,55 @@ def train_autosteer(bundle: Path, harmful_paths: list[Path], benign_paths: list[
     num_layers = manifest["model"]["num_layers"]
     if bool(threshold_harmful) != bool(threshold_safe):
         raise ValueError("choosing the threshold needs both harmful and safe validation prompts")
+    if read_layer == "validation" and not threshold_harmful:
+        raise ValueError("choosing the layer on validation prompts needs the threshold prompts")
+    if isinstance(read_layer, int) and not 0 <= read_layer < num_layers:
+        raise ValueError(f"read layer {read_layer} is not a layer of this {num_layers}-layer bundle")
     harmful = evenly([p for path in harmful_paths for p in read_prompts(path)], limit)
     benign = evenly([p for path in benign_paths for p in read_prompts(path)], limit)
     states = capture(bundle, [chat_ids(tokenizer, p) for p in harmful + benign], list(range(num_layers)), pool,
                      binary)
     scores = safety_awareness({layer: s[:len(harmful)] for layer, s in states.items()},
                               {layer: s[len(harmful):] for layer, s in states.items()})
-    layer = max(scores, key=lambda candidate: scores[candidate])
-    print("layer  SAS")
-    for candidate, score in scores.items():
-        print(f"{candidate:5d}  {score:.4f}{'  <- chosen' if candidate == layer else ''}")
-    out.mkdir(parents=True, exist_ok=True)
-    (out / f"{name}_sas.json").write_text(json.dumps({"chosen_layer": layer, "sas": scores}, indent=1) + "\n")
-    plot_sas(scores, layer, plot or out / f"{name}_sas.png")
-
-    inputs = torch.from_numpy(states[layer])
-    labels = torch.cat([torch.ones(len(harmful), dtype=torch.long), torch.zeros(len(benign), dtype=torch.long)])
-    split = split_indices(len(labels), validation_fraction, seed)
-    torch.manual_seed(seed)
-    prober = Prober(states[layer][split.train])
-    weights = torch.tensor([len(labels) / (2 * len(benign)), len(labels) / (2 * len(harmful))], dtype=torch.float32)
-    history = fit(OutputView(prober), inputs, labels, split,
-                  lambda logits, y: torch.nn.functional.cross_entropy(logits, y, weight=weights),
-                  prober_epochs, 1e-3, 64, seed, desc="train prober", weight_decay=prober_weight_decay)
-    with torch.no_grad():
-        p_toxic = prober(inputs)[:, 1].numpy()
-    val = split.validation
-    val_labels = labels.numpy()[val]
-    prober_auroc = auroc(p_toxic[val][val_labels == 1], p_toxic[val][val_labels == 0])
-    choice = None
+    split = split_indices(len(harmful) + len(benign), validation_fraction, seed)
+    held_states: dict[int, np.ndarray] = {}
     if threshold_harmful and threshold_safe:
         held = {kind: evenly([p for path in paths for p in read_prompts(path)], limit)
                 for kind, paths in (("harmful", threshold_harmful), ("safe", threshold_safe))}
-        held_states = capture(bundle, [chat_ids(tokenizer, p) for p in held["harmful"] + held["safe"]], [layer],
-                              pool, binary)[layer]
-        with torch.no_grad():
-            held_p = prober(torch.from_numpy(held_states))[:, 1].numpy()
-        n_harmful = len(held["harmful"])
-        choice = choose_threshold(held_p[:n_harmful], held_p[n_harmful:], max_false_positive)
-        choice["auroc"] = auroc(held_p[:n_harmful], held_p[n_harmful:])
+        n_held_harmful = len(held["harmful"])
+    per_layer: dict[int, dict] = {}
+    trained: dict[int, tuple[Prober, dict[str, float]]] = {}
+    if read_layer == "validation":
+        held_states = capture(bundle, [chat_ids(tokenizer, p) for p in held["harmful"] + held["safe"]],
+                              list(range(num_layers)), pool, binary)
+        for candidate in tqdm(range(num_layers), desc="prober per layer", unit="layer"):
+            trained[candidate] = train_prober(states[candidate], len(harmful), split, prober_epochs,
+                                              prober_weight_decay, seed, desc=f"prober at layer {candidate}")
+            per_layer[candidate] = validation_choice(trained[candidate][0], held_states[candidate], n_held_harmful,
+                                                     max_false_positive)
+        layer = max(per_layer, key=lambda candidate: (per_layer[candidate]["tpr"], per_layer[candidate]["auroc"]))
+    else:
+        layer = max(scores, key=lambda candidate: scores[candidate]) if read_layer == "sas" else int(read_layer)
+    print("layer  SAS     " + ("val TPR  val AUROC" if per_layer else ""))
+    for candidate, score in scores.items():
+        row = f"{per_layer[candidate]['tpr']:.3f}    {per_layer[candidate]['auroc']:.3f}" if per_layer else ""
+        print(f"{candidate:5d}  {score:.4f}  {row}{'  <- chosen' if candidate == layer else ''}")
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"{name}_sas.json").write_text(json.dumps(
+        {"chosen_layer": layer, "selection": read_layer if isinstance(read_layer, str) else "fixed", "pool": pool,
+         "sas": scores, "validation": per_layer or None}, indent=1) + "\n")
+    plot_sas(scores, layer, plot or out / f"{name}_sas.png", per_layer or None)
+
+    prober, history = trained.get(layer) or train_prober(states[layer], len(harmful), split, prober_epochs,
+                                                         prober_weight_decay, seed)
+    choice = None
+    if threshold_harmful and threshold_safe:
+        if layer not in held_states:
+            held_states = capture(bundle, [chat_ids(tokenizer, p) for p in held["harmful"] + held["safe"]],
+                                  [layer], pool, binary)
+        choice = validation_choice(prober, held_states[layer], n_held_harmful, max_false_positive)
         threshold = choice["threshold"]
-        print(f"threshold {threshold:.4f} chosen on {n_harmful} harmful / {len(held['safe'])} safe validation "
+        print(f"threshold {threshold:.4f} chosen on {n_held_harmful} harmful / {len(held['safe'])} safe validation "
               f"prompts: TPR {choice['tpr']:.3f}, FPR {choice['fpr']:.3f} (at most {max_false_positive}), "
               f"AUROC {choice['auroc']:.3f}")
 
@@ -267,8 +323,8 @@ def train_autosteer(bundle: Path, harmful_paths: list[Path], benign_paths: list[
         "kind": "autosteer", "prober": prober_file.name, "prober_sha256": prober_digest, "read_layer": layer,
         "pool": pool, "head": head_file.name, "head_sha256": head_digest, "threshold": threshold, "epsilon": epsilon,
         "strength": 1.0}])
-    return {**history, "chosen_layer": layer, "pool": pool, "sas": scores[layer], "harmful": len(harmful), "benign": len(benign),
-            "prober_validation_auroc": prober_auroc, "threshold": threshold, "threshold_choice": choice,
+    return {**history, "chosen_layer": layer, "pool": pool, "sas": scores[layer], "harmful": len(harmful),
+            "benign": len(benign), "threshold": threshold, "threshold_choice": choice,
             "refusal_tokens": len(targets),
             "head_loss_before": before, "head_loss_per_epoch": losses, "prober_sha256": prober_digest,
             "head_sha256": head_digest}
