@@ -61,6 +61,9 @@ AUTOSTEER_HARMFUL := data/harmful_train.jsonl data/overrefusal_unsafe_train.json
 AUTOSTEER_BENIGN := data/benign_train.txt data/benign_questions.txt data/sentiment_pairs.jsonl \
 	data/overrefusal_safe_train.jsonl
 AUTOSTEER_THRESHOLD := data/overrefusal_unsafe_validation.jsonl data/overrefusal_safe_validation.jsonl
+# The prober reads the mean over the prompt's tokens at the layer whose prober gates the most validation
+# harmful prompts within the false-positive bound (a prober per layer; the README compares it with the SAS).
+AUTOSTEER_READ := --pool mean --read-layer validation
 
 # Every trained steering artifact for the default bundle, each with a ready steer spec, in $(STEER)/.
 # A vector NAME is trained from data/NAME_pairs.jsonl (mean difference, every layer) and also
@@ -101,7 +104,7 @@ $(STEER)/autosteer.json: $(AUTOSTEER_HARMFUL) data/behaviour_pairs.jsonl $(AUTOS
 	$(PY) -m onnx_steer_export train-autosteer --bundle $(BUNDLE) $(addprefix --harmful ,$(AUTOSTEER_HARMFUL)) \
 		$(addprefix --benign ,$(AUTOSTEER_BENIGN)) --refusals data/behaviour_pairs.jsonl \
 		--threshold-harmful $(word 1,$(AUTOSTEER_THRESHOLD)) --threshold-safe $(word 2,$(AUTOSTEER_THRESHOLD)) \
-		--out $(STEER)
+		$(AUTOSTEER_READ) --out $(STEER)
 
 # Issue 6 reports (reports/svf.*, reports/autosteer*.*): SVF vs the matched static vector (sweep, long
 # generations, two concepts at once); AutoSteer vs unsteered and the refusal vector; the SAS plot.

@@ -18,6 +18,7 @@ from onnx_steer_export.data.tokens import bundle_tokenizer, chat_ids
 from onnx_steer_export.eval import concepts, cross_safety, safety
 from onnx_steer_export.export.source import LoadedModel
 from onnx_steer_export.train import autosteer
+from onnx_steer_export.train.common import OutputView, fit, split_indices
 from onnx_steer_export.train.reference import fields, gated_head
 from onnx_steer_export.train.svf import ConceptScorer, SteeringField, load_scorer, train_svf
 
@@ -218,6 +219,27 @@ def test_threshold_is_the_best_tpr_within_the_false_positive_bound() -> None:
         autosteer.choose_threshold(harmful, safe, 1.0)
 
 
+def test_stacked_probers_train_as_each_alone() -> None:
+    rng = np.random.default_rng(0)
+    states = [rng.normal(size=(120, 8)).astype(np.float32) + shift for shift in (0.0, 3.0)]
+    states[1][:40] += 1.0  # the first 40 rows are "harmful"; layer 1 separates them
+    split = split_indices(120, 0.25, 0)
+    stacked = autosteer.train_probers(states, 40, split, 12, 1.0, 0, desc="stacked")
+    labels = torch.tensor([1] * 40 + [0] * 80)
+    weights = torch.tensor([120 / 160, 120 / 80])
+    for layer, (prober, history) in enumerate(stacked):
+        torch.manual_seed(0)
+        alone = autosteer.Prober(states[layer][split.train])
+        alone_history = fit(OutputView(alone), torch.from_numpy(states[layer]), labels, split,
+                            lambda logits, y: torch.nn.functional.cross_entropy(logits, y, weight=weights),
+                            12, 1e-3, 64, 0, desc="alone", weight_decay=1.0)
+        x = torch.from_numpy(states[layer])
+        assert torch.allclose(prober(x), alone(x), atol=1e-5), layer
+        assert history["best_epoch"] == alone_history["best_epoch"]
+        assert history["best_validation_loss"] == pytest.approx(alone_history["best_validation_loss"], rel=1e-5)
+    assert stacked[1][1]["prober_validation_auroc"] > stacked[0][1]["prober_validation_auroc"]
+
+
 def test_autosteer_layer_chosen_on_validation_prompts(bundle_dir: Path, binary: Path, tmp_path: Path) -> None:
     data = REPO / "data"
     train = partial(autosteer.train_autosteer, bundle_dir, [data / "harmful_train.jsonl"], [data / "benign_train.txt"],
@@ -248,3 +270,18 @@ def test_roc_curve_and_group_rates() -> None:
     assert curve["fpr"] == [0.0, 0.0, 0.0, 0.5, 0.5, 1.0] and curve["tpr"] == [0.0, 1 / 3, 2 / 3, 2 / 3, 1.0, 1.0]
     prompts = [cross_safety.Prompt("a", "x"), cross_safety.Prompt("b", "y"), cross_safety.Prompt("c", "x")]
     assert cross_safety.per_group(prompts, [True, False, False]) == {"x": 0.5, "y": 0.0}
+
+
+def test_a_safety_report_updates_one_method() -> None:
+    def report(runs: dict[str, float], specs: dict[str, str]) -> dict:
+        return {"bundle": "b", "limit": None, "max_new_tokens": 48, "sets": {"advice": 30}, "specs": specs,
+                "runs": [{"method": name, "referral": value} for name, value in runs.items()]}
+
+    previous = report({"unsteered": 0.1, "l2s": 0.3, "autosteer_l2s": 0.2}, {"l2s": "a", "autosteer_l2s": "b"})
+    merged = cross_safety.updated(previous, report({"unsteered": 0.1, "autosteer_l2s": 0.5}, {"autosteer_l2s": "c"}))
+    assert merged["runs"] == report({"unsteered": 0.1, "l2s": 0.3, "autosteer_l2s": 0.5}, {})["runs"]
+    assert merged["specs"] == {"l2s": "a", "autosteer_l2s": "c"}
+    with pytest.raises(ValueError, match="unsteered figures differ"):
+        cross_safety.updated(previous, report({"unsteered": 0.2, "l2s": 0.3}, {}))
+    with pytest.raises(ValueError, match="max_new_tokens"):
+        cross_safety.updated(previous, {**report({"unsteered": 0.1}, {}), "max_new_tokens": 16})

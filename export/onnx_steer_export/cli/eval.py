@@ -64,9 +64,23 @@ def cmd_eval_svf(args: argparse.Namespace, parser: argparse.ArgumentParser) -> N
 
 
 def cmd_eval_safety(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
-    from ..eval.cross_safety import eval_safety, markdown, write
+    from ..eval.cross_safety import eval_safety, markdown, updated, write
 
+    previous = None
+    if args.update:
+        try:
+            previous = json.loads(Path(f"{args.out}.json").read_text())
+        except (OSError, json.JSONDecodeError) as error:
+            parser.error(f"--update needs the report {args.out}.json: {error}")
+        if previous.get("bundle") != str(args.bundle) or previous.get("limit") != args.limit:
+            parser.error(f"--update: {args.out}.json is of bundle {previous.get('bundle')}, limit "
+                         f"{previous.get('limit')}; this run {args.bundle}, limit {args.limit}")
     report = eval_safety(args.bundle, dict(args.method), args.limit, args.max_new_tokens)
+    if previous is not None:
+        try:
+            report = updated(previous, report)
+        except ValueError as error:
+            parser.error(f"--update: {error}")
     write(report, Path(args.out))
     print(markdown(report))
     print(f"wrote {args.out}.json, .md and .png")
@@ -212,6 +226,9 @@ def register(commands: Commands) -> None:
     add_methods(safety)
     add_generation(safety, "use at most N prompts per set, evenly spaced")
     add_report_out(safety)
+    safety.add_argument("--update", action="store_true",
+                        help="rerun only the --method settings (and unsteered, which must reproduce OUT.json's) "
+                        "and keep OUT.json's other methods")
 
     precision = add_command(
         commands, "eval-precision", cmd_eval_precision,

@@ -139,6 +139,20 @@ def eval_safety(bundle: Path, methods: dict[str, Path], limit: int | None = None
             "specs": {k: str(v) for k, v in methods.items()}, "runs": runs}
 
 
+def updated(previous: dict, fresh: dict) -> dict:
+    """`previous` with the methods of `fresh` replaced or added, so that one method is re-evaluated without
+    rerunning the others. Both must be of the same bundle, sets and lengths, and `fresh`'s unsteered
+    figures must equal `previous`'s (the same generations), or the two are not comparable."""
+    for key in ("bundle", "limit", "max_new_tokens", "sets"):
+        if previous.get(key) != fresh[key]:
+            raise ValueError(f"the report to update has {key} {previous.get(key)!r}, this run {fresh[key]!r}")
+    runs = {run["method"]: run for run in previous["runs"]}
+    if runs.get("unsteered") != fresh["runs"][0]:
+        raise ValueError("the unsteered figures differ from the report's: rerun every method instead of updating")
+    runs.update({run["method"]: run for run in fresh["runs"]})
+    return {**previous, "specs": {**previous["specs"], **fresh["specs"]}, "runs": list(runs.values())}
+
+
 def _pct(value: float) -> str:
     return "" if math.isnan(value) else f"{100 * value:.1f}%"
 

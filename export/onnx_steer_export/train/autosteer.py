@@ -1,8 +1,9 @@
 """AutoSteer: a safety prober at one layer gates a refusal head that acts between the final norm and the
 LM head. The layer is the one with the highest Safety Awareness Score (the paper's choice), a fixed one, or
 the one whose prober does best on the validation prompts (`read_layer="validation"`: a prober per layer,
-the highest TPR within the false-positive bound, then the highest AUROC; the SAS measures how consistent
-the harmful − benign differences are, which need not be how separable held-out prompts are).
+all trained in one pass as `LayerProbers`; the highest TPR within the false-positive bound, then the
+highest AUROC. The SAS measures how consistent the harmful − benign differences are, which need not be
+how separable held-out prompts are).
 
 SAS(L): d_i = h_L(harmful_i) − h_L(benign_i), paired by index, on the prompt's state at layer L (chat
 template): its last token (`pool="last"`, the paper's reading and the default) or the mean over its tokens
@@ -29,7 +30,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Literal
+from typing import ClassVar, Literal
 
 import numpy as np
 import torch
@@ -40,7 +41,6 @@ from ..data.tokens import bundle_tokenizer, chat_ids, encode
 from ..figures import save_figure
 from ..runtime_client import capture
 from .common import (
-    OutputView,
     Split,
     Standardize,
     evenly,
@@ -72,8 +72,8 @@ def safety_awareness(harmful: dict[int, np.ndarray], benign: dict[int, np.ndarra
 
 def plot_sas(scores: dict[int, float], chosen: int, path: Path,
              validation: dict[int, dict] | None = None) -> None:
-    """SAS per layer; with `validation` (per layer, from `select_by_validation`) a second panel with each
-    layer's validation TPR at the false-positive bound and its AUROC."""
+    """SAS per layer; with `validation` (each layer's `validation_choice`) a second panel with each layer's
+    validation TPR at the false-positive bound and its AUROC."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -196,22 +196,74 @@ def auroc(positive: np.ndarray, negative: np.ndarray) -> float:
     return float(greater + 0.5 * ties)
 
 
-def train_prober(states: np.ndarray, harmful: int, split: Split, epochs: int, weight_decay: float, seed: int,
-                 desc: str = "train prober") -> tuple[Prober, dict[str, float]]:
-    """The prober on pooled states whose first `harmful` rows are harmful and the rest benign (classes
-    weighted to balance); returns it with its fit history and its AUROC on `split`'s held-out rows."""
-    inputs = torch.from_numpy(states)
-    labels = torch.cat([torch.ones(harmful, dtype=torch.long), torch.zeros(len(states) - harmful, dtype=torch.long)])
-    torch.manual_seed(seed)
-    prober = Prober(states[split.train])
+class LayerProbers(torch.nn.Module):
+    """Probers for several layers stacked into one net, `[B, layers, d]` in, `[B, layers, 2]` logits out, so
+    `fit` trains them in one pass over the data: each starts as `Prober` would at that seed and gets the
+    same batches and updates as trained alone."""
+
+    # Stacked tensor → the `Prober` state it stacks.
+    KEYS: ClassVar[dict[str, str]] = {"mean": "standardize.mean", "std": "standardize.std", "w1": "classify.0.weight",
+                                      "b1": "classify.0.bias", "w2": "classify.2.weight", "b2": "classify.2.bias"}
+    mean: torch.Tensor
+    std: torch.Tensor
+    w1: torch.Tensor
+    b1: torch.Tensor
+    w2: torch.Tensor
+    b2: torch.Tensor
+
+    def __init__(self, states: np.ndarray, seed: int) -> None:
+        super().__init__()
+        alone = []
+        for layer in range(states.shape[1]):
+            torch.manual_seed(seed)
+            alone.append(Prober(states[:, layer]).state_dict())
+        for name, key in self.KEYS.items():
+            stacked = torch.stack([state[key] for state in alone])
+            if key.startswith("standardize"):
+                self.register_buffer(name, stacked)
+            else:
+                self.register_parameter(name, torch.nn.Parameter(stacked))
+
+    def forward(self, states: torch.Tensor) -> torch.Tensor:
+        z = (states - self.mean) / self.std
+        hidden = torch.relu(torch.einsum("bld,lhd->blh", z, self.w1) + self.b1)
+        return torch.einsum("blh,lkh->blk", hidden, self.w2) + self.b2
+
+    def prober(self, index: int) -> Prober:
+        """The prober of the `index`-th stacked layer, on its own."""
+        prober = Prober(np.zeros((2, self.mean.shape[1]), np.float32))
+        prober.load_state_dict({key: getattr(self, name)[index].detach().clone() for name, key in self.KEYS.items()})
+        return prober.eval()
+
+
+def train_probers(states: list[np.ndarray], harmful: int, split: Split, epochs: int, weight_decay: float,
+                  seed: int, desc: str = "train prober") -> list[tuple[Prober, dict]]:
+    """A prober per layer's pooled states (first `harmful` rows harmful, the rest benign; classes weighted
+    to balance), trained at once; each with its fit history and its AUROC on `split`'s held-out rows."""
+    inputs = torch.from_numpy(np.stack(states, axis=1))
+    labels = torch.cat([torch.ones(harmful, dtype=torch.long), torch.zeros(len(inputs) - harmful, dtype=torch.long)])
     weights = torch.tensor([len(labels) / (2 * (len(labels) - harmful)), len(labels) / (2 * harmful)])
-    history = fit(OutputView(prober), inputs, labels, split,
-                  lambda logits, y: torch.nn.functional.cross_entropy(logits, y, weight=weights),
-                  epochs, 1e-3, 64, seed, desc=desc, weight_decay=weight_decay)
-    with torch.no_grad():
-        p_toxic = prober(inputs[split.validation])[:, 1].numpy()
+
+    def loss_per_layer(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        # cross_entropy(weight=...)'s weighted mean, one per layer.
+        token = torch.nn.functional.cross_entropy(logits.transpose(1, 2), y[:, None].expand(-1, logits.shape[1]),
+                                                  reduction="none")
+        return (weights[y][:, None] * token).sum(0) / weights[y].sum()
+
+    stacked = LayerProbers(inputs.numpy()[split.train], seed)
+    history = fit(stacked, inputs, labels, split, loss_per_layer, epochs, 1e-3, 64, seed, desc=desc,
+                  weight_decay=weight_decay)
     held_labels = labels.numpy()[split.validation]
-    return prober, {**history, "prober_validation_auroc": auroc(p_toxic[held_labels == 1], p_toxic[held_labels == 0])}
+    trained = []
+    for index in range(len(states)):
+        prober = stacked.prober(index)
+        with torch.no_grad():
+            p_toxic = prober(inputs[split.validation, index])[:, 1].numpy()
+        trained.append((prober, {"best_validation_loss": history["best_validation_loss"][index],
+                                 "best_epoch": history["best_epoch"][index],
+                                 "prober_validation_auroc": auroc(p_toxic[held_labels == 1],
+                                                                  p_toxic[held_labels == 0])}))
+    return trained
 
 
 def validation_choice(prober: Prober, held: np.ndarray, harmful: int, max_false_positive: float) -> dict:
@@ -262,15 +314,15 @@ def train_autosteer(bundle: Path, harmful_paths: list[Path], benign_paths: list[
                 for kind, paths in (("harmful", threshold_harmful), ("safe", threshold_safe))}
         n_held_harmful = len(held["harmful"])
     per_layer: dict[int, dict] = {}
-    trained: dict[int, tuple[Prober, dict[str, float]]] = {}
+    trained: dict[int, tuple[Prober, dict]] = {}
     if read_layer == "validation":
         held_states = capture(bundle, [chat_ids(tokenizer, p) for p in held["harmful"] + held["safe"]],
                               list(range(num_layers)), pool, binary)
-        for candidate in tqdm(range(num_layers), desc="prober per layer", unit="layer"):
-            trained[candidate] = train_prober(states[candidate], len(harmful), split, prober_epochs,
-                                              prober_weight_decay, seed, desc=f"prober at layer {candidate}")
-            per_layer[candidate] = validation_choice(trained[candidate][0], held_states[candidate], n_held_harmful,
-                                                     max_false_positive)
+        trained = dict(enumerate(train_probers([states[candidate] for candidate in range(num_layers)],
+                                               len(harmful), split, prober_epochs, prober_weight_decay, seed,
+                                               desc=f"probers at {num_layers} layers")))
+        per_layer = {candidate: validation_choice(prober, held_states[candidate], n_held_harmful, max_false_positive)
+                     for candidate, (prober, _) in trained.items()}
         layer = max(per_layer, key=lambda candidate: (per_layer[candidate]["tpr"], per_layer[candidate]["auroc"]))
     else:
         layer = max(scores, key=lambda candidate: scores[candidate]) if read_layer == "sas" else int(read_layer)
@@ -284,8 +336,8 @@ def train_autosteer(bundle: Path, harmful_paths: list[Path], benign_paths: list[
          "sas": scores, "validation": per_layer or None}, indent=1) + "\n")
     plot_sas(scores, layer, plot or out / f"{name}_sas.png", per_layer or None)
 
-    prober, history = trained.get(layer) or train_prober(states[layer], len(harmful), split, prober_epochs,
-                                                         prober_weight_decay, seed)
+    prober, history = trained.get(layer) or train_probers([states[layer]], len(harmful), split, prober_epochs,
+                                                          prober_weight_decay, seed)[0]
     choice = None
     if threshold_harmful and threshold_safe:
         if layer not in held_states:

@@ -13,7 +13,7 @@ import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import numpy as np
 import onnx
@@ -75,33 +75,44 @@ def split_indices(n: int, validation_fraction: float, seed: int) -> Split:
 
 def fit(net: torch.nn.Module, inputs: torch.Tensor, targets: torch.Tensor, split: Split,
         loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], epochs: int, lr: float, batch_size: int,
-        seed: int, desc: str, weight_decay: float = 0.0) -> dict[str, float]:
+        seed: int, desc: str, weight_decay: float = 0.0) -> dict[str, Any]:
     """Adam (AdamW with `weight_decay`) on mini-batches; keeps the weights of the epoch with the lowest
-    validation loss."""
+    validation loss. A `loss_fn` that returns one loss per member of a stacked net (each parameter and
+    buffer indexed by member first) trains the members on their summed loss, so each gets the updates
+    it would get alone, and keeps each member's own best epoch; the history then has a value per member."""
     generator = torch.Generator().manual_seed(seed)
     optimiser = (torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=weight_decay) if weight_decay
                  else torch.optim.Adam(net.parameters(), lr=lr))
     train_idx = torch.from_numpy(split.train)
     val_idx = torch.from_numpy(split.validation)
-    best: tuple[float, dict[str, torch.Tensor] | None, int] = (float("inf"), None, 0)
+    best_loss = best_epoch = torch.tensor(float("inf"))
+    best_state: dict[str, torch.Tensor] = {}
     bar = tqdm(range(epochs), desc=desc, unit="epoch")
     for epoch in bar:
         net.train()
         for batch in train_idx[torch.randperm(len(train_idx), generator=generator)].split(batch_size):
             optimiser.zero_grad()
-            loss_fn(net(inputs[batch]), targets[batch]).backward()
+            loss_fn(net(inputs[batch]), targets[batch]).sum().backward()
             optimiser.step()
         net.eval()
         with torch.no_grad():
-            val_loss = float(loss_fn(net(inputs[val_idx]), targets[val_idx]))
-        if val_loss < best[0]:
-            best = (val_loss, {k: v.clone() for k, v in net.state_dict().items()}, epoch)
-        bar.set_postfix(val_loss=f"{val_loss:.4f}")
-    if best[1] is None:
+            val_loss = loss_fn(net(inputs[val_idx]), targets[val_idx])
+        improved = val_loss < best_loss
+        if improved.any():
+            state = net.state_dict()
+            if not best_state or val_loss.ndim == 0:
+                best_state = {k: v.clone() for k, v in state.items()}
+            else:
+                for k, v in state.items():
+                    best_state[k][improved] = v[improved]
+            best_loss = torch.where(improved, val_loss, best_loss)
+            best_epoch = torch.where(improved, epoch, best_epoch)
+        bar.set_postfix(val_loss=f"{float(val_loss.mean()):.4f}")
+    if not bool(torch.isfinite(best_loss).all()):
         raise RuntimeError(f"{desc}: no epoch reached a finite validation loss")
-    net.load_state_dict(best[1])
+    net.load_state_dict(best_state)
     net.eval()
-    return {"best_validation_loss": best[0], "best_epoch": best[2]}
+    return {"best_validation_loss": best_loss.tolist(), "best_epoch": best_epoch.long().tolist()}
 
 
 def export_onnx(module: torch.nn.Module, example: tuple[torch.Tensor, ...], input_names: list[str],
