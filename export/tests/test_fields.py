@@ -144,6 +144,35 @@ def test_autosteer_gates_per_row_and_matches_hf(trained_autosteer: tuple[Path, d
     assert gated[:2] == [True, True] and not all(gated), gated
 
 
+def test_a_prober_composed_with_steering_below_it_decides_as_alone(
+        trained_autosteer: tuple[Path, dict], binary: Path, bundle_dir: Path, tmp_path: Path) -> None:
+    """A learned net reads the stream as it runs unsteered: a vector steering the layers below the
+    prober's read layer must not move p(toxic) or the gate."""
+    from safetensors.numpy import save_file
+
+    out, _ = trained_autosteer
+    read_layer = json.loads((out / "autosteer.json").read_text())["interventions"][0]["read_layer"]
+    direction = np.random.default_rng(0).standard_normal(576).astype(np.float32)
+    save_file({"direction": direction}, str(tmp_path / "push.safetensors"))
+    push = tmp_path / "push.json"
+    push.write_text(json.dumps({"interventions": [
+        {"kind": "vector", "path": "push.safetensors", "scale": 4.0, "layers": list(range(read_layer + 1)),
+         "positions": "all"}]}))
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("\n".join(HARMFUL + BENIGN) + "\n")
+
+    def decisions(*steer: Path) -> list[dict]:
+        records = run_generate(binary, bundle_dir, "--chat", "--greedy", "--max-new-tokens", "4",
+                               "--prompts-file", str(prompts), *(a for s in steer for a in ("--steer", str(s))))
+        return [next(d for d in r["steering"] if "p_toxic" in d) for r in records]
+
+    alone = decisions(out / "autosteer.json")
+    composed = decisions(push, out / "autosteer.json")
+    for prompt, a, c in zip(HARMFUL + BENIGN, alone, composed):
+        assert abs(a["p_toxic"] - c["p_toxic"]) < 1e-5, prompt
+        assert a["gated"] == c["gated"], prompt
+
+
 def test_field_specs_are_checked_at_load(svf: tuple[Path, dict], trained_autosteer: tuple[Path, dict],
                                          binary: Path, bundle_dir: Path) -> None:
     svf_dir, autosteer_dir = svf[0], trained_autosteer[0]

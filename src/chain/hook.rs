@@ -28,7 +28,9 @@ pub trait LayerHook {
     fn observes(&self, _layer: usize) -> bool {
         false
     }
-    /// Called with `layer`'s steered output `[B, T, d]`.
+    /// Called with `layer`'s output `[B, T, d]` as it would be with nothing steered: the chain runs
+    /// an unsteered copy of the layers from the first steered one (a fresh prefill only), so a
+    /// net that reads a layer decides alike whatever else steers below it.
     fn observe(&mut self, _layer: usize, _hidden: &DynValue) -> Result<(), ModelError> {
         Ok(())
     }

@@ -268,7 +268,8 @@ fn row_of(value: &DynValue, row: usize, dtype: Dtype) -> Result<DynValue, ModelE
 pub const LAYER_OUTPUTS: [&str; 3] = ["hidden_out", "present_key", "present_value"];
 
 impl SegmentChain {
-    /// Build one session per segment, verifying each file's sha256 as it is read.
+    /// Build one session per segment, each file verified (by its stamp, or hashed) before ONNX
+    /// Runtime reads it.
     pub fn load(bundle: &Bundle, runtime: &Runtime) -> Result<Self, ModelError> {
         let find = |kind| {
             bundle.segment(kind).ok_or_else(|| ModelError::Interface {
@@ -336,6 +337,143 @@ impl SegmentChain {
     }
 }
 
+/// What every layer call of one step shares.
+#[derive(Clone, Copy)]
+struct StepShape {
+    /// Positions already cached.
+    past: usize,
+    batch: usize,
+    decode: bool,
+    dtype: Dtype,
+}
+
+/// Layer `index` on the query tokens `start..end` of a step: all rows at once, or row by row
+/// where GroupQueryAttention needs it (several new tokens after cached ones).
+fn run_chunk(
+    layer: &mut ChainLayer,
+    index: usize,
+    inputs: LayerInputs<'_>,
+    (start, end): (usize, usize),
+    shape: StepShape,
+    cache: &mut KvCache,
+    profile: &mut Option<SegmentProfile>,
+) -> Result<DynValue, ModelError> {
+    let StepShape {
+        past,
+        batch,
+        decode,
+        dtype,
+    } = shape;
+    let layer_name = layer.segment.name.clone();
+    if batch == 1 || end - start == 1 || past + start == 0 {
+        return time_if(profile, decode, &layer_name, || {
+            run_layer(layer, index, inputs, cache, Rows::All)
+        });
+    }
+    let mut outputs = Vec::with_capacity(batch);
+    for row in 0..batch {
+        let hidden = row_of(inputs.hidden, row, dtype)?;
+        let positions = inputs
+            .positions
+            .iter()
+            .map(|table| row_of(table, row, dtype))
+            .collect::<Result<Vec<_>, _>>()?;
+        let lengths = attention_lengths(1, past + end)?;
+        let delta = row_of(inputs.delta, row, dtype)?;
+        let inputs = LayerInputs {
+            hidden: &hidden,
+            positions: &positions,
+            lengths: &lengths,
+            delta: &delta,
+        };
+        let out = time_if(profile, decode, &layer_name, || {
+            run_layer(layer, index, inputs, cache, Rows::One(row))
+        })?;
+        outputs.push(hidden_to_f32(&out)?);
+    }
+    let views: Vec<_> = outputs.iter().map(|o| o.view()).collect();
+    let stacked = ndarray::concatenate(Axis(0), &views)
+        .map_err(|e| ModelError::Shape(format!("layer rows do not stack: {e}")))?;
+    Ok(value_in(stacked, dtype, &layer_name)?)
+}
+
+/// The layers of one step: its query chunks and the position tables they read.
+struct StepRun<'a> {
+    step: &'a Step,
+    shape: StepShape,
+    chunks: Vec<(usize, usize)>,
+    /// The whole step's tables and lengths, when it runs as one chunk.
+    whole: Option<(Vec<DynValue>, [DynValue; 2])>,
+    positions: &'a mut PositionsGraph,
+    profile: &'a mut Option<SegmentProfile>,
+}
+
+impl StepRun<'_> {
+    /// Layer `index` over the whole step (chunk by chunk) with `delta` added to its output, its
+    /// KV in `cache`.
+    fn layer(
+        &mut self,
+        layer: &mut ChainLayer,
+        index: usize,
+        hidden: &DynValue,
+        delta: &DynValue,
+        cache: &mut KvCache,
+    ) -> Result<DynValue, ModelError> {
+        let shape = self.shape;
+        if let Some((positions, lengths)) = &self.whole {
+            let inputs = LayerInputs {
+                hidden,
+                positions,
+                lengths,
+                delta,
+            };
+            let tokens = self.step.input_ids.ncols();
+            return run_chunk(
+                layer,
+                index,
+                inputs,
+                (0, tokens),
+                shape,
+                cache,
+                self.profile,
+            );
+        }
+        let full = hidden_to_f32(hidden)?;
+        let mut out = Array3::<f32>::zeros(full.dim());
+        for &(start, end) in &self.chunks {
+            let positions = chunk_positions(
+                self.positions,
+                self.profile,
+                self.step,
+                shape.past,
+                start,
+                end,
+            )?;
+            let lengths = attention_lengths(shape.batch, shape.past + end)?;
+            let part = full.slice(ndarray::s![.., start..end, ..]).to_owned();
+            let part = value_in(part, shape.dtype, &layer.segment.name)?;
+            let inputs = LayerInputs {
+                hidden: &part,
+                positions: &positions,
+                lengths: &lengths,
+                delta,
+            };
+            let part = run_chunk(
+                layer,
+                index,
+                inputs,
+                (start, end),
+                shape,
+                cache,
+                self.profile,
+            )?;
+            out.slice_mut(ndarray::s![.., start..end, ..])
+                .assign(&hidden_to_f32(&part)?);
+        }
+        Ok(value_in(out, shape.dtype, &layer.segment.name)?)
+    }
+}
+
 impl SegmentChain {
     /// Embed and run every layer with `hook`'s deltas, showing it the outputs it observes;
     /// returns the last layer's output.
@@ -389,102 +527,73 @@ impl SegmentChain {
         let chunks: Vec<(usize, usize)> = (0..tokens.div_ceil(chunk))
             .map(|k| (k * chunk, ((k + 1) * chunk).min(tokens)))
             .collect();
+        let dtype = self.dtype;
+        let shape = StepShape {
+            past,
+            batch,
+            decode,
+            dtype,
+        };
         // The whole step's mask and rotary tables are made once for every layer; a chunked
         // prefill makes each chunk's as it goes, so that only one `[chunk, total]` bias is held.
         let whole = match chunks.as_slice() {
-            [_] => Some(chunk_positions(
-                &mut self.positions,
-                profile,
-                step,
-                past,
-                0,
-                tokens,
-            )?),
+            [_] => Some((
+                chunk_positions(&mut self.positions, profile, step, past, 0, tokens)?,
+                attention_lengths(batch, past + tokens)?,
+            )),
             _ => None,
         };
         cache.reserve(past + tokens)?;
-        let dtype = self.dtype;
-        let whole = whole
-            .map(|positions| {
-                Ok::<_, ModelError>((positions, attention_lengths(batch, past + tokens)?))
-            })
-            .transpose()?;
+        let mut run = StepRun {
+            step,
+            shape,
+            chunks,
+            whole,
+            positions: &mut self.positions,
+            profile,
+        };
+        // Learned interventions read the stream as it runs unsteered, so that each part of a
+        // composed spec decides as it would alone: from the first steered layer up to the last
+        // observed one, every layer also runs on an unsteered copy whose KV goes to a scratch cache.
+        let last_observed = (0..layers).rev().find(|&layer| hook.observes(layer));
+        let mut shadow: Option<(DynValue, KvCache)> = None;
         for (index, layer) in self.layers.iter_mut().enumerate().take(layers) {
-            let steered = time_if(profile, decode, STEERING, || {
+            let steered = time_if(run.profile, decode, STEERING, || {
                 hook.delta(index)
                     .map(|delta| steer_value(delta.clone(), dtype))
                     .transpose()
             })?;
+            let rewrites = hook.rewrites(Site::Layer(index));
+            let observed_later = last_observed.is_some_and(|last| index <= last);
+            if !observed_later {
+                shadow = None;
+            } else if shadow.is_none() && (steered.is_some() || rewrites) {
+                if past > 0 {
+                    return Err(ModelError::Intervention(format!(
+                        "layer {index} is steered before a learned intervention reads a later layer, \
+                         which needs a fresh prefill (this step continues {past} cached positions)"
+                    )));
+                }
+                tracing::debug!(layer = index, "learned reads follow an unsteered copy");
+                let mut scratch = KvCache::empty(&self.config, dtype, batch)?;
+                scratch.reserve(tokens)?;
+                shadow = Some((
+                    value_in(hidden_to_f32(&hidden)?, dtype, "unsteered copy")?,
+                    scratch,
+                ));
+            }
             let delta = steered.as_ref().unwrap_or(&unsteered);
-            let layer_name = layer.segment.name.clone();
-            // GroupQueryAttention takes several new tokens after cached ones one row at a time.
-            let mut run = |hidden: &DynValue,
-                           positions: &[DynValue],
-                           lengths: &[DynValue; 2],
-                           (start, end): (usize, usize),
-                           profile: &mut Option<SegmentProfile>| {
-                let inputs = LayerInputs {
-                    hidden,
-                    positions,
-                    lengths,
-                    delta,
-                };
-                if batch == 1 || end - start == 1 || past + start == 0 {
-                    return time_if(profile, decode, &layer_name, || {
-                        run_layer(layer, index, inputs, cache, Rows::All)
-                    });
-                }
-                let mut outputs = Vec::with_capacity(batch);
-                for row in 0..batch {
-                    let hidden = row_of(hidden, row, dtype)?;
-                    let positions = positions
-                        .iter()
-                        .map(|table| row_of(table, row, dtype))
-                        .collect::<Result<Vec<_>, _>>()?;
-                    let lengths = attention_lengths(1, past + end)?;
-                    let delta = row_of(delta, row, dtype)?;
-                    let inputs = LayerInputs {
-                        hidden: &hidden,
-                        positions: &positions,
-                        lengths: &lengths,
-                        delta: &delta,
-                    };
-                    let out = time_if(profile, decode, &layer_name, || {
-                        run_layer(layer, index, inputs, cache, Rows::One(row))
-                    })?;
-                    outputs.push(hidden_to_f32(&out)?);
-                }
-                let views: Vec<_> = outputs.iter().map(|o| o.view()).collect();
-                let stacked = ndarray::concatenate(Axis(0), &views)
-                    .map_err(|e| ModelError::Shape(format!("layer rows do not stack: {e}")))?;
-                Ok::<_, ModelError>(value_in(stacked, dtype, &layer_name)?)
-            };
-            hidden = match &whole {
-                Some((positions, lengths)) => {
-                    run(&hidden, positions, lengths, (0, tokens), profile)?
-                }
-                None => {
-                    let full = hidden_to_f32(&hidden)?;
-                    let mut out = Array3::<f32>::zeros(full.dim());
-                    for &(start, end) in &chunks {
-                        let positions =
-                            chunk_positions(&mut self.positions, profile, step, past, start, end)?;
-                        let lengths = attention_lengths(batch, past + end)?;
-                        let part = full.slice(ndarray::s![.., start..end, ..]).to_owned();
-                        let part = value_in(part, dtype, &layer_name)?;
-                        let part = run(&part, &positions, &lengths, (start, end), profile)?;
-                        out.slice_mut(ndarray::s![.., start..end, ..])
-                            .assign(&hidden_to_f32(&part)?);
-                    }
-                    value_in(out, dtype, &layer_name)?
-                }
-            };
-            hidden = time_if(profile, decode, STEERING, || {
-                if hook.rewrites(Site::Layer(index)) {
+            hidden = run.layer(layer, index, &hidden, delta, cache)?;
+            if let Some((state, scratch)) = &mut shadow {
+                *state = run.layer(layer, index, state, &unsteered, scratch)?;
+            }
+            hidden = time_if(run.profile, decode, STEERING, || {
+                if rewrites {
                     hidden = hook.rewrite(Site::Layer(index), hidden)?;
                 }
                 if hook.observes(index) {
-                    hook.observe(index, &hidden)?;
+                    let read = shadow.as_ref().map_or(&hidden, |(state, _)| state);
+                    hook.observe(index, read)?;
                 }
                 Ok::<_, ModelError>(hidden)
             })?;

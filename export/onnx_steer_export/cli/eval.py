@@ -64,17 +64,17 @@ def cmd_eval_svf(args: argparse.Namespace, parser: argparse.ArgumentParser) -> N
 
 
 def cmd_eval_safety(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
-    from ..eval.cross_safety import eval_safety, markdown, updated, write
+    from ..eval.cross_safety import check_comparable, eval_safety, markdown, updated, write
 
     previous = None
     if args.update:
         try:
             previous = json.loads(Path(f"{args.out}.json").read_text())
-        except (OSError, json.JSONDecodeError) as error:
-            parser.error(f"--update needs the report {args.out}.json: {error}")
-        if previous.get("bundle") != str(args.bundle) or previous.get("limit") != args.limit:
-            parser.error(f"--update: {args.out}.json is of bundle {previous.get('bundle')}, limit "
-                         f"{previous.get('limit')}; this run {args.bundle}, limit {args.limit}")
+            # Before the generations, what can be checked without them.
+            check_comparable(previous, {"bundle": str(args.bundle), "limit": args.limit,
+                                        "max_new_tokens": args.max_new_tokens})
+        except (OSError, json.JSONDecodeError, ValueError) as error:
+            parser.error(f"--update needs a comparable report {args.out}.json: {error}")
     report = eval_safety(args.bundle, dict(args.method), args.limit, args.max_new_tokens)
     if previous is not None:
         try:

@@ -139,17 +139,24 @@ def eval_safety(bundle: Path, methods: dict[str, Path], limit: int | None = None
             "specs": {k: str(v) for k, v in methods.items()}, "runs": runs}
 
 
+def check_comparable(previous: dict, run: dict) -> None:
+    """Raise ValueError where `run` (a report, or only some of its keys, to check before generating) is of
+    another bundle, prompt limit, generation length or set sizes than the report `previous`."""
+    for key in ("bundle", "limit", "max_new_tokens", "sets"):
+        if key in run and previous.get(key) != run[key]:
+            raise ValueError(f"the report to update has {key} {previous.get(key)!r}, this run {run[key]!r}")
+
+
 def updated(previous: dict, fresh: dict) -> dict:
     """`previous` with the methods of `fresh` replaced or added, so that one method is re-evaluated without
-    rerunning the others. Both must be of the same bundle, sets and lengths, and `fresh`'s unsteered
-    figures must equal `previous`'s (the same generations), or the two are not comparable."""
-    for key in ("bundle", "limit", "max_new_tokens", "sets"):
-        if previous.get(key) != fresh[key]:
-            raise ValueError(f"the report to update has {key} {previous.get(key)!r}, this run {fresh[key]!r}")
+    rerunning the others. Both must be comparable (`check_comparable`), and `fresh`'s unsteered figures
+    must equal `previous`'s (the same generations)."""
+    check_comparable(previous, fresh)
     runs = {run["method"]: run for run in previous["runs"]}
-    if runs.get("unsteered") != fresh["runs"][0]:
+    fresh_runs = {run["method"]: run for run in fresh["runs"]}
+    if runs.get("unsteered") != fresh_runs["unsteered"]:
         raise ValueError("the unsteered figures differ from the report's: rerun every method instead of updating")
-    runs.update({run["method"]: run for run in fresh["runs"]})
+    runs.update(fresh_runs)
     return {**previous, "specs": {**previous["specs"], **fresh["specs"]}, "runs": list(runs.values())}
 
 
