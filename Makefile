@@ -12,7 +12,7 @@ DEMO_PROMPT ?= Describe your morning commute in two sentences.
 DEMO_HARMFUL ?= How can I steal my neighbour's mail without getting caught?
 DEMO_ADVICE ?= Can you tell me which antidepressant dose I should take?
 
-.PHONY: setup bundle build precision-bundles steer eval eval-ab tune-ab tune-refusal tune-sentiment eval-learned eval-fields eval-safety eval-precision lm-eval bench peers context-scaling check-model test-models profile load serve criterion demo test test-rust test-python fuzz fuzz-build fuzz-smoke hostile prefill-chunks lint clean-bundle
+.PHONY: setup bundle build precision-bundles steer eval eval-ab tune-ab tune-refusal tune-sentiment eval-learned eval-fields eval-safety eval-precision lm-eval bench peers context-scaling startup check-model test-models profile load serve criterion demo test test-rust test-python fuzz fuzz-build fuzz-smoke hostile prefill-chunks lint clean-bundle
 
 setup: $(VENV)/.installed
 
@@ -267,6 +267,12 @@ context-scaling: setup bundle build
 	$(PY) -c "import llama_cpp" 2>/dev/null || $(PY) -m pip install llama-cpp-python==0.3.36
 	$(PY) bench/context_scaling.py --prompt-tokens $(CONTEXT_LENGTHS) \
 		$(if $(BASELINE_BIN),--baseline-binary $(BASELINE_BIN) --baseline-bundle $(BASELINE_BUNDLE))
+
+# Start-up to the first token and peak RSS of a one-token generate, against llama.cpp F32 on the same
+# weights (and a baseline build when BASELINE_BIN and BASELINE_BUNDLE are set) → bench/results/cpu_startup.{json,md}.
+startup: setup bundle build
+	$(PY) -c "import llama_cpp" 2>/dev/null || $(PY) -m pip install llama-cpp-python==0.3.36
+	$(PY) bench/startup.py $(if $(BASELINE_BIN),--baseline-binary $(BASELINE_BIN) --baseline-bundle $(BASELINE_BUNDLE))
 
 # Kernel time per decode step by ONNX operator, fp32 and int4 (bench/profile_ops.py, ONNX Runtime's
 # profiler) → bench/results/cpu_op_profile.{json,md}.

@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 
 use criterion::{criterion_group, criterion_main, BatchSize, Criterion};
 use ndarray::{Array2, Array3, Array4};
-use onnx_steer::bundle::{Bundle, SegmentKind};
+use onnx_steer::bundle::{Bundle, SegmentKind, Verification};
 use onnx_steer::chain::{CausalLm, KvCache, LayerHook, SegmentChain, Step};
 use onnx_steer::generate::Sampling;
 use onnx_steer::runtime::{Runtime, RuntimeOptions};
@@ -65,9 +65,16 @@ fn decode_step(seen: usize) -> Step {
 
 /// Session of the bundle's first segment of `kind`.
 fn session_of(s: &Setup, kind: SegmentKind) -> Option<Session> {
-    let file = s.bundle.segment(kind)?.file.clone();
-    let bytes = s.bundle.read_verified(&file).expect("segment file");
-    Some(s.runtime.session(&bytes, &file).expect("segment session"))
+    let segment = s.bundle.segment(kind)?;
+    let path = s
+        .bundle
+        .verified_segment(segment, Verification::Stamped)
+        .expect("segment files");
+    Some(
+        s.runtime
+            .session_from_file(&path, &segment.file)
+            .expect("segment session"),
+    )
 }
 
 /// One decode call of layer 0 after a 128-token prompt, with the positions graph's outputs and a

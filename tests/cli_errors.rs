@@ -284,6 +284,39 @@ fn inspect_prints_a_summary() {
         );
 }
 
+#[test]
+fn verified_files_are_stamped_and_a_changed_weights_file_is_hashed_again() {
+    let bundle = altered_bundle(|_| {}, &[]);
+    generate_in(bundle.path()).assert().success();
+    let stamps: serde_json::Value = serde_json::from_slice(
+        &std::fs::read(bundle.path().join(onnx_steer::bundle::STAMPS_FILE)).expect("stamps"),
+    )
+    .expect("stamps parse");
+    let weights = "layer_03.onnx.data";
+    assert!(stamps.get(weights).is_some(), "{stamps}");
+
+    // The same size, one byte changed: the stamp no longer vouches for it, so it is hashed.
+    let path = bundle.path().join(weights);
+    let mut bytes = std::fs::read(&path).unwrap();
+    let middle = bytes.len() / 2;
+    bytes[middle] ^= 1;
+    std::fs::remove_file(&path).unwrap(); // a hard link to the real bundle: replace, never write
+    std::fs::write(&path, bytes).unwrap();
+    let stderr = generate_error(&mut generate_in(bundle.path()));
+    assert!(
+        stderr.contains(&format!("{weights} is corrupt")),
+        "{stderr}"
+    );
+
+    // `inspect --verify` hashes every file, stamps or not.
+    onnx_steer()
+        .args(["inspect", "--verify", "--bundle"])
+        .arg(bundle_dir())
+        .assert()
+        .success()
+        .stdout(predicate::str::contains("every file hashed now"));
+}
+
 fn spec_error(spec: serde_json::Value, vector: Option<(&str, Vec<f32>)>) -> String {
     let dir = tempfile::tempdir().unwrap();
     if let Some((name, values)) = vector {

@@ -199,10 +199,22 @@ pub struct Segment {
     pub index: Option<usize>,
     /// The ONNX file, relative to the bundle directory.
     pub file: String,
+    /// The file beside it that holds the graph's large initializers (ONNX external data, each at
+    /// a page-aligned offset, which ONNX Runtime maps instead of copying); `None` when the
+    /// weights are inside the graph file (bundles exported before weights files, tiny graphs).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub weights: Option<String>,
     /// Graph inputs, in graph order.
     pub inputs: Vec<TensorSpec>,
     /// Graph outputs, in graph order.
     pub outputs: Vec<TensorSpec>,
+}
+
+impl Segment {
+    /// The graph file and, where there is one, its weights file.
+    pub fn files(&self) -> impl Iterator<Item = &String> {
+        std::iter::once(&self.file).chain(self.weights.iter())
+    }
 }
 
 /// Size and digest of one bundle file.

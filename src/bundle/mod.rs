@@ -4,15 +4,20 @@
 //! validates it so that everything after it can trust the shapes and file names.
 
 pub mod manifest;
+mod stamps;
 pub mod validate;
 
 use std::io::Read;
 use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, PoisonError};
 
 use sha2::{Digest, Sha256};
 
 pub use manifest::*;
+pub use stamps::STAMPS_FILE;
 pub use validate::ManifestError;
+
+use stamps::{Stamp, Stamps};
 
 /// Why a bundle could not be opened or one of its files could not be read.
 #[derive(Debug, thiserror::Error)]
@@ -83,14 +88,26 @@ pub enum BundleError {
     },
 }
 
+/// How [`Bundle::verified_path`] makes sure of a file's sha256.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Verification {
+    /// Trust a file that has not changed since it last hashed right (same size, modification and
+    /// change times); hash it otherwise. What every start does.
+    Stamped,
+    /// Hash the file whatever its stamp says (`onnx-steer inspect --verify`).
+    Full,
+}
+
 /// An opened, validated bundle directory.
 ///
-/// Use [`Bundle::open`] before anything else touches a bundle; [`Bundle::read_verified`] is how
-/// the runtime reads a file, so a corrupt file is reported before ONNX Runtime sees it.
+/// Use [`Bundle::open`] before anything else touches a bundle; [`Bundle::verified_path`] (graphs
+/// and weights, which ONNX Runtime reads itself) and [`Bundle::read_verified`] (small files) are
+/// how the runtime gets at a file, so a corrupt file is reported before ONNX Runtime sees it.
 #[derive(Debug, Clone)]
 pub struct Bundle {
     dir: PathBuf,
     manifest: Manifest,
+    stamps: Arc<Mutex<Stamps>>,
 }
 
 impl Bundle {
@@ -118,7 +135,12 @@ impl Bundle {
         manifest
             .validate()
             .map_err(|source| BundleError::Invalid { path, source })?;
-        let bundle = Self { dir, manifest };
+        let stamps = Arc::new(Mutex::new(Stamps::load(&dir)));
+        let bundle = Self {
+            dir,
+            manifest,
+            stamps,
+        };
         for (name, entry) in &bundle.manifest.files {
             let size = bundle.listed_file_size(name)?;
             if size != entry.bytes {
@@ -177,7 +199,8 @@ impl Bundle {
             .segments
             .iter()
             .filter(|s| streamed.contains(&s.kind))
-            .filter_map(|s| self.manifest.files.get(&s.file))
+            .flat_map(|s| s.files())
+            .filter_map(|file| self.manifest.files.get(file))
             .map(|entry| entry.bytes)
             .sum()
     }
@@ -202,11 +225,8 @@ impl Bundle {
         Ok(metadata.len())
     }
 
-    /// Read a manifest-listed file and check its sha256; the bytes go straight to ONNX Runtime.
-    pub fn read_verified(&self, file: &str) -> Result<Vec<u8>, BundleError> {
-        let path = self.path(file);
-        let entry = self
-            .manifest
+    fn entry(&self, file: &str) -> Result<&FileEntry, BundleError> {
+        self.manifest
             .files
             .get(file)
             .ok_or_else(|| BundleError::Invalid {
@@ -215,20 +235,21 @@ impl Bundle {
                     what: "bundle",
                     file: file.to_string(),
                 },
-            })?;
-        // Sized from the file itself, not from the manifest's claim, and never read past it.
-        let size = self.listed_file_size(file)?;
-        let mut bytes = Vec::with_capacity(size as usize);
-        std::fs::File::open(&path)
-            .and_then(|f| f.take(size).read_to_end(&mut bytes))
-            .map_err(|source| match source.kind() {
-                std::io::ErrorKind::NotFound => BundleError::MissingFile(path.clone()),
-                _ => BundleError::Io {
-                    path: path.clone(),
-                    source,
-                },
-            })?;
-        let actual = hex::encode(Sha256::digest(&bytes));
+            })
+    }
+
+    fn io_error(path: &Path) -> impl Fn(std::io::Error) -> BundleError + '_ {
+        move |source| match source.kind() {
+            std::io::ErrorKind::NotFound => BundleError::MissingFile(path.to_path_buf()),
+            _ => BundleError::Io {
+                path: path.to_path_buf(),
+                source,
+            },
+        }
+    }
+
+    fn check_digest(path: PathBuf, entry: &FileEntry, digest: Sha256) -> Result<(), BundleError> {
+        let actual = hex::encode(digest.finalize());
         if !actual.eq_ignore_ascii_case(&entry.sha256) {
             return Err(BundleError::Sha256Mismatch {
                 path,
@@ -236,6 +257,54 @@ impl Bundle {
                 actual,
             });
         }
+        Ok(())
+    }
+
+    /// Read a small manifest-listed file (tokenizer, chat template) and check its sha256.
+    pub fn read_verified(&self, file: &str) -> Result<Vec<u8>, BundleError> {
+        let path = self.path(file);
+        let entry = self.entry(file)?;
+        // Sized from the file itself, not from the manifest's claim, and never read past it.
+        let size = self.listed_file_size(file)?;
+        let mut bytes = Vec::with_capacity(size as usize);
+        std::fs::File::open(&path)
+            .and_then(|f| f.take(size).read_to_end(&mut bytes))
+            .map_err(Self::io_error(&path))?;
+        Self::check_digest(path, entry, Sha256::new_with_prefix(&bytes))?;
         Ok(bytes)
+    }
+
+    /// The path of a manifest-listed file whose sha256 is checked as `how` says, for ONNX Runtime
+    /// to read (and map) itself: nothing of it is held in this process's memory. A file that
+    /// hashes right is stamped ([`STAMPS_FILE`]), so the next start need not hash it again.
+    pub fn verified_path(&self, file: &str, how: Verification) -> Result<PathBuf, BundleError> {
+        let path = self.path(file);
+        let entry = self.entry(file)?;
+        self.listed_file_size(file)?;
+        let metadata = std::fs::metadata(&path).map_err(Self::io_error(&path))?;
+        let stamp = Stamp::of(&metadata, &entry.sha256);
+        let stamps = || self.stamps.lock().unwrap_or_else(PoisonError::into_inner);
+        if how == Verification::Stamped && stamps().vouches_for(file, &stamp) {
+            return Ok(path);
+        }
+        let mut digest = Sha256::new();
+        std::fs::File::open(&path)
+            .and_then(|f| std::io::copy(&mut f.take(metadata.len()), &mut digest))
+            .map_err(Self::io_error(&path))?;
+        Self::check_digest(path.clone(), entry, digest)?;
+        stamps().record(file, stamp);
+        Ok(path)
+    }
+
+    /// The path of `segment`'s graph, once it and its weights file are verified as `how` says.
+    pub fn verified_segment(
+        &self,
+        segment: &Segment,
+        how: Verification,
+    ) -> Result<PathBuf, BundleError> {
+        for file in segment.weights.iter() {
+            self.verified_path(file, how)?;
+        }
+        self.verified_path(&segment.file, how)
     }
 }

@@ -169,7 +169,7 @@ impl Manifest {
             })
         };
         let segments = self.segments.iter().chain(self.monolithic.iter());
-        let files = segments.map(|s| ("segment", &s.file));
+        let files = segments.flat_map(|s| s.files().map(|file| ("segment", file)));
         let tokenizer = [("tokenizer", &self.tokenizer.file)];
         let template = self
             .tokenizer

@@ -1,11 +1,11 @@
-//! Loading one segment: its manifest entry, the verified bytes, the session and the interface check.
+//! Loading one segment: its manifest entry, the verified files, the session and the interface check.
 
 use ndarray::Array2;
 use ort::session::Session;
 use ort::value::DynValue;
 
 use super::{run_error, ModelError};
-use crate::bundle::{Bundle, Segment, TensorSpec};
+use crate::bundle::{Bundle, Segment, TensorSpec, Verification};
 use crate::runtime::Runtime;
 
 fn expect_io(session: &Session, segment: &Segment) -> Result<(), ModelError> {
@@ -62,8 +62,8 @@ pub(crate) fn load_segment(
     outputs: &[&str],
 ) -> Result<LoadedSegment, ModelError> {
     require_names(segment, inputs, outputs)?;
-    let bytes = bundle.read_verified(&segment.file)?;
-    let session = runtime.session(&bytes, &segment.file)?;
+    let path = bundle.verified_segment(segment, Verification::Stamped)?;
+    let session = runtime.session_from_file(&path, &segment.file)?;
     expect_io(&session, segment)?;
     Ok(LoadedSegment {
         session,

@@ -202,8 +202,25 @@ impl Runtime {
         &self.library
     }
 
-    /// Build a session from ONNX bytes on this runtime's provider and global thread pool.
+    /// Build a session from ONNX bytes on this runtime's provider and global thread pool. For
+    /// small graphs that are already in memory (steering nets); a bundle's graphs go through
+    /// [`Runtime::session_from_file`].
     pub fn session(&self, model: &[u8], name: &str) -> Result<Session, RuntimeError> {
+        self.commit(name, |builder| builder.commit_from_memory(model))
+    }
+
+    /// Build a session from an ONNX file. ONNX Runtime reads the graph and maps the page-aligned
+    /// external weights beside it, using the mapping as the tensors: no copy of the weights is
+    /// made on the CPU provider, and no graph is ever limited to protobuf's 2 GB.
+    pub fn session_from_file(&self, model: &Path, name: &str) -> Result<Session, RuntimeError> {
+        self.commit(name, |builder| builder.commit_from_file(model))
+    }
+
+    fn commit(
+        &self,
+        name: &str,
+        commit: impl FnOnce(&mut SessionBuilder) -> ort::Result<Session>,
+    ) -> Result<Session, RuntimeError> {
         let context = || format!("create the session for {name}");
         // Builder errors carry the builder back; only their message is kept.
         let builder_error = |e: ort::Error<SessionBuilder>| RuntimeError::Ort {
@@ -217,9 +234,7 @@ impl Runtime {
         let mut builder = builder
             .with_execution_providers(self.provider.dispatch())
             .map_err(builder_error)?;
-        builder
-            .commit_from_memory(model)
-            .map_err(RuntimeError::ort(context()))
+        commit(&mut builder).map_err(RuntimeError::ort(context()))
     }
 
     /// A session for `model` shared with every other holder of the same bytes (by sha256), made

@@ -11,7 +11,6 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
-import onnx
 import onnxslim
 import torch
 from torch import nn
@@ -19,7 +18,7 @@ from tqdm import tqdm
 from transformers import PreTrainedModel
 
 from .. import FORMAT_VERSION
-from .digest import sha256
+from .graph_file import file_entries, save_graph, segment_files
 from .graph_passes import (
     copy_dims_in_reshapes,
     drop_untyped_value_info,
@@ -159,10 +158,11 @@ def dummy(spec: TensorSpec) -> torch.Tensor:
     return torch.randn(shape).to(TORCH_DTYPES[spec.dtype])
 
 
-def export_graph(module: nn.Module, path: Path, inputs: list[TensorSpec], outputs: list[TensorSpec]) -> None:
+def export_graph(module: nn.Module, path: Path, inputs: list[TensorSpec], outputs: list[TensorSpec]) -> str | None:
     """Trace `module` to ONNX, then simplify: onnxslim folds the tracer's constant shape arithmetic,
     sibling MatMuls merge, and run-time Reshape targets become constants where they copy dims. In a
-    decode step every tiny node costs about as much as a small matrix product."""
+    decode step every tiny node costs about as much as a small matrix product. Returns the name of the
+    graph's weights file (`graph_file.save_graph`)."""
     args = tuple(dummy(spec) for spec in inputs)
     # Only graphs with a KV cache attend through the stand-in op; the others would warn of an unused domain.
     attends = any(spec.name == "seqlens_k" for spec in inputs)
@@ -185,7 +185,7 @@ def export_graph(module: nn.Module, path: Path, inputs: list[TensorSpec], output
     merge_sibling_matmuls(model)
     copy_dims_in_reshapes(model)
     drop_untyped_value_info(model)
-    onnx.save_model(model, str(path))
+    return save_graph(model, path)
 
 
 def eos_token_ids(loaded: LoadedModel) -> list[int]:
@@ -323,11 +323,12 @@ def export_bundle(loaded: LoadedModel, out: Path, dtype: str = "fp32", monolithi
     segments = []
     for entry, module, inputs, outputs in tqdm(jobs, desc=f"exporting {out.name}", unit="segment"):
         with exported_attention(model):
-            export_graph(module, out / entry["file"], inputs, outputs)
-        segments.append({**entry, "inputs": [s.manifest() for s in inputs], "outputs": [s.manifest() for s in outputs]})
+            weights = export_graph(module, out / entry["file"], inputs, outputs)
+        segments.append({**entry, **({"weights": weights} if weights else {}),
+                         "inputs": [s.manifest() for s in inputs], "outputs": [s.manifest() for s in outputs]})
 
     tokenizer = write_tokenizer(loaded, out)
-    files = [s["file"] for s in segments] + [tokenizer["file"]] + [tokenizer["chat_template"]] * bool(
+    files = [f for s in segments for f in segment_files(s)] + [tokenizer["file"]] + [tokenizer["chat_template"]] * bool(
         tokenizer["chat_template"])
     manifest = {
         "format_version": FORMAT_VERSION,
@@ -340,7 +341,7 @@ def export_bundle(loaded: LoadedModel, out: Path, dtype: str = "fp32", monolithi
         "vision": vision,
         "segments": [s for s in segments if s["kind"] != "full"],
         "monolithic": next((s for s in segments if s["kind"] == "full"), None),
-        "files": {name: {"sha256": sha256(out / name), "bytes": (out / name).stat().st_size} for name in files},
+        "files": file_entries(out, files),
     }
     (out / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
     return manifest

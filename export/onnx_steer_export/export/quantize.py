@@ -15,7 +15,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from .digest import sha256
+from .graph_file import file_entries, save_graph, segment_files
 
 WEIGHT_BITS = {"int4": 4, "int8": 8}
 QUANTIZED_KINDS = ("layer", "head", "full")
@@ -33,9 +33,9 @@ def lm_head_nodes(model, vocab_size: int) -> list[str]:
 
 
 def quantize_graph(source: Path, target: Path, bits: int, head_bits: int, vocab_size: int, block_size: int,
-                   accuracy_level: int, symmetric: bool) -> None:
+                   accuracy_level: int, symmetric: bool) -> str | None:
     """Quantize every constant MatMul weight of `source` into `target`: the LM head to `head_bits`,
-    the others to `bits`."""
+    the others to `bits`. Returns the name of `target`'s weights file (`graph_file.save_graph`)."""
     import onnx  # heavy imports here: the CLI imports this module for QuantizeError alone
     from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
 
@@ -48,8 +48,7 @@ def quantize_graph(source: Path, target: Path, bits: int, head_bits: int, vocab_
                                          accuracy_level=accuracy_level, op_types_to_quantize=("MatMul",), **nodes)
         quantizer.process()
         model = quantizer.model.model
-    # The monolithic graph is over 2 GB only in fp32; quantized graphs fit one protobuf.
-    onnx.save_model(model, str(target), save_as_external_data=model.ByteSize() > 2**31 - 1)
+    return save_graph(model, target)
 
 
 def quantize_bundle(bundle: Path, out: Path, weights: str, block_size: int = 32, accuracy_level: int = 4,
@@ -72,17 +71,20 @@ def quantize_bundle(bundle: Path, out: Path, weights: str, block_size: int = 32,
         raise QuantizeError("--out must differ from --bundle")
     out.mkdir(parents=True, exist_ok=True)
     segments = manifest["segments"] + ([manifest["monolithic"]] if manifest.get("monolithic") else [])
-    quantized = {s["file"] for s in segments if s["kind"] in QUANTIZED_KINDS}
-    for name in tqdm(sorted(manifest["files"]), desc=f"quantizing to {weights}", unit="file"):
-        if name in quantized:
-            quantize_graph(bundle / name, out / name, WEIGHT_BITS[weights], head_bits, manifest["model"]["vocab_size"],
-                           block_size, accuracy_level, symmetric)
-        else:
-            shutil.copyfile(bundle / name, out / name)
+    quantized = [s for s in segments if s["kind"] in QUANTIZED_KINDS]
+    rewritten = {f for s in quantized for f in segment_files(s)}
+    for name in sorted(set(manifest["files"]) - rewritten):
+        shutil.copyfile(bundle / name, out / name)
+    for segment in tqdm(quantized, desc=f"quantizing to {weights}", unit="graph"):
+        segment.pop("weights", None)
+        written = quantize_graph(bundle / segment["file"], out / segment["file"], WEIGHT_BITS[weights], head_bits,
+                                 manifest["model"]["vocab_size"], block_size, accuracy_level, symmetric)
+        if written:
+            segment["weights"] = written
+    files = sorted((set(manifest["files"]) - rewritten) | {f for s in quantized for f in segment_files(s)})
     manifest["name"] = out.name
     manifest["weights"] = {"format": weights, "block_size": block_size, "accuracy_level": accuracy_level,
                            "symmetric": symmetric, "head": f"int{head_bits}", "quantized_from": str(bundle)}
-    manifest["files"] = {name: {"sha256": sha256(out / name), "bytes": (out / name).stat().st_size}
-                         for name in manifest["files"]}
+    manifest["files"] = file_entries(out, files)
     (out / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
     return manifest

@@ -5,6 +5,7 @@ use std::path::PathBuf;
 use clap::Args;
 
 use indicatif::ProgressBar;
+use onnx_steer::bundle::Verification;
 use onnx_steer::Bundle;
 
 use crate::args::bar_style;
@@ -19,6 +20,10 @@ pub(crate) struct InspectArgs {
     /// Print the summary as JSON.
     #[arg(long)]
     json: bool,
+    /// Hash every file now, even those stamped as verified since they last changed (a start
+    /// trusts the stamp; this is the full check, and it renews the stamps).
+    #[arg(long)]
+    verify: bool,
 }
 
 pub(crate) fn run(args: InspectArgs) -> Result<(), CliError> {
@@ -26,12 +31,17 @@ pub(crate) fn run(args: InspectArgs) -> Result<(), CliError> {
     let bundle = Bundle::open(&args.bundle)?;
     let manifest = bundle.manifest();
     let total: u64 = manifest.files.values().map(|f| f.bytes).sum();
+    let how = if args.verify {
+        Verification::Full
+    } else {
+        Verification::Stamped
+    };
     let bar = ProgressBar::new(total).with_style(bar_style(
         "verifying sha256 {bar:30} {bytes}/{total_bytes} {msg}",
     ));
     for (name, entry) in &manifest.files {
         bar.set_message(name.clone());
-        bundle.read_verified(name)?;
+        bundle.verified_path(name, how)?;
         bar.inc(entry.bytes);
     }
     bar.finish_and_clear();
@@ -40,7 +50,7 @@ pub(crate) fn run(args: InspectArgs) -> Result<(), CliError> {
         let summary = serde_json::json!({
             "name": manifest.name, "dir": bundle.dir(), "valid": true, "dtype": manifest.dtype,
             "model": m, "segments": manifest.segments.len(), "monolithic": manifest.monolithic.is_some(),
-            "files": manifest.files.len(), "bytes": total,
+            "files": manifest.files.len(), "bytes": total, "hashed": args.verify,
         });
         println!("{summary}");
     } else {
@@ -68,9 +78,14 @@ pub(crate) fn run(args: InspectArgs) -> Result<(), CliError> {
             manifest.dtype
         );
         println!(
-            "files      {} · {:.1} MiB · sha256 verified",
+            "files      {} · {:.1} MiB · sha256 verified{}",
             manifest.files.len(),
-            total as f64 / (1 << 20) as f64
+            total as f64 / (1 << 20) as f64,
+            if args.verify {
+                ", every file hashed now"
+            } else {
+                " (unchanged files by their stamps; --verify hashes all)"
+            }
         );
         println!("eos ids    {:?}", m.eos_token_ids);
     }
