@@ -20,6 +20,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "export"))
 
 from onnx_steer_export.data.tokens import bundle_tokenizer
+from onnx_steer_export.export.graph_file import chain_weight_bytes
 from onnx_steer_export.runtime_client import find_binary
 
 
@@ -67,7 +68,7 @@ def main(argv: list[str] | None = None) -> int:
         rows.append(row)
         print(json.dumps(row))
     report = {"new_tokens": args.new_tokens, "rows": rows,
-              "weights_mb": sum(f.stat().st_size for f in args.bundle.glob("*.onnx") if f.name != "full.onnx") / 2**20}
+              "weights_mb": chain_weight_bytes(args.bundle) / 2**20}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.with_suffix(".json").write_text(json.dumps(report, indent=2) + "\n")
     lines = ["| prompt tokens | setting | prefill tok/s | peak RSS (MB) | same tokens |", "| ---: | --- | ---: | ---: | --- |"]

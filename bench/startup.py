@@ -31,6 +31,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "export"))
 
 from onnx_steer_export.export.gguf_convert import dequantize_gguf
+from onnx_steer_export.export.graph_file import chain_weight_bytes
 from onnx_steer_export.export.source import default_gguf_path
 
 PROMPT = "Describe your morning commute in two sentences."
@@ -61,13 +62,6 @@ def run(command: list[str]) -> tuple[float, int, str]:
         return float(seconds), int(kib) * 1024, done.stdout
 
 
-def bundle_weight_bytes(bundle: Path) -> int:
-    """Bytes of every file the segment chain loads (graphs and their weights files)."""
-    manifest = json.loads((bundle / "manifest.json").read_text())
-    files = {f for s in manifest["segments"] for f in (s["file"], s.get("weights")) if f}
-    return sum(manifest["files"][f]["bytes"] for f in files)
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--binary", type=Path, default=REPO / "target/release/onnx-steer")
@@ -86,10 +80,10 @@ def main() -> None:
         return [str(binary), "generate", "--bundle", str(bundle), "--max-new-tokens", "1", "--prompt", PROMPT]
 
     configs: dict[str, tuple[list[str], int]] = {
-        "onnx-steer": (generate(args.binary, args.bundle), bundle_weight_bytes(args.bundle))}
+        "onnx-steer": (generate(args.binary, args.bundle), chain_weight_bytes(args.bundle))}
     if args.baseline_binary:
         configs["onnx-steer baseline"] = (generate(args.baseline_binary, args.baseline_bundle),
-                                          bundle_weight_bytes(args.baseline_bundle))
+                                          chain_weight_bytes(args.baseline_bundle))
     if importlib.util.find_spec("llama_cpp"):
         shipped = default_gguf_path()
         gguf = args.gguf_dir / f"{shipped.stem.rsplit('.', 1)[0]}.F32.gguf"

@@ -8,6 +8,7 @@ the weights file, each at an offset aligned to `PAGE_BYTES`.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import onnx
@@ -52,6 +53,13 @@ def save_graph(model: onnx.ModelProto, path: Path) -> str | None:
 def segment_files(segment: dict) -> list[str]:
     """A manifest segment's files: its graph, and its weights file where it has one."""
     return [segment["file"], *([segment["weights"]] if segment.get("weights") else [])]
+
+
+def chain_weight_bytes(bundle: Path) -> int:
+    """Bytes of every file the segment chain loads: each segment's graph and weights file (the
+    monolithic baseline apart)."""
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    return sum(manifest["files"][f]["bytes"] for f in {f for s in manifest["segments"] for f in segment_files(s)})
 
 
 def file_entries(directory: Path, names: list[str]) -> dict[str, dict]:
