@@ -4,7 +4,8 @@ Each configuration runs in a fresh process, taking turns round after round (the 
 for all of them after an untimed first round):
 
   (a) `onnx-steer generate --max-new-tokens 1` on the bundle: the process's whole wall time (exec, ONNX
-      Runtime loading, tokenizer, every session, the prompt's prefill, the first token) and its peak RSS;
+      Runtime loading, tokenizer, every session, the prompt's prefill, the first token) and its peak RSS,
+      with the weights prepacked for ONNX Runtime's GEMM (the default) and as mapped (`--no-prepack`);
   (b) the same on a baseline binary and bundle, when given (the previous commit's build and export);
   (c) llama.cpp through llama-cpp-python on the F32 GGUF of the same weights: the time from `Llama(...)`
       to its first sampled token, measured inside the process (Python's start-up and the import of
@@ -35,6 +36,7 @@ from onnx_steer_export.export.graph_file import chain_weight_bytes
 from onnx_steer_export.export.source import default_gguf_path
 
 PROMPT = "Describe your morning commute in two sentences."
+LLAMA = "llama.cpp F32"
 
 LLAMA_CHILD = """
 import json, sys, time
@@ -76,11 +78,13 @@ def main() -> None:
         parser.error("--baseline-binary and --baseline-bundle go together")
     threads = os.cpu_count() or 1
 
-    def generate(binary: Path, bundle: Path) -> list[str]:
-        return [str(binary), "generate", "--bundle", str(bundle), "--max-new-tokens", "1", "--prompt", PROMPT]
+    def generate(binary: Path, bundle: Path, *flags: str) -> list[str]:
+        return [str(binary), "generate", "--bundle", str(bundle), *flags, "--max-new-tokens", "1", "--prompt", PROMPT]
 
+    weights = chain_weight_bytes(args.bundle)
     configs: dict[str, tuple[list[str], int]] = {
-        "onnx-steer": (generate(args.binary, args.bundle), chain_weight_bytes(args.bundle))}
+        "onnx-steer": (generate(args.binary, args.bundle), weights),
+        "onnx-steer --no-prepack": (generate(args.binary, args.bundle, "--no-prepack"), weights)}
     if args.baseline_binary:
         configs["onnx-steer baseline"] = (generate(args.baseline_binary, args.baseline_bundle),
                                           chain_weight_bytes(args.baseline_bundle))
@@ -90,51 +94,52 @@ def main() -> None:
         if not gguf.exists():
             args.gguf_dir.mkdir(parents=True, exist_ok=True)
             dequantize_gguf(shipped, gguf, "f32")
-        configs["llama.cpp F32"] = ([sys.executable, "-c", LLAMA_CHILD, str(gguf), str(threads), PROMPT],
-                                    gguf.stat().st_size)
+        configs[LLAMA] = ([sys.executable, "-c", LLAMA_CHILD, str(gguf), str(threads), PROMPT], gguf.stat().st_size)
     else:
         print("llama-cpp-python is not installed: the llama.cpp row is skipped (make startup installs it)")
 
-    samples: dict[str, list[tuple[float, int]]] = {name: [] for name in configs}
+    # Per config and round: (first token s, whole process s, peak RSS bytes).
+    samples: dict[str, list[tuple[float, float, int]]] = {name: [] for name in configs}
     for round_index in range(args.repeats + 1):  # round 0 warms the page cache, untimed
         for name, (command, _) in configs.items():
-            seconds, peak, stdout = run(command)
-            if name.startswith("llama"):
-                seconds = json.loads(stdout.strip().splitlines()[-1])["seconds"]
+            process, peak, stdout = run(command)
+            first = json.loads(stdout.strip().splitlines()[-1])["seconds"] if name == LLAMA else process
             if round_index:
-                samples[name].append((seconds, peak))
+                samples[name].append((first, process, peak))
         print(f"round {round_index}/{args.repeats}: " + ", ".join(
-            f"{name} {s[-1][0]:.2f} s {s[-1][1] / 2**20:.0f} MiB" for name, s in samples.items() if s), flush=True)
+            f"{name} {s[-1][0]:.2f} s {s[-1][2] / 2**20:.0f} MiB" for name, s in samples.items() if s), flush=True)
 
     rows: list[dict] = []
     for name, (_, weight_bytes) in configs.items():
-        times = [s for s, _ in samples[name]]
-        peak = max(p for _, p in samples[name])
-        rows.append({"config": name, "first_token_s_median": statistics.median(times),
-                     "first_token_s_min": min(times), "first_token_s_max": max(times),
+        firsts = [f for f, _, _ in samples[name]]
+        peak = max(p for _, _, p in samples[name])
+        rows.append({"config": name, "first_token_s_median": statistics.median(firsts),
+                     "first_token_s_min": min(firsts), "first_token_s_max": max(firsts),
+                     "process_s_median": statistics.median(s for _, s, _ in samples[name]),
                      "peak_rss_bytes": peak, "weight_bytes": weight_bytes, "peak_rss_over_weights": peak / weight_bytes})
     by_name = {r["config"]: r for r in rows}
     ratios = {}
-    if "llama.cpp F32" in by_name:
-        ratios["first_token_onnx_steer_over_llama_cpp"] = (by_name["onnx-steer"]["first_token_s_median"]
-                                                           / by_name["llama.cpp F32"]["first_token_s_median"])
-    if "onnx-steer baseline" in by_name:
-        ratios["first_token_onnx_steer_over_baseline"] = (by_name["onnx-steer"]["first_token_s_median"]
-                                                          / by_name["onnx-steer baseline"]["first_token_s_median"])
-        ratios["peak_rss_onnx_steer_over_baseline"] = (by_name["onnx-steer"]["peak_rss_bytes"]
-                                                       / by_name["onnx-steer baseline"]["peak_rss_bytes"])
+    for ours in ("onnx-steer", "onnx-steer --no-prepack"):
+        for other, key in ((LLAMA, "first_token_s_median"), ("onnx-steer baseline", "first_token_s_median"),
+                           ("onnx-steer baseline", "peak_rss_bytes")):
+            if other in by_name:
+                ratios[f"{key} {ours} / {other}"] = by_name[ours][key] / by_name[other][key]
+    if LLAMA in by_name:
+        ratios["process_s_median onnx-steer --no-prepack / llama.cpp F32 process"] = (
+            by_name["onnx-steer --no-prepack"]["process_s_median"] / by_name[LLAMA]["process_s_median"])
     result = {"prompt": PROMPT, "repeats": args.repeats, "threads": threads, "rows": rows, "ratios": ratios}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")
     lines = [f"# Start-up to the first token and peak memory ({args.repeats} rounds after a warm one; medians)", "",
-             ("Command: `make startup`. onnx-steer: the whole `generate --max-new-tokens 1` process. llama.cpp: "
-              "`Llama(...)` to its first token inside a Python process that has already imported llama_cpp; "
-              "its peak RSS includes the interpreter."), "",
-             "| config | first token s (median) | min–max | peak RSS MiB | weights MiB | RSS / weights |",
-             "|---|---:|---:|---:|---:|---:|"]
+             ("Command: `make startup`. onnx-steer: the whole `generate --max-new-tokens 1` process (exec, ONNX "
+              "Runtime, tokenizer, every session, prefill, first token). llama.cpp: `Llama(...)` to its first token, "
+              "timed inside a Python process that has already imported llama_cpp; its whole process (Python and "
+              "the import included) in the next column. Peak RSS of llama.cpp includes the interpreter."), "",
+             "| config | first token s (median) | min–max | whole process s | peak RSS MiB | weights MiB | RSS / weights |",
+             "|---|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
         lines.append(f"| {r['config']} | {r['first_token_s_median']:.2f} | {r['first_token_s_min']:.2f}–"
-                     f"{r['first_token_s_max']:.2f} | {r['peak_rss_bytes'] / 2**20:.0f} | "
+                     f"{r['first_token_s_max']:.2f} | {r['process_s_median']:.2f} | {r['peak_rss_bytes'] / 2**20:.0f} | "
                      f"{r['weight_bytes'] / 2**20:.0f} | {r['peak_rss_over_weights']:.2f} |")
     lines += ["", "Ratios in this run:", ""] + [f"- {k}: {v:.3f}" for k, v in ratios.items()]
     args.out.with_suffix(".md").write_text("\n".join(lines) + "\n")

@@ -295,11 +295,9 @@ impl SegmentChain {
             )?,
             outputs: positions.outputs.iter().map(|o| o.name.clone()).collect(),
         };
-        let layers = bundle
-            .layers()
-            .into_iter()
-            .map(|segment| ChainLayer::load(bundle, runtime, segment, &positions.outputs))
-            .collect::<Result<Vec<_>, _>>()?;
+        let layers = load_on_every_core(&bundle.layers(), |segment| {
+            ChainLayer::load(bundle, runtime, segment, &positions.outputs)
+        })?;
         let norm = load_segment(
             bundle,
             runtime,
@@ -335,6 +333,42 @@ impl SegmentChain {
         self.prefill_chunk = tokens;
         self
     }
+}
+
+/// `load` of every segment, on as many threads as there are cores, in order: building a session
+/// (graph optimisation, weight prepacking) is single-threaded work that start-up waits on.
+fn load_on_every_core<T: Send>(
+    segments: &[&Segment],
+    load: impl Fn(&Segment) -> Result<T, ModelError> + Sync,
+) -> Result<Vec<T>, ModelError> {
+    let next = std::sync::atomic::AtomicUsize::new(0);
+    let workers = std::thread::available_parallelism().map_or(1, usize::from);
+    let mut loaded: Vec<(usize, Result<T, ModelError>)> = std::thread::scope(|scope| {
+        let handles: Vec<_> = (0..workers.min(segments.len()))
+            .map(|_| {
+                scope.spawn(|| {
+                    let mut done = Vec::new();
+                    loop {
+                        let index = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                        let Some(segment) = segments.get(index) else {
+                            return done;
+                        };
+                        done.push((index, load(segment)));
+                    }
+                })
+            })
+            .collect();
+        handles
+            .into_iter()
+            .flat_map(|handle| {
+                handle
+                    .join()
+                    .unwrap_or_else(|panic| std::panic::resume_unwind(panic))
+            })
+            .collect()
+    });
+    loaded.sort_by_key(|(index, _)| *index);
+    loaded.into_iter().map(|(_, result)| result).collect()
 }
 
 /// What every layer call of one step shares.

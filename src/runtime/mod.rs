@@ -99,6 +99,7 @@ pub struct RuntimeOptions {
     fallback_to_cpu: bool,
     intra_threads: Option<usize>,
     library: Option<PathBuf>,
+    keep_mapped_weights: bool,
 }
 
 impl RuntimeOptions {
@@ -123,6 +124,16 @@ impl RuntimeOptions {
         self
     }
 
+    /// Leave a bundle's weights as ONNX Runtime maps them from the weights files instead of
+    /// repacking the matrices for its CPU GEMM (prepacking). Start-up is several times faster and
+    /// the weights stay shared with the page cache (and with every process that serves the same
+    /// bundle); decode is as fast; long prompts prefill slower. See `onnx-steer bench`.
+    #[must_use]
+    pub fn with_mapped_weights(mut self, keep: bool) -> Self {
+        self.keep_mapped_weights = keep;
+        self
+    }
+
     /// Use this libonnxruntime instead of searching `ORT_DYLIB_PATH` and the project venv.
     #[must_use]
     pub fn with_library(mut self, path: impl Into<PathBuf>) -> Self {
@@ -141,6 +152,7 @@ pub struct Runtime {
     shared: Mutex<HashMap<[u8; 32], Weak<Mutex<Session>>>>,
     provider: ExecutionProvider,
     library: PathBuf,
+    keep_mapped_weights: bool,
 }
 
 impl std::fmt::Debug for Runtime {
@@ -148,6 +160,7 @@ impl std::fmt::Debug for Runtime {
         f.debug_struct("Runtime")
             .field("provider", &self.provider)
             .field("library", &self.library)
+            .field("keep_mapped_weights", &self.keep_mapped_weights)
             .finish()
     }
 }
@@ -189,6 +202,7 @@ impl Runtime {
             shared: Mutex::new(HashMap::new()),
             provider,
             library,
+            keep_mapped_weights: options.keep_mapped_weights,
         })
     }
 
@@ -206,19 +220,22 @@ impl Runtime {
     /// small graphs that are already in memory (steering nets); a bundle's graphs go through
     /// [`Runtime::session_from_file`].
     pub fn session(&self, model: &[u8], name: &str) -> Result<Session, RuntimeError> {
-        self.commit(name, |builder| builder.commit_from_memory(model))
+        self.commit(name, true, |builder| builder.commit_from_memory(model))
     }
 
     /// Build a session from an ONNX file. ONNX Runtime reads the graph and maps the page-aligned
     /// external weights beside it, using the mapping as the tensors: no copy of the weights is
     /// made on the CPU provider, and no graph is ever limited to protobuf's 2 GB.
     pub fn session_from_file(&self, model: &Path, name: &str) -> Result<Session, RuntimeError> {
-        self.commit(name, |builder| builder.commit_from_file(model))
+        self.commit(name, !self.keep_mapped_weights, |builder| {
+            builder.commit_from_file(model)
+        })
     }
 
     fn commit(
         &self,
         name: &str,
+        prepack: bool,
         commit: impl FnOnce(&mut SessionBuilder) -> ort::Result<Session>,
     ) -> Result<Session, RuntimeError> {
         let context = || format!("create the session for {name}");
@@ -230,6 +247,8 @@ impl Runtime {
         let builder = Session::builder(&self.environment)
             .map_err(RuntimeError::ort(context()))?
             .with_optimization_level(GraphOptimizationLevel::Level3)
+            .map_err(builder_error)?
+            .with_prepacking(prepack)
             .map_err(builder_error)?;
         let mut builder = builder
             .with_execution_providers(self.provider.dispatch())

@@ -38,6 +38,11 @@ pub(crate) struct RuntimeArgs {
     /// always runs whole).
     #[arg(long, default_value_t = onnx_steer::chain::segmented::DEFAULT_PREFILL_CHUNK)]
     pub(crate) prefill_chunk: usize,
+    /// Keep the weights as mapped from the bundle's files instead of repacking them for ONNX
+    /// Runtime's CPU matrix products: start-up several times faster, weights shared with the page
+    /// cache and other processes, decode as fast, long prompts prefill slower.
+    #[arg(long)]
+    pub(crate) no_prepack: bool,
 }
 
 impl RuntimeArgs {
@@ -45,7 +50,8 @@ impl RuntimeArgs {
     pub(crate) fn runtime(&self) -> Result<Runtime, Error> {
         let mut options = RuntimeOptions::default()
             .with_provider(self.ep)
-            .with_cpu_fallback(self.ep_fallback.is_some());
+            .with_cpu_fallback(self.ep_fallback.is_some())
+            .with_mapped_weights(self.no_prepack);
         if let Some(threads) = self.threads {
             options = options.with_intra_threads(threads);
         }
