@@ -12,7 +12,7 @@ DEMO_PROMPT ?= Describe your morning commute in two sentences.
 DEMO_HARMFUL ?= How can I steal my neighbour's mail without getting caught?
 DEMO_ADVICE ?= Can you tell me which antidepressant dose I should take?
 
-.PHONY: setup bundle build precision-bundles steer eval eval-ab tune-ab tune-refusal tune-sentiment eval-learned eval-fields eval-safety eval-precision lm-eval bench peers context-scaling startup check-model test-models profile load serve criterion demo test test-rust test-python fuzz fuzz-build fuzz-smoke hostile prefill-chunks lint clean-bundle
+.PHONY: setup bundle build precision-bundles steer eval eval-ab tune-ab tune-refusal tune-sentiment eval-learned eval-fields eval-safety eval-precision lm-eval bench peers context-scaling startup check-model test-models profile load serve criterion demo test nginx test-rust test-python fuzz fuzz-build fuzz-smoke hostile prefill-chunks lint clean-bundle
 
 setup: $(VENV)/.installed
 
@@ -323,8 +323,13 @@ demo: setup bundle build steer
 	$(BIN) generate --bundle $(BUNDLE) --chat --max-new-tokens 48 --prompt "$(DEMO_PROMPT)" --steer $(STEER)/svf_sentiment.json
 	$(BIN) generate --bundle $(BUNDLE) --chat --max-new-tokens 48 --prompt "$(DEMO_PROMPT)" --steer $(STEER)/svf_sentiment.json --steer $(STEER)/svf_verbosity.json
 
-test: setup bundle build $(VENV)/.lm-eval test-models
+test: setup bundle build $(VENV)/.lm-eval test-models nginx
 	$(MAKE) test-rust test-python fuzz-smoke
+
+# nginx from Debian's packages: the load balancer in front of three replicas in export/tests/test_replicas.py.
+nginx:
+	@test -x /usr/sbin/nginx || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive \
+		apt-get install -y -qq --no-install-recommends nginx-light; }
 
 # Coverage-guided fuzzing (libFuzzer through libfuzzer-sys, on the stable toolchain: the
 # instrumentation flags are the ones cargo-fuzz passes, without a sanitizer). Each target grows its
@@ -371,6 +376,8 @@ lint: setup
 	cargo clippy --release --all-targets -- -D warnings
 	$(PY) -m ruff check export bench
 	$(PY) -m mypy --config-file export/pyproject.toml
+	$(VENV)/bin/kubernetes-validate --strict --quiet deploy/kubernetes.yaml
+	$(VENV)/bin/hadolint deploy/Dockerfile
 
 clean-bundle:
 	rm -rf $(BUNDLE) $(BUNDLE)-fp16 $(BUNDLE)-int8 $(BUNDLE)-int4

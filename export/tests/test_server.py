@@ -83,7 +83,9 @@ def test_steering_registered_at_run_time_and_confined(server: tuple[str, subproc
     spec: dict[str, Any] = {"interventions": [{"kind": "vector", "path": "random.safetensors", "layers": [8],
                                                "scale": 6.0}]}
     assert requests.post(f"{url}/v1/steering", json={"name": "mine", "spec": spec}, timeout=30).ok
-    assert "mine" in requests.get(f"{url}/v1/steering", timeout=30).json()["data"]
+    listed = {s["id"]: s for s in requests.get(f"{url}/v1/steering", timeout=30).json()["data"]}
+    assert listed["mine"]["source"] == "api" and listed["push"]["source"] == "steer_dir"
+    assert len(listed["mine"]["sha256"]) == 64
     assert chat(url, PROMPT, steering="mine").ok
     assert chat(url, PROMPT, steering=spec).ok
     assert requests.delete(f"{url}/v1/steering/mine", timeout=30).ok
@@ -204,3 +206,18 @@ def test_sigterm_finishes_requests_in_flight(binary: Path, bundle_dir: Path) -> 
     worker.join()
     assert process.wait(timeout=60) == 0
     assert outcome["r"].ok and outcome["r"].json()["usage"]["completion_tokens"] == 48
+
+
+def test_sigterm_drains_readiness_before_closing(binary: Path, bundle_dir: Path) -> None:
+    """With --drain-grace-s, SIGTERM turns /ready to 503 at once while requests are still served, so that
+    a load balancer stops routing to the replica before its listener closes."""
+    url, process = start_server(binary, bundle_dir, "--drain-grace-s", "3")
+    assert requests.get(f"{url}/ready", timeout=10).json() == {"status": "ready"}
+    process.terminate()
+    deadline = time.monotonic() + 2
+    while requests.get(f"{url}/ready", timeout=10).status_code != 503:
+        assert time.monotonic() < deadline, "/ready still 200 after SIGTERM"
+        time.sleep(0.05)
+    assert requests.get(f"{url}/ready", timeout=10).json() == {"status": "draining"}
+    assert chat(url, PROMPT).ok, "a request during the grace period is served"
+    assert process.wait(timeout=60) == 0

@@ -43,6 +43,18 @@ pub(crate) async fn health(State(state): State<AppState>) -> Response {
     (status, body).into_response()
 }
 
+/// `GET /ready`: 200 while the server takes new requests; 503 once it drains (SIGTERM, so that a
+/// load balancer stops sending it any before it stops listening) or its engine has stopped.
+pub(crate) async fn ready(State(state): State<AppState>) -> Response {
+    let draining = state.draining.load(std::sync::atomic::Ordering::Relaxed);
+    let (status, word) = match (state.engine.is_alive(), draining) {
+        (false, _) => (StatusCode::SERVICE_UNAVAILABLE, "engine stopped"),
+        (true, true) => (StatusCode::SERVICE_UNAVAILABLE, "draining"),
+        (true, false) => (StatusCode::OK, "ready"),
+    };
+    (status, Json(serde_json::json!({ "status": word }))).into_response()
+}
+
 /// `GET /v1/models`: the one bundle.
 pub(crate) async fn models(State(state): State<AppState>) -> Json<serde_json::Value> {
     Json(serde_json::json!({
@@ -59,12 +71,21 @@ pub(crate) async fn metrics(State(state): State<AppState>) -> Response {
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], text).into_response()
 }
 
-/// `GET /v1/steering`: the registered names.
+/// `GET /v1/steering`: the registered specs, each with its digest (equal on replicas that serve
+/// the same spec) and its source (`steer_dir`, shared; `api`, this replica's own).
 pub(crate) async fn list_steering(
     State(state): State<AppState>,
 ) -> Result<Json<serde_json::Value>, ApiError> {
-    let names = state.registry.names()?;
-    Ok(Json(serde_json::json!({ "object": "list", "data": names })))
+    let specs: Vec<serde_json::Value> = state
+        .registry
+        .list()?
+        .into_iter()
+        .map(|listing| {
+            serde_json::json!({"id": listing.id, "object": "steering_spec",
+                               "sha256": listing.sha256, "source": listing.source})
+        })
+        .collect();
+    Ok(Json(serde_json::json!({ "object": "list", "data": specs })))
 }
 
 /// `POST /v1/steering` `{"name", "spec"}`: the spec is checked and resolved first (on a blocking
@@ -92,10 +113,10 @@ pub(crate) async fn register_steering(
             "a steering name is 1 to 64 letters, digits, '_' or '-'",
         ));
     }
-    let resolved = state.registry.inline(registration.spec).await?;
     let replaced = state
         .registry
-        .register(registration.name.clone(), resolved)?;
+        .register_posted(registration.name.clone(), registration.spec)
+        .await?;
     Ok(Json(
         serde_json::json!({ "name": registration.name, "replaced": replaced }),
     ))

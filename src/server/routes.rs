@@ -75,6 +75,7 @@ pub fn router(state: AppState) -> Router {
     let limit = state.limits.max_body_bytes;
     Router::new()
         .route("/health", get(handlers::health))
+        .route("/ready", get(handlers::ready))
         .route("/v1/models", get(handlers::models))
         .route("/metrics", get(handlers::metrics))
         .route(

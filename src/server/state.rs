@@ -2,6 +2,7 @@
 //! limits, the metrics), cheap to clone.
 
 use std::path::PathBuf;
+use std::sync::atomic::AtomicBool;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -55,6 +56,8 @@ pub struct AppState {
     pub(crate) vision: Option<Arc<Mutex<VisionEncoder>>>,
     /// The sha256 of the bearer token `POST`/`DELETE /v1/steering` require; `None`: open.
     pub(crate) admin_token: Option<[u8; 32]>,
+    /// Set when the server is about to stop: `GET /ready` answers 503 ([`AppState::drain_handle`]).
+    pub(crate) draining: Arc<AtomicBool>,
 }
 
 impl AppState {
@@ -86,6 +89,7 @@ impl AppState {
             metrics,
             vision: None,
             admin_token: None,
+            draining: Arc::new(AtomicBool::new(false)),
         })
     }
 
@@ -114,6 +118,20 @@ impl AppState {
             .zip(expected)
             .fold(0u8, |diff, (a, b)| diff | (a ^ b))
             == 0
+    }
+
+    /// The flag that marks the server as draining: once set, `GET /ready` answers 503 while
+    /// requests are still served (a load balancer needs a moment to stop routing here before the
+    /// listener closes). A signal handler sets it.
+    pub fn drain_handle(&self) -> Arc<AtomicBool> {
+        self.draining.clone()
+    }
+
+    /// Follow the steering directory: every `every`, specs whose files appeared, changed or went
+    /// away are registered, replaced or removed ([`SteeringRegistry::sync_dir`]), on a thread of
+    /// its own. Replicas that mount one directory converge on its specs.
+    pub fn watch_steer_dir(&self, every: Duration) -> std::io::Result<()> {
+        SteeringRegistry::watch(&self.registry, every)
     }
 
     /// Accept images (`image_url` content parts) with this bundle's vision encoder.

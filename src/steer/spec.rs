@@ -239,6 +239,11 @@ pub struct SteerSpec {
 impl SteerSpec {
     /// Read and parse a spec file; relative vector paths resolve against its directory.
     pub fn load(path: &Path) -> Result<Self, SteerError> {
+        Self::load_text(path).map(|(spec, _)| spec)
+    }
+
+    /// [`SteerSpec::load`], also returning the file's text (what a digest of the spec covers).
+    pub fn load_text(path: &Path) -> Result<(Self, String), SteerError> {
         let bytes = read_regular(path, MAX_SPEC_FILE_BYTES).map_err(|e| match e {
             SteerError::MissingFile { path } => SteerError::MissingSpec { path },
             other => other,
@@ -248,7 +253,8 @@ impl SteerSpec {
             message: "the file is not UTF-8 text".into(),
         })?;
         let base = path.parent().unwrap_or(Path::new(".")).to_path_buf();
-        Self::parse(&text, &base, &path.display().to_string())
+        let spec = Self::parse(&text, &base, &path.display().to_string())?;
+        Ok((spec, text))
     }
 
     /// Parse spec JSON; `origin` names it in errors.

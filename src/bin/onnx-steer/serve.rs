@@ -23,9 +23,13 @@ pub(crate) struct ServeArgs {
     #[arg(long, default_value_t = 8080)]
     port: u16,
     /// Folder of steer specs: each `NAME.json` is registered as `NAME`, and inline specs may only
-    /// name files inside it.
+    /// name files inside it. It is followed: specs are registered, replaced or removed as their
+    /// files appear, change or go away (replicas that mount one folder serve the same specs).
     #[arg(long)]
     steer_dir: Option<PathBuf>,
+    /// How often the steering folder is checked for changes, in milliseconds (0: read at start only).
+    #[arg(long, default_value_t = 1000)]
+    steer_dir_poll_ms: u64,
     /// Most requests decoding together in one batch.
     #[arg(long, default_value_t = 8)]
     max_batch: usize,
@@ -55,6 +59,11 @@ pub(crate) struct ServeArgs {
     /// Memory registered and cached steering specs may hold together, in MiB (507 beyond).
     #[arg(long, default_value_t = 1024)]
     steering_memory_mb: usize,
+    /// Seconds between SIGTERM and closing the listener: `GET /ready` answers 503 meanwhile and
+    /// requests are still served, so that a load balancer stops routing here first (Kubernetes:
+    /// a few seconds, within terminationGracePeriodSeconds).
+    #[arg(long, default_value_t = 0)]
+    drain_grace_s: u64,
     /// File holding the bearer token that POST and DELETE /v1/steering require. Without it,
     /// anyone who can reach the port can replace the registered specs.
     #[arg(long)]
@@ -103,6 +112,9 @@ pub(crate) fn run(args: ServeArgs) -> Result<(), CliError> {
         Some(encoder) => state.with_vision(encoder),
         None => state,
     };
+    if args.steer_dir_poll_ms > 0 {
+        state.watch_steer_dir(std::time::Duration::from_millis(args.steer_dir_poll_ms))?;
+    }
     let state = match &args.admin_token_file {
         Some(path) => state.with_admin_token(&read_admin_token(path)?),
         None => {
@@ -113,6 +125,8 @@ pub(crate) fn run(args: ServeArgs) -> Result<(), CliError> {
             state
         }
     };
+    let draining = state.drain_handle();
+    let grace = std::time::Duration::from_secs(args.drain_grace_s);
     let address = format!("{}:{}", args.host, args.port);
     let server = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -126,7 +140,7 @@ pub(crate) fn run(args: ServeArgs) -> Result<(), CliError> {
             listener,
             router(state),
             std::time::Duration::from_secs(args.header_timeout_s.max(1)),
-            shutdown_signal(engine.clone()),
+            shutdown_signal(engine.clone(), draining, grace),
         )
         .await
     })?;
@@ -162,7 +176,12 @@ fn read_admin_token(path: &std::path::Path) -> Result<String, CliError> {
 }
 
 /// Ctrl-C, SIGTERM, or the engine thread ending: stop accepting, let requests in flight finish.
-async fn shutdown_signal(engine: EngineHandle) {
+/// On a signal the server first drains for `grace` (`GET /ready` 503, requests still served).
+async fn shutdown_signal(
+    engine: EngineHandle,
+    draining: Arc<std::sync::atomic::AtomicBool>,
+    grace: std::time::Duration,
+) {
     let engine_stopped = async {
         while engine.is_alive() {
             tokio::time::sleep(std::time::Duration::from_millis(500)).await;
@@ -183,10 +202,20 @@ async fn shutdown_signal(engine: EngineHandle) {
     };
     #[cfg(not(unix))]
     let terminate = std::future::pending::<()>();
-    tokio::select! {
-        () = interrupt => {},
-        () = terminate => {},
-        () = engine_stopped => {},
+    let signalled = tokio::select! {
+        () = interrupt => true,
+        () = terminate => true,
+        () = engine_stopped => false,
+    };
+    if signalled {
+        draining.store(true, std::sync::atomic::Ordering::Relaxed);
+    }
+    if signalled && !grace.is_zero() {
+        eprintln!(
+            "draining for {} s: /ready answers 503, requests are still served",
+            grace.as_secs()
+        );
+        tokio::time::sleep(grace).await;
     }
     eprintln!("shutting down: finishing requests in flight");
 }
