@@ -221,3 +221,29 @@ def test_sigterm_drains_readiness_before_closing(binary: Path, bundle_dir: Path)
     assert requests.get(f"{url}/ready", timeout=10).json() == {"status": "draining"}
     assert chat(url, PROMPT).ok, "a request during the grace period is served"
     assert process.wait(timeout=60) == 0
+
+
+def test_the_queue_is_first_come_first_served_with_a_timeout_and_retry_after(binary: Path, bundle_dir: Path) -> None:
+    """One row at a time and one waiting: a third request is refused (429) with a Retry-After, and the
+    waiting one leaves the queue after --queue-timeout-s with 503 and a Retry-After."""
+    with serving(binary, bundle_dir, "--max-batch", "1", "--max-queue", "1", "--queue-timeout-s", "1") as (url, _):
+        outcome: dict[str, requests.Response] = {}
+        # Counting keeps the one row busy for about a hundred tokens or more: seconds, past the timeout.
+        long = threading.Thread(target=lambda: outcome.update(long=chat(
+            url, "Count from 1 to 500, separated by commas.", max_tokens=200)))
+        long.start()
+        assert wait_for_batch(url, 1)
+        waiting = threading.Thread(target=lambda: outcome.update(waiting=chat(url, PROMPT)))
+        waiting.start()
+        deadline = time.monotonic() + 5
+        while requests.get(f"{url}/health", timeout=10).json()["queue_depth"] < 1:
+            assert time.monotonic() < deadline, "the second request never queued"
+            time.sleep(0.02)
+        refused = chat(url, PROMPT)
+        assert refused.status_code == 429 and int(refused.headers["Retry-After"]) >= 1
+        waiting.join()
+        expired = outcome["waiting"]
+        assert expired.status_code == 503, expired.text
+        assert "queue timeout" in expired.json()["error"]["message"] and int(expired.headers["Retry-After"]) >= 1
+        long.join()
+        assert outcome["long"].ok

@@ -6,9 +6,10 @@
 //! its KV cache is freed at once.
 
 use std::collections::{HashMap, VecDeque};
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::mpsc::{self, Receiver, SyncSender, TryRecvError, TrySendError};
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use tokio::sync::mpsc::UnboundedSender;
 
@@ -26,6 +27,17 @@ pub enum JobEvent {
     Done(Generated),
     /// The row could not run; the message says why.
     Failed(String),
+    /// The row waited in the queue longer than the queue timeout and left it without running.
+    Expired(Duration),
+}
+
+/// What a request whose job expired in the queue ([`JobEvent::Expired`]) is told.
+pub fn expired_message(waited: Duration) -> String {
+    format!(
+        "waited {:.1} s in the queue, longer than the server's queue timeout (serve \
+         --queue-timeout-s): it is overloaded; retry later",
+        waited.as_secs_f64()
+    )
 }
 
 /// One request's row, and where its events go.
@@ -49,6 +61,33 @@ pub struct EngineOptions {
     /// left padding makes it): prefill memory grows with it, so long prompts join in smaller
     /// groups, and a prompt longer than the budget joins alone.
     pub prefill_tokens: usize,
+    /// Longest a job may wait in the queue; it then leaves with [`JobEvent::Expired`] (HTTP 503
+    /// with Retry-After). `None`: it waits until its request's own deadline.
+    pub queue_timeout: Option<Duration>,
+}
+
+/// A queued job and when it was queued.
+struct Waiting {
+    job: Job,
+    since: Instant,
+}
+
+/// Take out of `queue`, in place, the jobs whose request went away (they never run) and those
+/// that waited longer than `timeout` (told [`JobEvent::Expired`]); returns how many left.
+fn sweep(queue: &mut VecDeque<Waiting>, timeout: Option<Duration>, now: Instant) -> usize {
+    let before = queue.len();
+    queue.retain(|waiting| {
+        if waiting.job.events.is_closed() {
+            return false;
+        }
+        let waited = now.saturating_duration_since(waiting.since);
+        if timeout.is_some_and(|limit| waited > limit) {
+            let _ = waiting.job.events.send(JobEvent::Expired(waited));
+            return false;
+        }
+        true
+    });
+    before - queue.len()
 }
 
 /// Why a job was not queued.
@@ -77,8 +116,10 @@ impl Drop for AliveGuard {
 /// Sends jobs to the engine thread; cheap to clone.
 #[derive(Clone)]
 pub struct EngineHandle {
-    jobs: SyncSender<Vec<Job>>,
+    jobs: SyncSender<(Instant, Vec<Job>)>,
     waiting: Arc<AtomicUsize>,
+    /// How long recently admitted jobs waited in the queue, in milliseconds (a moving average).
+    recent_wait_ms: Arc<AtomicU64>,
     running: Arc<AtomicUsize>,
     alive: Arc<AtomicBool>,
     max_queue: usize,
@@ -95,7 +136,7 @@ impl EngineHandle {
         let refused = if before + count > self.max_queue.max(1) {
             SubmitError::QueueFull(self.max_queue)
         } else {
-            match self.jobs.try_send(jobs) {
+            match self.jobs.try_send((Instant::now(), jobs)) {
                 Ok(()) => return Ok(()),
                 Err(TrySendError::Full(_)) => SubmitError::QueueFull(self.max_queue),
                 Err(TrySendError::Disconnected(_)) => SubmitError::EngineStopped,
@@ -119,6 +160,15 @@ impl EngineHandle {
     pub fn batch_size(&self) -> usize {
         self.running.load(Ordering::Relaxed)
     }
+
+    /// Seconds a request refused now should wait before it tries again: how long recently
+    /// admitted jobs waited in the queue (a full queue drains at about that pace), 1 to 600.
+    pub fn retry_after_s(&self) -> u64 {
+        self.recent_wait_ms
+            .load(Ordering::Relaxed)
+            .div_ceil(1000)
+            .clamp(1, 600)
+    }
 }
 
 /// Start the engine thread on `model`; it runs until every handle is dropped and the batch drains.
@@ -132,9 +182,11 @@ pub fn spawn(
     let waiting = Arc::new(AtomicUsize::new(0));
     let running = Arc::new(AtomicUsize::new(0));
     let alive = Arc::new(AtomicBool::new(true));
+    let recent_wait_ms = Arc::new(AtomicU64::new(0));
     let handle = EngineHandle {
         jobs,
         waiting: waiting.clone(),
+        recent_wait_ms: recent_wait_ms.clone(),
         running: running.clone(),
         alive: alive.clone(),
         max_queue: options.max_queue,
@@ -148,6 +200,7 @@ pub fn spawn(
                 options,
                 queue,
                 waiting,
+                recent_wait_ms,
                 running,
                 batch: RunningBatch::new(options.pad_id).with_text(codec.clone()),
                 deferred: VecDeque::new(),
@@ -162,12 +215,13 @@ pub fn spawn(
 struct Engine {
     model: Box<dyn CausalLm + Send>,
     options: EngineOptions,
-    queue: Receiver<Vec<Job>>,
+    queue: Receiver<(Instant, Vec<Job>)>,
     waiting: Arc<AtomicUsize>,
+    recent_wait_ms: Arc<AtomicU64>,
     running: Arc<AtomicUsize>,
     batch: RunningBatch,
-    /// Jobs taken from the queue that have not joined yet, in arrival order: they join first.
-    deferred: VecDeque<Job>,
+    /// Every job taken from the channel that has not joined yet, in arrival order.
+    deferred: VecDeque<Waiting>,
     codec: Arc<TextCodec>,
     listeners: HashMap<RowId, UnboundedSender<JobEvent>>,
 }
@@ -199,38 +253,59 @@ impl Engine {
 
     /// Jobs to join now, in arrival order: wait for one when idle, then take what is queued up to
     /// `max_batch` rows and the prefill token budget. The job that would overflow the budget
-    /// waits at the head of the line for the next step.
+    /// waits at the head of the line for the next step. Every queued job is looked at each step:
+    /// one whose client left, or that waited past the queue timeout, leaves the queue at once.
     fn admit(&mut self) -> (Vec<Job>, bool) {
-        let mut admitted: Vec<Job> = Vec::new();
         let mut open = true;
+        if self.batch.is_empty() && self.deferred.is_empty() {
+            match self.queue.recv() {
+                Ok((since, group)) => self.enqueue(since, group),
+                Err(_) => return (Vec::new(), false),
+            }
+        }
+        loop {
+            match self.queue.try_recv() {
+                Ok((since, group)) => self.enqueue(since, group),
+                Err(TryRecvError::Empty) => break,
+                Err(TryRecvError::Disconnected) => {
+                    open = false;
+                    break;
+                }
+            }
+        }
+        let now = Instant::now();
+        let left = sweep(&mut self.deferred, self.options.queue_timeout, now);
+        self.waiting.fetch_sub(left, Ordering::Relaxed);
+        let mut admitted: Vec<Job> = Vec::new();
         let mut longest = 0;
         while self.batch.len() + admitted.len() < self.options.max_batch {
             let Some(next) = self.deferred.pop_front() else {
-                let idle = self.batch.is_empty() && admitted.is_empty();
-                let group = match idle {
-                    true => self.queue.recv().map_err(|_| TryRecvError::Disconnected),
-                    false => self.queue.try_recv(),
-                };
-                match group {
-                    Ok(group) => self.deferred.extend(group),
-                    Err(TryRecvError::Empty) => break,
-                    Err(TryRecvError::Disconnected) => {
-                        open = false;
-                        break;
-                    }
-                }
-                continue;
+                break;
             };
-            let length = longest.max(next.request.prompt.ids.len());
+            let length = longest.max(next.job.request.prompt.ids.len());
             if !admitted.is_empty() && (admitted.len() + 1) * length > self.options.prefill_tokens {
                 self.deferred.push_front(next);
                 break;
             }
             longest = length;
             self.waiting.fetch_sub(1, Ordering::Relaxed);
-            admitted.push(next);
+            self.note_wait(now.saturating_duration_since(next.since));
+            admitted.push(next.job);
         }
         (admitted, open || !self.deferred.is_empty())
+    }
+
+    fn enqueue(&mut self, since: Instant, group: Vec<Job>) {
+        self.deferred
+            .extend(group.into_iter().map(|job| Waiting { job, since }));
+    }
+
+    /// Fold one admitted job's wait into the moving average behind Retry-After.
+    fn note_wait(&self, waited: Duration) {
+        let sample = u64::try_from(waited.as_millis()).unwrap_or(u64::MAX);
+        let average = self.recent_wait_ms.load(Ordering::Relaxed);
+        self.recent_wait_ms
+            .store(average - average / 8 + sample / 8, Ordering::Relaxed);
     }
 
     /// Prefill the admitted jobs as one group; a job that cannot run fails alone.
@@ -348,11 +423,12 @@ fn send(listeners: &HashMap<RowId, UnboundedSender<JobEvent>>, id: RowId, event:
 mod tests {
     use super::*;
 
-    fn handle(capacity: usize) -> (EngineHandle, Receiver<Vec<Job>>) {
+    fn handle(capacity: usize) -> (EngineHandle, Receiver<(Instant, Vec<Job>)>) {
         let (jobs, queue) = mpsc::sync_channel(capacity);
         let handle = EngineHandle {
             jobs,
             waiting: Arc::new(AtomicUsize::new(0)),
+            recent_wait_ms: Arc::new(AtomicU64::new(0)),
             running: Arc::new(AtomicUsize::new(0)),
             alive: Arc::new(AtomicBool::new(true)),
             max_queue: capacity,
@@ -361,7 +437,10 @@ mod tests {
     }
 
     fn job() -> Job {
-        let (events, _) = tokio::sync::mpsc::unbounded_channel();
+        job_with(tokio::sync::mpsc::unbounded_channel().0)
+    }
+
+    fn job_with(events: UnboundedSender<JobEvent>) -> Job {
         Job {
             request: RowRequest {
                 prompt: vec![1].into(),
@@ -376,6 +455,44 @@ mod tests {
             },
             events,
         }
+    }
+
+    #[test]
+    fn jobs_whose_client_left_or_that_waited_too_long_leave_the_queue() {
+        let start = Instant::now();
+        let (kept_tx, _kept_rx) = tokio::sync::mpsc::unbounded_channel();
+        let (gone_tx, gone_rx) = tokio::sync::mpsc::unbounded_channel();
+        let (late_tx, mut late_rx) = tokio::sync::mpsc::unbounded_channel();
+        drop(gone_rx);
+        let mut queue: VecDeque<Waiting> = [
+            (late_tx, start),
+            (gone_tx, start + Duration::from_secs(9)),
+            (kept_tx, start + Duration::from_secs(9)),
+        ]
+        .into_iter()
+        .map(|(events, since)| Waiting {
+            job: job_with(events),
+            since,
+        })
+        .collect();
+        let now = start + Duration::from_secs(10);
+        assert_eq!(sweep(&mut queue, Some(Duration::from_secs(5)), now), 2);
+        assert_eq!(queue.len(), 1, "the job of a waiting client in time stays");
+        assert!(
+            matches!(late_rx.try_recv(), Ok(JobEvent::Expired(waited)) if waited == Duration::from_secs(10))
+        );
+        // Without a queue timeout only the departed leave.
+        assert_eq!(sweep(&mut queue, None, now + Duration::from_secs(3600)), 0);
+    }
+
+    #[test]
+    fn retry_after_follows_the_recent_queue_wait() {
+        let (handle, _queue) = handle(2);
+        assert_eq!(handle.retry_after_s(), 1, "at least a second");
+        handle.recent_wait_ms.store(7_200, Ordering::Relaxed);
+        assert_eq!(handle.retry_after_s(), 8);
+        handle.recent_wait_ms.store(u64::MAX, Ordering::Relaxed);
+        assert_eq!(handle.retry_after_s(), 600);
     }
 
     #[test]

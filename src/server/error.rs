@@ -11,6 +11,8 @@ use super::openai::{ErrorBody, ErrorDetail};
 pub struct ApiError {
     pub(crate) status: StatusCode,
     pub(crate) message: String,
+    /// Seconds for `Retry-After` (429 and 503 of an overloaded server); 429 says 1 without it.
+    pub(crate) retry_after: Option<u64>,
 }
 
 impl ApiError {
@@ -39,7 +41,15 @@ impl ApiError {
         Self {
             status,
             message: message.into(),
+            retry_after: None,
         }
+    }
+
+    /// The same error with `Retry-After: seconds`.
+    #[must_use]
+    pub fn with_retry_after(mut self, seconds: u64) -> Self {
+        self.retry_after = Some(seconds);
+        self
     }
 }
 
@@ -59,11 +69,14 @@ impl IntoResponse for ApiError {
                 code: self.status.as_u16(),
             },
         });
+        let retry_after = self
+            .retry_after
+            .or((self.status == StatusCode::TOO_MANY_REQUESTS).then_some(1));
         let mut response = (self.status, body).into_response();
-        if self.status == StatusCode::TOO_MANY_REQUESTS {
+        if let Some(seconds) = retry_after {
             response
                 .headers_mut()
-                .insert(header::RETRY_AFTER, header::HeaderValue::from_static("1"));
+                .insert(header::RETRY_AFTER, header::HeaderValue::from(seconds));
         }
         response
     }

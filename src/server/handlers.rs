@@ -13,7 +13,7 @@ use axum::Json;
 use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver};
 
 use super::choices::{choice_logprobs, EchoedPrompt};
-use super::engine::{Job, JobEvent, SubmitError};
+use super::engine::{expired_message, Job, JobEvent, SubmitError};
 use super::error::ApiError;
 use super::images::with_images;
 use super::openai::{
@@ -477,7 +477,8 @@ fn submit(
         })
         .unzip();
     state.engine.submit(jobs).map_err(|e| match e {
-        SubmitError::QueueFull(_) => ApiError::new(StatusCode::TOO_MANY_REQUESTS, e.to_string()),
+        SubmitError::QueueFull(_) => ApiError::new(StatusCode::TOO_MANY_REQUESTS, e.to_string())
+            .with_retry_after(state.engine.retry_after_s()),
         SubmitError::EngineStopped => ApiError::unavailable(e.to_string()),
     })?;
     Ok(receivers)
@@ -575,6 +576,10 @@ async fn respond(
                 match receiver.recv().await {
                     Some(JobEvent::Done(generated)) => break generated,
                     Some(JobEvent::Failed(message)) => return Err(ApiError::internal(message)),
+                    Some(JobEvent::Expired(waited)) => {
+                        return Err(ApiError::unavailable(expired_message(waited))
+                            .with_retry_after(state.engine.retry_after_s()))
+                    }
                     Some(JobEvent::Token(..)) => {}
                     None => return Err(ApiError::unavailable("the engine stopped")),
                 }

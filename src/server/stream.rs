@@ -10,7 +10,7 @@ use axum::response::IntoResponse;
 use tokio::sync::mpsc::{Sender, UnboundedReceiver};
 
 use super::choices::choice_logprobs;
-use super::engine::JobEvent;
+use super::engine::{expired_message, JobEvent};
 use super::handlers::{created, cut_at_stop, finish_reason};
 use super::openai::{Completion, Endpoint, Usage};
 use super::state::AppState;
@@ -206,6 +206,13 @@ async fn stream_choice(
             }
             JobEvent::Failed(message) => {
                 break Some(Event::default().event("error").data(message));
+            }
+            JobEvent::Expired(waited) => {
+                break Some(
+                    Event::default()
+                        .event("error")
+                        .data(expired_message(waited)),
+                );
             }
         }
     };

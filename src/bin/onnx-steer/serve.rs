@@ -33,9 +33,14 @@ pub(crate) struct ServeArgs {
     /// Most requests decoding together in one batch.
     #[arg(long, default_value_t = 8)]
     max_batch: usize,
-    /// Most requests waiting for a batch slot; more get 429 with Retry-After.
+    /// Most requests waiting for a batch slot, served first come, first served; more get 429 with
+    /// a Retry-After from how long recent requests waited.
     #[arg(long, default_value_t = 64)]
     max_queue: usize,
+    /// Longest a request may wait for a batch slot, in seconds; it then gets 503 with Retry-After
+    /// (0: it waits until its --timeout-s). A client that disconnects leaves the queue at once.
+    #[arg(long, default_value_t = 0)]
+    queue_timeout_s: u64,
     /// Largest request body in bytes.
     #[arg(long, default_value_t = 1 << 20)]
     max_body_bytes: usize,
@@ -89,6 +94,8 @@ pub(crate) fn run(args: ServeArgs) -> Result<(), CliError> {
             max_queue: args.max_queue.max(1),
             pad_id: config.pad_token_id.unwrap_or(config.eos_token_ids[0]),
             prefill_tokens: args.prefill_tokens.max(1),
+            queue_timeout: (args.queue_timeout_s > 0)
+                .then(|| std::time::Duration::from_secs(args.queue_timeout_s)),
         },
     )?;
     let engine = handle.clone();
