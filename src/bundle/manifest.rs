@@ -319,3 +319,15 @@ pub enum VisionPositions {
     /// say it, and refused by [`Manifest::validate`].
     Mrope,
 }
+
+/// A model of `num_layers` layers with d=3, one head and a vocabulary of 5, for unit tests that
+/// need a [`ModelConfig`] and no weights.
+#[cfg(test)]
+pub(crate) fn tiny_config(num_layers: usize) -> ModelConfig {
+    serde_json::from_value(serde_json::json!({
+        "architecture": "llama", "hidden_size": 3, "num_layers": num_layers, "num_attention_heads": 1,
+        "num_key_value_heads": 1, "head_dim": 3, "vocab_size": 5, "max_position_embeddings": 8,
+        "eos_token_ids": [0]
+    }))
+    .expect("the tiny test config parses")
+}

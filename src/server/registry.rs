@@ -546,15 +546,6 @@ mod tests {
         assert!(err.message.contains("not a file inside"), "{}", err.message);
     }
 
-    fn tiny_config() -> ModelConfig {
-        serde_json::from_value(serde_json::json!({
-            "architecture": "llama", "hidden_size": 3, "num_layers": 2, "num_attention_heads": 1,
-            "num_key_value_heads": 1, "head_dim": 3, "vocab_size": 5, "max_position_embeddings": 8,
-            "eos_token_ids": [0]
-        }))
-        .unwrap()
-    }
-
     #[tokio::test]
     async fn the_steering_directory_is_followed_and_posted_specs_stay() {
         let dir = tempfile::tempdir().unwrap();
@@ -572,7 +563,7 @@ mod tests {
         write("a.json", 1.0);
         let runtime = crate::runtime::test_runtime().clone();
         let registry = SteeringRegistry::new(
-            tiny_config(),
+            crate::bundle::manifest::tiny_config(2),
             runtime,
             Some(dir.path().to_path_buf()),
             1 << 30,
@@ -636,7 +627,7 @@ mod tests {
             &[("direction.1".into(), vec![1.0, 0.0, 0.0])],
         )
         .unwrap();
-        let config = tiny_config();
+        let config = crate::bundle::manifest::tiny_config(2);
         let runtime = crate::runtime::test_runtime().clone();
         let registry =
             SteeringRegistry::new(config, runtime, Some(dir.path().to_path_buf()), 1 << 30)

@@ -146,12 +146,7 @@ mod tests {
     use crate::chain::{LayerHook, Site};
 
     fn config() -> ModelConfig {
-        serde_json::from_value(serde_json::json!({
-            "architecture": "llama", "hidden_size": 3, "num_layers": 4, "num_attention_heads": 1,
-            "num_key_value_heads": 1, "head_dim": 3, "vocab_size": 5, "max_position_embeddings": 8,
-            "eos_token_ids": [0]
-        }))
-        .unwrap()
+        crate::bundle::manifest::tiny_config(4)
     }
 
     use crate::runtime::test_runtime as runtime;
