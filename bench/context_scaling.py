@@ -22,11 +22,9 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "export"))
 sys.path.insert(0, str(REPO / "bench"))
 
-from onnx_steer_export.export.gguf_convert import dequantize_gguf
-from onnx_steer_export.export.source import default_gguf_path
 from onnx_steer_export.runtime_client import bench
 
-from peers import LlamaCpp
+from peers import LlamaCpp, default_gguf
 
 
 def onnx_steer(binary: Path, bundle: Path, tokens: int, args: argparse.Namespace) -> dict:
@@ -89,12 +87,7 @@ def main() -> None:
 
     peer = None
     if importlib.util.find_spec("llama_cpp"):
-        shipped = default_gguf_path()
-        path = args.gguf_dir / f"{shipped.stem.rsplit('.', 1)[0]}.F32.gguf"
-        if not path.exists():
-            args.gguf_dir.mkdir(parents=True, exist_ok=True)
-            dequantize_gguf(shipped, path, "f32")
-        peer = LlamaCpp(path, os.cpu_count() or 1, max(lengths) + args.new_tokens + 8)
+        peer = LlamaCpp(default_gguf(args.gguf_dir, "F32"), os.cpu_count() or 1, max(lengths) + args.new_tokens + 8)
     else:
         print("llama-cpp-python is not installed: llama.cpp columns skipped", flush=True)
 

@@ -50,6 +50,19 @@ def onnx_steer(binary: Path, bundle: Path, steer: Path, args: argparse.Namespace
                  str(args.new_tokens), "--repeats", "1", binary=binary, stderr=subprocess.DEVNULL)
 
 
+def default_gguf(gguf_dir: Path, weights: str) -> Path:
+    """The default model's GGUF as shipped ("Q4_1"), or dequantized from it to "F16" or "F32" in
+    `gguf_dir` (written the first time it is asked for)."""
+    shipped = default_gguf_path()
+    if weights == "Q4_1":
+        return shipped
+    path = gguf_dir / f"{shipped.stem.rsplit('.', 1)[0]}.{weights}.gguf"
+    if not path.exists():
+        gguf_dir.mkdir(parents=True, exist_ok=True)
+        dequantize_gguf(shipped, path, weights.lower())
+    return path
+
+
 def steering_vector(spec_path: Path) -> dict[int, np.ndarray]:
     """Layer → scaled vector of a static-vector steer spec (the only kind every peer can apply)."""
     from safetensors.numpy import load_file
@@ -308,12 +321,8 @@ def main() -> None:
     print("== loading HF transformers eager fp32 and llama.cpp", flush=True)
     peers: list[tuple[str, str, HfEager | LlamaCpp]] = [("HF transformers eager", "fp32", HfEager(threads))]
     if importlib.util.find_spec("llama_cpp"):
-        args.gguf_dir.mkdir(parents=True, exist_ok=True)
-        shipped = default_gguf_path()
         for weights in ("Q4_1", "F16", "F32"):
-            path = shipped if weights == "Q4_1" else args.gguf_dir / f"{shipped.stem.rsplit('.', 1)[0]}.{weights}.gguf"
-            if not path.exists():
-                dequantize_gguf(shipped, path, weights.lower())
+            path = default_gguf(args.gguf_dir, weights)
             peers.append(("llama.cpp", weights, LlamaCpp(path, threads, 2 * (len(ids) + args.new_tokens))))
     else:
         print("   llama-cpp-python is not installed: llama.cpp rows skipped (make peers installs it)", flush=True)

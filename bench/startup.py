@@ -31,9 +31,9 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "export"))
 
-from onnx_steer_export.export.gguf_convert import dequantize_gguf
 from onnx_steer_export.export.graph_file import chain_weight_bytes
-from onnx_steer_export.export.source import default_gguf_path
+
+from peers import default_gguf
 
 PROMPT = "Describe your morning commute in two sentences."
 LLAMA = "llama.cpp F32"
@@ -89,11 +89,7 @@ def main() -> None:
         configs["onnx-steer baseline"] = (generate(args.baseline_binary, args.baseline_bundle),
                                           chain_weight_bytes(args.baseline_bundle))
     if importlib.util.find_spec("llama_cpp"):
-        shipped = default_gguf_path()
-        gguf = args.gguf_dir / f"{shipped.stem.rsplit('.', 1)[0]}.F32.gguf"
-        if not gguf.exists():
-            args.gguf_dir.mkdir(parents=True, exist_ok=True)
-            dequantize_gguf(shipped, gguf, "f32")
+        gguf = default_gguf(args.gguf_dir, "F32")
         configs[LLAMA] = ([sys.executable, "-c", LLAMA_CHILD, str(gguf), str(threads), PROMPT], gguf.stat().st_size)
     else:
         print("llama-cpp-python is not installed: the llama.cpp row is skipped (make startup installs it)")

@@ -142,7 +142,7 @@ impl Bundle {
             stamps,
         };
         for (name, entry) in &bundle.manifest.files {
-            let size = bundle.listed_file_size(name)?;
+            let size = bundle.listed_file(name)?.len();
             if size != entry.bytes {
                 return Err(BundleError::SizeMismatch {
                     path: bundle.path(name),
@@ -205,24 +205,18 @@ impl Bundle {
             .sum()
     }
 
-    /// The size of listed file `name`, which must be a regular file inside the bundle directory
-    /// once links are followed (the manifest's names are already plain relative paths).
-    fn listed_file_size(&self, name: &str) -> Result<u64, BundleError> {
+    /// The metadata of listed file `name`, which must be a regular file inside the bundle
+    /// directory once links are followed (the manifest's names are already plain relative paths).
+    fn listed_file(&self, name: &str) -> Result<std::fs::Metadata, BundleError> {
         let path = self.path(name);
-        let io = |source: std::io::Error| match source.kind() {
-            std::io::ErrorKind::NotFound => BundleError::MissingFile(path.clone()),
-            _ => BundleError::Io {
-                path: path.clone(),
-                source,
-            },
-        };
-        let real = path.canonicalize().map_err(io)?;
-        let root = self.dir.canonicalize().map_err(io)?;
-        let metadata = std::fs::metadata(&real).map_err(io)?;
+        let io = Self::io_error(&path);
+        let real = path.canonicalize().map_err(&io)?;
+        let root = self.dir.canonicalize().map_err(&io)?;
+        let metadata = std::fs::metadata(&real).map_err(&io)?;
         if !real.starts_with(&root) || !metadata.is_file() {
             return Err(BundleError::NotInside(path.clone()));
         }
-        Ok(metadata.len())
+        Ok(metadata)
     }
 
     fn entry(&self, file: &str) -> Result<&FileEntry, BundleError> {
@@ -265,7 +259,7 @@ impl Bundle {
         let path = self.path(file);
         let entry = self.entry(file)?;
         // Sized from the file itself, not from the manifest's claim, and never read past it.
-        let size = self.listed_file_size(file)?;
+        let size = self.listed_file(file)?.len();
         let mut bytes = Vec::with_capacity(size as usize);
         std::fs::File::open(&path)
             .and_then(|f| f.take(size).read_to_end(&mut bytes))
@@ -280,8 +274,7 @@ impl Bundle {
     pub fn verified_path(&self, file: &str, how: Verification) -> Result<PathBuf, BundleError> {
         let path = self.path(file);
         let entry = self.entry(file)?;
-        self.listed_file_size(file)?;
-        let metadata = std::fs::metadata(&path).map_err(Self::io_error(&path))?;
+        let metadata = self.listed_file(file)?;
         let stamp = Stamp::of(&metadata, &entry.sha256);
         let stamps = || self.stamps.lock().unwrap_or_else(PoisonError::into_inner);
         if how == Verification::Stamped && stamps().vouches_for(file, &stamp) {
@@ -302,9 +295,9 @@ impl Bundle {
         segment: &Segment,
         how: Verification,
     ) -> Result<PathBuf, BundleError> {
-        for file in segment.weights.iter() {
+        for file in segment.files() {
             self.verified_path(file, how)?;
         }
-        self.verified_path(&segment.file, how)
+        Ok(self.path(&segment.file))
     }
 }

@@ -77,12 +77,7 @@ impl Resolver {
             .map_err(|e| ApiError::bad_request(e.to_string()))?;
         confine(&parsed, dir)?;
         // Sized from the files before any is read: a spec too big for the budget costs nothing.
-        let files: std::collections::BTreeSet<PathBuf> = parsed
-            .interventions
-            .iter()
-            .flat_map(|entry| entry.paths())
-            .map(|(_, path)| dir.join(path))
-            .collect();
+        let files: std::collections::BTreeSet<PathBuf> = parsed.files().collect();
         // Files past the readers' own limits are left to them: they refuse them with that reason.
         let size: u64 = files
             .iter()
@@ -159,8 +154,7 @@ pub struct Listing {
 /// The sha256 of a spec's JSON `text` followed by the contents of each file it names, in order.
 fn spec_digest(text: &[u8], spec: &SteerSpec) -> Result<String, SteerError> {
     let mut digest = Sha256::new_with_prefix(text);
-    for (_, path) in spec.interventions.iter().flat_map(|entry| entry.paths()) {
-        let path = spec.base_dir.join(path);
+    for path in spec.files() {
         std::fs::File::open(&path)
             .and_then(|file| {
                 std::io::copy(
@@ -268,14 +262,12 @@ impl SteeringRegistry {
             };
             present.insert(name.clone());
             let unchanged = |seen: &Fingerprint| *seen == seen.again();
-            let known = {
+            let registered_unchanged = {
                 let named = self.named.read().map_err(|_| poisoned())?;
-                match named.get(&name).map(|r| &r.origin) {
-                    Some(Origin::SteerDir(seen)) => Some(unchanged(seen)),
-                    Some(Origin::Api) | None => None,
-                }
+                matches!(named.get(&name).map(|r| &r.origin),
+                         Some(Origin::SteerDir(seen)) if unchanged(seen))
             };
-            if known == Some(true) {
+            if registered_unchanged {
                 continue;
             }
             let refused_before = {
@@ -337,14 +329,7 @@ impl SteeringRegistry {
         let failed = |message: String| (message, Fingerprint::of([path.to_path_buf()]));
         let (spec, text) = SteerSpec::load_text(path).map_err(|e| failed(e.to_string()))?;
         // The files as they were before reading them: a change while they are read shows next time.
-        let fingerprint = Fingerprint::of(
-            std::iter::once(path.to_path_buf()).chain(
-                spec.interventions
-                    .iter()
-                    .flat_map(|entry| entry.paths())
-                    .map(|(_, named)| spec.base_dir.join(named)),
-            ),
-        );
+        let fingerprint = Fingerprint::of(std::iter::once(path.to_path_buf()).chain(spec.files()));
         let outcome = spec_digest(text.as_bytes(), &spec).and_then(|sha256| {
             let resolved = spec.resolve(&self.resolver.config, &self.resolver.runtime)?;
             Ok((resolved, sha256))
@@ -546,14 +531,20 @@ mod tests {
         assert!(err.message.contains("not a file inside"), "{}", err.message);
     }
 
-    #[tokio::test]
-    async fn the_steering_directory_is_followed_and_posted_specs_stay() {
+    /// A steering directory holding `v.safetensors`, a direction for layer 1 of `tiny_config(2)`.
+    fn steer_dir_with_a_vector() -> tempfile::TempDir {
         let dir = tempfile::tempdir().unwrap();
         crate::steer::vector::write_safetensors(
             &dir.path().join("v.safetensors"),
             &[("direction.1".into(), vec![1.0, 0.0, 0.0])],
         )
         .unwrap();
+        dir
+    }
+
+    #[tokio::test]
+    async fn the_steering_directory_is_followed_and_posted_specs_stay() {
+        let dir = steer_dir_with_a_vector();
         let write = |name: &str, scale: f32| {
             let spec = serde_json::json!({"interventions": [
                 {"kind": "vector", "path": "v.safetensors", "scale": scale}
@@ -621,12 +612,7 @@ mod tests {
 
     #[tokio::test]
     async fn an_inline_spec_is_resolved_once_per_content() {
-        let dir = tempfile::tempdir().unwrap();
-        crate::steer::vector::write_safetensors(
-            &dir.path().join("v.safetensors"),
-            &[("direction.1".into(), vec![1.0, 0.0, 0.0])],
-        )
-        .unwrap();
+        let dir = steer_dir_with_a_vector();
         let config = crate::bundle::manifest::tiny_config(2);
         let runtime = crate::runtime::test_runtime().clone();
         let registry =

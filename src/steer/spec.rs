@@ -242,6 +242,14 @@ impl SteerSpec {
         Self::load_text(path).map(|(spec, _)| spec)
     }
 
+    /// Every file the interventions name, in order, resolved against [`SteerSpec::base_dir`].
+    pub fn files(&self) -> impl Iterator<Item = PathBuf> + '_ {
+        self.interventions
+            .iter()
+            .flat_map(|entry| entry.paths())
+            .map(|(_, path)| self.base_dir.join(path))
+    }
+
     /// [`SteerSpec::load`], also returning the file's text (what a digest of the spec covers).
     pub fn load_text(path: &Path) -> Result<(Self, String), SteerError> {
         let bytes = read_regular(path, MAX_SPEC_FILE_BYTES).map_err(|e| match e {
