@@ -5,7 +5,7 @@ mod common;
 
 use std::sync::Arc;
 
-use onnx_steer::generate::{RowRequest, RunningBatch};
+use onnx_steer::generate::{KvSlots, RowRequest, RunningBatch};
 use onnx_steer::{Bundle, Sampling, SegmentChain, TextCodec};
 
 fn request(
@@ -191,38 +191,116 @@ fn a_chunked_prefill_matches_the_whole_prompt_at_once() {
 }
 
 #[test]
-fn a_short_row_continues_exactly_after_the_longest_row_leaves() {
+fn rows_own_kv_slots_that_join_and_leave_without_touching_the_others() {
     let bundle = Bundle::open(common::bundle_dir()).expect("bundle");
     let codec = TextCodec::load(&bundle).expect("tokenizer");
     let mut model = SegmentChain::load(&bundle, common::runtime()).expect("model");
     let long = "Tell me everything about the history of lighthouses on rocky coasts. ".repeat(6);
+    let long = request(&codec, &long, 3, None);
     let short = request(&codec, "Name a colour and a fruit.", 12, None);
-    let solo = generate_all(&mut model, vec![short.clone()]).remove(0);
-    let mut batch = RunningBatch::new(2);
-    let ids = batch
-        .join(
-            &mut model,
-            vec![request(&codec, &long, 2, None), short],
-            &mut |_, _, _| {},
-        )
+    let third = request(&codec, "What is two plus two?", 4, None);
+    let solo: Vec<Vec<u32>> = [&short, &third]
+        .iter()
+        .map(|r| generate_all(&mut model, vec![(*r).clone()]).remove(0))
+        .collect();
+    let slots = KvSlots {
+        rows: 2,
+        positions: 256,
+    };
+    let mut batch = RunningBatch::new(2).with_slots(slots);
+    let mut sink = |_: u64, _: u32, _: Option<&_>| {};
+    batch
+        .join(&mut model, vec![long.clone()], &mut sink)
         .unwrap();
-    let long_width = batch.cached_positions();
-    let mut finished = Vec::new();
-    let mut width_after = None;
-    while batch.has_unfinished() {
-        batch.step(&mut model, &mut |_, _, _| {}).unwrap();
-        // The long row leaves after its 2 tokens; its padding in front of the short row goes too.
-        finished.extend(batch.take_finished().unwrap());
-        if width_after.is_none() && finished.iter().any(|(id, _)| *id == ids[0]) {
-            width_after = Some(batch.cached_positions());
-        }
-    }
-    let width_after = width_after.expect("the long row left first");
-    assert!(
-        width_after > 0 && width_after < long_width / 2,
-        "the cache holds {width_after} positions after the long row's {long_width} left"
+    batch.step(&mut model, &mut sink).unwrap();
+    let kv = batch.kv_usage();
+    let long_len = long.prompt.ids.len() + 1;
+    assert_eq!(
+        (kv.slots, kv.used_slots, kv.positions_per_slot),
+        (2, 1, 256)
     );
+    assert_eq!(kv.filled_positions, long_len);
+    // The short row joins a running batch: it fills only its own slot, with no padding to the
+    // long row's length.
+    let short_id = batch
+        .join(&mut model, vec![short.clone()], &mut sink)
+        .unwrap()[0];
+    let kv = batch.kv_usage();
+    assert_eq!(kv.used_slots, 2);
+    assert_eq!(kv.filled_positions, long_len + short.prompt.ids.len());
+    // Both slots are taken: a third row is refused with a clear error, and the batch runs on.
+    let full = batch
+        .join(&mut model, vec![third.clone()], &mut sink)
+        .unwrap_err()
+        .to_string();
+    assert!(full.contains("KV slots are free"), "{full}");
+    let mut finished = Vec::new();
+    let mut third_id = None;
+    while batch.has_unfinished() {
+        batch.step(&mut model, &mut sink).unwrap();
+        let left = batch.take_finished().unwrap();
+        // The long row leaves after its 3 tokens; the third row takes its slot.
+        if third_id.is_none() && !left.is_empty() {
+            assert_eq!(batch.kv_usage().used_slots, 1);
+            third_id = Some(
+                batch
+                    .join(&mut model, vec![third.clone()], &mut sink)
+                    .unwrap()[0],
+            );
+        }
+        finished.extend(left);
+    }
     finished.extend(batch.take_finished().unwrap());
-    let short_row = finished.iter().find(|(id, _)| *id == ids[1]).unwrap();
-    assert_eq!(short_row.1.as_ref().unwrap().token_ids, solo);
+    let tokens = |id| {
+        finished
+            .iter()
+            .find(|(row, _)| *row == id)
+            .and_then(|(_, result)| result.as_ref().ok())
+            .map(|generated| generated.token_ids.clone())
+    };
+    assert_eq!(tokens(short_id), Some(solo[0].clone()));
+    assert_eq!(
+        tokens(third_id.expect("the third row joined")),
+        Some(solo[1].clone())
+    );
+    assert_eq!(
+        batch.kv_usage().filled_positions,
+        0,
+        "every slot is free again"
+    );
+}
+
+#[test]
+fn a_row_stops_when_its_slot_is_full() {
+    let bundle = Bundle::open(common::bundle_dir()).expect("bundle");
+    let codec = TextCodec::load(&bundle).expect("tokenizer");
+    let mut model = SegmentChain::load(&bundle, common::runtime()).expect("model");
+    let row = request(
+        &codec,
+        "Write a long story about a lighthouse keeper.",
+        50,
+        None,
+    );
+    let prompt = row.prompt.ids.len();
+    let solo = generate_all(&mut model, vec![row.clone()]).remove(0);
+    let mut batch = RunningBatch::new(2).with_slots(KvSlots {
+        rows: 1,
+        positions: prompt + 10,
+    });
+    let mut sink = |_: u64, _: u32, _: Option<&_>| {};
+    batch.join(&mut model, vec![row], &mut sink).unwrap();
+    while batch.has_unfinished() {
+        batch.step(&mut model, &mut sink).unwrap();
+    }
+    let (_, result) = batch.take_finished().unwrap().remove(0);
+    let generated = result.unwrap();
+    assert_eq!(
+        generated.token_ids,
+        solo[..11],
+        "10 positions of room, then one last token"
+    );
+    assert_eq!(
+        generated.finish_reason,
+        onnx_steer::generate::FinishReason::Length
+    );
 }

@@ -38,7 +38,7 @@ fn decode(
         step = Step {
             input_ids: Array2::from_elem((1, 1), i64::from(next)),
             position_ids: Array2::from_elem((1, 1), position),
-            attention_mask: Array2::ones((1, cache.len() + 1)),
+            attention_mask: Array2::ones((1, cache.longest() + 1)),
             images: Vec::new(),
         };
     }
@@ -70,7 +70,7 @@ fn two_hundred_decode_steps_write_one_set_of_buffers_in_place() {
         assert_eq!(cache.capacity(), capacity);
     });
     assert_eq!(steps, STEPS);
-    assert_eq!(cache.len(), prompt.len() + STEPS - 1);
+    assert_eq!(cache.longest(), prompt.len() + STEPS - 1);
 
     // A cache that starts empty grows by reallocating; its tokens must be the same.
     let mut grown = model.new_cache(1).expect("cache");

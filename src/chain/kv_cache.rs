@@ -1,19 +1,36 @@
-//! Per-layer keys and values kept between steps: one buffer per layer that the layer graphs
-//! append to in place, and the row operations a running batch needs.
+//! Per-layer keys and values kept between steps, as slots: one buffer per layer, allocated once,
+//! that the layer graphs append to in place, with a slot per running row.
 //!
-//! Each layer's keys (and values) live in one tensor `[B, kv_heads, capacity, head_dim]`. A step
-//! binds it as both `past_key` and `present_key`, and ONNX Runtime's GroupQueryAttention writes
-//! the step's keys at positions `len..len + T` and attends over `0..len + T` of the same memory:
-//! nothing is concatenated or copied per step. The buffer is reallocated only when a step would
-//! pass its capacity ([`KvCache::reserve`] sizes it once when the final length is known), or when
-//! rows join or leave a running batch.
+//! Each layer's keys (and values) live in one tensor `[slots, kv_heads, capacity, head_dim]`.
+//! A running row owns a slot and its own length: the slot holds the row's positions from 0, and
+//! GroupQueryAttention, given each row's length (`seqlens_k`), writes a step's keys at that row's
+//! end and attends over that row's filled positions only. Rows of different lengths therefore
+//! decode together with no padding between them. The occupied slots are `0..rows`, so a step binds
+//! one contiguous view `[rows, kv_heads, capacity, head_dim]` of the buffer as both `past_key` and
+//! `present_key`: nothing is concatenated or copied per step.
+//!
+//! A group that joins a running batch takes the next free slots and is prefilled straight into
+//! them ([`KvCache::admit`], then [`KvCache::commit`] or [`KvCache::abandon`]); the other rows'
+//! slots are not touched. A row that leaves frees its slot, and the last row moves into it (one
+//! row's filled positions, [`KvCache::release`]), which keeps the occupied slots contiguous.
+//! A cache made with [`KvCache::with_slots`] never reallocates: the server sizes it from
+//! `--max-batch` and `--max-context`. One made with [`KvCache::empty`] grows to what a step or a
+//! join needs (tools that know their sizes up front).
 
-use ndarray::{ArrayD, ArrayView4, Axis, IxDyn, Slice};
+use std::ops::Range;
+
+use std::ptr::NonNull;
+
+use ndarray::{ArrayD, ArrayViewMut4, Axis, IxDyn, Slice};
+use ort::memory::Allocator;
 use ort::session::IoBinding;
-use ort::value::{DynTensor, DynValueRefMut, Shape, Tensor, TensorRefMut};
+use ort::sys::ONNXTensorElementDataType;
+use ort::value::{DynTensor, DynValue, Tensor};
+use ort::AsPointer;
 
 use super::{host_memory, run_error, ModelError};
 use crate::bundle::{Dtype, ModelConfig};
+use crate::runtime::RuntimeError;
 
 /// Positions a growing cache adds at least: a decode step that outgrows it reallocates once per
 /// this many tokens at first, then at doubling sizes.
@@ -36,8 +53,7 @@ pub(crate) enum Rows {
     One(usize),
 }
 
-/// Per-layer key and value buffers `[B, kv_heads, capacity, head_dim]`, of which the first `len`
-/// positions are filled.
+/// Per-layer key and value slots `[slots, kv_heads, capacity, head_dim]`; see the module docs.
 #[derive(Debug)]
 pub struct KvCache {
     keys: Vec<DynTensor>,
@@ -45,47 +61,101 @@ pub struct KvCache {
     dtype: Dtype,
     kv_heads: usize,
     head_dim: usize,
-    batch: usize,
+    slots: usize,
     capacity: usize,
-    pub(super) len: usize,
+    /// Whether a step or a join may reallocate the buffers to make room.
+    growable: bool,
+    /// Filled positions of each occupied slot; the occupied slots are `0..lengths.len()`.
+    lengths: Vec<usize>,
+    /// The occupied slots a step runs on: all of them, or the group being admitted.
+    window: Range<usize>,
 }
 
 impl KvCache {
-    /// An empty cache (no positions, no capacity yet) for `batch` rows.
-    pub fn empty(config: &ModelConfig, dtype: Dtype, batch: usize) -> Result<Self, ModelError> {
+    /// A cache of `rows` occupied, empty rows that grows to what each step needs: for tools that
+    /// run one group (`score`, `perplexity`, `capture`). Call [`KvCache::reserve`] with the final
+    /// length to allocate once.
+    pub fn empty(config: &ModelConfig, dtype: Dtype, rows: usize) -> Result<Self, ModelError> {
+        let mut cache = Self::allocate(config, dtype, rows, 0)?;
+        cache.growable = true;
+        cache.lengths = vec![0; rows];
+        cache.window = 0..rows;
+        Ok(cache)
+    }
+
+    /// A cache of `slots` free slots of `capacity` positions each, allocated now and never
+    /// again: what a server's running batch holds for its whole life. On the CPU the pages of a
+    /// slot are only backed by memory once a row writes them.
+    pub fn with_slots(
+        config: &ModelConfig,
+        dtype: Dtype,
+        slots: usize,
+        capacity: usize,
+    ) -> Result<Self, ModelError> {
+        Self::allocate(config, dtype, slots, capacity)
+    }
+
+    fn allocate(
+        config: &ModelConfig,
+        dtype: Dtype,
+        slots: usize,
+        capacity: usize,
+    ) -> Result<Self, ModelError> {
         let mut cache = Self {
             keys: Vec::new(),
             values: Vec::new(),
             dtype,
             kv_heads: config.num_key_value_heads,
             head_dim: config.head_dim,
-            batch,
-            capacity: 0,
-            len: 0,
+            slots,
+            capacity,
+            growable: false,
+            lengths: Vec::new(),
+            window: 0..0,
         };
-        let empty = cache.buffers(&vec![None; 2 * config.num_layers], 0)?;
-        (cache.keys, cache.values) = empty;
+        (cache.keys, cache.values) = cache.zeroed(config.num_layers, slots, capacity)?;
         Ok(cache)
     }
 
-    /// Number of cached positions P.
-    pub fn len(&self) -> usize {
-        self.len
-    }
-
-    /// True before the first step.
-    pub fn is_empty(&self) -> bool {
-        self.len == 0
-    }
-
-    /// Number of rows.
+    /// Rows the next step runs on.
     pub fn batch(&self) -> usize {
-        self.batch
+        self.window.len()
     }
 
-    /// Positions each row's buffers hold before they must be reallocated.
+    /// Occupied slots (running rows).
+    pub fn rows(&self) -> usize {
+        self.lengths.len()
+    }
+
+    /// Slots in all, occupied or free.
+    pub fn slots(&self) -> usize {
+        self.slots
+    }
+
+    /// Positions each slot holds.
     pub fn capacity(&self) -> usize {
         self.capacity
+    }
+
+    /// Filled positions of each row the next step runs on.
+    pub fn lengths(&self) -> &[usize] {
+        &self.lengths[self.window.clone()]
+    }
+
+    /// The most positions any row of the next step has cached (the width of its attention mask
+    /// before the step's own tokens).
+    pub fn longest(&self) -> usize {
+        self.lengths().iter().copied().max().unwrap_or(0)
+    }
+
+    /// Filled positions over all occupied slots: what `/metrics` reports as KV in use.
+    pub fn filled_positions(&self) -> usize {
+        self.lengths.iter().sum()
+    }
+
+    /// Bytes of the key and value buffers (allocated, whether or not rows fill them).
+    pub fn bytes(&self) -> usize {
+        2 * self.keys.len() * self.slots * self.slot_bytes()
     }
 
     /// The address of every layer's key and value buffer, in layer order: equal addresses across
@@ -98,23 +168,102 @@ impl KvCache {
             .collect()
     }
 
-    /// Make room for `total` positions per row. Call it once with the final length (prompt plus
-    /// new tokens) so that no step reallocates; steps call it with their own end, which grows the
-    /// buffers (copying the filled positions) only when they would overflow.
+    /// Make room for `total` positions in every slot. A growable cache reallocates (copying the
+    /// filled positions) only when it would overflow; a fixed one refuses.
     pub fn reserve(&mut self, total: usize) -> Result<(), ModelError> {
         if total <= self.capacity {
             return Ok(());
         }
+        if !self.growable {
+            return Err(ModelError::SlotFull {
+                positions: total,
+                capacity: self.capacity,
+            });
+        }
         let capacity = total.max(2 * self.capacity).max(MIN_GROWTH);
         tracing::debug!(from = self.capacity, to = capacity, "KV cache grows");
-        let filled = self.filled(0..self.batch, 0)?;
-        (self.keys, self.values) = self.buffers(&filled, capacity)?;
-        self.capacity = capacity;
+        self.resize(self.slots, capacity)
+    }
+
+    /// Claim `rows` free slots for a joining group whose steps will fill `positions` per row,
+    /// and aim the next steps at them (empty, after the running rows). A growable cache makes
+    /// room; a fixed one refuses a group that does not fit. Follow with [`KvCache::commit`] once
+    /// the group's prefill succeeded, or [`KvCache::abandon`].
+    pub fn admit(&mut self, rows: usize, positions: usize) -> Result<(), ModelError> {
+        if self.window != (0..self.rows()) {
+            return Err(ModelError::Shape(
+                "a group is already being admitted to this KV cache".into(),
+            ));
+        }
+        let occupied = self.rows();
+        let needed = occupied + rows;
+        if needed > self.slots || positions > self.capacity {
+            if !self.growable {
+                return Err(ModelError::NoFreeSlot {
+                    rows,
+                    free: self.slots - occupied,
+                    positions,
+                    capacity: self.capacity,
+                });
+            }
+            self.resize(needed.max(self.slots), positions.max(self.capacity))?;
+        }
+        self.lengths.resize(needed, 0);
+        self.window = occupied..needed;
         Ok(())
     }
 
-    /// Bind layer `layer`'s buffers to `binding`: as the past inputs and, on the same memory, as
-    /// the present outputs, so the graph appends in place. `Rows::One(r)` binds row `r` alone.
+    /// The admitted group becomes running rows: the next steps cover every occupied slot.
+    pub fn commit(&mut self) {
+        self.window = 0..self.rows();
+    }
+
+    /// Free the slots of the group being admitted (its prefill failed): the running rows are as
+    /// they were.
+    pub fn abandon(&mut self) {
+        self.lengths.truncate(self.window.start);
+        self.window = 0..self.rows();
+    }
+
+    /// Record that a step appended `tokens` positions to each of its rows.
+    pub(crate) fn advance(&mut self, tokens: usize) {
+        for length in &mut self.lengths[self.window.clone()] {
+            *length += tokens;
+        }
+    }
+
+    /// GroupQueryAttention's lengths when the step's rows (or `rows`) end `tokens` positions
+    /// past what they have cached: `seqlens_k` (each row's new length minus one) and
+    /// `total_sequence_length` (the longest).
+    pub(crate) fn attention_lengths(
+        &self,
+        tokens: usize,
+        rows: Rows,
+    ) -> Result<[DynValue; 2], ModelError> {
+        let lengths = match rows {
+            Rows::All => self.lengths(),
+            Rows::One(row) => &self.lengths()[row..=row],
+        };
+        let as_i32 = |n: usize| {
+            i32::try_from(n)
+                .map_err(|_| ModelError::Shape(format!("{n} positions do not fit int32")))
+        };
+        let seqlens = lengths
+            .iter()
+            .map(|&length| as_i32(length + tokens - 1))
+            .collect::<Result<Vec<i32>, _>>()?;
+        let total = lengths.iter().copied().max().unwrap_or(0) + tokens;
+        const WHAT: &str = "attention lengths";
+        let seqlens = Tensor::from_array(ndarray::Array1::from(seqlens))
+            .map_err(RuntimeError::tensor(WHAT))?;
+        let total = Tensor::from_array(ndarray::arr0(as_i32(total)?))
+            .map_err(RuntimeError::tensor(WHAT))?;
+        Ok([seqlens.into_dyn(), total.into_dyn()])
+    }
+
+    /// Bind layer `layer`'s slots of the step's rows to `binding`: as the past inputs and, on the
+    /// same memory, as the present outputs, so the graph appends in place. `Rows::One(r)` binds
+    /// the step's row `r` alone.
     pub(crate) fn bind(
         &mut self,
         binding: &mut IoBinding,
@@ -123,258 +272,265 @@ impl KvCache {
         rows: Rows,
         segment: &str,
     ) -> Result<(), ModelError> {
-        let shape = [
-            self.rows_in(rows),
-            self.kv_heads,
-            self.capacity,
-            self.head_dim,
-        ];
-        let offset = match rows {
-            Rows::All => 0,
-            Rows::One(row) => row * self.kv_heads * self.capacity * self.head_dim,
+        let (first, count) = match rows {
+            Rows::All => (self.window.start, self.window.len()),
+            Rows::One(row) if row < self.window.len() => (self.window.start + row, 1),
+            Rows::One(row) => {
+                return Err(ModelError::Shape(format!(
+                    "row {row} is not among the step's {} rows",
+                    self.window.len()
+                )))
+            }
         };
+        let shape = [count, self.kv_heads, self.capacity, self.head_dim];
+        let offset = first * self.slot_bytes();
         let dtype = self.dtype;
         let pairs = [
-            (&self.keys[layer], names.past_key, names.present_key),
-            (&self.values[layer], names.past_value, names.present_value),
+            (&mut self.keys[layer], names.past_key, names.present_key),
+            (
+                &mut self.values[layer],
+                names.past_value,
+                names.present_value,
+            ),
         ];
         for (buffer, past, present) in pairs {
-            let base = buffer.data_ptr() as usize;
-            match rows {
-                // An owned tensor is bound as it is: ONNX Runtime reads and writes its memory.
-                Rows::All => binding.bind_input(past, buffer),
-                // One row is read from a copy: the graph then copies the cached prefix into the
-                // output view (the same bytes) before appending.
-                Rows::One(row) => binding.bind_input(past, &row_copy(buffer, row, dtype)?),
-            }
-            .map_err(run_error(segment))?;
+            // SAFETY: the rows `first..first + count` lie within the buffer, and the binding that
+            // holds the views runs and is dropped before the cache changes (every caller binds,
+            // runs and drops within one layer call).
+            let mut view = || unsafe { slot_value(buffer.data_ptr_mut(), offset, &shape, dtype) };
+            // Past and present on the same memory: GroupQueryAttention then appends in place.
             binding
-                .bind_output(present, memory_view(base, offset, &shape, dtype)?)
+                .bind_input(past, &view()?)
+                .map_err(run_error(segment))?;
+            binding
+                .bind_output(present, view()?)
                 .map_err(run_error(segment))?;
         }
         Ok(())
     }
 
-    /// Keep the rows `keep`, in that order, and drop the others (a finished request leaves a
-    /// running batch), and the first `front` positions, which must be padding for every kept row
-    /// (a long row that left no longer widens the others). All or nothing: on error the cache is
-    /// as it was.
-    pub fn retain_rows(&mut self, keep: &[usize], front: usize) -> Result<(), ModelError> {
-        if let Some(&bad) = keep.iter().find(|&&r| r >= self.batch) {
+    /// Free the slots of the running rows `leaving` (indices among the occupied slots): the last
+    /// rows move into the holes, one row's filled positions each. Returns the new order: slot `i`
+    /// now holds the row that was at `order[i]`. Copies happen before anything else changes, so
+    /// an error leaves the cache as it was.
+    pub fn release(&mut self, leaving: &[usize]) -> Result<Vec<usize>, ModelError> {
+        let rows = self.rows();
+        if self.window != (0..rows) {
+            return Err(ModelError::Shape(
+                "rows cannot leave while a group is being admitted".into(),
+            ));
+        }
+        if let Some(&bad) = leaving.iter().find(|&&r| r >= rows) {
             return Err(ModelError::Shape(format!(
-                "row {bad} is not in a cache of {} rows",
-                self.batch
+                "row {bad} is not in a cache of {rows} rows"
             )));
         }
-        if front > self.len {
+        let mut order: Vec<usize> = (0..rows).collect();
+        let mut kept = rows;
+        let mut moves = Vec::new();
+        let mut holes: Vec<usize> = leaving.to_vec();
+        holes.sort_unstable();
+        holes.dedup();
+        for &hole in &holes {
+            // Drop leaving rows from the end first: they need no move.
+            while kept > 0 && holes.binary_search(&order[kept - 1]).is_ok() {
+                kept -= 1;
+            }
+            if hole >= kept {
+                break;
+            }
+            moves.push((kept - 1, hole));
+            order[hole] = order[kept - 1];
+            kept -= 1;
+        }
+        order.truncate(kept);
+        for &(from, to) in &moves {
+            self.move_row(from, to)?;
+        }
+        self.lengths = order.iter().map(|&row| self.lengths[row]).collect();
+        self.window = 0..kept;
+        Ok(order)
+    }
+
+    /// A growable cache whose rows are copies of these rows `rows` (repeats allowed; indices
+    /// among the step's rows), each with its length: one prompt's cache shared by several
+    /// continuations.
+    pub fn select_rows(&mut self, rows: &[usize]) -> Result<KvCache, ModelError> {
+        if let Some(&bad) = rows.iter().find(|&&r| r >= self.batch()) {
             return Err(ModelError::Shape(format!(
-                "cannot drop {front} positions of a cache of {}",
-                self.len
+                "row {bad} is not among the cache's {} rows",
+                self.batch()
             )));
         }
-        let kept = self.filled(keep.iter().copied(), front)?;
-        let mut next = Self {
-            batch: keep.len(),
-            len: self.len - front,
+        let first = self.window.start;
+        let mut copy = Self {
             keys: Vec::new(),
             values: Vec::new(),
+            growable: true,
+            lengths: rows.iter().map(|&r| self.lengths[first + r]).collect(),
+            window: 0..rows.len(),
+            slots: rows.len(),
             ..*self
         };
-        (next.keys, next.values) = next.buffers(&kept, self.capacity)?;
-        *self = next;
+        (copy.keys, copy.values) = copy.zeroed(self.keys.len(), rows.len(), self.capacity)?;
+        let shape = self.byte_shape(self.slots, self.capacity);
+        let pairs = copy
+            .keys
+            .iter_mut()
+            .chain(copy.values.iter_mut())
+            .zip(self.keys.iter_mut().chain(self.values.iter_mut()));
+        for (new, old) in pairs {
+            let old = byte_view(old, shape);
+            let mut new = byte_view(new, [rows.len(), shape[1], shape[2], shape[3]]);
+            for (to, &from) in rows.iter().enumerate() {
+                let length = self.lengths[first + from];
+                new.slice_mut(ndarray::s![to, .., ..length, ..])
+                    .assign(&old.slice(ndarray::s![first + from, .., ..length, ..]));
+            }
+        }
+        Ok(copy)
+    }
+
+    /// Copy slot `from`'s filled positions into slot `to` (< `from`), in every buffer.
+    fn move_row(&mut self, from: usize, to: usize) -> Result<(), ModelError> {
+        let length = self.lengths[from];
+        let shape = self.byte_shape(self.slots, self.capacity);
+        for buffer in self.keys.iter_mut().chain(self.values.iter_mut()) {
+            let mut slots = byte_view(buffer, shape);
+            let (mut low, high) = slots.view_mut().split_at(Axis(0), from);
+            low.index_axis_mut(Axis(0), to)
+                .slice_axis_mut(Axis(1), Slice::from(..length))
+                .assign(
+                    &high
+                        .index_axis(Axis(0), 0)
+                        .slice_axis(Axis(1), Slice::from(..length)),
+                );
+        }
         Ok(())
     }
 
-    /// Append the rows of `other` (a group prefilled on its own) below these. The shorter cache is
-    /// left-padded with zeros so that both share one length; returns how many positions were
-    /// padded in front of (these rows, `other`'s rows), which their attention masks must mask out.
-    /// All or nothing: on error this cache is as it was.
-    pub fn append_rows(&mut self, other: &KvCache) -> Result<(usize, usize), ModelError> {
-        if self.keys.len() != other.keys.len()
-            || (self.kv_heads, self.head_dim) != (other.kv_heads, other.head_dim)
-        {
-            return Err(ModelError::Shape(format!(
-                "caches of {} and {} layers ({}x{} and {}x{} per position) cannot be merged",
-                self.keys.len(),
-                other.keys.len(),
-                self.kv_heads,
-                self.head_dim,
-                other.kv_heads,
-                other.head_dim
-            )));
+    /// Reallocate to `slots` slots of `capacity` positions, the occupied rows' filled positions
+    /// copied over.
+    fn resize(&mut self, slots: usize, capacity: usize) -> Result<(), ModelError> {
+        let (mut keys, mut values) = self.zeroed(self.keys.len(), slots, capacity)?;
+        let (old_shape, new_shape) = (
+            self.byte_shape(self.slots, self.capacity),
+            self.byte_shape(slots, capacity),
+        );
+        let pairs = keys
+            .iter_mut()
+            .chain(values.iter_mut())
+            .zip(self.keys.iter_mut().chain(self.values.iter_mut()));
+        for (new, old) in pairs {
+            let old = byte_view(old, old_shape);
+            let mut new = byte_view(new, new_shape);
+            for (row, &length) in self.lengths.iter().enumerate() {
+                new.slice_mut(ndarray::s![row, .., ..length, ..])
+                    .assign(&old.slice(ndarray::s![row, .., ..length, ..]));
+            }
         }
-        let len = self.len.max(other.len);
-        let pads = (len - self.len, len - other.len);
-        let mine = self.filled(0..self.batch, 0)?;
-        let theirs = other.filled(0..other.batch, 0)?;
-        let stacked = mine
-            .into_iter()
-            .zip(theirs)
-            .map(|(a, b)| match (a, b) {
-                (Some(a), Some(b)) => stack_padded(a, b, len).map(Some),
-                _ => Ok(None),
-            })
-            .collect::<Result<Vec<_>, _>>()?;
-        let mut next = Self {
-            batch: self.batch + other.batch,
-            len,
-            capacity: self.capacity.max(other.capacity).max(len),
-            keys: Vec::new(),
-            values: Vec::new(),
-            ..*self
-        };
-        (next.keys, next.values) = next.buffers(&stacked, next.capacity)?;
-        *self = next;
-        Ok(pads)
+        (self.keys, self.values, self.slots, self.capacity) = (keys, values, slots, capacity);
+        Ok(())
     }
 
-    fn rows_in(&self, rows: Rows) -> usize {
-        match rows {
-            Rows::All => self.batch,
-            Rows::One(_) => 1,
+    fn element_bytes(&self) -> usize {
+        match self.dtype {
+            Dtype::Fp32 => 4,
+            Dtype::Fp16 => 2,
         }
     }
 
-    /// The filled positions `front..len` of `rows`, per buffer (keys of every layer, then values),
-    /// as fp32 `[rows, kv_heads, len - front, head_dim]`; `None` for a buffer with no positions.
-    fn filled(
-        &self,
-        rows: impl Iterator<Item = usize> + Clone,
-        front: usize,
-    ) -> Result<Vec<Option<ArrayD<f32>>>, ModelError> {
-        let rows: Vec<usize> = rows.collect();
-        self.keys
-            .iter()
-            .chain(&self.values)
-            .map(|buffer| {
-                if self.len == front {
-                    return Ok(None);
-                }
-                let select = |view: ArrayView4<'_, f32>| {
-                    view.select(Axis(0), &rows)
-                        .slice_axis(Axis(2), Slice::from(front..self.len))
-                        .into_dyn()
-                        .into_owned()
-                };
-                Ok(Some(with_f32_view(buffer, select)?))
-            })
-            .collect()
+    /// A buffer of `slots` x `capacity` as bytes: `[slots, kv_heads, capacity, head_dim bytes]`.
+    fn byte_shape(&self, slots: usize, capacity: usize) -> [usize; 4] {
+        [
+            slots,
+            self.kv_heads,
+            capacity,
+            self.head_dim * self.element_bytes(),
+        ]
     }
 
-    /// Key and value buffers of `capacity` positions for this cache's rows, with `filled` (as
-    /// [`KvCache::filled`] returns them) written at the front and zeros after.
-    fn buffers(
+    fn slot_bytes(&self) -> usize {
+        self.kv_heads * self.capacity * self.head_dim * self.element_bytes()
+    }
+
+    /// Zeroed key and value buffers for `layers` layers. Zeroed fp32 memory comes from the
+    /// allocator's zeroed pages, so the pages of a slot no row writes are never touched.
+    fn zeroed(
         &self,
-        filled: &[Option<ArrayD<f32>>],
+        layers: usize,
+        slots: usize,
         capacity: usize,
     ) -> Result<(Vec<DynTensor>, Vec<DynTensor>), ModelError> {
-        let shape = [self.batch, self.kv_heads, capacity, self.head_dim];
-        let mut buffers = filled
-            .iter()
-            .map(|part| {
-                let mut buffer = ArrayD::<f32>::zeros(IxDyn(&shape));
-                if let Some(part) = part {
-                    buffer
-                        .slice_axis_mut(Axis(2), Slice::from(..part.shape()[2]))
-                        .assign(part);
-                }
-                buffer_in(buffer, self.dtype)
+        let shape = [slots, self.kv_heads, capacity, self.head_dim];
+        let mut buffers = (0..2 * layers)
+            .map(|_| {
+                let tensor = match self.dtype {
+                    Dtype::Fp32 => {
+                        Tensor::from_array(ArrayD::<f32>::zeros(IxDyn(&shape))).map(Tensor::upcast)
+                    }
+                    Dtype::Fp16 => {
+                        Tensor::from_array(ArrayD::from_elem(IxDyn(&shape), half::f16::ZERO))
+                            .map(Tensor::upcast)
+                    }
+                };
+                tensor.map_err(run_error("KV cache"))
             })
             .collect::<Result<Vec<DynTensor>, ModelError>>()?;
-        let values = buffers.split_off(buffers.len() / 2);
+        let values = buffers.split_off(layers);
         Ok((buffers, values))
     }
 }
 
-/// `a` over `b` along the batch axis, each left-padded with zeros to `len` positions (axis 2).
-fn stack_padded(a: ArrayD<f32>, b: ArrayD<f32>, len: usize) -> Result<ArrayD<f32>, ModelError> {
-    let pad = |array: ArrayD<f32>| {
-        let mut shape = array.shape().to_vec();
-        let own = shape[2];
-        shape[2] = len;
-        let mut padded = ArrayD::<f32>::zeros(shape);
-        padded
-            .slice_axis_mut(Axis(2), Slice::from(len - own..))
-            .assign(&array);
-        padded
-    };
-    ndarray::concatenate(Axis(0), &[pad(a).view(), pad(b).view()])
-        .map_err(|e| ModelError::Shape(format!("KV caches do not stack: {e}")))
+/// The bytes of a KV buffer allocated as `shape` (`[slots, kv_heads, capacity, head_dim bytes]`):
+/// moving positions between slots needs no element type.
+fn byte_view(buffer: &mut DynTensor, shape: [usize; 4]) -> ArrayViewMut4<'_, u8> {
+    // SAFETY: every buffer is allocated by `KvCache::zeroed` with exactly this many bytes, and the
+    // view borrows the tensor mutably for its lifetime.
+    unsafe { ArrayViewMut4::from_shape_ptr(shape, buffer.data_ptr_mut().cast::<u8>()) }
 }
 
-/// `take` applied to a KV buffer as a 4-D fp32 view (an fp16 buffer is widened first).
-fn with_f32_view<R>(
-    buffer: &DynTensor,
-    take: impl Fn(ArrayView4<'_, f32>) -> R,
-) -> Result<R, ModelError> {
-    let four = |view: ndarray::ArrayViewD<'_, f32>| {
-        view.into_dimensionality::<ndarray::Ix4>()
-            .map(&take)
-            .map_err(|e| ModelError::Shape(format!("KV buffer is not 4-D: {e}")))
-    };
-    if let Ok(view) = buffer.try_extract_array::<f32>() {
-        return four(view);
-    }
-    let view = buffer
-        .try_extract_array::<half::f16>()
-        .map_err(|e| ModelError::Shape(format!("KV buffer is neither fp32 nor fp16: {e}")))?;
-    four(view.mapv(half::f16::to_f32).view())
-}
-
-/// A tensor over `shape` elements of the buffer at address `base`, from element `offset` on.
-fn memory_view(
-    base: usize,
+/// A tensor `shape` in the bundle's dtype over the KV buffer at `base`, from byte `offset` on.
+/// Made as ONNX Runtime's own value over the caller's memory (not a borrowed view, which
+/// `IoBinding` would copy before binding), so past and present bind the same bytes.
+///
+/// # Safety
+/// `offset` plus the bytes of `shape` must lie within the buffer at `base`, and the value must
+/// not be used after the buffer changes or is dropped.
+unsafe fn slot_value(
+    base: *mut std::ffi::c_void,
     offset: usize,
     shape: &[usize; 4],
     dtype: Dtype,
-) -> Result<DynValueRefMut<'static>, ModelError> {
+) -> Result<DynValue, ModelError> {
     let info = host_memory()?;
-    let shape = Shape::from(shape.map(|d| d as i64));
-    // SAFETY: `bind` binds the view for one run of a binding that the caller drops before the
-    // cache changes, and `offset + shape` elements lie within the buffer (`Rows::One(r)` addresses
-    // a row r < batch).
-    let view = unsafe {
-        match dtype {
-            Dtype::Fp32 => {
-                let data = (base as *mut f32).add(offset).cast();
-                TensorRefMut::<f32>::from_raw(info, data, shape).map(|v| v.into_dyn())
-            }
-            Dtype::Fp16 => {
-                let data = (base as *mut half::f16).add(offset).cast();
-                TensorRefMut::<half::f16>::from_raw(info, data, shape).map(|v| v.into_dyn())
-            }
-        }
+    let (element, bytes) = match dtype {
+        Dtype::Fp32 => (
+            ONNXTensorElementDataType::ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT,
+            4,
+        ),
+        Dtype::Fp16 => (
+            ONNXTensorElementDataType::ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT16,
+            2,
+        ),
     };
-    view.map_err(run_error("KV cache"))
-}
-
-/// A copy of row `row` of a KV buffer, `[1, kv_heads, capacity, head_dim]`.
-fn row_copy(buffer: &DynTensor, row: usize, dtype: Dtype) -> Result<DynTensor, ModelError> {
-    fn copy<T: ort::value::PrimitiveTensorElementType + Clone + std::fmt::Debug + 'static>(
-        buffer: &DynTensor,
-        row: usize,
-    ) -> Result<DynTensor, ModelError> {
-        let view = buffer
-            .try_extract_array::<T>()
-            .map_err(run_error("KV cache"))?;
-        let one = view.select(Axis(0), &[row]);
-        Tensor::from_array(one)
-            .map(Tensor::upcast)
-            .map_err(run_error("KV cache"))
-    }
-    match dtype {
-        Dtype::Fp32 => copy::<f32>(buffer, row),
-        Dtype::Fp16 => copy::<half::f16>(buffer, row),
-    }
-}
-
-/// An fp32 array as a KV buffer of `dtype`.
-fn buffer_in(array: ArrayD<f32>, dtype: Dtype) -> Result<DynTensor, ModelError> {
-    let tensor = match dtype {
-        Dtype::Fp32 => Tensor::from_array(array).map(Tensor::upcast),
-        Dtype::Fp16 => Tensor::from_array(array.mapv(half::f16::from_f32)).map(Tensor::upcast),
-    };
-    tensor.map_err(run_error("KV cache"))
+    let dims = shape.map(|d| d as i64);
+    let length = shape.iter().product::<usize>() * bytes;
+    let mut value = std::ptr::null_mut();
+    let status = (ort::api().CreateTensorWithDataAsOrtValue)(
+        info.ptr(),
+        base.cast::<u8>().add(offset).cast(),
+        length,
+        dims.as_ptr(),
+        dims.len(),
+        element,
+        &mut value,
+    );
+    ort::Error::result_from_status(status).map_err(run_error("KV cache"))?;
+    let value = NonNull::new(value)
+        .ok_or_else(|| ModelError::Shape("ONNX Runtime made no KV view".into()))?;
+    // ONNX Runtime never frees memory it did not allocate; the allocator only satisfies `from_ptr`.
+    Ok(DynValue::from_ptr(value, Some(&Allocator::default())))
 }
 
 #[cfg(test)]
@@ -382,96 +538,129 @@ mod tests {
     use super::*;
 
     fn config(layers: usize) -> ModelConfig {
-        serde_json::from_value(serde_json::json!({
-            "architecture": "llama", "hidden_size": 2, "num_layers": layers, "num_attention_heads": 1,
-            "num_key_value_heads": 1, "head_dim": 2, "vocab_size": 3, "max_position_embeddings": 64,
-            "eos_token_ids": [0]
-        }))
-        .unwrap()
+        crate::bundle::manifest::tiny_config(layers)
     }
 
-    /// A cache of `rows` rows whose every entry is `row * 100 + position` (+ 1000 for values),
-    /// `len` positions filled of `capacity`.
-    fn cache(rows: usize, len: usize, capacity: usize, first_row: usize) -> KvCache {
+    /// A fixed cache of `slots` slots of `capacity` positions whose rows have `lengths`, every
+    /// filled key `slot * 100 + position` (values + 1000).
+    fn cache(slots: usize, capacity: usize, lengths: &[usize]) -> KvCache {
         crate::runtime::test_runtime();
-        let mut kv = KvCache::empty(&config(1), Dtype::Fp32, rows).unwrap();
-        let part = |offset: f32| {
-            Some(
-                ndarray::Array4::from_shape_fn((rows, 1, len, 2), |(r, _, p, _)| {
-                    offset + ((first_row + r) * 100 + p) as f32
-                })
-                .into_dyn(),
-            )
-        };
-        (kv.keys, kv.values) = kv.buffers(&[part(0.0), part(1000.0)], capacity).unwrap();
-        kv.capacity = capacity;
-        kv.len = len;
+        let mut kv = KvCache::with_slots(&config(1), Dtype::Fp32, slots, capacity).unwrap();
+        for &length in lengths {
+            kv.admit(1, length).unwrap();
+            kv.advance(length);
+            kv.commit();
+        }
+        for (buffer, offset) in [(&mut kv.keys[0], 0.0), (&mut kv.values[0], 1000.0)] {
+            let mut array = buffer.try_extract_array_mut::<f32>().unwrap();
+            for (slot, &length) in lengths.iter().enumerate() {
+                for position in 0..length {
+                    array
+                        .slice_mut(ndarray::s![slot, .., position, ..])
+                        .fill(offset + (slot * 100 + position) as f32);
+                }
+            }
+        }
         kv
     }
 
-    fn keys(cache: &KvCache) -> ndarray::ArrayD<f32> {
-        cache.keys[0].try_extract_array::<f32>().unwrap().to_owned()
+    fn key(cache: &KvCache, slot: usize, position: usize) -> f32 {
+        cache.keys[0].try_extract_array::<f32>().unwrap()[[slot, 0, position, 0]]
     }
 
     #[test]
-    fn retained_rows_keep_their_order_contents_and_capacity() {
-        let mut kv = cache(3, 2, 8, 0);
-        kv.retain_rows(&[2, 0], 0).unwrap();
-        assert_eq!((kv.batch(), kv.capacity()), (2, 8));
-        let keys = keys(&kv);
-        assert_eq!(keys.shape(), &[2, 1, 8, 2]);
-        assert_eq!(keys[[0, 0, 1, 0]], 201.0);
-        assert_eq!(keys[[1, 0, 0, 1]], 0.0);
-        assert!(kv.retain_rows(&[5], 0).is_err());
-        assert!(kv.retain_rows(&[0], 3).is_err());
-    }
-
-    #[test]
-    fn dropped_front_positions_shorten_every_kept_row() {
-        let mut kv = cache(3, 4, 4, 0);
-        kv.retain_rows(&[1], 3).unwrap();
-        assert_eq!((kv.batch(), kv.len()), (1, 1));
-        assert_eq!(keys(&kv)[[0, 0, 0, 0]], 103.0);
-        assert_eq!(keys(&kv)[[0, 0, 1, 0]], 0.0, "freed positions are zero");
-    }
-
-    #[test]
-    fn appended_rows_are_left_padded_to_one_length() {
-        let mut kv = cache(1, 3, 4, 0);
-        let pads = kv.append_rows(&cache(2, 1, 6, 1)).unwrap();
-        assert_eq!(pads, (0, 2));
-        assert_eq!((kv.batch(), kv.len(), kv.capacity()), (3, 3, 6));
-        let keys = keys(&kv);
-        assert_eq!(keys[[0, 0, 2, 0]], 2.0);
-        assert_eq!(
-            keys[[1, 0, 0, 0]],
-            0.0,
-            "padding in front of the shorter group"
-        );
-        assert_eq!(keys[[2, 0, 2, 1]], 200.0);
-        let values = kv.values[0].try_extract_array::<f32>().unwrap();
-        assert_eq!(values[[1, 0, 2, 0]], 1100.0);
-    }
-
-    #[test]
-    fn a_failed_append_leaves_the_cache_as_it_was() {
-        let mut kv = cache(1, 3, 4, 0);
-        let mut other = cache(1, 2, 4, 1);
-        other.head_dim = 3;
-        assert!(kv.append_rows(&other).is_err());
-        assert_eq!((kv.batch(), kv.len()), (1, 3));
-        assert_eq!(keys(&kv)[[0, 0, 2, 0]], 2.0);
-    }
-
-    #[test]
-    fn reserving_keeps_the_filled_positions_and_only_grows() {
-        let mut kv = cache(2, 3, 4, 0);
+    fn a_group_takes_free_slots_and_leaves_them_free_when_abandoned() {
+        let mut kv = cache(3, 8, &[2, 5]);
+        assert_eq!((kv.rows(), kv.batch(), kv.longest()), (2, 2, 5));
         let before = kv.buffer_addresses();
-        kv.reserve(4).unwrap();
+        kv.admit(1, 4).unwrap();
+        assert_eq!((kv.batch(), kv.lengths()), (1, &[0][..]));
+        kv.abandon();
+        assert_eq!((kv.rows(), kv.lengths()), (2, &[2, 5][..]));
+        let full = kv.admit(2, 4).unwrap_err().to_string();
+        assert!(full.contains("1 KV slots are free"), "{full}");
+        let long = kv.admit(1, 9).unwrap_err().to_string();
+        assert!(long.contains("8 positions each"), "{long}");
+        assert!(matches!(
+            kv.reserve(9),
+            Err(ModelError::SlotFull {
+                positions: 9,
+                capacity: 8
+            })
+        ));
+        assert_eq!(kv.buffer_addresses(), before, "a fixed cache never moves");
+    }
+
+    #[test]
+    fn rows_of_different_lengths_attend_to_their_own() {
+        let kv = cache(3, 8, &[2, 5]);
+        let [seqlens, total] = kv.attention_lengths(1, Rows::All).unwrap();
+        let seqlens = seqlens.try_extract_array::<i32>().unwrap();
+        assert_eq!(seqlens.as_slice(), Some(&[2, 5][..]));
+        assert_eq!(total.try_extract_array::<i32>().unwrap()[[]], 6);
+        let [one, _] = kv.attention_lengths(3, Rows::One(0)).unwrap();
+        assert_eq!(
+            one.try_extract_array::<i32>().unwrap().as_slice(),
+            Some(&[4][..])
+        );
+    }
+
+    #[test]
+    fn a_leaving_row_frees_its_slot_and_the_last_row_moves_in() {
+        let mut kv = cache(4, 8, &[2, 3, 4, 1]);
+        let before = kv.buffer_addresses();
+        let order = kv.release(&[0, 3]).unwrap();
+        assert_eq!(order, vec![2, 1]);
+        assert_eq!(kv.lengths(), &[4, 3]);
+        assert_eq!((key(&kv, 0, 0), key(&kv, 0, 3)), (200.0, 203.0));
+        assert_eq!(
+            key(&kv, 1, 2),
+            102.0,
+            "a row that stays in its slot is not copied"
+        );
+        let value = kv.values[0].try_extract_array::<f32>().unwrap()[[0, 0, 3, 1]];
+        assert_eq!(value, 1203.0);
+        assert_eq!(kv.buffer_addresses(), before);
+        assert_eq!(kv.release(&[1]).unwrap(), vec![0]);
+        assert_eq!(kv.release(&[0]).unwrap(), Vec::<usize>::new());
+        assert_eq!((kv.rows(), kv.filled_positions()), (0, 0));
+        assert!(kv.release(&[0]).is_err());
+    }
+
+    #[test]
+    fn a_growable_cache_keeps_its_rows_when_it_grows() {
+        crate::runtime::test_runtime();
+        let mut kv = KvCache::empty(&config(1), Dtype::Fp32, 0).unwrap();
+        kv.admit(2, 3).unwrap();
+        kv.advance(3);
+        kv.commit();
+        kv.keys[0].try_extract_array_mut::<f32>().unwrap()[[1, 0, 2, 1]] = 7.0;
+        let before = kv.buffer_addresses();
+        kv.reserve(3).unwrap();
         assert_eq!(kv.buffer_addresses(), before, "enough room: nothing moves");
         kv.reserve(5).unwrap();
         assert_eq!(kv.capacity(), MIN_GROWTH);
-        assert_eq!(keys(&kv)[[1, 0, 2, 1]], 102.0);
-        assert_eq!(keys(&kv)[[1, 0, 3, 1]], 0.0);
+        assert_eq!(
+            kv.keys[0].try_extract_array::<f32>().unwrap()[[1, 0, 2, 1]],
+            7.0
+        );
+        kv.admit(1, 100).unwrap();
+        assert_eq!((kv.slots(), kv.capacity()), (3, 100));
+        assert_eq!(
+            kv.keys[0].try_extract_array::<f32>().unwrap()[[1, 0, 2, 1]],
+            7.0
+        );
+    }
+
+    #[test]
+    fn selected_rows_are_copies_with_their_lengths() {
+        let mut kv = cache(3, 8, &[2, 3]);
+        let copy = kv.select_rows(&[1, 1, 0]).unwrap();
+        assert_eq!((copy.batch(), copy.lengths()), (3, &[3, 3, 2][..]));
+        assert_eq!(
+            (key(&copy, 0, 2), key(&copy, 1, 2), key(&copy, 2, 1)),
+            (102.0, 102.0, 1.0)
+        );
+        assert!(kv.select_rows(&[2]).is_err());
     }
 }

@@ -19,7 +19,6 @@ pub mod segmented;
 pub mod step;
 
 use ndarray::{Array2, ArrayView2};
-use ort::value::{DynValue, Tensor};
 
 use crate::bundle::{BundleError, Dtype, ModelConfig};
 use crate::runtime::RuntimeError;
@@ -60,6 +59,26 @@ pub enum ModelError {
         #[source]
         source: ort::Error,
     },
+    /// A step would write past the end of a fixed KV cache's slots.
+    #[error("the KV cache holds {capacity} positions per row and a step needs {positions}; raise --max-context")]
+    SlotFull {
+        /// Positions the step needs per row.
+        positions: usize,
+        /// Positions each slot holds.
+        capacity: usize,
+    },
+    /// A joining group does not fit a fixed KV cache: too few free slots, or too short.
+    #[error("{rows} rows of up to {positions} positions cannot join: {free} KV slots are free, of {capacity} positions each (raise --max-batch or --max-context)")]
+    NoFreeSlot {
+        /// Rows asked for.
+        rows: usize,
+        /// Slots free.
+        free: usize,
+        /// Positions each row needs.
+        positions: usize,
+        /// Positions each slot holds.
+        capacity: usize,
+    },
     /// Step inputs, the KV cache or steering deltas have sizes that do not fit together.
     #[error("step inputs disagree: {0}")]
     Shape(String),
@@ -80,21 +99,6 @@ pub enum ModelError {
         "the monolithic full.onnx takes token ids only; run image prompts on the segment chain"
     )]
     ImagesUnsupported,
-}
-
-/// GroupQueryAttention's lengths for `rows` rows that end at `total` positions: `seqlens_k`
-/// (each row's `total - 1`) and `total_sequence_length`, the only per-step inputs besides tokens
-/// and positions that a layer's attention reads.
-pub(crate) fn attention_lengths(rows: usize, total: usize) -> Result<[DynValue; 2], ModelError> {
-    let as_i32 = |n: usize| {
-        i32::try_from(n).map_err(|_| ModelError::Shape(format!("{n} positions do not fit int32")))
-    };
-    const WHAT: &str = "attention lengths";
-    let seqlens = Tensor::from_array(ndarray::Array1::from_elem(rows, as_i32(total - 1)?))
-        .map_err(RuntimeError::tensor(WHAT))?;
-    let total =
-        Tensor::from_array(ndarray::arr0(as_i32(total)?)).map_err(RuntimeError::tensor(WHAT))?;
-    Ok([seqlens.into_dyn(), total.into_dyn()])
 }
 
 /// Host memory, where outputs the runtime reads next (hidden states, logits) are bound.

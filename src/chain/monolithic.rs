@@ -6,7 +6,7 @@ use ort::value::Tensor;
 use super::hook::LayerHook;
 use super::kv_cache::{KvNames, Rows};
 use super::segment::{load_segment, logits_of, LoadedSegment};
-use super::{attention_lengths, host_memory, run_error, CausalLm, KvCache, ModelError, Step};
+use super::{host_memory, run_error, CausalLm, KvCache, ModelError, Step};
 use crate::bundle::{Bundle, Dtype, ModelConfig};
 use crate::runtime::Runtime;
 
@@ -63,13 +63,12 @@ impl CausalLm for Monolithic {
         }
         step.check(cache)?;
         let (batch, tokens) = step.input_ids.dim();
-        if batch > 1 && tokens > 1 && !cache.is_empty() {
+        if batch > 1 && tokens > 1 && cache.longest() > 0 {
             return Err(ModelError::Shape(format!(
                 "the monolithic full.onnx takes several new tokens after cached ones for one row at a time, not {batch}"
             )));
         }
-        let total = cache.len + tokens;
-        cache.reserve(total)?;
+        cache.reserve(cache.longest() + tokens)?;
         let full = &mut self.full;
         let name = full.name.as_str();
         let mut binding = full.session.create_binding().map_err(run_error(name))?;
@@ -82,7 +81,7 @@ impl CausalLm for Monolithic {
             let value = Tensor::from_array(array.clone()).map_err(run_error(name))?;
             binding.bind_input(input, &value).map_err(run_error(name))?;
         }
-        let [seqlens, total] = attention_lengths(batch, total)?;
+        let [seqlens, total] = cache.attention_lengths(tokens, Rows::All)?;
         binding
             .bind_input("seqlens_k", &seqlens)
             .map_err(run_error(name))?;
@@ -111,7 +110,7 @@ impl CausalLm for Monolithic {
             .session
             .run_binding(&binding)
             .map_err(run_error(name))?;
-        cache.len += tokens;
+        cache.advance(tokens);
         logits_of(&outputs["logits"], name)
     }
 }

@@ -13,9 +13,7 @@ use super::kv_cache::{KvNames, Rows};
 use super::profile::{time_if, SegmentProfile, STEERING};
 use super::segment::{load_segment, logits_of, take, LoadedSegment};
 use super::step::{ImageEmbeds, Step};
-use super::{
-    attention_lengths, host_memory, run_error, CausalLm, KvCache, ModelError, PositionVisitor,
-};
+use super::{host_memory, run_error, CausalLm, KvCache, ModelError, PositionVisitor};
 use crate::bundle::{Bundle, Dtype, ModelConfig, Segment, SegmentKind};
 use crate::runtime::values::{hidden_to_f32, value_in, view_input};
 use crate::runtime::Runtime;
@@ -415,7 +413,7 @@ fn run_chunk(
             .iter()
             .map(|table| row_of(table, row, dtype))
             .collect::<Result<Vec<_>, _>>()?;
-        let lengths = attention_lengths(1, past + end)?;
+        let lengths = cache.attention_lengths(end, Rows::One(row))?;
         let delta = row_of(inputs.delta, row, dtype)?;
         let inputs = LayerInputs {
             hidden: &hidden,
@@ -486,7 +484,7 @@ impl StepRun<'_> {
                 start,
                 end,
             )?;
-            let lengths = attention_lengths(shape.batch, shape.past + end)?;
+            let lengths = cache.attention_lengths(end, Rows::All)?;
             let part = full.slice(ndarray::s![.., start..end, ..]).to_owned();
             let part = value_in(part, shape.dtype, &layer.segment.name)?;
             let inputs = LayerInputs {
@@ -560,7 +558,7 @@ impl SegmentChain {
             0 => tokens,
             size => size.min(tokens).max(1),
         };
-        let past = cache.len;
+        let past = cache.longest();
         let chunks: Vec<(usize, usize)> = (0..tokens.div_ceil(chunk))
             .map(|k| (k * chunk, ((k + 1) * chunk).min(tokens)))
             .collect();
@@ -576,7 +574,7 @@ impl SegmentChain {
         let whole = match chunks.as_slice() {
             [_] => Some((
                 chunk_positions(&mut self.positions, profile, step, past, 0, tokens)?,
-                attention_lengths(batch, past + tokens)?,
+                cache.attention_lengths(tokens, Rows::All)?,
             )),
             _ => None,
         };
@@ -635,7 +633,7 @@ impl SegmentChain {
                 Ok::<_, ModelError>(hidden)
             })?;
         }
-        cache.len += step.input_ids.ncols();
+        cache.advance(step.input_ids.ncols());
         Ok(hidden)
     }
 

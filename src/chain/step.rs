@@ -37,7 +37,8 @@ impl From<Vec<u32>> for Prompt {
 
 /// The tensors of one forward step: `T` new tokens for each of `B` rows.
 ///
-/// `attention_mask` covers the cached tokens plus the new ones (`[B, P+T]`); zeros mark padding.
+/// `attention_mask` covers the cached tokens plus the new ones (`[B, P+T]`, P the longest row's
+/// cached length); zeros mark padding, and a row's new token sits at its own length.
 /// `images` are `(row, embeddings)` spliced over the token embeddings before layer 0 (prefill only).
 #[derive(Debug, Clone)]
 pub struct Step {
@@ -101,11 +102,19 @@ impl Step {
                 (batch, tokens)
             )));
         }
-        if self.attention_mask.dim() != (batch, cache.len + tokens) {
+        let past = cache.longest();
+        if self.attention_mask.dim() != (batch, past + tokens) {
             return Err(ModelError::Shape(format!(
-                "attention_mask is {:?}, expected ({batch}, {} cached + {tokens} new)",
+                "attention_mask is {:?}, expected ({batch}, {past} cached + {tokens} new)",
                 self.attention_mask.dim(),
-                cache.len
+            )));
+        }
+        // Rows of different lengths append one token each, each at its own end; several tokens
+        // per row need the rows to start from one length.
+        if tokens > 1 && cache.lengths().iter().any(|&length| length != past) {
+            return Err(ModelError::Shape(format!(
+                "{tokens} new tokens per row need rows of one cached length, not {:?}",
+                cache.lengths()
             )));
         }
         if cache.batch() != batch {

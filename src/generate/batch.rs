@@ -4,20 +4,23 @@
 //! admits requests between steps.
 //!
 //! Each row keeps its own positions, sampling, stop rules and steering, so it produces exactly
-//! what it produces alone: joining left-pads the shorter KV cache and masks the padding out.
-//! Joining and leaving are all or nothing: a failure leaves the running rows as they were.
+//! what it produces alone. Each row owns a slot of the KV cache ([`KvCache`]) and its own length:
+//! a joining group is prefilled straight into free slots (left-padded within the group, the
+//! padding masked out), and a row that leaves frees its slot; the other rows' caches are never
+//! re-padded or copied. Joining and leaving are all or nothing: a failure leaves the running rows
+//! as they were.
 
 use std::sync::Arc;
 use std::time::Instant;
 
-use ndarray::{Array2, ArrayView2};
+use ndarray::{Array2, Axis};
 use rand::rngs::StdRng;
 use rand::SeedableRng;
 
 use super::logprobs::{LogSoftmax, PositionLogprobs};
 use super::score::prefill_logits;
 use super::{validate_prompts, FinishReason, GenerateError, Generated, Penalties, Sampling};
-use crate::chain::{CausalLm, KvCache, ModelError, Prompt, Step};
+use crate::chain::{CausalLm, KvCache, Prompt, Step};
 use crate::steer::{BatchSteering, Decision, DecodeSteering, ResolvedSteering};
 use crate::text::{StreamDecoder, TextCodec};
 
@@ -63,6 +66,9 @@ struct ActiveRow {
     id: RowId,
     request: RowRequest,
     next_position: i64,
+    /// The most positions the row may reach: the model's context, or less when its KV slot
+    /// (less the row's padding in it) is shorter.
+    limit: usize,
     /// The token chosen last, fed at the next step.
     pending: u32,
     tokens: Vec<u32>,
@@ -87,7 +93,6 @@ impl ActiveRow {
     fn pick(
         &mut self,
         logits: &[f32],
-        context: usize,
         codec: Option<&TextCodec>,
         on_token: &mut dyn FnMut(RowId, u32, Option<&PositionLogprobs>),
     ) {
@@ -135,7 +140,7 @@ impl ActiveRow {
                 return;
             }
         }
-        let full = self.next_position as usize + 1 > context;
+        let full = self.next_position as usize + 1 > self.limit;
         if self.tokens.len() >= self.request.max_new_tokens || full {
             self.finish = Some(FinishReason::Length);
         }
@@ -158,29 +163,44 @@ impl ActiveRow {
     }
 }
 
-/// The KV state shared by the rows of a running batch.
-struct Shared {
-    cache: KvCache,
-    /// `[B, P]`: 1 where a row attends (its own tokens), 0 on padding.
-    mask: Array2<i64>,
-    steering: DecodeSteering,
+/// The KV cache a running batch allocates once, at its first join: slots for `rows` rows of
+/// `positions` positions each (the server's `--max-batch` and `--max-context`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct KvSlots {
+    /// Rows that can run at once.
+    pub rows: usize,
+    /// Positions each row can hold: prompt (and its padding in a group) plus generated tokens.
+    pub positions: usize,
+}
+
+/// How much of a running batch's KV cache is in use, for `/health` and `/metrics`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct KvUsage {
+    /// Slots in all.
+    pub slots: usize,
+    /// Slots running rows hold.
+    pub used_slots: usize,
+    /// Positions each slot holds.
+    pub positions_per_slot: usize,
+    /// Positions the running rows have filled.
+    pub filled_positions: usize,
+    /// Bytes of the key and value buffers.
+    pub bytes: usize,
 }
 
 /// Rows decoding together; see the module docs.
 pub struct RunningBatch {
     rows: Vec<ActiveRow>,
-    shared: Option<Shared>,
+    /// Allocated at the first join, kept when every row has left.
+    cache: Option<KvCache>,
+    /// `[rows, W]`: 1 where a row attends (its own tokens), 0 on padding and past its length; W is
+    /// the longest row's cached length.
+    mask: Array2<i64>,
+    steering: DecodeSteering,
+    slots: Option<KvSlots>,
     pad_id: u32,
     next_id: RowId,
     codec: Option<Arc<TextCodec>>,
-}
-
-/// `mask` with `pad` zero columns in front.
-fn pad_mask(mask: ArrayView2<'_, i64>, pad: usize) -> Array2<i64> {
-    let (rows, cols) = mask.dim();
-    let mut padded = Array2::zeros((rows, pad + cols));
-    padded.slice_mut(ndarray::s![.., pad..]).assign(&mask);
-    padded
 }
 
 impl RunningBatch {
@@ -188,7 +208,10 @@ impl RunningBatch {
     pub fn new(pad_id: u32) -> Self {
         Self {
             rows: Vec::new(),
-            shared: None,
+            cache: None,
+            mask: Array2::zeros((0, 0)),
+            steering: DecodeSteering::default(),
+            slots: None,
             pad_id,
             next_id: 0,
             codec: None,
@@ -202,6 +225,15 @@ impl RunningBatch {
         self
     }
 
+    /// Allocate the KV cache once, as `slots`, at the first join: rows beyond `slots.rows`, or a
+    /// prompt longer than `slots.positions`, cannot join (an error); a row stops with
+    /// [`FinishReason::Length`] when its slot is full. Without it, the cache grows to each group.
+    #[must_use]
+    pub fn with_slots(mut self, slots: KvSlots) -> Self {
+        self.slots = Some(slots);
+        self
+    }
+
     /// Rows in the batch, finished ones included until [`RunningBatch::take_finished`].
     pub fn len(&self) -> usize {
         self.rows.len()
@@ -212,9 +244,39 @@ impl RunningBatch {
         self.rows.is_empty()
     }
 
-    /// Positions the shared KV cache holds per row (the longest row's, padding included).
-    pub fn cached_positions(&self) -> usize {
-        self.shared.as_ref().map_or(0, |shared| shared.cache.len())
+    /// Use of the KV cache (all zero before the first join).
+    pub fn kv_usage(&self) -> KvUsage {
+        self.cache
+            .as_ref()
+            .map_or(KvUsage::default(), |cache| KvUsage {
+                slots: cache.slots(),
+                used_slots: cache.rows(),
+                positions_per_slot: cache.capacity(),
+                filled_positions: cache.filled_positions(),
+                bytes: cache.bytes(),
+            })
+    }
+
+    /// Allocate the KV cache now rather than at the first join (a server reserves its slots at
+    /// start, so that `/health` reports them and a budget that cannot be met fails early).
+    pub fn allocate(&mut self, model: &dyn CausalLm) -> Result<(), GenerateError> {
+        self.cache_for(model).map(|_| ())
+    }
+
+    /// The cache, allocated at the first join (`model` gives its shape).
+    fn cache_for(&mut self, model: &dyn CausalLm) -> Result<&mut KvCache, GenerateError> {
+        if self.cache.is_none() {
+            if !self.rows.is_empty() {
+                return Err(GenerateError::LostState);
+            }
+            let (config, dtype) = (model.config(), model.dtype());
+            let cache = match self.slots {
+                Some(slots) => KvCache::with_slots(config, dtype, slots.rows, slots.positions)?,
+                None => KvCache::empty(config, dtype, 0)?,
+            };
+            self.cache = Some(cache);
+        }
+        self.cache.as_mut().ok_or(GenerateError::LostState)
     }
 
     /// True while some row still generates.
@@ -242,12 +304,18 @@ impl RunningBatch {
             }
         }
         let group = BatchSteering::new(requests.iter().map(|r| r.steering.clone()).collect());
-        let mut cache = model.new_cache(requests.len())?;
         let step = Step::for_prompts(&prompts, self.pad_id);
-        // Sized once for the longest the group can grow, so that no decode step reallocates it.
+        let width = step.input_ids.ncols();
+        let group_rows = requests.len();
+        // A fixed cache needs room for the prompt and one token (rows stop when their slot is
+        // full); a growable one is sized for the longest the group can grow, so that no decode
+        // step reallocates it.
+        let fixed = self.slots.is_some();
         let longest = requests.iter().map(|r| r.max_new_tokens).max().unwrap_or(0);
-        cache.reserve((step.input_ids.ncols() + longest).min(context))?;
-        let started = Instant::now();
+        let room = match fixed {
+            true => width + 1,
+            false => width + longest,
+        };
         let ids: Vec<&[u32]> = prompts.iter().map(|p| p.ids.as_slice()).collect();
         let lengths: Vec<usize> = ids.iter().map(|ids| ids.len()).collect();
         let mut prefill = group.prefill(model.config(), &lengths);
@@ -255,12 +323,33 @@ impl RunningBatch {
             .iter()
             .map(|r| r.prompt_logprobs.then_some(r.logprobs.unwrap_or(0)))
             .collect();
-        let (logits, echoed) = prefill_logits(model, &step, &mut cache, &mut prefill, &ids, &echo)?;
+        let running_rows = self.rows.len();
+        let running_steering = (running_rows > 0).then(|| self.steering.clone());
+        let cache = self.cache_for(model)?;
+        cache.admit(group_rows, room)?;
+        let capacity = cache.capacity();
+        let started = Instant::now();
+        let prefilled = prefill_logits(model, &step, cache, &mut prefill, &ids, &echo);
         let prefill_ms = started.elapsed().as_secs_f64() * 1e3;
-        let steering = prefill.decode();
+        let merged = prefilled.and_then(|prefilled| {
+            let mut steering = prefill.decode();
+            if let Some(mut merged) = running_steering {
+                merged.append_rows(running_rows, steering, group_rows)?;
+                steering = merged;
+            }
+            Ok((prefilled, steering))
+        });
+        let ((logits, echoed), steering) = match merged {
+            Ok(merged) => merged,
+            Err(e) => {
+                cache.abandon();
+                return Err(e.into());
+            }
+        };
+        cache.commit();
+        self.steering = steering;
+        self.mask = stack_masks(&self.mask, &step.attention_mask);
         let decisions = prefill.decisions().to_vec();
-        let group_rows = requests.len();
-        self.merge(cache, step.attention_mask, steering, group_rows)?;
 
         let first_id = self.next_id;
         self.next_id += group_rows as RowId;
@@ -272,6 +361,10 @@ impl RunningBatch {
             .map(|(r, (request, (decisions, prompt_logprobs)))| ActiveRow {
                 id: first_id + r as RowId,
                 next_position: request.prompt.ids.len() as i64,
+                limit: match fixed {
+                    true => context.min(capacity - (width - request.prompt.ids.len())),
+                    false => context,
+                },
                 pending: self.pad_id,
                 tokens: Vec::new(),
                 logprobs: Vec::new(),
@@ -294,48 +387,11 @@ impl RunningBatch {
             .collect();
         for (row, scores) in joined.iter_mut().zip(logits.rows()) {
             let scores = scores.as_slice().unwrap_or(&[]);
-            row.pick(scores, context, codec.as_deref(), on_token);
+            row.pick(scores, codec.as_deref(), on_token);
         }
         let ids = joined.iter().map(|row| row.id).collect();
         self.rows.extend(joined);
         Ok(ids)
-    }
-
-    /// Add a prefilled group's cache, mask and steering below the running rows. Every fallible
-    /// step runs before anything changes, so an error leaves the batch as it was.
-    fn merge(
-        &mut self,
-        cache: KvCache,
-        mask: Array2<i64>,
-        steering: DecodeSteering,
-        group_rows: usize,
-    ) -> Result<(), GenerateError> {
-        let Some(shared) = self.shared.as_mut() else {
-            if !self.rows.is_empty() {
-                return Err(GenerateError::LostState);
-            }
-            self.shared = Some(Shared {
-                cache,
-                mask,
-                steering,
-            });
-            return Ok(());
-        };
-        let running_rows = self.rows.len();
-        let mut merged_steering = shared.steering.clone();
-        merged_steering.append_rows(running_rows, steering, group_rows)?;
-        let (running_len, group_len) = (shared.mask.ncols(), mask.ncols());
-        let width = running_len.max(group_len);
-        let running = pad_mask(shared.mask.view(), width - running_len);
-        let group = pad_mask(mask.view(), width - group_len);
-        let merged_mask =
-            ndarray::concatenate(ndarray::Axis(0), &[running.view(), group.view()])
-                .map_err(|e| ModelError::Shape(format!("attention masks do not stack: {e}")))?;
-        // The last fallible step, itself all or nothing.
-        shared.cache.append_rows(&cache)?;
-        shared.mask = merged_mask;
-        shared.steering = merged_steering;
-        Ok(())
     }
 
     /// One decode step: every row feeds its pending token (finished rows feed padding until they
@@ -345,24 +401,22 @@ impl RunningBatch {
         model: &mut dyn CausalLm,
         on_token: &mut dyn FnMut(RowId, u32, Option<&PositionLogprobs>),
     ) -> Result<(), GenerateError> {
-        let Some(shared) = self.shared.as_mut() else {
-            return match self.rows.is_empty() {
-                true => Ok(()),
-                false => Err(GenerateError::LostState),
-            };
-        };
-        let context = model.config().max_position_embeddings;
+        if self.rows.is_empty() {
+            return Ok(());
+        }
+        let cache = self.cache.as_mut().ok_or(GenerateError::LostState)?;
         let batch = self.rows.len();
         let pad = self.pad_id as i64;
         let feed = |row: &ActiveRow| if row.done() { pad } else { row.pending as i64 };
         let input_ids = Array2::from_shape_fn((batch, 1), |(r, _)| feed(&self.rows[r]));
         let position_ids = Array2::from_shape_fn((batch, 1), |(r, _)| self.rows[r].next_position);
-        let seen = shared.mask.ncols();
-        let mask = Array2::from_shape_fn((batch, seen + 1), |(r, c)| {
-            if c < seen {
-                shared.mask[[r, c]]
-            } else {
-                1
+        // Each row's new token goes at its own length.
+        let lengths = cache.lengths();
+        let mask = Array2::from_shape_fn((batch, cache.longest() + 1), |(r, c)| {
+            match c.cmp(&lengths[r]) {
+                std::cmp::Ordering::Less => self.mask[[r, c]],
+                std::cmp::Ordering::Equal => 1,
+                std::cmp::Ordering::Greater => 0,
             }
         });
         let step = Step {
@@ -372,8 +426,8 @@ impl RunningBatch {
             images: Vec::new(),
         };
         let started = Instant::now();
-        let logits = model.forward(&step, &mut shared.cache, &mut shared.steering)?;
-        shared.mask = step.attention_mask;
+        let logits = model.forward(&step, cache, &mut self.steering)?;
+        self.mask = step.attention_mask;
         let elapsed = started.elapsed().as_secs_f64() * 1e3;
         let codec = self.codec.as_deref();
         for (row, scores) in self.rows.iter_mut().zip(logits.rows()) {
@@ -381,7 +435,7 @@ impl RunningBatch {
                 row.decode_ms += elapsed;
             }
             row.next_position += 1;
-            row.pick(scores.as_slice().unwrap_or(&[]), context, codec, on_token);
+            row.pick(scores.as_slice().unwrap_or(&[]), codec, on_token);
         }
         Ok(())
     }
@@ -405,42 +459,45 @@ impl RunningBatch {
         &mut self,
         leaves: impl Fn(&ActiveRow) -> bool,
     ) -> Result<Vec<(RowId, RowResult)>, GenerateError> {
-        let keep: Vec<usize> = (0..self.rows.len())
-            .filter(|&r| !leaves(&self.rows[r]))
+        let leaving: Vec<usize> = (0..self.rows.len())
+            .filter(|&r| leaves(&self.rows[r]))
             .collect();
-        if keep.len() == self.rows.len() {
+        if leaving.is_empty() {
             return Ok(Vec::new());
         }
-        if keep.is_empty() {
-            self.shared = None;
-        } else if let Some(shared) = self.shared.as_mut() {
-            let mask = shared.mask.select(ndarray::Axis(0), &keep);
-            // Positions that are padding for every row left (the leaving row was the longest) go
-            // too: masked everywhere, they change no attention, and keeping them would hold the
-            // cache at the longest prompt the batch ever had.
-            let front = mask
-                .rows()
-                .into_iter()
-                .map(|row| row.iter().take_while(|&&m| m == 0).count())
-                .min()
-                .unwrap_or(0);
-            // The cache goes first: it is the one step that can fail, and it fails unchanged.
-            shared.cache.retain_rows(&keep, front)?;
-            shared.mask = mask.slice(ndarray::s![.., front..]).to_owned();
-            shared.steering.retain_rows(&keep);
-        }
-        let mut left = Vec::new();
-        let mut stayed = Vec::with_capacity(keep.len());
-        for row in std::mem::take(&mut self.rows) {
-            if leaves(&row) {
-                left.push((row.id, row.into_result()));
-            } else {
-                stayed.push(row);
-            }
-        }
-        self.rows = stayed;
-        Ok(left)
+        // The cache goes first: it is the one step that can fail, and it fails unchanged.
+        let (order, longest) = match self.cache.as_mut() {
+            Some(cache) => (cache.release(&leaving)?, cache.longest()),
+            None => return Err(GenerateError::LostState),
+        };
+        let mask = self.mask.select(Axis(0), &order);
+        self.mask = mask.slice(ndarray::s![.., ..longest]).to_owned();
+        self.steering.retain_rows(&order);
+        let mut rows: Vec<Option<ActiveRow>> = std::mem::take(&mut self.rows)
+            .into_iter()
+            .map(Some)
+            .collect();
+        self.rows = order.iter().filter_map(|&r| rows[r].take()).collect();
+        Ok(leaving
+            .iter()
+            .filter_map(|&r| rows[r].take())
+            .map(|row| (row.id, row.into_result()))
+            .collect())
     }
+}
+
+/// `running` `[R, W]` over `group` `[G, w]`, both padded on the right with zeros to the wider.
+fn stack_masks(running: &Array2<i64>, group: &Array2<i64>) -> Array2<i64> {
+    let width = running.ncols().max(group.ncols());
+    let rows = running.nrows();
+    let mut stacked = Array2::zeros((rows + group.nrows(), width));
+    stacked
+        .slice_mut(ndarray::s![..rows, ..running.ncols()])
+        .assign(running);
+    stacked
+        .slice_mut(ndarray::s![rows.., ..group.ncols()])
+        .assign(group);
+    stacked
 }
 
 #[cfg(test)]
@@ -462,6 +519,7 @@ mod tests {
                 prompt_logprobs: false,
             },
             next_position: 2,
+            limit: 64,
             pending: 0,
             tokens: Vec::new(),
             logprobs: Vec::new(),
@@ -482,7 +540,7 @@ mod tests {
         for logits in [[1.0, f32::NAN, 0.5], [f32::INFINITY, 0.0, 0.0]] {
             let mut seen = Vec::new();
             let mut row = row(sampling);
-            row.pick(&logits, 64, None, &mut |_, id, _| seen.push(id));
+            row.pick(&logits, None, &mut |_, id, _| seen.push(id));
             assert!(row.done() && seen.is_empty() && row.tokens.is_empty());
             let err = row.into_result().unwrap_err();
             assert!(
@@ -491,7 +549,7 @@ mod tests {
             );
         }
         let mut fine = row(Sampling::Greedy);
-        fine.pick(&[0.0, 3.0, 1.0], 64, None, &mut |_, _, _| {});
+        fine.pick(&[0.0, 3.0, 1.0], None, &mut |_, _, _| {});
         assert_eq!(fine.tokens, vec![1]);
         let scored = &fine.logprobs[0];
         assert_eq!((scored.token.id, scored.top.len()), (1, 2));
@@ -499,7 +557,7 @@ mod tests {
         // Stopping on the end-of-sequence token (id 0) keeps no token, but reports its
         // log-probability last, and does not stream it.
         let mut seen = Vec::new();
-        fine.pick(&[4.0, 3.0, 1.0], 64, None, &mut |_, id, _| seen.push(id));
+        fine.pick(&[4.0, 3.0, 1.0], None, &mut |_, id, _| seen.push(id));
         assert!(seen.is_empty() && fine.tokens == vec![1]);
         assert_eq!(fine.finish, Some(FinishReason::Stop));
         assert_eq!(fine.logprobs.len(), 2);
@@ -507,26 +565,25 @@ mod tests {
     }
 
     #[test]
-    fn joining_a_batch_that_lost_its_cache_is_an_error() {
-        crate::runtime::test_runtime();
+    fn rows_without_a_cache_are_an_error_not_a_panic() {
         let mut batch = RunningBatch::new(0);
-        batch.rows.push(row(Sampling::Greedy));
-        let empty = KvCache::empty(
-            &serde_json::from_value(serde_json::json!({
-                "architecture": "llama", "hidden_size": 2, "num_layers": 1, "num_attention_heads": 1,
-                "num_key_value_heads": 1, "head_dim": 2, "vocab_size": 3, "max_position_embeddings": 8,
-                "eos_token_ids": [0]
-            }))
-            .unwrap(),
-            crate::bundle::Dtype::Fp32,
-            1,
+        let mut finished = row(Sampling::Greedy);
+        finished.finish = Some(FinishReason::Stop);
+        batch.rows.push(finished);
+        assert!(matches!(
+            batch.take_finished(),
+            Err(GenerateError::LostState)
+        ));
+    }
+
+    #[test]
+    fn masks_stack_padded_on_the_right() {
+        let running = ndarray::array![[1, 1, 1], [0, 1, 1]];
+        let group = ndarray::array![[1, 1, 1, 1, 1]];
+        let stacked = stack_masks(&running, &group);
+        assert_eq!(
+            stacked,
+            ndarray::array![[1, 1, 1, 0, 0], [0, 1, 1, 0, 0], [1, 1, 1, 1, 1]]
         );
-        let merged = batch.merge(
-            empty.unwrap(),
-            Array2::ones((1, 1)),
-            DecodeSteering::default(),
-            1,
-        );
-        assert!(matches!(merged, Err(GenerateError::LostState)));
     }
 }

@@ -14,7 +14,7 @@ pub mod sampling;
 pub mod score;
 
 use crate::chain::{ModelError, Prompt};
-pub use batch::{RowId, RowRequest, RunningBatch};
+pub use batch::{KvSlots, KvUsage, RowId, RowRequest, RunningBatch};
 pub use logprobs::{LogSoftmax, PositionLogprobs, TokenLogprob};
 pub use oneshot::generate;
 pub use result::{FinishReason, Generated};

@@ -170,7 +170,7 @@ pub fn score(
         };
         let mut decode = prefill.decode();
         if source.len() != unique.len() {
-            cache.retain_rows(&source, 0)?;
+            cache = cache.select_rows(&source)?;
             decode.retain_rows(&source);
         }
         model.forward_positions(&continued, &mut cache, &mut decode, &mut |j, logits| {

@@ -8,13 +8,13 @@
 use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::mpsc::{self, Receiver, SyncSender, TryRecvError, TrySendError};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use tokio::sync::mpsc::UnboundedSender;
 
 use crate::chain::CausalLm;
-use crate::generate::batch::{RowId, RowRequest, RowResult, RunningBatch};
+use crate::generate::batch::{KvSlots, KvUsage, RowId, RowRequest, RowResult, RunningBatch};
 use crate::generate::{validate_prompts, GenerateError, Generated, PositionLogprobs};
 use crate::text::TextCodec;
 
@@ -51,8 +51,10 @@ pub struct Job {
 /// How the engine batches.
 #[derive(Debug, Clone, Copy)]
 pub struct EngineOptions {
-    /// Most rows decoding at once.
+    /// Most rows decoding at once: the KV cache's slots.
     pub max_batch: usize,
+    /// Positions each row's KV slot holds (prompt plus generated tokens): the server's context.
+    pub max_context: usize,
     /// Most jobs waiting to join; more are refused (HTTP 429).
     pub max_queue: usize,
     /// Left padding and the input of finished rows.
@@ -121,6 +123,7 @@ pub struct EngineHandle {
     /// How long recently admitted jobs waited in the queue, in milliseconds (a moving average).
     recent_wait_ms: Arc<AtomicU64>,
     running: Arc<AtomicUsize>,
+    kv: Arc<Mutex<KvUsage>>,
     alive: Arc<AtomicBool>,
     max_queue: usize,
 }
@@ -161,6 +164,11 @@ impl EngineHandle {
         self.running.load(Ordering::Relaxed)
     }
 
+    /// Use of the KV cache's slots, as of the last step.
+    pub fn kv_usage(&self) -> KvUsage {
+        self.kv.lock().map(|usage| *usage).unwrap_or_default()
+    }
+
     /// Seconds a request refused now should wait before it tries again: how long recently
     /// admitted jobs waited in the queue (a full queue drains at about that pace), 1 to 600.
     pub fn retry_after_s(&self) -> u64 {
@@ -183,11 +191,13 @@ pub fn spawn(
     let running = Arc::new(AtomicUsize::new(0));
     let alive = Arc::new(AtomicBool::new(true));
     let recent_wait_ms = Arc::new(AtomicU64::new(0));
+    let kv = Arc::new(Mutex::new(KvUsage::default()));
     let handle = EngineHandle {
         jobs,
         waiting: waiting.clone(),
         recent_wait_ms: recent_wait_ms.clone(),
         running: running.clone(),
+        kv: kv.clone(),
         alive: alive.clone(),
         max_queue: options.max_queue,
     };
@@ -195,19 +205,21 @@ pub fn spawn(
         .name("onnx-steer-engine".into())
         .spawn(move || {
             let _alive = AliveGuard(alive);
-            Engine {
+            let mut engine = Engine {
+                batch: new_batch(&options, &codec),
                 model,
                 options,
                 queue,
                 waiting,
                 recent_wait_ms,
                 running,
-                batch: RunningBatch::new(options.pad_id).with_text(codec.clone()),
+                kv,
                 deferred: VecDeque::new(),
                 codec,
                 listeners: HashMap::new(),
-            }
-            .run()
+            };
+            engine.allocate();
+            engine.run()
         })?;
     Ok((handle, thread))
 }
@@ -219,6 +231,7 @@ struct Engine {
     waiting: Arc<AtomicUsize>,
     recent_wait_ms: Arc<AtomicU64>,
     running: Arc<AtomicUsize>,
+    kv: Arc<Mutex<KvUsage>>,
     batch: RunningBatch,
     /// Every job taken from the channel that has not joined yet, in arrival order.
     deferred: VecDeque<Waiting>,
@@ -226,7 +239,43 @@ struct Engine {
     listeners: HashMap<RowId, UnboundedSender<JobEvent>>,
 }
 
+/// An empty running batch whose KV cache has `options`' slots.
+fn new_batch(options: &EngineOptions, codec: &Arc<TextCodec>) -> RunningBatch {
+    RunningBatch::new(options.pad_id)
+        .with_text(codec.clone())
+        .with_slots(KvSlots {
+            rows: options.max_batch,
+            positions: options.max_context,
+        })
+}
+
 impl Engine {
+    /// Reserve the KV slots now (a failure is logged; the first join tries again and fails its
+    /// requests with the reason).
+    fn allocate(&mut self) {
+        match self.batch.allocate(self.model.as_ref()) {
+            Ok(()) => {
+                let usage = self.batch.kv_usage();
+                tracing::info!(
+                    slots = usage.slots,
+                    positions = usage.positions_per_slot,
+                    mib = usage.bytes >> 20,
+                    "KV cache allocated"
+                );
+            }
+            Err(e) => tracing::error!("allocating the KV cache: {e}"),
+        }
+        self.publish();
+    }
+
+    /// Rows running and KV slots in use, for `/health` and `/metrics`.
+    fn publish(&self) {
+        self.running.store(self.batch.len(), Ordering::Relaxed);
+        if let Ok(mut usage) = self.kv.lock() {
+            *usage = self.batch.kv_usage();
+        }
+    }
+
     fn run(mut self) {
         let mut open = true;
         while open || !self.batch.is_empty() {
@@ -234,7 +283,7 @@ impl Engine {
             open = still_open;
             if !admitted.is_empty() {
                 self.join(admitted);
-                self.running.store(self.batch.len(), Ordering::Relaxed);
+                self.publish();
             }
             self.drop_cancelled();
             if self.batch.has_unfinished() {
@@ -247,12 +296,12 @@ impl Engine {
                 }
             }
             self.finish();
-            self.running.store(self.batch.len(), Ordering::Relaxed);
+            self.publish();
         }
     }
 
     /// Jobs to join now, in arrival order: wait for one when idle, then take what is queued up to
-    /// `max_batch` rows and the prefill token budget. The job that would overflow the budget
+    /// `max_batch` rows (the free KV slots), the prefill token budget and the slots' length. The job that would overflow the budget
     /// waits at the head of the line for the next step. Every queued job is looked at each step:
     /// one whose client left, or that waited past the queue timeout, leaves the queue at once.
     fn admit(&mut self) -> (Vec<Job>, bool) {
@@ -277,17 +326,22 @@ impl Engine {
         let left = sweep(&mut self.deferred, self.options.queue_timeout, now);
         self.waiting.fetch_sub(left, Ordering::Relaxed);
         let mut admitted: Vec<Job> = Vec::new();
-        let mut longest = 0;
+        let (mut longest, mut most_new) = (0, 0);
         while self.batch.len() + admitted.len() < self.options.max_batch {
             let Some(next) = self.deferred.pop_front() else {
                 break;
             };
             let length = longest.max(next.job.request.prompt.ids.len());
-            if !admitted.is_empty() && (admitted.len() + 1) * length > self.options.prefill_tokens {
+            let new_tokens = most_new.max(next.job.request.max_new_tokens);
+            // A group is left-padded to its longest prompt inside each row's KV slot: a job joins
+            // one only when that padding leaves it the room it would have alone.
+            let fits = (admitted.len() + 1) * length <= self.options.prefill_tokens
+                && length + new_tokens <= self.options.max_context;
+            if !admitted.is_empty() && !fits {
                 self.deferred.push_front(next);
                 break;
             }
-            longest = length;
+            (longest, most_new) = (length, new_tokens);
             self.waiting.fetch_sub(1, Ordering::Relaxed);
             self.note_wait(now.saturating_duration_since(next.since));
             admitted.push(next.job);
@@ -310,7 +364,10 @@ impl Engine {
 
     /// Prefill the admitted jobs as one group; a job that cannot run fails alone.
     fn join(&mut self, jobs: Vec<Job>) {
-        let context = self.model.config().max_position_embeddings;
+        let context = self
+            .options
+            .max_context
+            .min(self.model.config().max_position_embeddings);
         let mut accepted = Vec::with_capacity(jobs.len());
         for job in jobs {
             let checked = validate_prompts(std::slice::from_ref(&job.request.prompt), context)
@@ -401,7 +458,7 @@ impl Engine {
         for (_, sender) in self.listeners.drain() {
             let _ = sender.send(JobEvent::Failed(message.to_string()));
         }
-        self.batch = RunningBatch::new(self.options.pad_id).with_text(self.codec.clone());
+        self.batch = new_batch(&self.options, &self.codec);
     }
 }
 
@@ -430,6 +487,7 @@ mod tests {
             waiting: Arc::new(AtomicUsize::new(0)),
             recent_wait_ms: Arc::new(AtomicU64::new(0)),
             running: Arc::new(AtomicUsize::new(0)),
+            kv: Arc::default(),
             alive: Arc::new(AtomicBool::new(true)),
             max_queue: capacity,
         };

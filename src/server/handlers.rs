@@ -31,10 +31,15 @@ use crate::text::Turn;
 /// `GET /health`: 200 while the engine runs, 503 once it has stopped.
 pub(crate) async fn health(State(state): State<AppState>) -> Response {
     let alive = state.engine.is_alive();
+    let kv = state.engine.kv_usage();
     let body = Json(serde_json::json!({
         "status": if alive { "ok" } else { "engine stopped" },
         "queue_depth": state.engine.queue_depth(),
         "batch_size": state.engine.batch_size(),
+        "kv_slots": kv.slots,
+        "kv_slots_used": kv.used_slots,
+        "kv_positions_per_slot": kv.positions_per_slot,
+        "kv_positions_filled": kv.filled_positions,
     }));
     let status = match alive {
         true => StatusCode::OK,
@@ -65,9 +70,11 @@ pub(crate) async fn models(State(state): State<AppState>) -> Json<serde_json::Va
 
 /// `GET /metrics`: Prometheus text.
 pub(crate) async fn metrics(State(state): State<AppState>) -> Response {
-    let text = state
-        .metrics
-        .render(state.engine.queue_depth(), state.engine.batch_size());
+    let text = state.metrics.render(
+        state.engine.queue_depth(),
+        state.engine.batch_size(),
+        state.engine.kv_usage(),
+    );
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], text).into_response()
 }
 
@@ -364,7 +371,7 @@ async fn prepare(
     check_prompt_length(0, tokens, context).map_err(|e| match e {
         GenerateError::EmptyPrompt { .. } => ApiError::bad_request("the prompt is empty"),
         _ => ApiError::bad_request(format!(
-            "the prompt has {tokens} tokens; the model's context is {context} and must leave room for at least one new token"
+            "the prompt has {tokens} tokens; the server's context is {context} (the model's, or serve --max-context) and must leave room for at least one new token"
         )),
     })?;
     let room = context - tokens;
@@ -382,7 +389,7 @@ async fn prepare(
         }
         Some(n) if n as u64 > room as u64 => {
             return Err(ApiError::bad_request(format!(
-                "max_tokens {n} does not fit: the prompt has {tokens} tokens and the context is {context}"
+                "max_tokens {n} does not fit: the prompt has {tokens} tokens and the server's context is {context}"
             )))
         }
         Some(n) => n as usize,

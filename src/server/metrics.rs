@@ -1,6 +1,7 @@
 //! `GET /metrics`: Prometheus text format. Requests by endpoint and status, generated tokens,
 //! latency histograms, requests per steering spec, queue depth and batch size.
 
+use crate::generate::KvUsage;
 use prometheus::{
     Encoder, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, Opts, Registry,
     TextEncoder,
@@ -16,6 +17,10 @@ pub struct Metrics {
     steering: IntCounterVec,
     queue_depth: IntGauge,
     batch_size: IntGauge,
+    kv_slots: IntGauge,
+    kv_slots_used: IntGauge,
+    kv_positions_filled: IntGauge,
+    kv_cache_bytes: IntGauge,
 }
 
 impl Metrics {
@@ -44,12 +49,30 @@ impl Metrics {
         )?;
         let queue_depth = IntGauge::new("queue_depth", "Requests waiting for a batch slot")?;
         let batch_size = IntGauge::new("batch_size", "Rows in the running batch")?;
+        let kv_slots = IntGauge::new("kv_slots", "KV cache slots (--max-batch)")?;
+        let kv_slots_used = IntGauge::new("kv_slots_used", "KV cache slots held by running rows")?;
+        let kv_positions_filled = IntGauge::new(
+            "kv_positions_filled",
+            "Positions the running rows have filled in their KV slots",
+        )?;
+        let kv_cache_bytes = IntGauge::new(
+            "kv_cache_bytes",
+            "Bytes of the KV cache's buffers, allocated once at start",
+        )?;
         registry.register(Box::new(requests.clone()))?;
         registry.register(Box::new(tokens.clone()))?;
         registry.register(Box::new(latency.clone()))?;
         registry.register(Box::new(steering.clone()))?;
         registry.register(Box::new(queue_depth.clone()))?;
         registry.register(Box::new(batch_size.clone()))?;
+        for gauge in [
+            &kv_slots,
+            &kv_slots_used,
+            &kv_positions_filled,
+            &kv_cache_bytes,
+        ] {
+            registry.register(Box::new(gauge.clone()))?;
+        }
         Ok(Self {
             registry,
             requests,
@@ -58,6 +81,10 @@ impl Metrics {
             steering,
             queue_depth,
             batch_size,
+            kv_slots,
+            kv_slots_used,
+            kv_positions_filled,
+            kv_cache_bytes,
         })
     }
 
@@ -84,10 +111,19 @@ impl Metrics {
         self.steering.with_label_values(&[spec]).inc();
     }
 
-    /// The text exposition, with the engine's current queue depth and batch size.
-    pub fn render(&self, queue_depth: usize, batch_size: usize) -> String {
-        self.queue_depth.set(queue_depth as i64);
-        self.batch_size.set(batch_size as i64);
+    /// The text exposition, with the engine's current queue depth, batch size and KV slots.
+    pub fn render(&self, queue_depth: usize, batch_size: usize, kv: KvUsage) -> String {
+        let gauges = [
+            (&self.queue_depth, queue_depth),
+            (&self.batch_size, batch_size),
+            (&self.kv_slots, kv.slots),
+            (&self.kv_slots_used, kv.used_slots),
+            (&self.kv_positions_filled, kv.filled_positions),
+            (&self.kv_cache_bytes, kv.bytes),
+        ];
+        for (gauge, value) in gauges {
+            gauge.set(i64::try_from(value).unwrap_or(i64::MAX));
+        }
         let mut buffer = Vec::new();
         if let Err(e) = TextEncoder::new().encode(&self.registry.gather(), &mut buffer) {
             tracing::error!("encoding metrics: {e}");

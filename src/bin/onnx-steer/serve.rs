@@ -30,9 +30,15 @@ pub(crate) struct ServeArgs {
     /// How often the steering folder is checked for changes, in milliseconds (0: read at start only).
     #[arg(long, default_value_t = 1000)]
     steer_dir_poll_ms: u64,
-    /// Most requests decoding together in one batch.
+    /// Most requests decoding together in one batch: the KV cache holds a slot for each,
+    /// allocated at start.
     #[arg(long, default_value_t = 8)]
     max_batch: usize,
+    /// Positions each request's KV slot holds, prompt plus generated tokens (default: the
+    /// model's context). The KV cache is --max-batch x this, allocated once; longer requests get
+    /// 400. On the CPU a slot's memory is only used as far as its rows fill it.
+    #[arg(long)]
+    max_context: Option<usize>,
     /// Most requests waiting for a batch slot, served first come, first served; more get 429 with
     /// a Retry-After from how long recent requests waited.
     #[arg(long, default_value_t = 64)]
@@ -84,13 +90,20 @@ pub(crate) fn run(args: ServeArgs) -> Result<(), CliError> {
     let runtime = std::sync::Arc::new(args.runtime.runtime()?);
     let model = args.runtime.chain(&bundle, &runtime)?;
     let encoder = VisionEncoder::load(&bundle, &runtime)?;
-    let config = bundle.config().clone();
+    let mut config = bundle.config().clone();
+    // The server's context: every length check (400s, max_tokens) uses it.
+    config.max_position_embeddings = args
+        .max_context
+        .map_or(config.max_position_embeddings, |positions| {
+            positions.clamp(2, config.max_position_embeddings)
+        });
     let codec = Arc::new(TextCodec::load(&bundle)?);
     let (handle, engine_thread) = engine::spawn(
         Box::new(model),
         codec.clone(),
         engine::EngineOptions {
             max_batch: args.max_batch.max(1),
+            max_context: config.max_position_embeddings,
             max_queue: args.max_queue.max(1),
             pad_id: config.pad_token_id.unwrap_or(config.eos_token_ids[0]),
             prefill_tokens: args.prefill_tokens.max(1),
