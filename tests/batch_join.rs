@@ -5,7 +5,7 @@ mod common;
 
 use std::sync::Arc;
 
-use onnx_steer::generate::{KvSlots, RowRequest, RunningBatch};
+use onnx_steer::generate::{Joining, KvSlots, RowRequest, RunningBatch};
 use onnx_steer::{Bundle, Sampling, SegmentChain, TextCodec};
 
 fn request(
@@ -302,5 +302,69 @@ fn a_row_stops_when_its_slot_is_full() {
     assert_eq!(
         generated.finish_reason,
         onnx_steer::generate::FinishReason::Length
+    );
+}
+
+#[test]
+fn a_long_prompt_joins_in_chunks_while_the_running_rows_decode() {
+    let bundle = Bundle::open(common::bundle_dir()).expect("bundle");
+    let codec = TextCodec::load(&bundle).expect("tokenizer");
+    let mut model = SegmentChain::load(&bundle, common::runtime()).expect("model");
+    let steering = common::vector_steering(&bundle, 7, &[10], "all");
+    let long = "Tell me everything about the history of lighthouses on rocky coasts. ".repeat(12);
+    let long = request(&codec, &long, 6, Some(steering));
+    let short = request(
+        &codec,
+        "Write a long story about a lighthouse keeper.",
+        24,
+        None,
+    );
+    let solo: Vec<Vec<u32>> = [&short, &long]
+        .iter()
+        .map(|r| generate_all(&mut model, vec![(*r).clone()]).remove(0))
+        .collect();
+    let mut batch = RunningBatch::new(2).with_slots(KvSlots {
+        rows: 4,
+        positions: 512,
+    });
+    let mut sink = |_: u64, _: u32, _: Option<&_>| {};
+    let short_id = batch.join(&mut model, vec![short], &mut sink).unwrap()[0];
+    let chunk = 64;
+    let joining = batch
+        .begin_join(&mut model, vec![long.clone()], chunk, &mut sink)
+        .unwrap();
+    assert_eq!(joining, Joining::Pending);
+    assert!(batch
+        .begin_join(&mut model, vec![long.clone()], chunk, &mut sink)
+        .is_err());
+    let (mut long_id, mut steps_while_joining) = (None, 0);
+    let mut finished = Vec::new();
+    while batch.has_unfinished() || batch.joining() {
+        if let Some(ids) = batch.advance_join(&mut model, &mut sink).unwrap() {
+            long_id = Some(ids[0]);
+        }
+        if batch.joining() {
+            steps_while_joining += 1;
+        }
+        batch.step(&mut model, &mut sink).unwrap();
+        finished.extend(batch.take_finished().unwrap());
+    }
+    let chunks = long.prompt.ids.len().div_ceil(chunk);
+    assert_eq!(
+        steps_while_joining,
+        chunks - 1,
+        "the short row decodes one token after each chunk but the last"
+    );
+    let tokens = |id| {
+        finished
+            .iter()
+            .find(|(row, _)| *row == id)
+            .and_then(|(_, result)| result.as_ref().ok())
+            .map(|generated| generated.token_ids.clone())
+    };
+    assert_eq!(tokens(short_id), Some(solo[0].clone()));
+    assert_eq!(
+        tokens(long_id.expect("the long row joined")),
+        Some(solo[1].clone())
     );
 }

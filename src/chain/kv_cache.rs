@@ -65,10 +65,20 @@ pub struct KvCache {
     capacity: usize,
     /// Whether a step or a join may reallocate the buffers to make room.
     growable: bool,
-    /// Filled positions of each occupied slot; the occupied slots are `0..lengths.len()`.
+    /// Filled positions of each occupied slot; the occupied slots are `0..lengths.len()`: the
+    /// running rows, then the group being admitted, if any.
     lengths: Vec<usize>,
-    /// The occupied slots a step runs on: all of them, or the group being admitted.
-    window: Range<usize>,
+    /// How many of the occupied slots hold running rows.
+    running: usize,
+    /// Which rows the next step runs on.
+    focus: Focus,
+}
+
+/// The rows a step of a [`KvCache`] runs on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Focus {
+    Running,
+    Admitted,
 }
 
 impl KvCache {
@@ -79,7 +89,7 @@ impl KvCache {
         let mut cache = Self::allocate(config, dtype, rows, 0)?;
         cache.growable = true;
         cache.lengths = vec![0; rows];
-        cache.window = 0..rows;
+        cache.running = rows;
         Ok(cache)
     }
 
@@ -111,7 +121,8 @@ impl KvCache {
             capacity,
             growable: false,
             lengths: Vec::new(),
-            window: 0..0,
+            running: 0,
+            focus: Focus::Running,
         };
         (cache.keys, cache.values) = cache.zeroed(config.num_layers, slots, capacity)?;
         Ok(cache)
@@ -119,12 +130,35 @@ impl KvCache {
 
     /// Rows the next step runs on.
     pub fn batch(&self) -> usize {
-        self.window.len()
+        self.window().len()
     }
 
-    /// Occupied slots (running rows).
+    /// Occupied slots: running rows and the group being admitted.
     pub fn rows(&self) -> usize {
         self.lengths.len()
+    }
+
+    /// The slots the next step runs on.
+    fn window(&self) -> Range<usize> {
+        match self.focus {
+            Focus::Running => 0..self.running,
+            Focus::Admitted => self.running..self.lengths.len(),
+        }
+    }
+
+    /// Aim the next steps at the running rows (a decode step while a group is being admitted).
+    pub fn focus_running(&mut self) {
+        self.focus = Focus::Running;
+    }
+
+    /// Aim the next steps at the group being admitted (its next prefill chunk).
+    pub fn focus_admitted(&mut self) {
+        self.focus = Focus::Admitted;
+    }
+
+    /// True while a group holds slots without having joined ([`KvCache::admit`]).
+    pub fn admitting(&self) -> bool {
+        self.lengths.len() > self.running
     }
 
     /// Slots in all, occupied or free.
@@ -139,7 +173,7 @@ impl KvCache {
 
     /// Filled positions of each row the next step runs on.
     pub fn lengths(&self) -> &[usize] {
-        &self.lengths[self.window.clone()]
+        &self.lengths[self.window()]
     }
 
     /// The most positions any row of the next step has cached (the width of its attention mask
@@ -190,7 +224,7 @@ impl KvCache {
     /// room; a fixed one refuses a group that does not fit. Follow with [`KvCache::commit`] once
     /// the group's prefill succeeded, or [`KvCache::abandon`].
     pub fn admit(&mut self, rows: usize, positions: usize) -> Result<(), ModelError> {
-        if self.window != (0..self.rows()) {
+        if self.admitting() {
             return Err(ModelError::Shape(
                 "a group is already being admitted to this KV cache".into(),
             ));
@@ -209,25 +243,27 @@ impl KvCache {
             self.resize(needed.max(self.slots), positions.max(self.capacity))?;
         }
         self.lengths.resize(needed, 0);
-        self.window = occupied..needed;
+        self.focus = Focus::Admitted;
         Ok(())
     }
 
     /// The admitted group becomes running rows: the next steps cover every occupied slot.
     pub fn commit(&mut self) {
-        self.window = 0..self.rows();
+        self.running = self.lengths.len();
+        self.focus = Focus::Running;
     }
 
     /// Free the slots of the group being admitted (its prefill failed): the running rows are as
     /// they were.
     pub fn abandon(&mut self) {
-        self.lengths.truncate(self.window.start);
-        self.window = 0..self.rows();
+        self.lengths.truncate(self.running);
+        self.focus = Focus::Running;
     }
 
     /// Record that a step appended `tokens` positions to each of its rows.
     pub(crate) fn advance(&mut self, tokens: usize) {
-        for length in &mut self.lengths[self.window.clone()] {
+        let window = self.window();
+        for length in &mut self.lengths[window] {
             *length += tokens;
         }
     }
@@ -272,13 +308,14 @@ impl KvCache {
         rows: Rows,
         segment: &str,
     ) -> Result<(), ModelError> {
+        let window = self.window();
         let (first, count) = match rows {
-            Rows::All => (self.window.start, self.window.len()),
-            Rows::One(row) if row < self.window.len() => (self.window.start + row, 1),
+            Rows::All => (window.start, window.len()),
+            Rows::One(row) if row < window.len() => (window.start + row, 1),
             Rows::One(row) => {
                 return Err(ModelError::Shape(format!(
                     "row {row} is not among the step's {} rows",
-                    self.window.len()
+                    window.len()
                 )))
             }
         };
@@ -309,20 +346,15 @@ impl KvCache {
         Ok(())
     }
 
-    /// Free the slots of the running rows `leaving` (indices among the occupied slots): the last
-    /// rows move into the holes, one row's filled positions each. Returns the new order: slot `i`
-    /// now holds the row that was at `order[i]`. Copies happen before anything else changes, so
-    /// an error leaves the cache as it was.
+    /// Free the slots of the running rows `leaving` (indices among the running rows): the last
+    /// running rows move into the holes, one row's filled positions each, and a group being
+    /// admitted moves down behind them. Returns the new order of the running rows: slot `i` now
+    /// holds the row that was at `order[i]`.
     pub fn release(&mut self, leaving: &[usize]) -> Result<Vec<usize>, ModelError> {
-        let rows = self.rows();
-        if self.window != (0..rows) {
-            return Err(ModelError::Shape(
-                "rows cannot leave while a group is being admitted".into(),
-            ));
-        }
+        let rows = self.running;
         if let Some(&bad) = leaving.iter().find(|&&r| r >= rows) {
             return Err(ModelError::Shape(format!(
-                "row {bad} is not in a cache of {rows} rows"
+                "row {bad} is not among the cache's {rows} running rows"
             )));
         }
         let mut order: Vec<usize> = (0..rows).collect();
@@ -332,7 +364,7 @@ impl KvCache {
         holes.sort_unstable();
         holes.dedup();
         for &hole in &holes {
-            // Drop leaving rows from the end first: they need no move.
+            // Leaving rows at the end go first: they need no move.
             while kept > 0 && holes.binary_search(&order[kept - 1]).is_ok() {
                 kept -= 1;
             }
@@ -344,11 +376,18 @@ impl KvCache {
             kept -= 1;
         }
         order.truncate(kept);
-        for &(from, to) in &moves {
+        let admitted = self.running..self.lengths.len();
+        moves.extend(admitted.clone().map(|from| (from, from - (rows - kept))));
+        for &(from, to) in moves.iter().filter(|(from, to)| from != to) {
             self.move_row(from, to)?;
         }
-        self.lengths = order.iter().map(|&row| self.lengths[row]).collect();
-        self.window = 0..kept;
+        self.lengths = order
+            .iter()
+            .copied()
+            .chain(admitted)
+            .map(|row| self.lengths[row])
+            .collect();
+        self.running = kept;
         Ok(order)
     }
 
@@ -362,13 +401,14 @@ impl KvCache {
                 self.batch()
             )));
         }
-        let first = self.window.start;
+        let first = self.window().start;
         let mut copy = Self {
             keys: Vec::new(),
             values: Vec::new(),
             growable: true,
             lengths: rows.iter().map(|&r| self.lengths[first + r]).collect(),
-            window: 0..rows.len(),
+            running: rows.len(),
+            focus: Focus::Running,
             slots: rows.len(),
             ..*self
         };

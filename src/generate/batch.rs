@@ -20,7 +20,7 @@ use rand::SeedableRng;
 use super::logprobs::{LogSoftmax, PositionLogprobs};
 use super::score::prefill_logits;
 use super::{validate_prompts, FinishReason, GenerateError, Generated, Penalties, Sampling};
-use crate::chain::{CausalLm, KvCache, Prompt, Step};
+use crate::chain::{CausalLm, KvCache, LayerHook, Prompt, Step};
 use crate::steer::{BatchSteering, Decision, DecodeSteering, ResolvedSteering};
 use crate::text::{StreamDecoder, TextCodec};
 
@@ -188,6 +188,43 @@ pub struct KvUsage {
     pub bytes: usize,
 }
 
+/// A group whose KV slots are claimed and whose prefill step is laid out.
+struct Group {
+    requests: Vec<RowRequest>,
+    steering: BatchSteering,
+    /// The left-padded prefill step of the group's prompts.
+    step: Step,
+}
+
+/// What a group's prefill produced.
+struct Prefilled {
+    /// The last prompt position's logits `[rows, vocab]`.
+    logits: Array2<f32>,
+    /// Each row's prompt log-probabilities (empty unless asked).
+    echoed: Vec<Vec<PositionLogprobs>>,
+    steering: DecodeSteering,
+    decisions: Vec<Vec<Decision>>,
+    prefill_ms: f64,
+}
+
+/// A group prefilled chunk by chunk between decode steps.
+struct PendingJoin {
+    group: Group,
+    chunk: usize,
+    /// Prompt positions prefilled so far.
+    done: usize,
+    prefill_ms: f64,
+}
+
+/// What [`RunningBatch::begin_join`] did with a group.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Joining {
+    /// It joined at once; its row ids, in order.
+    Joined(Vec<RowId>),
+    /// Its prefill goes on in chunks ([`RunningBatch::advance_join`]).
+    Pending,
+}
+
 /// Rows decoding together; see the module docs.
 pub struct RunningBatch {
     rows: Vec<ActiveRow>,
@@ -198,6 +235,8 @@ pub struct RunningBatch {
     mask: Array2<i64>,
     steering: DecodeSteering,
     slots: Option<KvSlots>,
+    /// The group being prefilled chunk by chunk, if any.
+    pending: Option<PendingJoin>,
     pad_id: u32,
     next_id: RowId,
     codec: Option<Arc<TextCodec>>,
@@ -212,6 +251,7 @@ impl RunningBatch {
             mask: Array2::zeros((0, 0)),
             steering: DecodeSteering::default(),
             slots: None,
+            pending: None,
             pad_id,
             next_id: 0,
             codec: None,
@@ -239,9 +279,9 @@ impl RunningBatch {
         self.rows.len()
     }
 
-    /// True when no row is in the batch.
+    /// True when no row is in the batch and none is being prefilled.
     pub fn is_empty(&self) -> bool {
-        self.rows.is_empty()
+        self.rows.is_empty() && self.pending.is_none()
     }
 
     /// Use of the KV cache (all zero before the first join).
@@ -293,6 +333,162 @@ impl RunningBatch {
         requests: Vec<RowRequest>,
         on_token: &mut dyn FnMut(RowId, u32, Option<&PositionLogprobs>),
     ) -> Result<Vec<RowId>, GenerateError> {
+        let group = self.admit(model, requests)?;
+        let ids: Vec<&[u32]> = group
+            .requests
+            .iter()
+            .map(|r| r.prompt.ids.as_slice())
+            .collect();
+        let lengths: Vec<usize> = ids.iter().map(|ids| ids.len()).collect();
+        let mut prefill = group.steering.prefill(model.config(), &lengths);
+        let echo: Vec<Option<usize>> = group
+            .requests
+            .iter()
+            .map(|r| r.prompt_logprobs.then_some(r.logprobs.unwrap_or(0)))
+            .collect();
+        let cache = self.cache.as_mut().ok_or(GenerateError::LostState)?;
+        let started = Instant::now();
+        let prefilled = prefill_logits(model, &group.step, cache, &mut prefill, &ids, &echo);
+        let prefill_ms = started.elapsed().as_secs_f64() * 1e3;
+        let (logits, echoed) = match prefilled {
+            Ok(prefilled) => prefilled,
+            Err(e) => {
+                cache.abandon();
+                return Err(e.into());
+            }
+        };
+        let prefilled = Prefilled {
+            logits,
+            echoed,
+            steering: prefill.decode(),
+            decisions: prefill.decisions().to_vec(),
+            prefill_ms,
+        };
+        self.complete(model, group, prefilled, on_token)
+    }
+
+    /// Start prefilling `requests` in chunks of `chunk` prompt tokens, one chunk per
+    /// [`RunningBatch::advance_join`], so that the running rows keep decoding between chunks.
+    /// A group that cannot be split (learned steering reads its whole prompt at once, prompt
+    /// log-probabilities, images) or that fits one chunk joins at once, as with
+    /// [`RunningBatch::join`]. One group is prefilled at a time.
+    pub fn begin_join(
+        &mut self,
+        model: &mut dyn CausalLm,
+        requests: Vec<RowRequest>,
+        chunk: usize,
+        on_token: &mut dyn FnMut(RowId, u32, Option<&PositionLogprobs>),
+    ) -> Result<Joining, GenerateError> {
+        if self.pending.is_some() {
+            return Err(GenerateError::JoinPending);
+        }
+        let width = requests
+            .iter()
+            .map(|r| r.prompt.ids.len())
+            .max()
+            .unwrap_or(0);
+        let whole = chunk == 0
+            || width <= chunk
+            || requests
+                .iter()
+                .any(|r| r.prompt_logprobs || !r.prompt.images.is_empty());
+        let lengths: Vec<usize> = requests.iter().map(|r| r.prompt.ids.len()).collect();
+        let steering = BatchSteering::new(requests.iter().map(|r| r.steering.clone()).collect());
+        let prefill = steering.prefill(model.config(), &lengths);
+        let observes = (0..model.config().num_layers).any(|layer| prefill.observes(layer));
+        if whole || observes {
+            return self.join(model, requests, on_token).map(Joining::Joined);
+        }
+        let group = self.admit(model, requests)?;
+        self.pending = Some(PendingJoin {
+            group,
+            chunk,
+            done: 0,
+            prefill_ms: 0.0,
+        });
+        Ok(Joining::Pending)
+    }
+
+    /// True while a group is being prefilled chunk by chunk.
+    pub fn joining(&self) -> bool {
+        self.pending.is_some()
+    }
+
+    /// Prefill the next chunk of the group begun with [`RunningBatch::begin_join`]; after its
+    /// last chunk the group joins (each row's first token goes to `on_token`) and its ids are
+    /// returned. On error the group is dropped and its slots freed; the running rows go on.
+    pub fn advance_join(
+        &mut self,
+        model: &mut dyn CausalLm,
+        on_token: &mut dyn FnMut(RowId, u32, Option<&PositionLogprobs>),
+    ) -> Result<Option<Vec<RowId>>, GenerateError> {
+        let Some(mut pending) = self.pending.take() else {
+            return Ok(None);
+        };
+        let cache = self.cache.as_mut().ok_or(GenerateError::LostState)?;
+        let step = &pending.group.step;
+        let width = step.input_ids.ncols();
+        let (start, end) = (pending.done, (pending.done + pending.chunk).min(width));
+        let part = Step {
+            input_ids: step.input_ids.slice(ndarray::s![.., start..end]).to_owned(),
+            position_ids: step
+                .position_ids
+                .slice(ndarray::s![.., start..end])
+                .to_owned(),
+            attention_mask: step.attention_mask.slice(ndarray::s![.., ..end]).to_owned(),
+            images: Vec::new(),
+        };
+        let lengths: Vec<usize> = pending
+            .group
+            .requests
+            .iter()
+            .map(|r| r.prompt.ids.len())
+            .collect();
+        let mut prefill = pending.group.steering.prefill(model.config(), &lengths);
+        cache.focus_admitted();
+        let started = Instant::now();
+        let logits = model.forward(&part, cache, &mut prefill);
+        pending.prefill_ms += started.elapsed().as_secs_f64() * 1e3;
+        let logits = match logits {
+            Ok(logits) => logits,
+            Err(e) => {
+                cache.abandon();
+                return Err(e.into());
+            }
+        };
+        cache.focus_running();
+        if end < width {
+            pending.done = end;
+            self.pending = Some(pending);
+            return Ok(None);
+        }
+        let prefilled = Prefilled {
+            logits,
+            echoed: vec![Vec::new(); lengths.len()],
+            steering: prefill.decode(),
+            decisions: prefill.decisions().to_vec(),
+            prefill_ms: pending.prefill_ms,
+        };
+        drop(prefill);
+        self.complete(model, pending.group, prefilled, on_token)
+            .map(Some)
+    }
+
+    /// Drop the group being prefilled chunk by chunk (its requests went away) and free its slots.
+    pub fn abandon_join(&mut self) {
+        if self.pending.take().is_some() {
+            if let Some(cache) = self.cache.as_mut() {
+                cache.abandon();
+            }
+        }
+    }
+
+    /// Check `requests`, claim KV slots for them and lay out their prefill step.
+    fn admit(
+        &mut self,
+        model: &dyn CausalLm,
+        requests: Vec<RowRequest>,
+    ) -> Result<Group, GenerateError> {
         let context = model.config().max_position_embeddings;
         let prompts: Vec<Prompt> = requests.iter().map(|r| r.prompt.clone()).collect();
         validate_prompts(&prompts, context)?;
@@ -303,60 +499,63 @@ impl RunningBatch {
                 return Err(GenerateError::StopStringsWithoutText);
             }
         }
-        let group = BatchSteering::new(requests.iter().map(|r| r.steering.clone()).collect());
+        let steering = BatchSteering::new(requests.iter().map(|r| r.steering.clone()).collect());
         let step = Step::for_prompts(&prompts, self.pad_id);
         let width = step.input_ids.ncols();
-        let group_rows = requests.len();
         // A fixed cache needs room for the prompt and one token (rows stop when their slot is
         // full); a growable one is sized for the longest the group can grow, so that no decode
         // step reallocates it.
-        let fixed = self.slots.is_some();
         let longest = requests.iter().map(|r| r.max_new_tokens).max().unwrap_or(0);
-        let room = match fixed {
-            true => width + 1,
-            false => width + longest,
+        let room = match self.slots {
+            Some(_) => width + 1,
+            None => width + longest,
         };
-        let ids: Vec<&[u32]> = prompts.iter().map(|p| p.ids.as_slice()).collect();
-        let lengths: Vec<usize> = ids.iter().map(|ids| ids.len()).collect();
-        let mut prefill = group.prefill(model.config(), &lengths);
-        let echo: Vec<Option<usize>> = requests
-            .iter()
-            .map(|r| r.prompt_logprobs.then_some(r.logprobs.unwrap_or(0)))
-            .collect();
+        let rows = requests.len();
+        self.cache_for(model)?.admit(rows, room)?;
+        Ok(Group {
+            requests,
+            steering,
+            step,
+        })
+    }
+
+    /// The admitted `group`, prefilled, joins: its steering and mask go below the running rows',
+    /// its slots become running, and each row picks its first token. All or nothing.
+    fn complete(
+        &mut self,
+        model: &dyn CausalLm,
+        group: Group,
+        prefilled: Prefilled,
+        on_token: &mut dyn FnMut(RowId, u32, Option<&PositionLogprobs>),
+    ) -> Result<Vec<RowId>, GenerateError> {
+        let context = model.config().max_position_embeddings;
+        let Group { requests, step, .. } = group;
+        let group_rows = requests.len();
         let running_rows = self.rows.len();
-        let running_steering = (running_rows > 0).then(|| self.steering.clone());
-        let cache = self.cache_for(model)?;
-        cache.admit(group_rows, room)?;
-        let capacity = cache.capacity();
-        let started = Instant::now();
-        let prefilled = prefill_logits(model, &step, cache, &mut prefill, &ids, &echo);
-        let prefill_ms = started.elapsed().as_secs_f64() * 1e3;
-        let merged = prefilled.and_then(|prefilled| {
-            let mut steering = prefill.decode();
-            if let Some(mut merged) = running_steering {
-                merged.append_rows(running_rows, steering, group_rows)?;
-                steering = merged;
-            }
-            Ok((prefilled, steering))
-        });
-        let ((logits, echoed), steering) = match merged {
-            Ok(merged) => merged,
-            Err(e) => {
+        let cache = self.cache.as_mut().ok_or(GenerateError::LostState)?;
+        let mut steering = prefilled.steering;
+        if running_rows > 0 {
+            let mut merged = self.steering.clone();
+            if let Err(e) = merged.append_rows(running_rows, steering, group_rows) {
                 cache.abandon();
                 return Err(e.into());
             }
-        };
+            steering = merged;
+        }
         cache.commit();
+        let capacity = cache.capacity();
         self.steering = steering;
         self.mask = stack_masks(&self.mask, &step.attention_mask);
-        let decisions = prefill.decisions().to_vec();
+        let width = step.input_ids.ncols();
+        let fixed = self.slots.is_some();
+        let prefill_ms = prefilled.prefill_ms;
 
         let first_id = self.next_id;
         self.next_id += group_rows as RowId;
         let codec = self.codec.clone();
         let mut joined: Vec<ActiveRow> = requests
             .into_iter()
-            .zip(decisions.into_iter().zip(echoed))
+            .zip(prefilled.decisions.into_iter().zip(prefilled.echoed))
             .enumerate()
             .map(|(r, (request, (decisions, prompt_logprobs)))| ActiveRow {
                 id: first_id + r as RowId,
@@ -385,7 +584,7 @@ impl RunningBatch {
                 request,
             })
             .collect();
-        for (row, scores) in joined.iter_mut().zip(logits.rows()) {
+        for (row, scores) in joined.iter_mut().zip(prefilled.logits.rows()) {
             let scores = scores.as_slice().unwrap_or(&[]);
             row.pick(scores, codec.as_deref(), on_token);
         }
@@ -405,6 +604,7 @@ impl RunningBatch {
             return Ok(());
         }
         let cache = self.cache.as_mut().ok_or(GenerateError::LostState)?;
+        cache.focus_running();
         let batch = self.rows.len();
         let pad = self.pad_id as i64;
         let feed = |row: &ActiveRow| if row.done() { pad } else { row.pending as i64 };

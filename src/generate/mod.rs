@@ -14,7 +14,7 @@ pub mod sampling;
 pub mod score;
 
 use crate::chain::{ModelError, Prompt};
-pub use batch::{KvSlots, KvUsage, RowId, RowRequest, RunningBatch};
+pub use batch::{Joining, KvSlots, KvUsage, RowId, RowRequest, RunningBatch};
 pub use logprobs::{LogSoftmax, PositionLogprobs, TokenLogprob};
 pub use oneshot::generate;
 pub use result::{FinishReason, Generated};
@@ -72,6 +72,9 @@ pub enum GenerateError {
         "the running batch lost its KV cache after an earlier failure; its rows cannot continue"
     )]
     LostState,
+    /// A group was begun while another is still being prefilled in chunks.
+    #[error("a group is already being prefilled in chunks; finish it first (advance_join)")]
+    JoinPending,
     /// The model failed.
     #[error(transparent)]
     Model(#[from] ModelError),
