@@ -340,7 +340,7 @@ fn a_long_prompt_joins_in_chunks_while_the_running_rows_decode() {
     let (mut long_id, mut steps_while_joining) = (None, 0);
     let mut finished = Vec::new();
     while batch.has_unfinished() || batch.joining() {
-        if let Some(ids) = batch.advance_join(&mut model, &mut sink).unwrap() {
+        if let Some(ids) = batch.advance_join(&mut model, chunk, &mut sink).unwrap() {
             long_id = Some(ids[0]);
         }
         if batch.joining() {

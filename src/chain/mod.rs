@@ -144,6 +144,16 @@ pub trait CausalLm {
         cache: &mut KvCache,
         hook: &mut dyn LayerHook,
     ) -> Result<Array2<f32>, ModelError>;
+    /// Run `step` into `cache` without computing logits: a prompt chunk whose next token is not
+    /// needed yet. The chain stops after its last layer.
+    fn extend(
+        &mut self,
+        step: &Step,
+        cache: &mut KvCache,
+        hook: &mut dyn LayerHook,
+    ) -> Result<(), ModelError> {
+        self.forward(step, cache, hook).map(|_| ())
+    }
     /// Run one step and hand `visit(t, logits)` the fp32 logits `[B, vocab]` at every position
     /// `t` of the step, in order: what teacher-forced scoring needs. Only the segment chain can
     /// (the monolithic graph returns the last position only).

@@ -727,6 +727,15 @@ impl CausalLm for SegmentChain {
         Ok(logits)
     }
 
+    fn extend(
+        &mut self,
+        step: &Step,
+        cache: &mut KvCache,
+        hook: &mut dyn LayerHook,
+    ) -> Result<(), ModelError> {
+        self.run_layers(step, cache, hook).map(|_| ())
+    }
+
     fn forward_positions(
         &mut self,
         step: &Step,

@@ -210,7 +210,6 @@ struct Prefilled {
 /// A group prefilled chunk by chunk between decode steps.
 struct PendingJoin {
     group: Group,
-    chunk: usize,
     /// Prompt positions prefilled so far.
     done: usize,
     prefill_ms: f64,
@@ -367,11 +366,11 @@ impl RunningBatch {
         self.complete(model, group, prefilled, on_token)
     }
 
-    /// Start prefilling `requests` in chunks of `chunk` prompt tokens, one chunk per
-    /// [`RunningBatch::advance_join`], so that the running rows keep decoding between chunks.
-    /// A group that cannot be split (learned steering reads its whole prompt at once, prompt
-    /// log-probabilities, images) or that fits one chunk joins at once, as with
-    /// [`RunningBatch::join`]. One group is prefilled at a time.
+    /// Start prefilling `requests` in chunks, one chunk per [`RunningBatch::advance_join`], so
+    /// that the running rows keep decoding between chunks. A group that cannot be split (learned
+    /// steering reads its whole prompt at once, prompt log-probabilities, images) or whose
+    /// prompts fit in `chunk` tokens (0: always) joins at once, as with [`RunningBatch::join`].
+    /// One group is prefilled at a time.
     pub fn begin_join(
         &mut self,
         model: &mut dyn CausalLm,
@@ -402,7 +401,6 @@ impl RunningBatch {
         let group = self.admit(model, requests)?;
         self.pending = Some(PendingJoin {
             group,
-            chunk,
             done: 0,
             prefill_ms: 0.0,
         });
@@ -414,12 +412,21 @@ impl RunningBatch {
         self.pending.is_some()
     }
 
-    /// Prefill the next chunk of the group begun with [`RunningBatch::begin_join`]; after its
-    /// last chunk the group joins (each row's first token goes to `on_token`) and its ids are
-    /// returned. On error the group is dropped and its slots freed; the running rows go on.
+    /// Prompt positions the group being prefilled chunk by chunk has still to go (0: none).
+    pub fn join_remaining(&self) -> usize {
+        self.pending.as_ref().map_or(0, |pending| {
+            pending.group.step.input_ids.ncols() - pending.done
+        })
+    }
+
+    /// Prefill the next `chunk` prompt tokens (at least one) of the group begun with
+    /// [`RunningBatch::begin_join`]; after its last chunk the group joins (each row's first token
+    /// goes to `on_token`) and its ids are returned. On error the group is dropped and its slots
+    /// freed; the running rows go on.
     pub fn advance_join(
         &mut self,
         model: &mut dyn CausalLm,
+        chunk: usize,
         on_token: &mut dyn FnMut(RowId, u32, Option<&PositionLogprobs>),
     ) -> Result<Option<Vec<RowId>>, GenerateError> {
         let Some(mut pending) = self.pending.take() else {
@@ -428,7 +435,7 @@ impl RunningBatch {
         let cache = self.cache.as_mut().ok_or(GenerateError::LostState)?;
         let step = &pending.group.step;
         let width = step.input_ids.ncols();
-        let (start, end) = (pending.done, (pending.done + pending.chunk).min(width));
+        let (start, end) = (pending.done, (pending.done + chunk.max(1)).min(width));
         let part = Step {
             input_ids: step.input_ids.slice(ndarray::s![.., start..end]).to_owned(),
             position_ids: step
@@ -447,21 +454,25 @@ impl RunningBatch {
         let mut prefill = pending.group.steering.prefill(model.config(), &lengths);
         cache.focus_admitted();
         let started = Instant::now();
-        let logits = model.forward(&part, cache, &mut prefill);
+        // Only the last chunk's last position needs logits.
+        let ran = match end < width {
+            true => model.extend(&part, cache, &mut prefill).map(|()| None),
+            false => model.forward(&part, cache, &mut prefill).map(Some),
+        };
         pending.prefill_ms += started.elapsed().as_secs_f64() * 1e3;
-        let logits = match logits {
-            Ok(logits) => logits,
+        cache.focus_running();
+        let logits = match ran {
+            Ok(Some(logits)) => logits,
+            Ok(None) => {
+                pending.done = end;
+                self.pending = Some(pending);
+                return Ok(None);
+            }
             Err(e) => {
                 cache.abandon();
                 return Err(e.into());
             }
         };
-        cache.focus_running();
-        if end < width {
-            pending.done = end;
-            self.pending = Some(pending);
-            return Ok(None);
-        }
         let prefilled = Prefilled {
             logits,
             echoed: vec![Vec::new(); lengths.len()],

@@ -14,7 +14,9 @@ use std::time::{Duration, Instant};
 use tokio::sync::mpsc::UnboundedSender;
 
 use crate::chain::CausalLm;
-use crate::generate::batch::{KvSlots, KvUsage, RowId, RowRequest, RowResult, RunningBatch};
+use crate::generate::batch::{
+    Joining, KvSlots, KvUsage, RowId, RowRequest, RowResult, RunningBatch,
+};
 use crate::generate::{validate_prompts, GenerateError, Generated, PositionLogprobs};
 use crate::text::TextCodec;
 
@@ -55,6 +57,10 @@ pub struct EngineOptions {
     pub max_batch: usize,
     /// Positions each row's KV slot holds (prompt plus generated tokens): the server's context.
     pub max_context: usize,
+    /// Most prompt tokens prefilled per engine step while a prompt joins running rows, which
+    /// decode a token between chunks (0: a prompt is prefilled whole when it joins). Each chunk
+    /// is sized to take about as long as a decode step, from recent timings.
+    pub prefill_chunk: usize,
     /// Most jobs waiting to join; more are refused (HTTP 429).
     pub max_queue: usize,
     /// Left padding and the input of finished rows.
@@ -217,6 +223,8 @@ pub fn spawn(
                 deferred: VecDeque::new(),
                 codec,
                 listeners: HashMap::new(),
+                joining: Vec::new(),
+                pace: Pace::default(),
             };
             engine.allocate();
             engine.run()
@@ -237,6 +245,62 @@ struct Engine {
     deferred: VecDeque<Waiting>,
     codec: Arc<TextCodec>,
     listeners: HashMap<RowId, UnboundedSender<JobEvent>>,
+    /// Where the events of the group being prefilled in chunks go, in row order.
+    joining: Vec<UnboundedSender<JobEvent>>,
+    pace: Pace,
+}
+
+/// Fewest prompt tokens in a chunk of a joining prompt: a chunk costs about a pass over the
+/// weights whatever its size, so smaller ones only slow the join.
+const MIN_JOIN_CHUNK: usize = 8;
+
+/// Recent decode-step times (a moving average) and the size of the next chunk of a joining
+/// prompt, steered so that a chunk takes about one decode step: the running rows' time between
+/// tokens then stays within about twice its usual. A chunk's cost is mostly a fixed pass over
+/// the weights plus a little per token, so the size follows the ratio of the target to the last
+/// chunk's time rather than a per-token rate.
+#[derive(Debug)]
+struct Pace {
+    step_ms: f64,
+    chunk: usize,
+}
+
+impl Default for Pace {
+    fn default() -> Self {
+        Self {
+            step_ms: 0.0,
+            chunk: MIN_JOIN_CHUNK,
+        }
+    }
+}
+
+impl Pace {
+    fn note_step(&mut self, elapsed: Duration) {
+        self.step_ms = average(self.step_ms, elapsed.as_secs_f64() * 1e3);
+    }
+
+    /// A chunk of `tokens` took `elapsed`: size the next one so that it takes one decode step.
+    fn note_chunk(&mut self, elapsed: Duration, tokens: usize) {
+        let took = elapsed.as_secs_f64() * 1e3;
+        if self.step_ms > 0.0 && took > 0.0 && tokens >= self.chunk {
+            // At most doubling or halving per chunk, so one slow chunk does not swing it.
+            let ratio = (self.step_ms / took).clamp(0.5, 2.0);
+            self.chunk = ((tokens as f64 * ratio) as usize).max(MIN_JOIN_CHUNK);
+        }
+    }
+
+    /// Prompt tokens for the next chunk, at most `most`.
+    fn chunk(&self, most: usize) -> usize {
+        self.chunk.min(most.max(MIN_JOIN_CHUNK))
+    }
+}
+
+/// `sample` folded into the moving average `average` (the first sample starts it).
+fn average(average: f64, sample: f64) -> f64 {
+    match average > 0.0 {
+        true => 0.8 * average + 0.2 * sample,
+        false => sample,
+    }
 }
 
 /// An empty running batch whose KV cache has `options`' slots.
@@ -286,13 +350,16 @@ impl Engine {
                 self.publish();
             }
             self.drop_cancelled();
+            self.advance_join();
             if self.batch.has_unfinished() {
                 let listeners = &self.listeners;
                 let mut on_token = |id: RowId, token: u32, logprobs: Option<&PositionLogprobs>| {
                     send(listeners, id, JobEvent::Token(token, logprobs.cloned()))
                 };
-                if let Err(e) = self.batch.step(self.model.as_mut(), &mut on_token) {
-                    self.fail_all(&e.to_string());
+                let started = Instant::now();
+                match self.batch.step(self.model.as_mut(), &mut on_token) {
+                    Ok(()) => self.pace.note_step(started.elapsed()),
+                    Err(e) => self.fail_all(&e.to_string()),
                 }
             }
             self.finish();
@@ -326,6 +393,10 @@ impl Engine {
         let left = sweep(&mut self.deferred, self.options.queue_timeout, now);
         self.waiting.fetch_sub(left, Ordering::Relaxed);
         let mut admitted: Vec<Job> = Vec::new();
+        if self.batch.joining() {
+            // One group is prefilled in chunks at a time; the queue waits for it.
+            return (admitted, open || !self.deferred.is_empty());
+        }
         let (mut longest, mut most_new) = (0, 0);
         while self.batch.len() + admitted.len() < self.options.max_batch {
             let Some(next) = self.deferred.pop_front() else {
@@ -385,7 +456,28 @@ impl Engine {
         }
         let (requests, senders): (Vec<RowRequest>, Vec<_>) =
             accepted.into_iter().map(|j| (j.request, j.events)).unzip();
-        if let Err(e) = self.join_group(requests.clone(), &senders) {
+        let mut first: Vec<(RowId, u32, Option<PositionLogprobs>)> = Vec::new();
+        // A prompt longer than one paced chunk joins in chunks; with no row decoding there is
+        // nothing to interleave with, and it joins whole.
+        let chunk = match self.batch.has_unfinished() && self.options.prefill_chunk > 0 {
+            true => self.pace.chunk(self.options.prefill_chunk),
+            false => 0,
+        };
+        let begun = self.batch.begin_join(
+            self.model.as_mut(),
+            requests.clone(),
+            chunk,
+            &mut |id, token, logprobs| first.push((id, token, logprobs.cloned())),
+        );
+        let joined = match begun {
+            Ok(Joining::Joined(ids)) => Ok(ids),
+            Ok(Joining::Pending) => {
+                self.joining = senders;
+                return;
+            }
+            Err(e) => Err(e),
+        };
+        if let Err(e) = joined.map(|ids| self.listen(ids, &senders, first)) {
             if requests.len() == 1 {
                 let _ = senders[0].send(JobEvent::Failed(e.to_string()));
                 return;
@@ -414,16 +506,61 @@ impl Engine {
             .join(self.model.as_mut(), requests, &mut |id, token, logprobs| {
                 first.push((id, token, logprobs.cloned()))
             })?;
+        self.listen(ids, senders, first);
+        Ok(())
+    }
+
+    /// Joined rows `ids` stream to `senders`, starting with the `first` tokens their prefill chose.
+    fn listen(
+        &mut self,
+        ids: Vec<RowId>,
+        senders: &[UnboundedSender<JobEvent>],
+        first: Vec<(RowId, u32, Option<PositionLogprobs>)>,
+    ) {
         self.listeners
             .extend(ids.into_iter().zip(senders.iter().cloned()));
         for (id, token, logprobs) in first {
             send(&self.listeners, id, JobEvent::Token(token, logprobs));
         }
-        Ok(())
     }
 
-    /// Cancel rows whose request went away.
+    /// Prefill the next chunk of the group joining in chunks; after its last, its rows stream.
+    fn advance_join(&mut self) {
+        if !self.batch.joining() {
+            return;
+        }
+        let mut first: Vec<(RowId, u32, Option<PositionLogprobs>)> = Vec::new();
+        let chunk = self
+            .pace
+            .chunk(self.options.prefill_chunk)
+            .min(self.batch.join_remaining());
+        let started = Instant::now();
+        let advanced =
+            self.batch
+                .advance_join(self.model.as_mut(), chunk, &mut |id, token, logprobs| {
+                    first.push((id, token, logprobs.cloned()))
+                });
+        self.pace.note_chunk(started.elapsed(), chunk);
+        match advanced {
+            Ok(None) => {}
+            Ok(Some(ids)) => {
+                let senders = std::mem::take(&mut self.joining);
+                self.listen(ids, &senders, first);
+            }
+            Err(e) => {
+                for sender in self.joining.drain(..) {
+                    let _ = sender.send(JobEvent::Failed(e.to_string()));
+                }
+            }
+        }
+    }
+
+    /// Cancel rows whose request went away, and a chunked prefill whose requests all did.
     fn drop_cancelled(&mut self) {
+        if !self.joining.is_empty() && self.joining.iter().all(|sender| sender.is_closed()) {
+            self.joining.clear();
+            self.batch.abandon_join();
+        }
         let gone: Vec<RowId> = self
             .listeners
             .iter()
@@ -455,7 +592,8 @@ impl Engine {
     /// A step failed: every row in the batch fails with the reason, and the batch starts afresh.
     fn fail_all(&mut self, message: &str) {
         tracing::error!("batch failed: {message}");
-        for (_, sender) in self.listeners.drain() {
+        let senders = self.listeners.drain().map(|(_, sender)| sender);
+        for sender in senders.chain(self.joining.drain(..)) {
             let _ = sender.send(JobEvent::Failed(message.to_string()));
         }
         self.batch = new_batch(&self.options, &self.codec);

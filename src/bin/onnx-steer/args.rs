@@ -35,7 +35,9 @@ pub(crate) struct RuntimeArgs {
     pub(crate) threads: Option<usize>,
     /// Prompts longer than this run each layer in chunks of this many tokens, so that attention
     /// never holds [prompt x prompt] scores per head (0: never chunk; the monolithic baseline
-    /// always runs whole).
+    /// always runs whole). `serve` also prefills a prompt that joins running rows in chunks of
+    /// at most this many tokens, each sized to take about one decode step, with a decode step
+    /// between chunks (0: it joins whole and the running rows wait).
     #[arg(long, default_value_t = onnx_steer::chain::segmented::DEFAULT_PREFILL_CHUNK)]
     pub(crate) prefill_chunk: usize,
     /// Keep the weights as mapped from the bundle's files instead of repacking them for ONNX

@@ -104,6 +104,7 @@ pub(crate) fn run(args: ServeArgs) -> Result<(), CliError> {
         engine::EngineOptions {
             max_batch: args.max_batch.max(1),
             max_context: config.max_position_embeddings,
+            prefill_chunk: args.runtime.prefill_chunk,
             max_queue: args.max_queue.max(1),
             pad_id: config.pad_token_id.unwrap_or(config.eos_token_ids[0]),
             prefill_tokens: args.prefill_tokens.max(1),
