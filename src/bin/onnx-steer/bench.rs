@@ -24,6 +24,11 @@ pub(crate) struct BenchArgs {
     /// a variant named after its file stem, with its own steered/unsteered ratios).
     #[arg(long)]
     steer: Vec<PathBuf>,
+    /// Also measure one batch whose rows take the --steer specs in turn, a row per spec (rows
+    /// past the specs start again): what a server's batch of different requests costs
+    /// (`segmented+mixed`, against the unsteered batch of the same size).
+    #[arg(long, requires = "steer")]
+    mixed: bool,
     /// Batch sizes, comma-separated.
     #[arg(long, default_value = "1", value_delimiter = ',')]
     batch: Vec<usize>,
@@ -104,12 +109,17 @@ pub(crate) fn run(args: BenchArgs) -> Result<(), CliError> {
         .iter()
         .flat_map(|&b| args.prompt_tokens.iter().map(move |&t| (b, t)))
         .collect();
-    let variants_per = 1 + steered.len() + usize::from(monolithic);
+    let variants_per = 1 + steered.len() + usize::from(args.mixed) + usize::from(monolithic);
     let bar = ProgressBar::new((workloads.len() * variants_per * args.repeats.max(1)) as u64)
         .with_style(bar_style("bench {bar:30} {pos}/{len} runs ({eta})"));
     let bandwidth = memory_read_gbs();
     let weight_bytes = bundle.decode_weight_bytes() as f64;
-    let steered_names: Vec<String> = steered.iter().map(|(name, _)| name.clone()).collect();
+    const MIXED: &str = "segmented+mixed";
+    let steered_names: Vec<String> = steered
+        .iter()
+        .map(|(name, _)| name.clone())
+        .chain(args.mixed.then(|| MIXED.to_string()))
+        .collect();
     let mut reports = Vec::new();
     for (batch, prompt_tokens) in workloads {
         let unsteered = |name: &str, model| Variant {
@@ -123,6 +133,14 @@ pub(crate) fn run(args: BenchArgs) -> Result<(), CliError> {
             model: 0,
             steering: BatchSteering::uniform(Some(steering.clone()), batch),
         }));
+        if args.mixed {
+            let specs = steered.iter().map(|(_, spec)| Some(spec.clone()));
+            variants.push(Variant {
+                name: MIXED.into(),
+                model: 0,
+                steering: BatchSteering::new(specs.cycle().take(batch).collect()),
+            });
+        }
         if monolithic {
             variants.push(unsteered("monolithic", 1));
         }
