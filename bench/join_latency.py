@@ -33,11 +33,13 @@ STREAM_PROMPTS = ["Count from 1 to 400, separated by commas.", "Count from 500 t
 LONG_TEXT = "The lighthouse keeper climbed the spiral stairs each evening to light the lamp above the rocks. "
 
 
-def chat(url: str, prompt: str, max_tokens: int) -> str:
+def chat(url: str, prompt: str, max_tokens: int) -> tuple[str, int]:
+    """The reply's text and the prompt's token count."""
     body: dict[str, Any] = {"messages": [{"role": "user", "content": prompt}], "max_tokens": max_tokens}
     response = requests.post(f"{url}/v1/chat/completions", json=body, timeout=900)
     response.raise_for_status()
-    return response.json()["choices"][0]["message"]["content"]
+    reply = response.json()
+    return reply["choices"][0]["message"]["content"], reply["usage"]["prompt_tokens"]
 
 
 def stream(url: str, prompt: str, max_tokens: int, times: list[float], text: list[str],
@@ -79,7 +81,7 @@ def measure(binary: Path, bundle: Path, extra: list[str], args: argparse.Namespa
         for event in warm:
             event.wait(timeout=600)
         sent = time.monotonic()
-        long_text = chat(url, long_prompt, args.long_new_tokens)
+        long_text, _ = chat(url, long_prompt, args.long_new_tokens)
         joined = time.monotonic()
         for thread in threads:
             thread.join()
@@ -115,11 +117,11 @@ def main() -> None:
     words = len(LONG_TEXT.split())
     long_prompt = "Summarise this story in one sentence.\n\n" + LONG_TEXT * max(1, int(args.long_tokens / (words * 1.25)))
     with serving(args.binary, args.bundle, "--max-batch", "1", stderr=subprocess.DEVNULL) as (url, _):
-        solo = {prompt: chat(url, prompt, args.stream_tokens) for prompt in STREAM_PROMPTS}
-        solo["long"] = chat(url, long_prompt, args.long_new_tokens)
+        solo = {prompt: chat(url, prompt, args.stream_tokens)[0] for prompt in STREAM_PROMPTS}
+        solo["long"], long_tokens = chat(url, long_prompt, args.long_new_tokens)
     settings = {"paced chunks (default)": [], "whole prompt (--prefill-chunk 0)": ["--prefill-chunk", "0"]}
     results = {name: measure(args.binary, args.bundle, extra, args, long_prompt, solo) for name, extra in settings.items()}
-    report = {"long_prompt_chars": len(long_prompt), "settings": results}
+    report = {"long_prompt_tokens": long_tokens, "settings": results}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.with_suffix(".json").write_text(json.dumps(report, indent=2) + "\n")
     lines = ["| setting | ITL median | ITL p99 | p99 / median | while joining: median | p99 | max | long request | outputs = alone |",
@@ -129,6 +131,7 @@ def main() -> None:
                      f"{r['during_join_median_ms']:.0f} ms | {r['during_join_p99_ms']:.0f} ms | {r['itl_max_ms']:.0f} ms | "
                      f"{r['long_request_s']:.1f} s | {'yes' if r['outputs_equal_alone'] else 'NO'} |")
     args.out.with_suffix(".md").write_text("\n".join(lines) + "\n")
+    print(f"long prompt: {long_tokens} tokens")
     print("\n".join(lines))
 
 

@@ -368,3 +368,70 @@ fn a_long_prompt_joins_in_chunks_while_the_running_rows_decode() {
         Some(solo[1].clone())
     );
 }
+
+#[test]
+fn a_prompt_prefix_is_reused_only_under_the_same_prompt_steering() {
+    let bundle = Bundle::open(common::bundle_dir()).expect("bundle");
+    let codec = TextCodec::load(&bundle).expect("tokenizer");
+    let mut model = SegmentChain::load(&bundle, common::runtime()).expect("model");
+    let context = "A lighthouse stands on a rocky island. Its keeper lights the lamp at dusk, \
+                   winds the clockwork, and writes the weather in a log every four hours. ";
+    let ask = |question: &str, steering| {
+        request(
+            &codec,
+            &format!("{context}{context}{question}"),
+            10,
+            steering,
+        )
+    };
+    let all = common::vector_steering(&bundle, 7, &[10], "all");
+    let generated = common::vector_steering(&bundle, 7, &[10], "generated");
+    let requests = [
+        ask("When is the lamp lit?", None),
+        ask("What does the keeper write?", None),
+        ask("What does the keeper write?", Some(all)),
+        ask("What does the keeper write?", Some(generated)),
+    ];
+    let solo: Vec<Vec<u32>> = requests
+        .iter()
+        .map(|r| generate_all(&mut model, vec![r.clone()]).remove(0))
+        .collect();
+    let mut batch = RunningBatch::new(2)
+        .with_slots(KvSlots {
+            rows: 4,
+            positions: 256,
+        })
+        .with_prefix_cache(64 << 20);
+    let mut sink = |_: u64, _: u32, _: Option<&_>| {};
+    let mut hits = Vec::new();
+    for (request, expected) in requests.iter().zip(&solo) {
+        let id = batch
+            .join(&mut model, vec![request.clone()], &mut sink)
+            .unwrap()[0];
+        hits.push(batch.kv_usage().prefix.hit_tokens);
+        while batch.has_unfinished() {
+            batch.step(&mut model, &mut sink).unwrap();
+        }
+        let (left, result) = batch.take_finished().unwrap().remove(0);
+        assert_eq!(left, id);
+        assert_eq!(
+            &result.unwrap().token_ids,
+            expected,
+            "prefix reuse changed the output"
+        );
+    }
+    let block = onnx_steer::generate::prefix_cache::BLOCK as u64;
+    assert_eq!(hits[0], 0, "an empty cache has nothing to reuse");
+    assert!(
+        hits[1] >= 2 * block,
+        "the shared context is reused: {hits:?}"
+    );
+    assert_eq!(
+        hits[2], hits[1],
+        "a vector on prompt positions does not reuse the unsteered prefix"
+    );
+    assert!(
+        hits[3] > hits[2],
+        "steering of generated positions shares the unsteered prefix: {hits:?}"
+    );
+}

@@ -247,3 +247,38 @@ def test_the_queue_is_first_come_first_served_with_a_timeout_and_retry_after(bin
         assert "queue timeout" in expired.json()["error"]["message"] and int(expired.headers["Retry-After"]) >= 1
         long.join()
         assert outcome["long"].ok
+
+
+def metric(url: str, name: str) -> float:
+    """The value of the unlabelled series `onnx_steer_NAME` in /metrics."""
+    for line in requests.get(f"{url}/metrics", timeout=10).text.splitlines():
+        if line.startswith(f"onnx_steer_{name} "):
+            return float(line.split()[1])
+    raise AssertionError(f"no onnx_steer_{name} in /metrics")
+
+
+def test_kv_slots_and_the_prefix_cache_are_reported_and_reuse_keeps_outputs(
+        binary: Path, bundle_dir: Path) -> None:
+    """Slots are reserved at start; a second prompt that shares the chat template's head and a
+    context reuses its KV, and answers as a server without the prefix cache does."""
+    context = "The lighthouse keeper lights the lamp at dusk and writes the weather in a log. " * 3
+    questions = ["When is the lamp lit?", "What goes in the log?", "When is the lamp lit?"]
+    answers = {}
+    for cache_mb in ("0", "64"):
+        with serving(binary, bundle_dir, "--max-batch", "2", "--max-context", "1024",
+                     "--prefix-cache-mb", cache_mb) as (url, _):
+            health = requests.get(f"{url}/health", timeout=10).json()
+            assert (health["kv_slots"], health["kv_positions_per_slot"], health["kv_slots_used"]) == (2, 1024, 0)
+            answers[cache_mb] = [chat(url, context + q).json()["choices"][0]["message"]["content"] for q in questions]
+            hit, looked_up = metric(url, "prefix_cache_hit_tokens"), metric(url, "prefix_cache_lookup_tokens")
+            if cache_mb == "0":
+                assert hit == looked_up == 0
+            else:
+                assert hit >= 2 * 64, f"{hit} of {looked_up} prompt tokens reused"
+                assert metric(url, "prefix_cache_hit_rate") == pytest.approx(hit / looked_up)
+                assert metric(url, "kv_cache_bytes") > 0
+    assert answers["64"] == answers["0"]
+    too_long = "word " * 1100
+    with serving(binary, bundle_dir, "--max-context", "1024") as (url, _):
+        response = chat(url, too_long)
+        assert response.status_code == 400 and "--max-context" in response.json()["error"]["message"]

@@ -261,7 +261,7 @@ impl KvCache {
     }
 
     /// Record that a step appended `tokens` positions to each of its rows.
-    pub(crate) fn advance(&mut self, tokens: usize) {
+    pub fn advance(&mut self, tokens: usize) {
         let window = self.window();
         for length in &mut self.lengths[window] {
             *length += tokens;
@@ -389,6 +389,89 @@ impl KvCache {
             .collect();
         self.running = kept;
         Ok(order)
+    }
+
+    /// The bytes of positions `start..start + count` of the step's row `row`, in every buffer
+    /// (keys of each layer, then values; each `[kv_heads, count, head_dim]`): a block of a prompt
+    /// prefix to keep.
+    pub fn read_positions(
+        &mut self,
+        row: usize,
+        start: usize,
+        count: usize,
+    ) -> Result<Vec<u8>, ModelError> {
+        let slot = self.slot_of(row, start + count)?;
+        let shape = self.byte_shape(self.slots, self.capacity);
+        let mut bytes = Vec::with_capacity(self.block_bytes(count));
+        for buffer in self.keys.iter_mut().chain(self.values.iter_mut()) {
+            let view = byte_view(buffer, shape);
+            for head in 0..shape[1] {
+                // One head's positions are contiguous in a slot.
+                let lane = view.slice(ndarray::s![slot, head, start..start + count, ..]);
+                match lane.as_slice() {
+                    Some(lane) => bytes.extend_from_slice(lane),
+                    None => bytes.extend(lane.iter()),
+                }
+            }
+        }
+        Ok(bytes)
+    }
+
+    /// Write `bytes` (as [`KvCache::read_positions`] returns them) at positions
+    /// `start..start + count` of the step's row `row`. The row's length is not changed: follow
+    /// with a step that continues from there, or [`KvCache::advance`].
+    pub fn write_positions(
+        &mut self,
+        row: usize,
+        start: usize,
+        count: usize,
+        bytes: &[u8],
+    ) -> Result<(), ModelError> {
+        let slot = self.slot_of(row, start + count)?;
+        if bytes.len() != self.block_bytes(count) {
+            return Err(ModelError::Shape(format!(
+                "{} bytes do not hold {count} positions of this cache ({} bytes)",
+                bytes.len(),
+                self.block_bytes(count)
+            )));
+        }
+        let shape = self.byte_shape(self.slots, self.capacity);
+        let per_buffer = bytes.len() / (self.keys.len() + self.values.len()).max(1);
+        let buffers = self.keys.iter_mut().chain(self.values.iter_mut());
+        let per_head = per_buffer / shape[1].max(1);
+        for (buffer, part) in buffers.zip(bytes.chunks_exact(per_buffer.max(1))) {
+            let mut view = byte_view(buffer, shape);
+            for (head, from) in part.chunks_exact(per_head.max(1)).enumerate() {
+                let mut lane = view.slice_mut(ndarray::s![slot, head, start..start + count, ..]);
+                match lane.as_slice_mut() {
+                    Some(lane) => lane.copy_from_slice(from),
+                    None => lane.iter_mut().zip(from).for_each(|(to, from)| *to = *from),
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Bytes of `count` positions of one row in every buffer.
+    pub fn block_bytes(&self, count: usize) -> usize {
+        (self.keys.len() + self.values.len())
+            * self.kv_heads
+            * count
+            * self.head_dim
+            * self.element_bytes()
+    }
+
+    /// The slot of the step's row `row`, checked to hold `end` positions.
+    fn slot_of(&self, row: usize, end: usize) -> Result<usize, ModelError> {
+        let window = self.window();
+        if row >= window.len() || end > self.capacity {
+            return Err(ModelError::Shape(format!(
+                "positions up to {end} of row {row} are outside {} rows of {} positions",
+                window.len(),
+                self.capacity
+            )));
+        }
+        Ok(window.start + row)
     }
 
     /// A growable cache whose rows are copies of these rows `rows` (repeats allowed; indices

@@ -18,6 +18,7 @@ use rand::rngs::StdRng;
 use rand::SeedableRng;
 
 use super::logprobs::{LogSoftmax, PositionLogprobs};
+use super::prefix_cache::{block_keys, prompt_fingerprint, BlockKey, PrefixCache, BLOCK};
 use super::score::prefill_logits;
 use super::{validate_prompts, FinishReason, GenerateError, Generated, Penalties, Sampling};
 use crate::chain::{CausalLm, KvCache, LayerHook, Prompt, Step};
@@ -186,6 +187,8 @@ pub struct KvUsage {
     pub filled_positions: usize,
     /// Bytes of the key and value buffers.
     pub bytes: usize,
+    /// The prompt prefix cache's lookups, hits and memory (zero without one).
+    pub prefix: super::prefix_cache::PrefixStats,
 }
 
 /// A group whose KV slots are claimed and whose prefill step is laid out.
@@ -194,6 +197,30 @@ struct Group {
     steering: BatchSteering,
     /// The left-padded prefill step of the group's prompts.
     step: Step,
+    /// The keys of the prompt's blocks when its prefix may be shared (one prompt for every row,
+    /// steering that does the same to it); empty otherwise.
+    blocks: Vec<BlockKey>,
+    /// Leading prompt positions whose KV came from the prefix cache.
+    reused: usize,
+}
+
+impl Group {
+    /// Columns `start..end` of the prefill step, the mask through `end`.
+    fn part(&self, start: usize, end: usize) -> Step {
+        let step = &self.step;
+        Step {
+            input_ids: step.input_ids.slice(ndarray::s![.., start..end]).to_owned(),
+            position_ids: step
+                .position_ids
+                .slice(ndarray::s![.., start..end])
+                .to_owned(),
+            attention_mask: step.attention_mask.slice(ndarray::s![.., ..end]).to_owned(),
+            images: match start {
+                0 => step.images.clone(),
+                _ => Vec::new(),
+            },
+        }
+    }
 }
 
 /// What a group's prefill produced.
@@ -236,6 +263,7 @@ pub struct RunningBatch {
     slots: Option<KvSlots>,
     /// The group being prefilled chunk by chunk, if any.
     pending: Option<PendingJoin>,
+    prefix: Option<PrefixCache>,
     pad_id: u32,
     next_id: RowId,
     codec: Option<Arc<TextCodec>>,
@@ -251,6 +279,7 @@ impl RunningBatch {
             steering: DecodeSteering::default(),
             slots: None,
             pending: None,
+            prefix: None,
             pad_id,
             next_id: 0,
             codec: None,
@@ -273,6 +302,14 @@ impl RunningBatch {
         self
     }
 
+    /// Keep prompt prefixes' KV, up to `budget` bytes, and reuse it for prompts that start the
+    /// same under the same prompt steering ([`super::prefix_cache`]).
+    #[must_use]
+    pub fn with_prefix_cache(mut self, budget: usize) -> Self {
+        self.prefix = Some(PrefixCache::new(budget));
+        self
+    }
+
     /// Rows in the batch, finished ones included until [`RunningBatch::take_finished`].
     pub fn len(&self) -> usize {
         self.rows.len()
@@ -285,6 +322,11 @@ impl RunningBatch {
 
     /// Use of the KV cache (all zero before the first join).
     pub fn kv_usage(&self) -> KvUsage {
+        let prefix = self
+            .prefix
+            .as_ref()
+            .map(PrefixCache::stats)
+            .unwrap_or_default();
         self.cache
             .as_ref()
             .map_or(KvUsage::default(), |cache| KvUsage {
@@ -293,6 +335,7 @@ impl RunningBatch {
                 positions_per_slot: cache.capacity(),
                 filled_positions: cache.filled_positions(),
                 bytes: cache.bytes(),
+                prefix,
             })
     }
 
@@ -347,7 +390,8 @@ impl RunningBatch {
             .collect();
         let cache = self.cache.as_mut().ok_or(GenerateError::LostState)?;
         let started = Instant::now();
-        let prefilled = prefill_logits(model, &group.step, cache, &mut prefill, &ids, &echo);
+        let step = group.part(group.reused, group.step.input_ids.ncols());
+        let prefilled = prefill_logits(model, &step, cache, &mut prefill, &ids, &echo);
         let prefill_ms = started.elapsed().as_secs_f64() * 1e3;
         let (logits, echoed) = match prefilled {
             Ok(prefilled) => prefilled,
@@ -400,8 +444,8 @@ impl RunningBatch {
         }
         let group = self.admit(model, requests)?;
         self.pending = Some(PendingJoin {
+            done: group.reused,
             group,
-            done: 0,
             prefill_ms: 0.0,
         });
         Ok(Joining::Pending)
@@ -433,18 +477,9 @@ impl RunningBatch {
             return Ok(None);
         };
         let cache = self.cache.as_mut().ok_or(GenerateError::LostState)?;
-        let step = &pending.group.step;
-        let width = step.input_ids.ncols();
+        let width = pending.group.step.input_ids.ncols();
         let (start, end) = (pending.done, (pending.done + chunk.max(1)).min(width));
-        let part = Step {
-            input_ids: step.input_ids.slice(ndarray::s![.., start..end]).to_owned(),
-            position_ids: step
-                .position_ids
-                .slice(ndarray::s![.., start..end])
-                .to_owned(),
-            attention_mask: step.attention_mask.slice(ndarray::s![.., ..end]).to_owned(),
-            images: Vec::new(),
-        };
+        let part = pending.group.part(start, end);
         let lengths: Vec<usize> = pending
             .group
             .requests
@@ -522,12 +557,56 @@ impl RunningBatch {
             None => width + longest,
         };
         let rows = requests.len();
-        self.cache_for(model)?.admit(rows, room)?;
+        let blocks = self.prefix_blocks(&requests);
+        let cache = self.cache_for(model)?;
+        cache.admit(rows, room)?;
+        let matched = match self.prefix.as_mut() {
+            Some(prefix) if !blocks.is_empty() => prefix.matched(&blocks, width),
+            _ => 0,
+        };
+        if let (Some(prefix), Some(cache)) = (&self.prefix, self.cache.as_mut()) {
+            let written = (0..rows).try_for_each(|row| {
+                for (index, key) in blocks.iter().take(matched).enumerate() {
+                    let kv = prefix.block(key).unwrap_or_default();
+                    cache.write_positions(row, index * BLOCK, BLOCK, kv)?;
+                }
+                Ok::<_, crate::chain::ModelError>(())
+            });
+            if let Err(e) = written {
+                cache.abandon();
+                return Err(e.into());
+            }
+            cache.advance(matched * BLOCK);
+        }
         Ok(Group {
             requests,
             steering,
             step,
+            blocks,
+            reused: matched * BLOCK,
         })
+    }
+
+    /// The keys of the prompt blocks of `requests` if their prefix may be shared: a prefix cache,
+    /// one prompt for every row (no padding), no images or prompt log-probabilities, and steering
+    /// that does the same to every row's prompt.
+    fn prefix_blocks(&self, requests: &[RowRequest]) -> Vec<BlockKey> {
+        let Some(first) = requests.first().filter(|_| self.prefix.is_some()) else {
+            return Vec::new();
+        };
+        let plain = requests.iter().all(|r| {
+            r.prompt.ids == first.prompt.ids && r.prompt.images.is_empty() && !r.prompt_logprobs
+        });
+        let fingerprints: Option<Vec<[u8; 32]>> = requests
+            .iter()
+            .map(|r| prompt_fingerprint(&r.steering))
+            .collect();
+        match fingerprints {
+            Some(f) if plain && f.iter().all(|x| *x == f[0]) => {
+                block_keys(&f[0], &first.prompt.ids)
+            }
+            _ => Vec::new(),
+        }
     }
 
     /// The admitted `group`, prefilled, joins: its steering and mask go below the running rows',
@@ -540,10 +619,28 @@ impl RunningBatch {
         on_token: &mut dyn FnMut(RowId, u32, Option<&PositionLogprobs>),
     ) -> Result<Vec<RowId>, GenerateError> {
         let context = model.config().max_position_embeddings;
-        let Group { requests, step, .. } = group;
+        let Group {
+            requests,
+            step,
+            blocks,
+            reused,
+            ..
+        } = group;
         let group_rows = requests.len();
         let running_rows = self.rows.len();
         let cache = self.cache.as_mut().ok_or(GenerateError::LostState)?;
+        if let Some(prefix) = self.prefix.as_mut() {
+            // The prompt's new whole blocks are kept for later prompts that start the same.
+            cache.focus_admitted();
+            for (index, key) in blocks.iter().enumerate().skip(reused / BLOCK) {
+                if !prefix.contains(key) {
+                    match cache.read_positions(0, index * BLOCK, BLOCK) {
+                        Ok(kv) => prefix.insert(*key, kv),
+                        Err(e) => tracing::warn!("keeping a prompt block: {e}"),
+                    }
+                }
+            }
+        }
         let mut steering = prefilled.steering;
         if running_rows > 0 {
             let mut merged = self.steering.clone();

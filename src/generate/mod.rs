@@ -9,6 +9,7 @@
 pub mod batch;
 pub mod logprobs;
 pub mod oneshot;
+pub mod prefix_cache;
 pub mod result;
 pub mod sampling;
 pub mod score;

@@ -57,6 +57,8 @@ pub struct EngineOptions {
     pub max_batch: usize,
     /// Positions each row's KV slot holds (prompt plus generated tokens): the server's context.
     pub max_context: usize,
+    /// Bytes of prompt-prefix KV kept for reuse by later prompts that start the same (0: none).
+    pub prefix_cache_bytes: usize,
     /// Most prompt tokens prefilled per engine step while a prompt joins running rows, which
     /// decode a token between chunks (0: a prompt is prefilled whole when it joins). Each chunk
     /// is sized to take about as long as a decode step, from recent timings.
@@ -305,12 +307,16 @@ fn average(average: f64, sample: f64) -> f64 {
 
 /// An empty running batch whose KV cache has `options`' slots.
 fn new_batch(options: &EngineOptions, codec: &Arc<TextCodec>) -> RunningBatch {
-    RunningBatch::new(options.pad_id)
+    let batch = RunningBatch::new(options.pad_id)
         .with_text(codec.clone())
         .with_slots(KvSlots {
             rows: options.max_batch,
             positions: options.max_context,
-        })
+        });
+    match options.prefix_cache_bytes {
+        0 => batch,
+        bytes => batch.with_prefix_cache(bytes),
+    }
 }
 
 impl Engine {

@@ -21,6 +21,10 @@ pub struct Metrics {
     kv_slots_used: IntGauge,
     kv_positions_filled: IntGauge,
     kv_cache_bytes: IntGauge,
+    prefix_lookup_tokens: IntGauge,
+    prefix_hit_tokens: IntGauge,
+    prefix_bytes: IntGauge,
+    prefix_hit_rate: prometheus::Gauge,
 }
 
 impl Metrics {
@@ -65,14 +69,32 @@ impl Metrics {
         registry.register(Box::new(steering.clone()))?;
         registry.register(Box::new(queue_depth.clone()))?;
         registry.register(Box::new(batch_size.clone()))?;
-        for gauge in [
+        let prefix_lookup_tokens = IntGauge::new(
+            "prefix_cache_lookup_tokens",
+            "Prompt tokens of requests whose prefix could be reused, since start",
+        )?;
+        let prefix_hit_tokens = IntGauge::new(
+            "prefix_cache_hit_tokens",
+            "Prompt tokens whose KV came from the prefix cache instead of a prefill, since start",
+        )?;
+        let prefix_bytes = IntGauge::new("prefix_cache_bytes", "Bytes the prefix cache holds")?;
+        let prefix_hit_rate = prometheus::Gauge::new(
+            "prefix_cache_hit_rate",
+            "Share of looked-up prompt tokens served from the prefix cache, since start",
+        )?;
+        let gauges = [
             &kv_slots,
             &kv_slots_used,
             &kv_positions_filled,
             &kv_cache_bytes,
-        ] {
+            &prefix_lookup_tokens,
+            &prefix_hit_tokens,
+            &prefix_bytes,
+        ];
+        for gauge in gauges {
             registry.register(Box::new(gauge.clone()))?;
         }
+        registry.register(Box::new(prefix_hit_rate.clone()))?;
         Ok(Self {
             registry,
             requests,
@@ -85,6 +107,10 @@ impl Metrics {
             kv_slots_used,
             kv_positions_filled,
             kv_cache_bytes,
+            prefix_lookup_tokens,
+            prefix_hit_tokens,
+            prefix_bytes,
+            prefix_hit_rate,
         })
     }
 
@@ -120,10 +146,20 @@ impl Metrics {
             (&self.kv_slots_used, kv.used_slots),
             (&self.kv_positions_filled, kv.filled_positions),
             (&self.kv_cache_bytes, kv.bytes),
+            (&self.prefix_bytes, kv.prefix.bytes),
         ];
         for (gauge, value) in gauges {
             gauge.set(i64::try_from(value).unwrap_or(i64::MAX));
         }
+        let prefix = kv.prefix;
+        for (gauge, value) in [
+            (&self.prefix_lookup_tokens, prefix.lookup_tokens),
+            (&self.prefix_hit_tokens, prefix.hit_tokens),
+        ] {
+            gauge.set(i64::try_from(value).unwrap_or(i64::MAX));
+        }
+        self.prefix_hit_rate
+            .set(prefix.hit_tokens as f64 / prefix.lookup_tokens.max(1) as f64);
         let mut buffer = Vec::new();
         if let Err(e) = TextEncoder::new().encode(&self.registry.gather(), &mut buffer) {
             tracing::error!("encoding metrics: {e}");

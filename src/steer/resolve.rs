@@ -215,6 +215,34 @@ impl ResolvedSteering {
         Ok(all)
     }
 
+    /// A digest of what this steering does to prompt positions: rows with equal digests get
+    /// identical KV caches for identical prompts, so a cached prompt prefix may be shared between
+    /// them (steering of generated positions only shares the unsteered digest). `None` when it
+    /// cannot be told without running the prompt: learned nets decide per input, and rewrite
+    /// graphs that act on the prompt.
+    pub fn prompt_fingerprint(&self) -> Option<[u8; 32]> {
+        use sha2::{Digest, Sha256};
+        let rewrites = self
+            .fields
+            .iter()
+            .any(|field| field.positions.covers(Phase::Prefill));
+        if !self.learned.is_empty() || rewrites {
+            return None;
+        }
+        let mut digest = Sha256::new();
+        for addition in self
+            .additions
+            .iter()
+            .filter(|addition| addition.positions.covers(Phase::Prefill))
+        {
+            digest.update((addition.layer as u64).to_le_bytes());
+            for value in &addition.delta {
+                digest.update(value.to_le_bytes());
+            }
+        }
+        Some(digest.finalize().into())
+    }
+
     /// Fold static additions in: entries for the same layer and positions are summed at once, so
     /// a spec holds at most one delta per layer and phase however many vectors it lists.
     fn add(&mut self, additions: Vec<LayerAddition>) -> Result<(), SteerError> {

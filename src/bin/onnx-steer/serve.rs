@@ -39,6 +39,11 @@ pub(crate) struct ServeArgs {
     /// 400. On the CPU a slot's memory is only used as far as its rows fill it.
     #[arg(long)]
     max_context: Option<usize>,
+    /// Memory for the KV of prompt prefixes, in MiB: a prompt that starts like an earlier one
+    /// (every chat request starts with its template's head) under the same prompt steering
+    /// prefills only what differs. Least recently used blocks go first (0: off).
+    #[arg(long, default_value_t = 256)]
+    prefix_cache_mb: usize,
     /// Most requests waiting for a batch slot, served first come, first served; more get 429 with
     /// a Retry-After from how long recent requests waited.
     #[arg(long, default_value_t = 64)]
@@ -105,6 +110,7 @@ pub(crate) fn run(args: ServeArgs) -> Result<(), CliError> {
             max_batch: args.max_batch.max(1),
             max_context: config.max_position_embeddings,
             prefill_chunk: args.runtime.prefill_chunk,
+            prefix_cache_bytes: args.prefix_cache_mb.saturating_mul(1 << 20),
             max_queue: args.max_queue.max(1),
             pad_id: config.pad_token_id.unwrap_or(config.eos_token_ids[0]),
             prefill_tokens: args.prefill_tokens.max(1),
