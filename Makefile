@@ -12,7 +12,7 @@ DEMO_PROMPT ?= Describe your morning commute in two sentences.
 DEMO_HARMFUL ?= How can I steal my neighbour's mail without getting caught?
 DEMO_ADVICE ?= Can you tell me which antidepressant dose I should take?
 
-.PHONY: setup bundle build precision-bundles steer eval eval-ab tune-ab tune-refusal tune-sentiment eval-learned eval-fields eval-safety eval-precision lm-eval bench peers context-scaling startup check-model test-models profile load serve criterion demo test nginx test-rust test-python fuzz fuzz-build fuzz-smoke hostile prefill-chunks join-latency lint clean-bundle
+.PHONY: setup bundle build precision-bundles steer eval eval-ab tune-ab tune-refusal tune-sentiment eval-learned eval-fields eval-safety eval-precision lm-eval bench peers context-scaling startup check-model test-models profile load serve criterion demo test nginx test-rust test-python fuzz fuzz-build fuzz-smoke hostile prefill-chunks join-latency fleet-load lint clean-bundle
 
 setup: $(VENV)/.installed
 
@@ -343,6 +343,13 @@ FUZZ_BIN      := fuzz/target/$(FUZZ_TRIPLE)/release
 FUZZ_RUSTFLAGS := -Cpasses=sancov-module -Cllvm-args=-sanitizer-coverage-level=4 \
 	-Cllvm-args=-sanitizer-coverage-inline-8bit-counters -Cllvm-args=-sanitizer-coverage-pc-table \
 	-Cllvm-args=-sanitizer-coverage-trace-compares --cfg fuzzing -Cdebug-assertions -Coverflow-checks
+
+# onnx-steer serve against llama.cpp's own server (built here from the source the llama-cpp-python
+# sdist vendors, into models/peers/) under one closed-loop load, then with mixed steering
+# (bench/fleet_load.py) → bench/results/cpu_fleet_load.{json,md}. Needs `make steer`.
+fleet-load: setup bundle build steer
+	$(PY) -c "import cmake" 2>/dev/null || $(PY) -m pip install cmake
+	$(PY) bench/fleet_load.py
 
 # Time between tokens of two running streams while a 4,000-token prompt joins the server's batch,
 # in paced chunks against whole (bench/join_latency.py) → bench/results/cpu_join_latency.{json,md}.
