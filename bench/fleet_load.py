@@ -23,7 +23,6 @@ import statistics
 import subprocess
 import sys
 import tarfile
-import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -36,6 +35,7 @@ sys.path.insert(0, str(REPO / "bench"))
 
 from onnx_steer_export.runtime_client import free_port, serving
 
+from load import closed_loop
 from peers import default_gguf
 
 PEERS = REPO / "models/peers"
@@ -141,26 +141,8 @@ def one(url: str, prompt: str, steering: str | None, new_tokens: int) -> dict[st
 
 
 def load(url: str, jobs: list[tuple[str, str | None]], clients: int, new_tokens: int) -> dict[str, Any]:
-    results: list[dict[str, Any] | None] = [None] * len(jobs)
-    cursor = iter(range(len(jobs)))
-    lock = threading.Lock()
-
-    def client() -> None:
-        while True:
-            with lock:
-                index = next(cursor, None)
-            if index is None:
-                return
-            results[index] = one(url, *jobs[index], new_tokens)
-
-    started = time.monotonic()
-    threads = [threading.Thread(target=client) for _ in range(clients)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
-    wall = time.monotonic() - started
-    done = [r for r in results if r and r["ok"]]
+    results, wall = closed_loop(len(jobs), clients, lambda index: one(url, *jobs[index], new_tokens))
+    done = [r for r in results if r["ok"]]
 
     def pct(key: str, q: float) -> float:
         values = sorted(r[key] for r in done)
@@ -170,7 +152,7 @@ def load(url: str, jobs: list[tuple[str, str | None]], clients: int, new_tokens:
             "requests_per_s": len(done) / wall, "output_tokens_per_s": sum(r["tokens"] for r in done) / wall,
             "ttft_p50_s": pct("ttft", 0.5), "ttft_p99_s": pct("ttft", 0.99),
             "e2e_p50_s": pct("e2e", 0.5), "e2e_p99_s": pct("e2e", 0.99),
-            "texts": [r["text"] if r and r["ok"] else None for r in results]}
+            "texts": [r.get("text") for r in results]}
 
 
 def alone(url: str, jobs: list[tuple[str, str | None]], sample: list[int], new_tokens: int) -> dict[int, str]:

@@ -16,8 +16,9 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import requests
 
@@ -33,6 +34,7 @@ PROMPTS = [
     "How do vaccines work?", "Give me three tips for learning chess.",
 ]
 STEERING = [None, "refusal", "l2s", "autosteer"]
+T = TypeVar("T")
 
 
 def send(url: str, prompt: str, steering: str | None, max_tokens: int) -> tuple[str, int, float]:
@@ -51,11 +53,12 @@ def send(url: str, prompt: str, steering: str | None, max_tokens: int) -> tuple[
     return response.json()["choices"][0]["message"]["content"], retries, time.monotonic() - started
 
 
-def run(url: str, clients: int, total: int, max_tokens: int, expected: dict) -> dict:
-    jobs = [(PROMPTS[i % len(PROMPTS)], STEERING[(i // len(PROMPTS)) % len(STEERING)]) for i in range(total)]
-    results: list[tuple[tuple[str, str | None], str, int, float]] = []
+def closed_loop(count: int, clients: int, work: Callable[[int], T]) -> tuple[list[T], float]:
+    """`work(i)` for every i below `count`, from `clients` threads that each take the next index
+    when their last one is done (a closed loop): the results in index order, and the wall time."""
+    results: list[T | None] = [None] * count
     lock = threading.Lock()
-    cursor = iter(range(total))
+    cursor = iter(range(count))
 
     def client() -> None:
         while True:
@@ -63,9 +66,7 @@ def run(url: str, clients: int, total: int, max_tokens: int, expected: dict) -> 
                 index = next(cursor, None)
             if index is None:
                 return
-            text, retries, seconds = send(url, *jobs[index], max_tokens)
-            with lock:
-                results.append((jobs[index], text, retries, seconds))
+            results[index] = work(index)
 
     started = time.monotonic()
     threads = [threading.Thread(target=client) for _ in range(clients)]
@@ -73,7 +74,16 @@ def run(url: str, clients: int, total: int, max_tokens: int, expected: dict) -> 
         thread.start()
     for thread in threads:
         thread.join()
-    wall = time.monotonic() - started
+    return [r for r in results if r is not None], time.monotonic() - started
+
+
+def run(url: str, clients: int, total: int, max_tokens: int, expected: dict) -> dict:
+    jobs = [(PROMPTS[i % len(PROMPTS)], STEERING[(i // len(PROMPTS)) % len(STEERING)]) for i in range(total)]
+
+    def work(index: int) -> tuple[tuple[str, str | None], str, int, float]:
+        return (jobs[index], *send(url, *jobs[index], max_tokens))
+
+    results, wall = closed_loop(total, clients, work)
     latencies = sorted(r[3] for r in results)
     mismatched = [key for key, text, _, _ in results if text != expected[key]]
     return {"requests": total, "completed": len(results), "retried_429": sum(r[2] for r in results),

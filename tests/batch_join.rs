@@ -5,7 +5,7 @@ mod common;
 
 use std::sync::Arc;
 
-use onnx_steer::generate::{Joining, KvSlots, RowRequest, RunningBatch};
+use onnx_steer::generate::{Joining, KvSlots, RowId, RowRequest, RowResult, RunningBatch};
 use onnx_steer::{Bundle, Sampling, SegmentChain, TextCodec};
 
 fn request(
@@ -28,6 +28,15 @@ fn request(
         logprobs: None,
         prompt_logprobs: false,
     }
+}
+
+/// The tokens of row `id` among `finished` rows, if it finished well.
+fn tokens_of(finished: &[(RowId, RowResult)], id: RowId) -> Option<Vec<u32>> {
+    finished
+        .iter()
+        .find(|(row, _)| *row == id)
+        .and_then(|(_, result)| result.as_ref().ok())
+        .map(|generated| generated.token_ids.clone())
 }
 
 /// `requests` joined as one group and decoded to the end: each row's tokens, in order.
@@ -251,13 +260,7 @@ fn rows_own_kv_slots_that_join_and_leave_without_touching_the_others() {
         finished.extend(left);
     }
     finished.extend(batch.take_finished().unwrap());
-    let tokens = |id| {
-        finished
-            .iter()
-            .find(|(row, _)| *row == id)
-            .and_then(|(_, result)| result.as_ref().ok())
-            .map(|generated| generated.token_ids.clone())
-    };
+    let tokens = |id| tokens_of(&finished, id);
     assert_eq!(tokens(short_id), Some(solo[0].clone()));
     assert_eq!(
         tokens(third_id.expect("the third row joined")),
@@ -355,13 +358,7 @@ fn a_long_prompt_joins_in_chunks_while_the_running_rows_decode() {
         chunks - 1,
         "the short row decodes one token after each chunk but the last"
     );
-    let tokens = |id| {
-        finished
-            .iter()
-            .find(|(row, _)| *row == id)
-            .and_then(|(_, result)| result.as_ref().ok())
-            .map(|generated| generated.token_ids.clone())
-    };
+    let tokens = |id| tokens_of(&finished, id);
     assert_eq!(tokens(short_id), Some(solo[0].clone()));
     assert_eq!(
         tokens(long_id.expect("the long row joined")),

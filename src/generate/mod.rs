@@ -15,7 +15,7 @@ pub mod sampling;
 pub mod score;
 
 use crate::chain::{ModelError, Prompt};
-pub use batch::{Joining, KvSlots, KvUsage, RowId, RowRequest, RunningBatch};
+pub use batch::{Joining, KvSlots, KvUsage, RowId, RowRequest, RowResult, RunningBatch};
 pub use logprobs::{LogSoftmax, PositionLogprobs, TokenLogprob};
 pub use oneshot::generate;
 pub use result::{FinishReason, Generated};

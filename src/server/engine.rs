@@ -466,7 +466,7 @@ impl Engine {
         // A prompt longer than one paced chunk joins in chunks; with no row decoding there is
         // nothing to interleave with, and it joins whole.
         let chunk = match self.batch.has_unfinished() && self.options.prefill_chunk > 0 {
-            true => self.pace.chunk(self.options.prefill_chunk),
+            true => self.join_chunk(),
             false => 0,
         };
         let begun = self.batch.begin_join(
@@ -530,16 +530,23 @@ impl Engine {
         }
     }
 
+    /// Prompt tokens for the next chunk of a joining prompt: paced to a decode step, or
+    /// `--prefill-chunk` while requests wait in the queue (one group joins at a time, so the
+    /// queue drains at prefill speed rather than the running rows' pace).
+    fn join_chunk(&self) -> usize {
+        match self.deferred.is_empty() {
+            true => self.pace.chunk(self.options.prefill_chunk),
+            false => self.options.prefill_chunk,
+        }
+    }
+
     /// Prefill the next chunk of the group joining in chunks; after its last, its rows stream.
     fn advance_join(&mut self) {
         if !self.batch.joining() {
             return;
         }
         let mut first: Vec<(RowId, u32, Option<PositionLogprobs>)> = Vec::new();
-        let chunk = self
-            .pace
-            .chunk(self.options.prefill_chunk)
-            .min(self.batch.join_remaining());
+        let chunk = self.join_chunk().min(self.batch.join_remaining());
         let started = Instant::now();
         let advanced =
             self.batch
