@@ -98,17 +98,24 @@ class LlamaServer:
         self.process.wait(timeout=60)
 
 
-def make_prompts(count: int, seed: int) -> list[str]:
-    """`count` user messages of about 20 to 1,500 tokens (log-uniform), cut from data/perplexity.txt."""
+def make_prompts(count: int, seed: int, tokenizer: Path) -> list[str]:
+    """`count` user messages of 20 to 1,500 tokens by the bundle's tokenizer (log-uniform), cut from
+    data/perplexity.txt."""
+    from tokenizers import Tokenizer
+
+    encode = Tokenizer.from_file(str(tokenizer)).encode
     text = (REPO / "data/perplexity.txt").read_text().split()
-    words = text * (2000 // len(text) + 2)
+    words = text * (3000 // len(text) + 2)
     rng = random.Random(seed)
     prompts = []
     for i in range(count):
-        tokens = math.exp(rng.uniform(math.log(20), math.log(1500)))
-        length = max(8, int(tokens / 1.3))  # about 1.3 tokens per word in this text
-        start = rng.randrange(0, len(words) - length)
-        prompts.append(f"Request {i}. Summarise in a few sentences:\n" + " ".join(words[start:start + length]))
+        target = int(math.exp(rng.uniform(math.log(20), math.log(1500))))
+        start = rng.randrange(0, len(words) - 2 * target)
+        head = f"Request {i}. Summarise in a few sentences:\n"
+        length = max(1, target // 2)
+        while len(encode(head + " ".join(words[start:start + length + 1])).ids) <= target:
+            length += 1
+        prompts.append(head + " ".join(words[start:start + length]))
     return prompts
 
 
@@ -171,7 +178,7 @@ def main() -> None:
     parser.add_argument("--check-alone", type=int, default=32, help="requests whose output is compared with a solo run")
     parser.add_argument("--out", type=Path, default=REPO / "bench/results/cpu_fleet_load")
     args = parser.parse_args()
-    prompts = make_prompts(args.requests, seed=0)
+    prompts = make_prompts(args.requests, 0, args.bundle / "tokenizer.json")
     plain: list[tuple[str, str | None]] = [(p, None) for p in prompts]
     mixed = [(p, STEERING[i % len(STEERING)]) for i, p in enumerate(prompts)]
     sample = sorted(random.Random(1).sample(range(args.requests), min(args.check_alone, args.requests)))
