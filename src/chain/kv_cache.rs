@@ -496,21 +496,12 @@ impl KvCache {
             ..*self
         };
         (copy.keys, copy.values) = copy.zeroed(self.keys.len(), rows.len(), self.capacity)?;
-        let shape = self.byte_shape(self.slots, self.capacity);
-        let pairs = copy
-            .keys
-            .iter_mut()
-            .chain(copy.values.iter_mut())
-            .zip(self.keys.iter_mut().chain(self.values.iter_mut()));
-        for (new, old) in pairs {
-            let old = byte_view(old, shape);
-            let mut new = byte_view(new, [rows.len(), shape[1], shape[2], shape[3]]);
-            for (to, &from) in rows.iter().enumerate() {
-                let length = self.lengths[first + from];
-                new.slice_mut(ndarray::s![to, .., ..length, ..])
-                    .assign(&old.slice(ndarray::s![first + from, .., ..length, ..]));
-            }
-        }
+        let moves: Vec<(usize, usize, usize)> = rows
+            .iter()
+            .enumerate()
+            .map(|(to, &from)| (first + from, to, self.lengths[first + from]))
+            .collect();
+        self.copy_rows(&mut copy, &moves);
         Ok(copy)
     }
 
@@ -535,32 +526,46 @@ impl KvCache {
     /// Reallocate to `slots` slots of `capacity` positions, the occupied rows' filled positions
     /// copied over.
     fn resize(&mut self, slots: usize, capacity: usize) -> Result<(), ModelError> {
-        let (mut keys, mut values) = self.zeroed(self.keys.len(), slots, capacity)?;
-        let (old_shape, new_shape) = (
-            self.byte_shape(self.slots, self.capacity),
-            self.byte_shape(slots, capacity),
-        );
-        let pairs = keys
-            .iter_mut()
-            .chain(values.iter_mut())
-            .zip(self.keys.iter_mut().chain(self.values.iter_mut()));
-        for (new, old) in pairs {
-            let old = byte_view(old, old_shape);
-            let mut new = byte_view(new, new_shape);
-            for (row, &length) in self.lengths.iter().enumerate() {
-                new.slice_mut(ndarray::s![row, .., ..length, ..])
-                    .assign(&old.slice(ndarray::s![row, .., ..length, ..]));
-            }
-        }
-        (self.keys, self.values, self.slots, self.capacity) = (keys, values, slots, capacity);
+        let mut grown = Self {
+            keys: Vec::new(),
+            values: Vec::new(),
+            lengths: Vec::new(),
+            slots,
+            capacity,
+            ..*self
+        };
+        (grown.keys, grown.values) = self.zeroed(self.keys.len(), slots, capacity)?;
+        let moves: Vec<(usize, usize, usize)> = (self.lengths.iter().enumerate())
+            .map(|(row, &length)| (row, row, length))
+            .collect();
+        self.copy_rows(&mut grown, &moves);
+        (self.keys, self.values, self.slots, self.capacity) =
+            (grown.keys, grown.values, slots, capacity);
         Ok(())
     }
 
-    fn element_bytes(&self) -> usize {
-        match self.dtype {
-            Dtype::Fp32 => 4,
-            Dtype::Fp16 => 2,
+    /// Copy, in every buffer, the first `length` positions of this cache's slot `from` into
+    /// `to`'s slot `into`, for each `(from, into, length)` of `moves`.
+    fn copy_rows(&mut self, to: &mut KvCache, moves: &[(usize, usize, usize)]) {
+        let (from_shape, into_shape) = (
+            self.byte_shape(self.slots, self.capacity),
+            to.byte_shape(to.slots, to.capacity),
+        );
+        let pairs = (to.keys.iter_mut().chain(to.values.iter_mut()))
+            .zip(self.keys.iter_mut().chain(self.values.iter_mut()));
+        for (into_buffer, from_buffer) in pairs {
+            let from_view = byte_view(from_buffer, from_shape);
+            let mut into_view = byte_view(into_buffer, into_shape);
+            for &(from, into, length) in moves {
+                into_view
+                    .slice_mut(ndarray::s![into, .., ..length, ..])
+                    .assign(&from_view.slice(ndarray::s![from, .., ..length, ..]));
+            }
         }
+    }
+
+    fn element_bytes(&self) -> usize {
+        element_bytes(self.dtype)
     }
 
     /// A buffer of `slots` x `capacity` as bytes: `[slots, kv_heads, capacity, head_dim bytes]`.
@@ -605,6 +610,14 @@ impl KvCache {
     }
 }
 
+/// Bytes of one element of a KV buffer in `dtype`.
+fn element_bytes(dtype: Dtype) -> usize {
+    match dtype {
+        Dtype::Fp32 => 4,
+        Dtype::Fp16 => 2,
+    }
+}
+
 /// The bytes of a KV buffer allocated as `shape` (`[slots, kv_heads, capacity, head_dim bytes]`):
 /// moving positions between slots needs no element type.
 fn byte_view(buffer: &mut DynTensor, shape: [usize; 4]) -> ArrayViewMut4<'_, u8> {
@@ -627,18 +640,12 @@ unsafe fn slot_value(
     dtype: Dtype,
 ) -> Result<DynValue, ModelError> {
     let info = host_memory()?;
-    let (element, bytes) = match dtype {
-        Dtype::Fp32 => (
-            ONNXTensorElementDataType::ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT,
-            4,
-        ),
-        Dtype::Fp16 => (
-            ONNXTensorElementDataType::ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT16,
-            2,
-        ),
+    let element = match dtype {
+        Dtype::Fp32 => ONNXTensorElementDataType::ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT,
+        Dtype::Fp16 => ONNXTensorElementDataType::ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT16,
     };
     let dims = shape.map(|d| d as i64);
-    let length = shape.iter().product::<usize>() * bytes;
+    let length = shape.iter().product::<usize>() * element_bytes(dtype);
     let mut value = std::ptr::null_mut();
     let status = (ort::api().CreateTensorWithDataAsOrtValue)(
         info.ptr(),

@@ -205,6 +205,18 @@ struct Group {
 }
 
 impl Group {
+    /// Each row's prompt length.
+    fn prompt_lengths(&self) -> Vec<usize> {
+        self.requests.iter().map(|r| r.prompt.ids.len()).collect()
+    }
+
+    /// True if the group's steering reads a layer at prefill (a learned net): it then needs the
+    /// whole prompt in one pass.
+    fn observes(&self, config: &crate::bundle::ModelConfig) -> bool {
+        let prefill = self.steering.prefill(config, &self.prompt_lengths());
+        (0..config.num_layers).any(|layer| prefill.observes(layer))
+    }
+
     /// Columns `start..end` of the prefill step, the mask through `end`.
     fn part(&self, start: usize, end: usize) -> Step {
         let step = &self.step;
@@ -376,13 +388,24 @@ impl RunningBatch {
         on_token: &mut dyn FnMut(RowId, u32, Option<&PositionLogprobs>),
     ) -> Result<Vec<RowId>, GenerateError> {
         let group = self.admit(model, requests)?;
+        self.prefill_whole(model, group, on_token)
+    }
+
+    /// Prefill the admitted `group`'s prompt (past any reused prefix) in one step and join it.
+    fn prefill_whole(
+        &mut self,
+        model: &mut dyn CausalLm,
+        group: Group,
+        on_token: &mut dyn FnMut(RowId, u32, Option<&PositionLogprobs>),
+    ) -> Result<Vec<RowId>, GenerateError> {
         let ids: Vec<&[u32]> = group
             .requests
             .iter()
             .map(|r| r.prompt.ids.as_slice())
             .collect();
-        let lengths: Vec<usize> = ids.iter().map(|ids| ids.len()).collect();
-        let mut prefill = group.steering.prefill(model.config(), &lengths);
+        let mut prefill = group
+            .steering
+            .prefill(model.config(), &group.prompt_lengths());
         let echo: Vec<Option<usize>> = group
             .requests
             .iter()
@@ -425,24 +448,16 @@ impl RunningBatch {
         if self.pending.is_some() {
             return Err(GenerateError::JoinPending);
         }
-        let width = requests
-            .iter()
-            .map(|r| r.prompt.ids.len())
-            .max()
-            .unwrap_or(0);
         let whole = chunk == 0
-            || width <= chunk
             || requests
                 .iter()
                 .any(|r| r.prompt_logprobs || !r.prompt.images.is_empty());
-        let lengths: Vec<usize> = requests.iter().map(|r| r.prompt.ids.len()).collect();
-        let steering = BatchSteering::new(requests.iter().map(|r| r.steering.clone()).collect());
-        let prefill = steering.prefill(model.config(), &lengths);
-        let observes = (0..model.config().num_layers).any(|layer| prefill.observes(layer));
-        if whole || observes {
-            return self.join(model, requests, on_token).map(Joining::Joined);
-        }
         let group = self.admit(model, requests)?;
+        if whole || group.step.input_ids.ncols() <= chunk || group.observes(model.config()) {
+            return self
+                .prefill_whole(model, group, on_token)
+                .map(Joining::Joined);
+        }
         self.pending = Some(PendingJoin {
             done: group.reused,
             group,
@@ -480,12 +495,7 @@ impl RunningBatch {
         let width = pending.group.step.input_ids.ncols();
         let (start, end) = (pending.done, (pending.done + chunk.max(1)).min(width));
         let part = pending.group.part(start, end);
-        let lengths: Vec<usize> = pending
-            .group
-            .requests
-            .iter()
-            .map(|r| r.prompt.ids.len())
-            .collect();
+        let lengths = pending.group.prompt_lengths();
         let mut prefill = pending.group.steering.prefill(model.config(), &lengths);
         cache.focus_admitted();
         let started = Instant::now();
@@ -515,7 +525,6 @@ impl RunningBatch {
             decisions: prefill.decisions().to_vec(),
             prefill_ms: pending.prefill_ms,
         };
-        drop(prefill);
         self.complete(model, pending.group, prefilled, on_token)
             .map(Some)
     }

@@ -51,49 +51,40 @@ impl Metrics {
             ),
             &["spec"],
         )?;
-        let queue_depth = IntGauge::new("queue_depth", "Requests waiting for a batch slot")?;
-        let batch_size = IntGauge::new("batch_size", "Rows in the running batch")?;
-        let kv_slots = IntGauge::new("kv_slots", "KV cache slots (--max-batch)")?;
-        let kv_slots_used = IntGauge::new("kv_slots_used", "KV cache slots held by running rows")?;
-        let kv_positions_filled = IntGauge::new(
-            "kv_positions_filled",
-            "Positions the running rows have filled in their KV slots",
-        )?;
-        let kv_cache_bytes = IntGauge::new(
-            "kv_cache_bytes",
-            "Bytes of the KV cache's buffers, allocated once at start",
-        )?;
         registry.register(Box::new(requests.clone()))?;
         registry.register(Box::new(tokens.clone()))?;
         registry.register(Box::new(latency.clone()))?;
         registry.register(Box::new(steering.clone()))?;
-        registry.register(Box::new(queue_depth.clone()))?;
-        registry.register(Box::new(batch_size.clone()))?;
-        let prefix_lookup_tokens = IntGauge::new(
+        let gauge = |name: &str, help: &str| {
+            let gauge = IntGauge::new(name, help)?;
+            registry.register(Box::new(gauge.clone()))?;
+            Ok::<_, prometheus::Error>(gauge)
+        };
+        let queue_depth = gauge("queue_depth", "Requests waiting for a batch slot")?;
+        let batch_size = gauge("batch_size", "Rows in the running batch")?;
+        let kv_slots = gauge("kv_slots", "KV cache slots (--max-batch)")?;
+        let kv_slots_used = gauge("kv_slots_used", "KV cache slots held by running rows")?;
+        let kv_positions_filled = gauge(
+            "kv_positions_filled",
+            "Positions the running rows have filled in their KV slots",
+        )?;
+        let kv_cache_bytes = gauge(
+            "kv_cache_bytes",
+            "Bytes of the KV cache's buffers, allocated once at start",
+        )?;
+        let prefix_lookup_tokens = gauge(
             "prefix_cache_lookup_tokens",
             "Prompt tokens of requests whose prefix could be reused, since start",
         )?;
-        let prefix_hit_tokens = IntGauge::new(
+        let prefix_hit_tokens = gauge(
             "prefix_cache_hit_tokens",
             "Prompt tokens whose KV came from the prefix cache instead of a prefill, since start",
         )?;
-        let prefix_bytes = IntGauge::new("prefix_cache_bytes", "Bytes the prefix cache holds")?;
+        let prefix_bytes = gauge("prefix_cache_bytes", "Bytes the prefix cache holds")?;
         let prefix_hit_rate = prometheus::Gauge::new(
             "prefix_cache_hit_rate",
             "Share of looked-up prompt tokens served from the prefix cache, since start",
         )?;
-        let gauges = [
-            &kv_slots,
-            &kv_slots_used,
-            &kv_positions_filled,
-            &kv_cache_bytes,
-            &prefix_lookup_tokens,
-            &prefix_hit_tokens,
-            &prefix_bytes,
-        ];
-        for gauge in gauges {
-            registry.register(Box::new(gauge.clone()))?;
-        }
         registry.register(Box::new(prefix_hit_rate.clone()))?;
         Ok(Self {
             registry,
@@ -139,23 +130,19 @@ impl Metrics {
 
     /// The text exposition, with the engine's current queue depth, batch size and KV slots.
     pub fn render(&self, queue_depth: usize, batch_size: usize, kv: KvUsage) -> String {
-        let gauges = [
-            (&self.queue_depth, queue_depth),
-            (&self.batch_size, batch_size),
-            (&self.kv_slots, kv.slots),
-            (&self.kv_slots_used, kv.used_slots),
-            (&self.kv_positions_filled, kv.filled_positions),
-            (&self.kv_cache_bytes, kv.bytes),
-            (&self.prefix_bytes, kv.prefix.bytes),
-        ];
-        for (gauge, value) in gauges {
-            gauge.set(i64::try_from(value).unwrap_or(i64::MAX));
-        }
         let prefix = kv.prefix;
-        for (gauge, value) in [
+        let gauges = [
+            (&self.queue_depth, queue_depth as u64),
+            (&self.batch_size, batch_size as u64),
+            (&self.kv_slots, kv.slots as u64),
+            (&self.kv_slots_used, kv.used_slots as u64),
+            (&self.kv_positions_filled, kv.filled_positions as u64),
+            (&self.kv_cache_bytes, kv.bytes as u64),
+            (&self.prefix_bytes, prefix.bytes as u64),
             (&self.prefix_lookup_tokens, prefix.lookup_tokens),
             (&self.prefix_hit_tokens, prefix.hit_tokens),
-        ] {
+        ];
+        for (gauge, value) in gauges {
             gauge.set(i64::try_from(value).unwrap_or(i64::MAX));
         }
         self.prefix_hit_rate
