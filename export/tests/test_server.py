@@ -249,6 +249,34 @@ def test_the_queue_is_first_come_first_served_with_a_timeout_and_retry_after(bin
         assert outcome["long"].ok
 
 
+def test_a_request_deadline_takes_it_out_of_the_queue(binary: Path, bundle_dir: Path) -> None:
+    """deadline_s bounds a request from when it is queued: one still waiting at its deadline leaves the
+    queue at once (504, it never runs) while the running row goes on; a bad deadline is a 400."""
+    with serving(binary, bundle_dir, "--max-batch", "1", "--max-queue", "4") as (url, _):
+        for bad in ("0", "-1", '"soon"', "1e999"):
+            refused = requests.post(f"{url}/v1/chat/completions", timeout=10, headers={"content-type": "application/json"},
+                                    data=f'{{"messages": [{{"role": "user", "content": "Hi"}}], "deadline_s": {bad}}}')
+            assert refused.status_code == 400, (bad, refused.text)
+            assert bad.startswith(('"', "1e")) or "deadline_s must be a positive" in refused.text, refused.text
+        outcome: dict[str, requests.Response] = {}
+        long = threading.Thread(target=lambda: outcome.update(long=chat(
+            url, "Count from 1 to 500, separated by commas.", max_tokens=200)))
+        long.start()
+        assert wait_for_batch(url, 1)
+        started = time.monotonic()
+        late = chat(url, PROMPT, deadline_s=0.5)
+        waited = time.monotonic() - started
+        assert late.status_code == 504 and "took longer than" in late.json()["error"]["message"], late.text
+        assert waited < 3, f"a request with a 0.5 s deadline was answered after {waited:.1f} s"
+        deadline = time.monotonic() + 2
+        while requests.get(f"{url}/health", timeout=10).json()["queue_depth"] != 0:
+            assert time.monotonic() < deadline, "the expired request is still queued"
+            time.sleep(0.02)
+        assert long.is_alive(), "the running row should still be decoding when the queued one left"
+        long.join()
+        assert outcome["long"].ok and outcome["long"].json()["usage"]["completion_tokens"] > 0
+
+
 def metric(url: str, name: str) -> float:
     """The value of the unlabelled series `onnx_steer_NAME` in /metrics."""
     for line in requests.get(f"{url}/metrics", timeout=10).text.splitlines():

@@ -3,7 +3,7 @@
 //! [`Job`] for the engine → its events → a JSON body, or server-sent events ([`super::stream`]).
 
 use std::sync::Arc;
-use std::time::{Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use axum::body::Bytes;
 use axum::extract::{Path as UrlPath, State};
@@ -289,6 +289,8 @@ pub(crate) struct Prepared {
     pub(crate) choices: usize,
     /// Completions: the prompt comes back before the completion.
     pub(crate) echo: bool,
+    /// How long the request may take from arrival: its `deadline_s`, at most the server's timeout.
+    pub(crate) timeout: Duration,
 }
 
 /// Most choices one request may ask for (`n`).
@@ -429,6 +431,7 @@ async fn prepare(
     if stops.iter().any(String::is_empty) {
         return Err(ApiError::bad_request("stop strings must not be empty"));
     }
+    let timeout = request_timeout(settings.deadline_s, state.limits.timeout)?;
     let steering = steering(state, settings.steering).await?;
     state.metrics.steering(&label);
     Ok(Prepared {
@@ -448,7 +451,21 @@ async fn prepare(
         seed: matches!(sampling, Sampling::Random { .. }).then_some(seed),
         choices,
         echo: settings.echo,
+        timeout,
     })
+}
+
+/// A request's own deadline (`deadline_s`), capped by the server's `limit`.
+fn request_timeout(deadline_s: Option<f64>, limit: Duration) -> Result<Duration, ApiError> {
+    match deadline_s {
+        None => Ok(limit),
+        Some(seconds) if seconds.is_finite() && seconds > 0.0 => {
+            Ok(Duration::try_from_secs_f64(seconds).map_or(limit, |own| own.min(limit)))
+        }
+        Some(seconds) => Err(ApiError::bad_request(format!(
+            "deadline_s must be a positive number of seconds, got {seconds}"
+        ))),
+    }
 }
 
 /// The request of choice `index`: the same row, its sampler seeded `seed + index`.
@@ -550,7 +567,7 @@ async fn respond(
     let receivers = submit(&state, requests)?;
     let id = format!("cmpl-{}", rand::random::<u64>());
     let (first, first_text) = &prepared[0];
-    let (stops, seed) = (first.stops.clone(), first.seed);
+    let (stops, seed, timeout) = (first.stops.clone(), first.seed, first.timeout);
     let prompt_tokens: usize = prepared
         .iter()
         .map(|(p, _)| p.request.prompt.ids.len())
@@ -572,11 +589,12 @@ async fn respond(
                 seed,
                 logprobs: first.request.logprobs.is_some(),
                 echoed: first.echo.then(|| first_text.clone()),
+                timeout,
             },
         );
         return Ok(response.into_response());
     }
-    let generated = tokio::time::timeout(state.limits.timeout, async {
+    let generated = tokio::time::timeout(timeout, async {
         let mut done = Vec::with_capacity(receivers.len());
         for mut receiver in receivers {
             done.push(loop {
@@ -598,7 +616,7 @@ async fn respond(
     .map_err(|_| {
         ApiError::new(
             StatusCode::GATEWAY_TIMEOUT,
-            format!("the request took longer than {:?}", state.limits.timeout),
+            format!("the request took longer than {timeout:?}"),
         )
     })??;
     let completion_tokens: usize = generated.iter().map(|g| g.token_ids.len()).sum();

@@ -99,6 +99,11 @@ pub struct Settings {
     /// onnx-steer: the steering of this request.
     #[serde(default)]
     pub steering: Option<Steering>,
+    /// onnx-steer: seconds, from when the request is queued, within which it must finish, the
+    /// wait in the queue included (the server's `--timeout-s` when absent or longer). A request
+    /// still queued at its deadline leaves the queue without running; it is answered 504.
+    #[serde(default)]
+    pub deadline_s: Option<f64>,
 }
 
 /// One chat turn.

@@ -41,6 +41,8 @@ pub(crate) struct StreamOptions {
     pub(crate) logprobs: bool,
     /// Completions with `echo`: the prompt text, sent first.
     pub(crate) echoed: Option<String>,
+    /// How long the response may take from now (the request's deadline, or the server's timeout).
+    pub(crate) timeout: std::time::Duration,
 }
 
 /// Builds the SSE chunks of one response.
@@ -92,7 +94,7 @@ pub(crate) fn stream(
     receivers: Vec<UnboundedReceiver<JobEvent>>,
     options: StreamOptions,
 ) -> impl IntoResponse {
-    let deadline = tokio::time::Instant::now() + state.limits.timeout;
+    let deadline = tokio::time::Instant::now() + options.timeout;
     let chunks = Chunks {
         endpoint: options.endpoint,
         id: options.id.clone(),

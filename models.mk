@@ -1,0 +1,41 @@
+# Steering settings per model, for `make steer MODEL=...` and the eval targets. Each model names its
+# last layer, the layers its specs steer and its learned methods' layers and scales.
+
+# SmolLM2-135M-Instruct (30 layers): layers and scales from the sweeps of issues 5 and 6 (README, Results).
+LAST_LAYER_smollm2-135m-instruct            := 29
+REFUSAL_SPEC_LAYER_smollm2-135m-instruct    := 12
+SENTIMENT_SPEC_LAYERS_smollm2-135m-instruct := 10, 11, 12, 13, 14
+L2S_LAYERS_smollm2-135m-instruct            := --read-layer 10 --steer-layer 12
+W2S_LAYERS_smollm2-135m-instruct            := --read-layer 6 --layers 8,10,12,14,16
+SVF_LAYERS_smollm2-135m-instruct            := 10,12,14
+SVF_SCALE_sentiment_smollm2-135m-instruct   := 4
+SVF_SCALE_verbosity_smollm2-135m-instruct   := 8
+
+# Qwen2.5-Coder-0.5B-Instruct (24 layers): the default's layers at the same relative depth (layer L of
+# 30 → round(L·24/30)), and SVF's step lengths (absolute, unlike the vectors' and nets' scales, which are
+# in units of the model's own state differences) scaled by the ratio of the two models' residual-stream
+# norms at the field's layers: the median per-token norm (first token excluded) over 40 chat-wrapped
+# sentiment prompts is 151 at SmolLM2's 10, 12, 14 and 19.8 at Qwen's 8, 10, 11 (0.13x; `onnx-steer capture
+# --tokens all`), so 4 → 0.5 and 8 → 1. Not yet swept on this model.
+LAST_LAYER_qwen2.5-0.5b-instruct            := 23
+REFUSAL_SPEC_LAYER_qwen2.5-0.5b-instruct    := 10
+SENTIMENT_SPEC_LAYERS_qwen2.5-0.5b-instruct := 8, 9, 10, 11
+L2S_LAYERS_qwen2.5-0.5b-instruct            := --read-layer 8 --steer-layer 10
+W2S_LAYERS_qwen2.5-0.5b-instruct            := --read-layer 5 --layers 6,8,10,11,13
+SVF_LAYERS_qwen2.5-0.5b-instruct            := 8,10,11
+SVF_SCALE_sentiment_qwen2.5-0.5b-instruct   := 0.5
+SVF_SCALE_verbosity_qwen2.5-0.5b-instruct   := 1
+
+LAST_LAYER            := $(LAST_LAYER_$(MODEL))
+REFUSAL_SPEC_LAYER    := $(REFUSAL_SPEC_LAYER_$(MODEL))
+SENTIMENT_SPEC_LAYERS := $(SENTIMENT_SPEC_LAYERS_$(MODEL))
+L2S_LAYERS            := $(L2S_LAYERS_$(MODEL))
+L2S_SCALE             ?= 1
+W2S_LAYERS            := $(W2S_LAYERS_$(MODEL))
+W2S_SCALE             ?= 1
+SVF_LAYERS            := $(SVF_LAYERS_$(MODEL))
+SVF_SCALE_sentiment   ?= $(SVF_SCALE_sentiment_$(MODEL))
+SVF_SCALE_verbosity   ?= $(SVF_SCALE_verbosity_$(MODEL))
+
+# Steering targets stop with this message for a model that has no settings above.
+STEER_SETTINGS_MISSING := $(if $(LAST_LAYER),,no steering settings for MODEL=$(MODEL) in models.mk)
