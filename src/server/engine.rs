@@ -546,6 +546,7 @@ impl Engine {
             return;
         }
         let mut first: Vec<(RowId, u32, Option<PositionLogprobs>)> = Vec::new();
+        let paced = self.deferred.is_empty();
         let chunk = self.join_chunk().min(self.batch.join_remaining());
         let started = Instant::now();
         let advanced =
@@ -553,7 +554,11 @@ impl Engine {
                 .advance_join(self.model.as_mut(), chunk, &mut |id, token, logprobs| {
                     first.push((id, token, logprobs.cloned()))
                 });
-        self.pace.note_chunk(started.elapsed(), chunk);
+        // Only paced chunks teach the pace: a backlog chunk (--prefill-chunk) would leave it far
+        // above a decode step once the queue empties, and the running rows would stall again.
+        if paced {
+            self.pace.note_chunk(started.elapsed(), chunk);
+        }
         match advanced {
             Ok(None) => {}
             Ok(Some(ids)) => {
