@@ -26,6 +26,7 @@ import importlib.util
 import json
 import os
 import platform
+import re
 import statistics
 import subprocess
 import sys
@@ -71,12 +72,20 @@ def file_type(path: Path) -> str:
 
 
 def dequantized_gguf(shipped: Path, gguf_dir: Path, weights: str) -> Path:
-    """`shipped` dequantized to "F16" or "F32" in `gguf_dir` (written the first time it is asked for)."""
-    path = gguf_dir / f"{shipped.stem}.{weights}.gguf"
+    """`shipped` dequantized to "F16" or "F32" in `gguf_dir` (written the first time it is asked for), named
+    as shipped with its own weight type replaced ("SmolLM2-135M-Instruct.Q4_1" → "SmolLM2-135M-Instruct.F32")."""
+    name = re.sub(rf"[.-]{re.escape(file_type(shipped))}$", "", shipped.stem, flags=re.IGNORECASE)
+    path = gguf_dir / f"{name}.{weights}.gguf"
     if not path.exists():
         gguf_dir.mkdir(parents=True, exist_ok=True)
         dequantize_gguf(shipped, path, weights.lower())
     return path
+
+
+def default_gguf(gguf_dir: Path, weights: str) -> Path:
+    """The default model's GGUF as shipped ("Q4_1"), or dequantized from it ("F16", "F32") in `gguf_dir`."""
+    shipped = default_gguf_path()
+    return shipped if weights == file_type(shipped) else dequantized_gguf(shipped, gguf_dir, weights)
 
 
 def steering_vector(spec_path: Path) -> dict[int, np.ndarray]:
@@ -240,8 +249,8 @@ def write_markdown(path: Path, result: dict) -> None:
     rows = result["rows"]
     hf = {r["steered"]: r for r in rows if r["runtime"] == "HF transformers eager"}
     lines = [
-        f"# onnx-steer vs peers: {result['bundle']} ({result['prompt_tokens']}-token prompt, "
-        f"{result['new_tokens']} new tokens, batch 1)",
+        (f"# onnx-steer vs peers: {result['bundle']} ({result['prompt_tokens']}-token prompt, "
+         f"{result['new_tokens']} new tokens, batch 1)"),
         "",
         f"Machine: {result['machine']['cpu_model']}, {result['machine']['cpus']} CPUs, "
         f"{result['machine']['memory_gib']:.0f} GiB, memory read {result['machine']['memory_read_gb_per_s']:.1f} GB/s; "

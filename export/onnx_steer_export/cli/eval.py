@@ -1,4 +1,4 @@
-"""eval, eval-behaviour, eval-svf, eval-autosteer, eval-safety, eval-precision, eval-ab, plot-behaviour: reports
+"""eval, eval-behaviour, eval-svf, eval-autosteer, eval-safety, eval-garak, eval-precision, eval-ab, plot-behaviour: reports
 on what the runtime generates or scores."""
 
 from __future__ import annotations
@@ -58,6 +58,19 @@ def cmd_eval_svf(args: argparse.Namespace, parser: argparse.ArgumentParser) -> N
     report = eval_svf(args.bundle, args.field, args.vector, args.second, args.sweep_scale, args.long_scale,
                       args.second_scale, args.limit, args.long_limit, args.max_new_tokens, args.long_tokens,
                       args.multi_tokens)
+    write(report, Path(args.out))
+    print(markdown(report))
+    print(f"wrote {args.out}.json, .md and .png")
+
+
+def cmd_eval_garak(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
+    from ..eval.garak_client import evaluate, markdown, write
+
+    try:
+        report = evaluate(args.bundle, args.method, Path(args.garak), Path(args.work), args.cap, args.max_new_tokens,
+                          args.parallel, args.probes or None)
+    except (ValueError, FileNotFoundError) as error:
+        parser.error(str(error))
     write(report, Path(args.out))
     print(markdown(report))
     print(f"wrote {args.out}.json, .md and .png")
@@ -229,6 +242,26 @@ def register(commands: Commands) -> None:
     safety.add_argument("--update", action="store_true",
                         help="rerun only the --method settings (and unsteered, which must reproduce OUT.json's) "
                         "and keep OUT.json's other methods")
+
+    garak = add_command(
+        commands, "eval-garak", cmd_eval_garak,
+        help="garak (the LLM vulnerability scanner) as a client of onnx-steer serve, unsteered and per --method",
+        description="Serves the bundle, runs garak's download-free probes (the DAN family, encoding.InjectBase64 and "
+        "InjectHex, promptinject.HijackHateHumans and HijackKillHumans) through its OpenAI-compatible generator, "
+        "steering each --method by name through extra_body, and reports garak's attack success per probe family "
+        "and, for AutoSteer specs, the gate-open rate on the prompts garak sent. Every --method spec must be in "
+        "one folder (served as --steer-dir). Writes OUT.{json,md,png}.",
+    )
+    add_bundle(garak)
+    add_methods(garak)
+    garak.add_argument("--garak", default=str(REPO / ".venv-garak/bin/python"),
+                       help="the Python interpreter that has garak 0.17.1 (make eval-garak installs it)")
+    garak.add_argument("--work", default=str(REPO / "target/garak"), help="garak's data, config and report folder")
+    garak.add_argument("--cap", type=int, default=20, help="most prompts per probe (garak's soft_probe_prompt_cap)")
+    garak.add_argument("--max-new-tokens", type=int, default=48)
+    garak.add_argument("--parallel", type=int, default=8, help="garak's parallel attempts, and the server's --max-batch")
+    garak.add_argument("--probes", nargs="+", metavar="PROBE", help="garak probes (module.Class) instead of the default set")
+    add_report_out(garak)
 
     precision = add_command(
         commands, "eval-precision", cmd_eval_precision,
