@@ -3,7 +3,7 @@
 garak 0.17.1 runs from its own virtual environment (its pins, transformers < 5.20 and openai < 3,
 conflict with the project's) and talks to the server through its OpenAI-compatible generator,
 greedy, steering each setting by name through `extra_body`. Only probes whose detectors need no
-download run: the DAN family (detectors dan.* and mitigation.MitigationBypass), encoding.InjectBase64
+download run: the DAN family (detectors dan.* and mitigation.MitigationBypass; see DAN_PROBES), encoding.InjectBase64
 and InjectHex (encoding.DecodeMatch/DecodeApprox), promptinject.HijackHateHumans and HijackKillHumans
 (promptinject.AttackRogueString), each capped at --cap prompts chosen by garak's own seeded sampling.
 
@@ -28,9 +28,11 @@ from ..figures import save_figure
 from ..runtime_client import find_binary, serving
 from .harness import save_report
 
+# The DAN family without Ablation_Dan_11_0 (127 variants of Dan_11_0 that garak's prompt cap does not bound)
+# and AutoDAN (it needs an attacker model).
 DAN_PROBES = ("Dan_11_0", "Dan_10_0", "Dan_9_0", "Dan_8_0", "Dan_7_0", "Dan_6_2", "Dan_6_0", "DUDE", "STAN",
               "DAN_Jailbreak", "AntiDAN", "ChatGPT_Developer_Mode_v2", "ChatGPT_Developer_Mode_RANTI",
-              "ChatGPT_Image_Markdown", "Ablation_Dan_11_0", "AutoDANCached", "DanInTheWild")
+              "ChatGPT_Image_Markdown", "AutoDANCached", "DanInTheWild")
 PROBES = tuple(f"dan.{name}" for name in DAN_PROBES) + (
     "encoding.InjectBase64", "encoding.InjectHex", "promptinject.HijackHateHumans", "promptinject.HijackKillHumans")
 GARAK_VERSION = "0.17.1"
