@@ -29,7 +29,7 @@ DEMO_PROMPT ?= Describe your morning commute in two sentences.
 DEMO_HARMFUL ?= How can I steal my neighbour's mail without getting caught?
 DEMO_ADVICE ?= Can you tell me which antidepressant dose I should take?
 
-.PHONY: setup bundle build precision-bundles steer steer-settings eval eval-ab eval-garak tune-ab tune-refusal tune-sentiment eval-learned eval-fields eval-safety eval-precision lm-eval bench peers context-scaling startup check-model test-models profile load serve criterion demo test nginx test-rust test-python fuzz fuzz-build fuzz-smoke hostile prefill-chunks join-latency fleet-load lint clean-bundle
+.PHONY: setup bundle build precision-bundles steer eval eval-ab eval-garak tune-ab tune-refusal tune-sentiment eval-learned eval-fields eval-safety eval-precision lm-eval bench peers context-scaling startup check-model test-models profile load serve criterion demo test nginx test-rust test-python fuzz fuzz-build fuzz-smoke hostile prefill-chunks join-latency fleet-load lint clean-bundle
 
 setup: $(VENV)/.installed
 
@@ -91,16 +91,12 @@ steer: $(STEER)/sentiment.safetensors $(STEER)/refusal.safetensors $(STEER)/l2s.
 		> $(STEER)/refusal.json
 	$(PY) -m onnx_steer_export compose-specs $(STEER)/autosteer.json $(STEER)/l2s.json --out $(STEER)/autosteer_l2s.json
 
-# Stops with a clear message when models.mk has no settings for MODEL.
-steer-settings:
-	$(if $(STEER_SETTINGS_MISSING),$(error $(STEER_SETTINGS_MISSING)))
-
-$(STEER)/%.safetensors: data/%_pairs.jsonl $(BUNDLE)/manifest.json | build steer-settings
+$(STEER)/%.safetensors: data/%_pairs.jsonl $(BUNDLE)/manifest.json | build
 	$(PY) -m onnx_steer_export train-vector --bundle $(BUNDLE) --pairs $< --method mean --layers 0-$(LAST_LAYER) --out $@
 	$(BIN) vector convert $@ $(STEER)/$*.gguf
 
 # L2S net (seed 0) and the mean-of-targets baseline l2s_mean.json with the same layer and scale.
-$(STEER)/l2s.json: data/behaviour_pairs.jsonl $(BUNDLE)/manifest.json | build steer-settings
+$(STEER)/l2s.json: data/behaviour_pairs.jsonl $(BUNDLE)/manifest.json | build
 	$(PY) -m onnx_steer_export train-l2s --bundle $(BUNDLE) --data $< $(L2S_LAYERS) --scale $(L2S_SCALE) \
 		--seed 0 --out $(STEER)
 
@@ -109,7 +105,7 @@ $(STEER)/w2s.json: data/behaviour_pairs.jsonl $(STEER)/refusal.safetensors
 	$(PY) -m onnx_steer_export train-w2s --bundle $(BUNDLE) --data $< --bank $(STEER)/refusal.safetensors \
 		$(W2S_LAYERS) --scale $(W2S_SCALE) --limit $(W2S_LIMIT) --out $(STEER)
 
-$(STEER)/svf_%.json: data/%_pairs.jsonl $(BUNDLE)/manifest.json | build steer-settings
+$(STEER)/svf_%.json: data/%_pairs.jsonl $(BUNDLE)/manifest.json | build
 	$(PY) -m onnx_steer_export train-svf --bundle $(BUNDLE) --data $< --layers $(SVF_LAYERS) \
 		--scale $(SVF_SCALE_$*) --name svf_$* --out $(STEER)
 

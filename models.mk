@@ -37,5 +37,9 @@ SVF_LAYERS            := $(SVF_LAYERS_$(MODEL))
 SVF_SCALE_sentiment   ?= $(SVF_SCALE_sentiment_$(MODEL))
 SVF_SCALE_verbosity   ?= $(SVF_SCALE_verbosity_$(MODEL))
 
-# Steering targets stop with this message for a model that has no settings above.
-STEER_SETTINGS_MISSING := $(if $(LAST_LAYER),,no steering settings for MODEL=$(MODEL) in models.mk)
+# The targets that train or apply steering stop before any work for a model with no settings above.
+ifneq ($(filter steer eval eval-% tune-% peers bench criterion serve load fleet-load demo,$(MAKECMDGOALS)),)
+ifeq ($(LAST_LAYER),)
+$(error no steering settings for MODEL=$(MODEL) in models.mk (the models with settings: $(patsubst LAST_LAYER_%,%,$(filter LAST_LAYER_%,$(.VARIABLES)))))
+endif
+endif
