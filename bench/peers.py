@@ -402,11 +402,13 @@ def main() -> None:
               "steer": str(args.steer.relative_to(REPO)) if args.steer.is_relative_to(REPO) else str(args.steer),
               "bundle": args.bundle.name, "source": args.source, "command": args.command, "prompt_ids": ids, "machine": machine(first), "rows": rows,
               "ratios": ratios(rows, quantized, shipped)}
+    # The stem may hold dots ("cpu_peers_qwen2.5-0.5b-instruct"): suffixes are appended, not swapped.
+    out = {suffix: args.out.parent / f"{args.out.name}{suffix}" for suffix in (".json", ".md", ".png")}
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")
-    write_markdown(args.out.with_suffix(".md"), result)
-    plot(args.out.with_suffix(".png"), result)
-    print(args.out.with_suffix(".md").read_text())
+    out[".json"].write_text(json.dumps(result, indent=2) + "\n")
+    write_markdown(out[".md"], result)
+    plot(out[".png"], result)
+    print(out[".md"].read_text())
 
 
 if __name__ == "__main__":
