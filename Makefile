@@ -183,10 +183,10 @@ tune-ab: setup bundle build
 # evenly spaced, 32 new tokens, to fit in about 30 minutes), beside the hand-picked specs: the refusal
 # vector at its spec's scale (1) and at the report's best (0.75), L2S and W2S. On the refusal pairs alone
 # the winner (SVF, layer 14) scored 0.333 held out against the hand-picked L2S's 0.466.
-TUNE_REFUSAL := reports/tune_refusal
+TUNE_REFUSAL := $(REPORTS)/tune_refusal
 tune-refusal: setup bundle build steer
 	mkdir -p $(TUNE_REFUSAL)
-	echo '{"interventions": [{"kind": "vector", "path": "../../$(STEER)/refusal.safetensors", "scale": 0.75, "layers": [$(REFUSAL_SPEC_LAYER)]}]}' \
+	echo '{"interventions": [{"kind": "vector", "path": "'$$(realpath -m --relative-to=$(TUNE_REFUSAL) $(STEER))'/refusal.safetensors", "scale": 0.75, "layers": [$(REFUSAL_SPEC_LAYER)]}]}' \
 		> $(TUNE_REFUSAL)/reference_refusal_0.75.json
 	$(PY) -m onnx_steer_export tune --bundle $(BUNDLE) --pairs data/behaviour_pairs.jsonl \
 		--eval data/harmful_test.jsonl --benign data/benign_prompts.txt --metric refusal \

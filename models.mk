@@ -15,8 +15,9 @@ SVF_SCALE_verbosity_smollm2-135m-instruct   := 8
 # 30 → round(L·24/30)), and SVF's step lengths (absolute, unlike the vectors' and nets' scales, which are
 # in units of the model's own state differences) scaled by the ratio of the two models' residual-stream
 # norms at the field's layers: the median per-token norm (first token excluded) over 40 chat-wrapped
-# sentiment prompts is 151 at SmolLM2's 10, 12, 14 and 19.8 at Qwen's 8, 10, 11 (0.13x; `onnx-steer capture
-# --tokens all`), so 4 → 0.5 and 8 → 1. Not yet swept on this model.
+# sentiment prompts is 151 at SmolLM2's 10, 12, 14 and 19.8 at Qwen's 8, 10, 11 (0.13x; `bench/residual_norms.py
+# onnx/smollm2-135m-instruct:10,12,14 onnx/qwen2.5-0.5b-instruct:8,10,11`), so 4 → 0.5 and 8 → 1. Not yet
+# swept on this model.
 LAST_LAYER_qwen2.5-0.5b-instruct            := 23
 REFUSAL_SPEC_LAYER_qwen2.5-0.5b-instruct    := 10
 SENTIMENT_SPEC_LAYERS_qwen2.5-0.5b-instruct := 8, 9, 10, 11

@@ -359,8 +359,9 @@ def main() -> None:
     vectors = steering_vector(args.steer)
 
     bundles = [("fp32", args.bundle)]
-    quantized = quantized_label(args.quantized) if (args.quantized / "manifest.json").exists() else "int4"
+    quantized = "int4"  # without the bundle this only names ratios that find no rows
     if (args.quantized / "manifest.json").exists():
+        quantized = quantized_label(args.quantized)
         bundles.append((quantized, args.quantized))
     first = onnx_steer(args.binary, args.bundle, args.steer, args)
     ids = first["workloads"][0]["prompt_ids"]

@@ -289,7 +289,8 @@ pub(crate) struct Prepared {
     pub(crate) choices: usize,
     /// Completions: the prompt comes back before the completion.
     pub(crate) echo: bool,
-    /// How long the request may take from arrival: its `deadline_s`, at most the server's timeout.
+    /// How long the request may take from when it is queued: its `deadline_s`, at most the
+    /// server's timeout.
     pub(crate) timeout: Duration,
 }
 

@@ -157,8 +157,8 @@ def evaluate(bundle: Path, methods: Sequence[tuple[str, Path]], garak_python: Pa
             evals, attempts = read_report(run_garak(garak_python, work, config))
             result: dict = {"spec": None if spec is None else str(spec), "prompts": len(attempts),
                             **attack_success(evals)}
-            if spec is not None and steering is not None and has_autosteer(spec):
-                result["gate"] = gate_rates(url, steering, attempts)
+            if spec is not None and has_autosteer(spec):
+                result["gate"] = gate_rates(url, spec.stem, attempts)
             results[name] = result
     return {"garak": GARAK_VERSION, "probes": list(probes), "cap": cap, "max_new_tokens": max_new_tokens,
             "bundle": str(bundle), "settings": results}
