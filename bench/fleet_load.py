@@ -24,6 +24,7 @@ import subprocess
 import sys
 import tarfile
 import time
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -130,10 +131,15 @@ def one(url: str, prompt: str, steering: str | None, new_tokens: int) -> dict[st
     try:
         with requests.post(f"{url}/v1/chat/completions", json=body, stream=True, timeout=1800) as response:
             if response.status_code != 200:
-                return {"ok": False, "status": response.status_code}
+                return {"ok": False, "status": f"{response.status_code} {response.text[:200]}"}
+            error = False
             for line in response.iter_lines():
+                if line == b"event: error":
+                    error = True
                 if not line.startswith(b"data: ") or line == b"data: [DONE]":
                     continue
+                if error:
+                    return {"ok": False, "status": f"stream error: {line[6:206].decode(errors='replace')}"}
                 choices = json.loads(line[6:]).get("choices") or [{}]
                 delta = choices[0].get("delta", {}).get("content")
                 if delta:
@@ -155,7 +161,9 @@ def load(url: str, jobs: list[tuple[str, str | None]], clients: int, new_tokens:
         values = sorted(r[key] for r in done)
         return values[min(len(values) - 1, int(q * len(values)))] if values else float("nan")
 
-    return {"requests": len(jobs), "completed": len(done), "failed": len(jobs) - len(done), "wall_s": wall,
+    failures = Counter(str(r["status"]) for r in results if not r["ok"])
+    return {"requests": len(jobs), "completed": len(done), "failed": len(jobs) - len(done),
+            "failures": dict(failures), "wall_s": wall,
             "requests_per_s": len(done) / wall, "output_tokens_per_s": sum(r["tokens"] for r in done) / wall,
             "ttft_p50_s": pct("ttft", 0.5), "ttft_p99_s": pct("ttft", 0.99),
             "e2e_p50_s": pct("e2e", 0.5), "e2e_p99_s": pct("e2e", 0.99),
@@ -212,6 +220,8 @@ def main() -> None:
                      f"{r['throughput_vs_llama_server']:.2f}x | {r['ttft_p50_s']:.1f} s | {r['ttft_p99_s']:.1f} s | "
                      f"{r['e2e_p50_s']:.1f} s | {r['e2e_p99_s']:.1f} s | {r['e2e_p99_s'] / r['e2e_p50_s']:.1f} | "
                      f"{r['failed']} | {equal} |")
+    lines += [f"\n{name} failed: " + "; ".join(f"{count} x {why}" for why, count in r["failures"].items())
+              for name, r in runs.items() if r["failures"]]
     median_words = statistics.median(report["prompt_words"])
     lines.append(f"\n{args.requests} requests, {args.clients} clients, {args.new_tokens} new tokens, "
                  f"prompt words median {median_words:.0f}")

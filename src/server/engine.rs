@@ -305,6 +305,43 @@ fn average(average: f64, sample: f64) -> f64 {
     }
 }
 
+/// A group prefilled together is left-padded to its longest prompt, and that padding is computed
+/// like prompt tokens: a prompt of 20 tokens beside one of 1,500 costs 1,500. So a job joins a group
+/// only while the padding stays under this fraction (1 in N) of the group's real tokens; prompts
+/// of other lengths join in the next group, one decode step later.
+const MOST_PADDING_DIVISOR: usize = 8;
+
+/// The jobs admitted to one prefill group so far: their rows, prompt tokens and longest needs.
+#[derive(Debug, Default, Clone, Copy, PartialEq)]
+struct PrefillGroup {
+    rows: usize,
+    prompt_tokens: usize,
+    longest: usize,
+    most_new: usize,
+}
+
+impl PrefillGroup {
+    /// The group with one more job of `prompt` tokens generating up to `new_tokens`.
+    fn with(self, prompt: usize, new_tokens: usize) -> Self {
+        Self {
+            rows: self.rows + 1,
+            prompt_tokens: self.prompt_tokens + prompt,
+            longest: self.longest.max(prompt),
+            most_new: self.most_new.max(new_tokens),
+        }
+    }
+
+    /// Whether the group may prefill together: within the prefill token budget (rows x the
+    /// longest prompt, what left padding makes it), with room in each KV slot for the longest
+    /// prompt plus the most new tokens (what it would have alone), and little padding.
+    fn fits(&self, options: &EngineOptions) -> bool {
+        let padded = self.rows * self.longest;
+        padded <= options.prefill_tokens
+            && self.longest + self.most_new <= options.max_context
+            && padded - self.prompt_tokens <= self.prompt_tokens / MOST_PADDING_DIVISOR
+    }
+}
+
 /// An empty running batch whose KV cache has `options`' slots.
 fn new_batch(options: &EngineOptions, codec: &Arc<TextCodec>) -> RunningBatch {
     let batch = RunningBatch::new(options.pad_id)
@@ -373,9 +410,9 @@ impl Engine {
         }
     }
 
-    /// Jobs to join now, in arrival order: wait for one when idle, then take what is queued up to
-    /// `max_batch` rows (the free KV slots), the prefill token budget and the slots' length. The job that would overflow the budget
-    /// waits at the head of the line for the next step. Every queued job is looked at each step:
+    /// Jobs to join now, in arrival order: wait for one when idle, then take what is queued while
+    /// it fits one [`PrefillGroup`] and the free KV slots (`max_batch` rows). The job that does
+    /// not fit waits at the head of the line for the next step. Every queued job is looked at each step:
     /// one whose client left, or that waited past the queue timeout, leaves the queue at once.
     fn admit(&mut self) -> (Vec<Job>, bool) {
         let mut open = true;
@@ -403,22 +440,18 @@ impl Engine {
             // One group is prefilled in chunks at a time; the queue waits for it.
             return (admitted, open || !self.deferred.is_empty());
         }
-        let (mut longest, mut most_new) = (0, 0);
+        let mut group = PrefillGroup::default();
         while self.batch.len() + admitted.len() < self.options.max_batch {
             let Some(next) = self.deferred.pop_front() else {
                 break;
             };
-            let length = longest.max(next.job.request.prompt.ids.len());
-            let new_tokens = most_new.max(next.job.request.max_new_tokens);
-            // A group is left-padded to its longest prompt inside each row's KV slot: a job joins
-            // one only when that padding leaves it the room it would have alone.
-            let fits = (admitted.len() + 1) * length <= self.options.prefill_tokens
-                && length + new_tokens <= self.options.max_context;
-            if !admitted.is_empty() && !fits {
+            let request = &next.job.request;
+            let grown = group.with(request.prompt.ids.len(), request.max_new_tokens);
+            if !admitted.is_empty() && !grown.fits(&self.options) {
                 self.deferred.push_front(next);
                 break;
             }
-            (longest, most_new) = (length, new_tokens);
+            group = grown;
             self.waiting.fetch_sub(1, Ordering::Relaxed);
             self.note_wait(now.saturating_duration_since(next.since));
             admitted.push(next.job);
@@ -727,6 +760,40 @@ mod tests {
             Err(SubmitError::EngineStopped)
         ));
         assert_eq!(handle.queue_depth(), 1);
+    }
+
+    #[test]
+    fn a_prefill_group_takes_prompts_of_about_one_length() {
+        let options = EngineOptions {
+            max_batch: 16,
+            max_context: 2048,
+            prefix_cache_bytes: 0,
+            prefill_chunk: 256,
+            max_queue: 64,
+            pad_id: 0,
+            prefill_tokens: 8192,
+            queue_timeout: None,
+        };
+        let group = PrefillGroup::default().with(400, 64).with(380, 64);
+        assert!(group.fits(&options), "20 tokens of padding in 780");
+        assert!(
+            !group.with(20, 64).fits(&options),
+            "a short prompt would be padded to 400 tokens"
+        );
+        assert!(
+            !group.with(1500, 64).fits(&options),
+            "and so would the two others"
+        );
+        let long = PrefillGroup::default().with(2000, 64);
+        assert!(
+            !long.fits(&options),
+            "the slot is too short for the prompt and its tokens"
+        );
+        let wide = (0..5).fold(PrefillGroup::default(), |group, _| group.with(1800, 1));
+        assert!(
+            !wide.fits(&options),
+            "9,000 tokens are over the prefill budget"
+        );
     }
 
     #[test]
