@@ -66,11 +66,13 @@ build:
 
 W2S_LIMIT   ?= 180
 # AutoSteer's prober learns from the over-refusal suite's train split too (hard negatives: safe prompts with
-# alarming words; their unsafe contrasts as positives), and its threshold is chosen on the validation split.
+# alarming words, and harmless decode/encode requests; the unsafe contrasts as positives), and its
+# threshold is chosen on the validation splits.
 AUTOSTEER_HARMFUL := data/harmful_train.jsonl data/overrefusal_unsafe_train.jsonl
 AUTOSTEER_BENIGN := data/benign_train.txt data/benign_questions.txt data/sentiment_pairs.jsonl \
-	data/overrefusal_safe_train.jsonl
-AUTOSTEER_THRESHOLD := data/overrefusal_unsafe_validation.jsonl data/overrefusal_safe_validation.jsonl
+	data/overrefusal_safe_train.jsonl data/transcoding_train.jsonl
+AUTOSTEER_THRESHOLD_HARMFUL := data/overrefusal_unsafe_validation.jsonl
+AUTOSTEER_THRESHOLD_SAFE := data/overrefusal_safe_validation.jsonl data/transcoding_validation.jsonl
 # The prober reads the mean over the prompt's tokens at the layer whose prober gates the most validation
 # harmful prompts within the false-positive bound (a prober per layer; the README compares it with the SAS).
 AUTOSTEER_READ := --pool mean --read-layer validation
@@ -109,11 +111,13 @@ $(STEER)/svf_%.json: data/%_pairs.jsonl $(BUNDLE)/manifest.json | build
 	$(PY) -m onnx_steer_export train-svf --bundle $(BUNDLE) --data $< --layers $(SVF_LAYERS) \
 		--scale $(SVF_SCALE_$*) --name svf_$* --out $(STEER)
 
-$(STEER)/autosteer.json: $(AUTOSTEER_HARMFUL) data/behaviour_pairs.jsonl $(AUTOSTEER_BENIGN) $(AUTOSTEER_THRESHOLD) \
+$(STEER)/autosteer.json: $(AUTOSTEER_HARMFUL) data/behaviour_pairs.jsonl $(AUTOSTEER_BENIGN) \
+		$(AUTOSTEER_THRESHOLD_HARMFUL) $(AUTOSTEER_THRESHOLD_SAFE) \
 		$(BUNDLE)/manifest.json | build
 	$(PY) -m onnx_steer_export train-autosteer --bundle $(BUNDLE) $(addprefix --harmful ,$(AUTOSTEER_HARMFUL)) \
 		$(addprefix --benign ,$(AUTOSTEER_BENIGN)) --refusals data/behaviour_pairs.jsonl \
-		--threshold-harmful $(word 1,$(AUTOSTEER_THRESHOLD)) --threshold-safe $(word 2,$(AUTOSTEER_THRESHOLD)) \
+		$(addprefix --threshold-harmful ,$(AUTOSTEER_THRESHOLD_HARMFUL)) \
+		$(addprefix --threshold-safe ,$(AUTOSTEER_THRESHOLD_SAFE)) \
 		$(AUTOSTEER_READ) --out $(STEER)
 
 # Issue 6 reports (reports/svf.*, reports/autosteer*.*): SVF vs the matched static vector (sweep, long

@@ -214,7 +214,7 @@ def test_scaled_down_evals_write_reports(svf: tuple[Path, dict], trained_autoste
     report = cross_safety.eval_safety(bundle_dir, {"autosteer": autosteer_dir / "autosteer.json"}, limit=3,
                                       max_new_tokens=12, binary=binary)
     assert report["sets"] == dict.fromkeys(
-        ("donotanswer", "harmbench", "xstest_safe", "xstest_unsafe", "advice", "benign"), 3)
+        ("donotanswer", "harmbench", "xstest_safe", "xstest_unsafe", "advice", "benign", "transcoding"), 3)
     unsteered, steered = report["runs"]
     assert unsteered["safe_unchanged"] == unsteered["benign_unchanged"] == 1.0 and "roc" not in unsteered
     assert set(steered["roc"]) == {"donotanswer vs xstest_safe", "harmbench vs xstest_safe",

@@ -20,6 +20,7 @@ from onnx_steer_export.data.overrefusal import (
     harmbench_prompts,
     overrefusal_suite,
 )
+from onnx_steer_export.data.transcoding import ENCODINGS, PAYLOADS, WORDINGS, transcoding_prompts
 
 TYPE_BY_NAME = {kind.name: kind for kind in TYPES}
 
@@ -74,6 +75,19 @@ def test_advice_prompts_cover_three_domains_and_split_by_wording_and_situation()
         ADVICE_ITEMS[r["domain"]][r["item"]]) for r in advice["test"])
 
 
+def test_transcoding_requests_decode_to_their_payload_and_split_by_wording_and_payload() -> None:
+    prompts = transcoding_prompts()
+    for split in ("train", "validation"):
+        for key in ("wording", "payload"):
+            assert not {r[key] for r in prompts["test"]} & {r[key] for r in prompts[split]}, (split, key)
+    assert {r["encoding"] for r in prompts["train"]} == set(ENCODINGS), "training meets every encoding"
+    for row in (r for split in SPLITS for r in prompts[split]):
+        plain = PAYLOADS[row["payload"]]
+        encoded = ENCODINGS[row["encoding"]](plain)
+        assert row["prompt"] == WORDINGS[row["wording"]].format(name=row["encoding"], data=encoded, plain=plain)
+    assert len(prompts["train"]) >= 90 and len(prompts["test"]) >= 20
+
+
 def test_cuts_must_cover_every_value() -> None:
     assert sorted(i for part in cut("abcdef", (3, 2, 1), "x").values() for i in part) == list(range(6))
     with pytest.raises(ValueError, match="do not add up to 6"):
@@ -83,7 +97,7 @@ def test_cuts_must_cover_every_value() -> None:
 def test_committed_files_regenerate_exactly_and_harmbench_trains_nothing(tmp_path: Path) -> None:
     write_splits(tmp_path)
     names = [f"overrefusal_{label}_{s}.jsonl" for s in SPLITS for label in ("safe", "unsafe")] + [
-        f"advice_{s}.jsonl" for s in SPLITS]
+        f"advice_{s}.jsonl" for s in SPLITS] + [f"transcoding_{s}.jsonl" for s in SPLITS]
     for name in [*names, "harmbench_test.jsonl"]:
         assert (tmp_path / name).read_text() == (DATA / name).read_text(), f"{name} differs from make-splits"
     harmbench = {r["prompt"] for r in harmbench_prompts()}
