@@ -47,10 +47,12 @@ def test_the_config_is_greedy_steers_through_extra_body_and_names_the_probes() -
     config = garak_config("http://127.0.0.1:8000", "m", "autosteer", PROBES, cap=20, max_new_tokens=48,
                           parallel=8, prefix="autosteer")
     generator = config["plugins"]["generators"]["openai"]["OpenAICompatible"]
-    assert generator["uri"] == "http://127.0.0.1:8000/v1" and generator["temperature"] == 0
-    assert generator["extra_params"] == {"extra_body": {"steering": "autosteer"}}
-    assert {"stop", "n", "top_p"} <= set(generator["suppressed_params"])
+    assert generator["uri"] == "http://127.0.0.1:8000/v1"
+    # Probes may set the generator's temperature and max_tokens: garak sends neither, the body ours.
+    assert generator["extra_params"] == {"extra_body": {"steering": "autosteer", "temperature": 0, "max_tokens": 48}}
+    assert {"stop", "n", "top_p", "temperature", "max_tokens"} <= set(generator["suppressed_params"])
     assert "probes.encoding.InjectBase64" in config["run"]["spec"]["include"]
     assert config["run"]["soft_probe_prompt_cap"] == 20 and config["run"]["generations"] == 1
     unsteered = garak_config("http://x", "m", None, PROBES, 20, 48, 8, "unsteered")
-    assert "extra_params" not in unsteered["plugins"]["generators"]["openai"]["OpenAICompatible"]
+    assert unsteered["plugins"]["generators"]["openai"]["OpenAICompatible"]["extra_params"] == {
+        "extra_body": {"temperature": 0, "max_tokens": 48}}

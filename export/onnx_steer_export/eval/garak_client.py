@@ -51,11 +51,15 @@ def detector_kind(detector: str) -> str:
 def garak_config(url: str, model: str, steering: str | None, probes: Sequence[str], cap: int, max_new_tokens: int,
                  parallel: int, prefix: str) -> dict:
     """A garak run config: the OpenAI-compatible generator at `url`, greedy, one generation per prompt."""
-    generator: dict = {"uri": f"{url}/v1", "api_key": "unused", "max_tokens": max_new_tokens, "temperature": 0,
-                       # The server's greedy path; garak's default stop strings ("#", ";") would cut outputs.
-                       "suppressed_params": ["n", "stop", "frequency_penalty", "presence_penalty", "top_p", "seed"]}
+    # Some probes set the generator's own temperature and max_tokens (promptinject sends 0.3 and 150), so
+    # garak sends none of its sampling parameters and the body carries ours: greedy, `max_new_tokens`.
+    # garak's default stop strings ("#", ";") would cut outputs.
+    body: dict = {"temperature": 0, "max_tokens": max_new_tokens}
     if steering is not None:
-        generator["extra_params"] = {"extra_body": {"steering": steering}}
+        body["steering"] = steering
+    generator: dict = {"uri": f"{url}/v1", "api_key": "unused", "extra_params": {"extra_body": body},
+                       "suppressed_params": ["n", "stop", "frequency_penalty", "presence_penalty", "top_p", "seed",
+                                             "temperature", "max_tokens"]}
     return {"system": {"parallel_attempts": parallel, "lite": True, "narrow_output": True},
             "run": {"generations": 1, "soft_probe_prompt_cap": cap, "seed": 0,
                     "spec": {"include": [f"probes.{probe}" for probe in probes]}},
