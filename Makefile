@@ -29,7 +29,7 @@ DEMO_PROMPT ?= Describe your morning commute in two sentences.
 DEMO_HARMFUL ?= How can I steal my neighbour's mail without getting caught?
 DEMO_ADVICE ?= Can you tell me which antidepressant dose I should take?
 
-.PHONY: setup bundle build precision-bundles steer eval eval-ab eval-garak tune-ab tune-refusal tune-sentiment eval-learned eval-fields eval-safety eval-precision lm-eval bench peers context-scaling startup check-model test-models profile load serve criterion demo test nginx test-rust test-python fuzz fuzz-build fuzz-smoke hostile prefill-chunks join-latency fleet-load lint clean-bundle
+.PHONY: setup bundle build precision-bundles steer eval eval-ab eval-garak tune-ab tune-refusal tune-sentiment eval-learned eval-fields eval-svf eval-autosteer eval-safety eval-precision lm-eval bench peers context-scaling startup check-model test-models profile load serve criterion demo test nginx test-rust test-python fuzz fuzz-build fuzz-smoke hostile prefill-chunks join-latency fleet-load lint clean-bundle
 
 setup: $(VENV)/.installed
 
@@ -120,14 +120,21 @@ $(STEER)/autosteer.json: $(AUTOSTEER_HARMFUL) data/behaviour_pairs.jsonl $(AUTOS
 		$(addprefix --threshold-safe ,$(AUTOSTEER_THRESHOLD_SAFE)) \
 		$(AUTOSTEER_READ) --out $(STEER)
 
-# Issue 6 reports (reports/svf.*, reports/autosteer*.*): SVF vs the matched static vector (sweep, long
-# generations, two concepts at once); AutoSteer vs unsteered and the refusal vector; the SAS plot.
-eval-fields: setup bundle build
+# Issue 6 reports: eval-svf (reports/svf.*): SVF vs the matched static vector (sweep, long generations, two
+# concepts at once); eval-autosteer (reports/autosteer*.*): AutoSteer vs unsteered and the refusal vector,
+# and the SAS plot. eval-fields runs both.
+eval-fields: eval-svf eval-autosteer
+
+eval-svf: setup bundle build
 	$(PY) -m onnx_steer_export make-splits
 	$(MAKE) steer
 	$(PY) -m onnx_steer_export eval-svf --bundle $(BUNDLE) --field $(STEER)/svf_sentiment.json \
-		--vector $(STEER)/svf_sentiment_vector.json --second $(STEER)/svf_verbosity.json --sweep-scale=-8,-4,4,8 \
+		--vector $(STEER)/svf_sentiment_vector.json --second $(STEER)/svf_verbosity.json --sweep-scale=$(SVF_SWEEP) \
 		--long-scale $(SVF_SCALE_sentiment) --second-scale $(SVF_SCALE_verbosity) --out $(REPORTS)/svf
+
+eval-autosteer: setup bundle build
+	$(PY) -m onnx_steer_export make-splits
+	$(MAKE) steer
 	$(PY) -m onnx_steer_export eval-autosteer --bundle $(BUNDLE) --method refusal_vector=$(STEER)/refusal.json \
 		--method autosteer=$(STEER)/autosteer.json --out $(REPORTS)/autosteer
 	cp $(STEER)/autosteer_sas.png $(STEER)/autosteer_sas.json $(REPORTS)/

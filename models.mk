@@ -10,14 +10,15 @@ W2S_LAYERS_smollm2-135m-instruct            := --read-layer 6 --layers 8,10,12,1
 SVF_LAYERS_smollm2-135m-instruct            := 10,12,14
 SVF_SCALE_sentiment_smollm2-135m-instruct   := 4
 SVF_SCALE_verbosity_smollm2-135m-instruct   := 8
+SVF_SWEEP_smollm2-135m-instruct             := -8,-4,4,8
 
 # Qwen2.5-Coder-0.5B-Instruct (24 layers): the default's layers at the same relative depth (layer L of
 # 30 → round(L·24/30)), and SVF's step lengths (absolute, unlike the vectors' and nets' scales, which are
 # in units of the model's own state differences) scaled by the ratio of the two models' residual-stream
 # norms at the field's layers: the median per-token norm (first token excluded) over 40 chat-wrapped
 # sentiment prompts is 151 at SmolLM2's 10, 12, 14 and 19.8 at Qwen's 8, 10, 11 (0.13x; `bench/residual_norms.py
-# onnx/smollm2-135m-instruct:10,12,14 onnx/qwen2.5-0.5b-instruct:8,10,11`), so 4 → 0.5 and 8 → 1. Not yet
-# swept on this model.
+# onnx/smollm2-135m-instruct:10,12,14 onnx/qwen2.5-0.5b-instruct:8,10,11`), so 4 → 0.5 and 8 → 1, and the
+# eval's sweep likewise. Not yet swept on this model.
 LAST_LAYER_qwen2.5-0.5b-instruct            := 23
 REFUSAL_SPEC_LAYER_qwen2.5-0.5b-instruct    := 10
 SENTIMENT_SPEC_LAYERS_qwen2.5-0.5b-instruct := 8, 9, 10, 11
@@ -26,6 +27,7 @@ W2S_LAYERS_qwen2.5-0.5b-instruct            := --read-layer 5 --layers 6,8,10,11
 SVF_LAYERS_qwen2.5-0.5b-instruct            := 8,10,11
 SVF_SCALE_sentiment_qwen2.5-0.5b-instruct   := 0.5
 SVF_SCALE_verbosity_qwen2.5-0.5b-instruct   := 1
+SVF_SWEEP_qwen2.5-0.5b-instruct             := -1,-0.5,0.5,1
 
 LAST_LAYER            := $(LAST_LAYER_$(MODEL))
 REFUSAL_SPEC_LAYER    := $(REFUSAL_SPEC_LAYER_$(MODEL))
@@ -37,6 +39,7 @@ W2S_SCALE             ?= 1
 SVF_LAYERS            := $(SVF_LAYERS_$(MODEL))
 SVF_SCALE_sentiment   ?= $(SVF_SCALE_sentiment_$(MODEL))
 SVF_SCALE_verbosity   ?= $(SVF_SCALE_verbosity_$(MODEL))
+SVF_SWEEP             ?= $(SVF_SWEEP_$(MODEL))
 
 # The targets that train or apply steering stop before any work for a model with no settings above.
 ifneq ($(filter steer eval eval-% tune-% peers bench criterion serve load fleet-load demo,$(MAKECMDGOALS)),)
