@@ -125,12 +125,14 @@ $(STEER)/autosteer.json: $(AUTOSTEER_HARMFUL) data/behaviour_pairs.jsonl $(AUTOS
 # and the SAS plot. eval-fields runs both.
 eval-fields: eval-svf eval-autosteer
 
+# SVF_SECOND= leaves out the two-concept run (the sweep and the long generations stay).
+SVF_SECOND ?= --second $(STEER)/svf_verbosity.json --second-scale $(SVF_SCALE_verbosity)
 eval-svf: setup bundle build
 	$(PY) -m onnx_steer_export make-splits
 	$(MAKE) steer
 	$(PY) -m onnx_steer_export eval-svf --bundle $(BUNDLE) --field $(STEER)/svf_sentiment.json \
-		--vector $(STEER)/svf_sentiment_vector.json --second $(STEER)/svf_verbosity.json --sweep-scale=$(SVF_SWEEP) \
-		--long-scale $(SVF_SCALE_sentiment) --second-scale $(SVF_SCALE_verbosity) --out $(REPORTS)/svf
+		--vector $(STEER)/svf_sentiment_vector.json --sweep-scale=$(SVF_SWEEP) --long-scale $(SVF_SCALE_sentiment) \
+		$(SVF_SECOND) --out $(REPORTS)/svf
 
 eval-autosteer: setup bundle build
 	$(PY) -m onnx_steer_export make-splits
