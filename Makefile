@@ -220,12 +220,14 @@ tune-sentiment: setup bundle build steer
 		--w2s-scales 3.5,5 --reference $(STEER)/sentiment_positive.json --bound-from-reference --out $(REPORTS)/tune_sentiment
 
 # Issue 5 reports (reports/l2s.*, reports/w2s_*.*): data splits → 3 L2S seeds → W2S → behaviour evals.
+# L2S_SWEEP: the scales every L2S setting is also run at (L2S_SWEEP=1 runs the specs' own scale alone).
+L2S_SWEEP ?= 0.5,1,1.5,2,3
 eval-learned: setup bundle build
 	$(PY) -m onnx_steer_export make-splits
 	$(MAKE) steer
 	for seed in 1 2; do $(PY) -m onnx_steer_export train-l2s --bundle $(BUNDLE) --data data/behaviour_pairs.jsonl \
 		$(L2S_LAYERS) --scale $(L2S_SCALE) --seed $$seed --name l2s_seed$$seed --out $(STEER); done
-	$(PY) -m onnx_steer_export eval-behaviour --bundle $(BUNDLE) --limit 128 --sweep-scale 0.5,1,1.5,2,3 \
+	$(PY) -m onnx_steer_export eval-behaviour --bundle $(BUNDLE) --limit 128 --sweep-scale $(L2S_SWEEP) \
 		--method mean=$(STEER)/l2s_mean.json --method l2s_seed0=$(STEER)/l2s.json \
 		--method l2s_seed1=$(STEER)/l2s_seed1.json --method l2s_seed2=$(STEER)/l2s_seed2.json --out $(REPORTS)/l2s
 	for style in plain roleplay; do $(PY) -m onnx_steer_export eval-behaviour --bundle $(BUNDLE) --limit 128 \
