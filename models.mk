@@ -4,6 +4,7 @@
 # SmolLM2-135M-Instruct (30 layers): layers and scales from the sweeps of issues 5 and 6 (README, Results).
 LAST_LAYER_smollm2-135m-instruct            := 29
 REFUSAL_SPEC_LAYER_smollm2-135m-instruct    := 12
+REFUSAL_SPEC_SCALE_smollm2-135m-instruct    := 1.0
 SENTIMENT_SPEC_LAYERS_smollm2-135m-instruct := 10, 11, 12, 13, 14
 L2S_LAYERS_smollm2-135m-instruct            := --read-layer 10 --steer-layer 12
 W2S_LAYERS_smollm2-135m-instruct            := --read-layer 6 --layers 8,10,12,14,16
@@ -21,6 +22,7 @@ SVF_SWEEP_smollm2-135m-instruct             := -8,-4,4,8
 # eval's sweep likewise. Not yet swept on this model.
 LAST_LAYER_qwen2.5-0.5b-instruct            := 23
 REFUSAL_SPEC_LAYER_qwen2.5-0.5b-instruct    := 10
+REFUSAL_SPEC_SCALE_qwen2.5-0.5b-instruct    := 1.0
 SENTIMENT_SPEC_LAYERS_qwen2.5-0.5b-instruct := 8, 9, 10, 11
 L2S_LAYERS_qwen2.5-0.5b-instruct            := --read-layer 8 --steer-layer 10
 W2S_LAYERS_qwen2.5-0.5b-instruct            := --read-layer 5 --layers 6,8,10,11,13
@@ -31,6 +33,7 @@ SVF_SWEEP_qwen2.5-0.5b-instruct             := -1,-0.5,0.5,1
 
 LAST_LAYER            := $(LAST_LAYER_$(MODEL))
 REFUSAL_SPEC_LAYER    := $(REFUSAL_SPEC_LAYER_$(MODEL))
+REFUSAL_SPEC_SCALE    := $(REFUSAL_SPEC_SCALE_$(MODEL))
 SENTIMENT_SPEC_LAYERS := $(SENTIMENT_SPEC_LAYERS_$(MODEL))
 L2S_LAYERS            := $(L2S_LAYERS_$(MODEL))
 L2S_SCALE             ?= 1
