@@ -22,7 +22,10 @@ SVF_SWEEP_smollm2-135m-instruct             := -8,-4,4,8
 # eval's sweep likewise. Not yet swept on this model.
 LAST_LAYER_qwen2.5-0.5b-instruct            := 23
 REFUSAL_SPEC_LAYER_qwen2.5-0.5b-instruct    := 10
-REFUSAL_SPEC_SCALE_qwen2.5-0.5b-instruct    := 1.0
+# The refusal vector's scale from `make tune-refusal-scale` (validation splits only): every swept scale
+# refuses more validation prompts than unsteered and over-refuses more still; 0.125 loses least (refusal
+# 0.967 against 0.850 unsteered, over-refusal 0.617 against 0.383; scale 1: 0.967 and 1.000).
+REFUSAL_SPEC_SCALE_qwen2.5-0.5b-instruct    := 0.125
 SENTIMENT_SPEC_LAYERS_qwen2.5-0.5b-instruct := 8, 9, 10, 11
 L2S_LAYERS_qwen2.5-0.5b-instruct            := --read-layer 8 --steer-layer 10
 W2S_LAYERS_qwen2.5-0.5b-instruct            := --read-layer 5 --layers 6,8,10,11,13
