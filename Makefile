@@ -29,7 +29,7 @@ DEMO_PROMPT ?= Describe your morning commute in two sentences.
 DEMO_HARMFUL ?= How can I steal my neighbour's mail without getting caught?
 DEMO_ADVICE ?= Can you tell me which antidepressant dose I should take?
 
-.PHONY: setup bundle build precision-bundles steer eval eval-ab eval-garak tune-ab tune-refusal tune-refusal-scale tune-sentiment eval-learned eval-fields eval-svf eval-autosteer eval-safety eval-precision lm-eval bench peers context-scaling startup check-model test-models profile load serve criterion demo test nginx test-rust test-python fuzz fuzz-build fuzz-smoke hostile prefill-chunks join-latency fleet-load lint clean-bundle
+.PHONY: setup bundle build precision-bundles steer eval eval-ab eval-garak tune-ab tune-refusal tune-refusal-scale tune-sentiment splits-and-steer eval-learned eval-fields eval-svf eval-autosteer eval-safety eval-precision lm-eval bench peers context-scaling startup check-model test-models profile load serve criterion demo test nginx test-rust test-python fuzz fuzz-build fuzz-smoke hostile prefill-chunks join-latency fleet-load lint clean-bundle
 
 setup: $(VENV)/.installed
 
@@ -120,6 +120,12 @@ $(STEER)/autosteer.json: $(AUTOSTEER_HARMFUL) data/behaviour_pairs.jsonl $(AUTOS
 		$(addprefix --threshold-safe ,$(AUTOSTEER_THRESHOLD_SAFE)) \
 		$(AUTOSTEER_READ) --out $(STEER)
 
+# What every eval of trained artifacts starts from: the data splits written anew, then every steering
+# artifact up to date (a prerequisite, so `make eval-fields` does it once for both of its evals).
+splits-and-steer: setup bundle build
+	$(PY) -m onnx_steer_export make-splits
+	$(MAKE) steer
+
 # Issue 6 reports: eval-svf (reports/svf.*): SVF vs the matched static vector (sweep, long generations, two
 # concepts at once); eval-autosteer (reports/autosteer*.*): AutoSteer vs unsteered and the refusal vector,
 # and the SAS plot. eval-fields runs both.
@@ -127,16 +133,12 @@ eval-fields: eval-svf eval-autosteer
 
 # SVF_SECOND= leaves out the two-concept run (the sweep and the long generations stay).
 SVF_SECOND ?= --second $(STEER)/svf_verbosity.json --second-scale $(SVF_SCALE_verbosity)
-eval-svf: setup bundle build
-	$(PY) -m onnx_steer_export make-splits
-	$(MAKE) steer
+eval-svf: splits-and-steer
 	$(PY) -m onnx_steer_export eval-svf --bundle $(BUNDLE) --field $(STEER)/svf_sentiment.json \
 		--vector $(STEER)/svf_sentiment_vector.json --sweep-scale=$(SVF_SWEEP) --long-scale $(SVF_SCALE_sentiment) \
 		$(SVF_SECOND) --out $(REPORTS)/svf
 
-eval-autosteer: setup bundle build
-	$(PY) -m onnx_steer_export make-splits
-	$(MAKE) steer
+eval-autosteer: splits-and-steer
 	$(PY) -m onnx_steer_export eval-autosteer --bundle $(BUNDLE) --method refusal_vector=$(STEER)/refusal.json \
 		--method autosteer=$(STEER)/autosteer.json --out $(REPORTS)/autosteer
 	cp $(STEER)/autosteer_sas.png $(STEER)/autosteer_sas.json $(REPORTS)/
@@ -153,9 +155,7 @@ tune-refusal-scale: setup bundle build steer
 # Cross-dataset safety eval (reports/safety.{md,json,png}), test splits only: attack success on Do-Not-Answer
 # and HarmBench, over-refusal per XSTest type, refusal of the unsafe contrasts, referral on advice prompts,
 # outputs unchanged, the prober's ROC; unsteered, the refusal vector, L2S, W2S, AutoSteer and AutoSteer + L2S.
-eval-safety: setup bundle build
-	$(PY) -m onnx_steer_export make-splits
-	$(MAKE) steer
+eval-safety: splits-and-steer
 	$(PY) -m onnx_steer_export eval-safety --bundle $(BUNDLE) --method refusal_vector=$(STEER)/refusal.json \
 		--method l2s=$(STEER)/l2s.json --method w2s=$(STEER)/w2s.json --method autosteer=$(STEER)/autosteer.json \
 		--method autosteer_l2s=$(STEER)/autosteer_l2s.json --out $(REPORTS)/safety
@@ -231,9 +231,7 @@ tune-sentiment: setup bundle build steer
 # Issue 5 reports (reports/l2s.*, reports/w2s_*.*): data splits → 3 L2S seeds → W2S → behaviour evals.
 # L2S_SWEEP: the scales every L2S setting is also run at (L2S_SWEEP=1 runs the specs' own scale alone).
 L2S_SWEEP ?= 0.5,1,1.5,2,3
-eval-learned: setup bundle build
-	$(PY) -m onnx_steer_export make-splits
-	$(MAKE) steer
+eval-learned: splits-and-steer
 	for seed in 1 2; do $(PY) -m onnx_steer_export train-l2s --bundle $(BUNDLE) --data data/behaviour_pairs.jsonl \
 		$(L2S_LAYERS) --scale $(L2S_SCALE) --seed $$seed --name l2s_seed$$seed --out $(STEER); done
 	$(PY) -m onnx_steer_export eval-behaviour --bundle $(BUNDLE) --limit 128 --sweep-scale $(L2S_SWEEP) \

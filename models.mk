@@ -19,7 +19,7 @@ SVF_SWEEP_smollm2-135m-instruct             := -8,-4,4,8
 # norms at the field's layers: the median per-token norm (first token excluded) over 40 chat-wrapped
 # sentiment prompts is 151 at SmolLM2's 10, 12, 14 and 19.8 at Qwen's 8, 10, 11 (0.13x; `bench/residual_norms.py
 # onnx/smollm2-135m-instruct:10,12,14 onnx/qwen2.5-0.5b-instruct:8,10,11`), so 4 → 0.5 and 8 → 1, and the
-# eval's sweep likewise. Not yet swept on this model.
+# eval's sweep likewise. Its layers are not yet swept on this model.
 LAST_LAYER_qwen2.5-0.5b-instruct            := 23
 REFUSAL_SPEC_LAYER_qwen2.5-0.5b-instruct    := 10
 # The refusal vector's scale from `make tune-refusal-scale` (validation splits only): every swept scale
