@@ -29,7 +29,7 @@ DEMO_PROMPT ?= Describe your morning commute in two sentences.
 DEMO_HARMFUL ?= How can I steal my neighbour's mail without getting caught?
 DEMO_ADVICE ?= Can you tell me which antidepressant dose I should take?
 
-.PHONY: setup bundle build precision-bundles steer eval eval-ab eval-garak tune-ab tune-refusal tune-refusal-scale tune-sentiment splits-and-steer eval-learned eval-fields eval-svf eval-autosteer eval-safety eval-precision lm-eval bench peers context-scaling startup check-model test-models profile load serve criterion demo test nginx test-rust test-python fuzz fuzz-build fuzz-smoke hostile prefill-chunks join-latency fleet-load lint clean-bundle
+.PHONY: setup bundle build precision-bundles steer eval eval-ab eval-garak tune-ab tune-refusal tune-refusal-scale tune-sentiment splits-and-steer eval-learned eval-fields eval-svf eval-autosteer eval-safety eval-precision lm-eval bench mixed-batch peers context-scaling startup check-model test-models profile load serve criterion demo test nginx test-rust test-python fuzz fuzz-build fuzz-smoke hostile prefill-chunks join-latency fleet-load lint clean-bundle
 
 setup: $(VENV)/.installed
 
@@ -262,6 +262,14 @@ bench: setup bundle build steer $(BUNDLE)-int4/manifest.json
 	$(BIN) bench --bundle $(BUNDLE)-int4 --steer $(STEER)/refusal.json --batch 1 --prompt-tokens 128 \
 		--new-tokens 128 --repeats 9 --json bench/results/cpu_int4.json
 
+# A batch of 16 rows whose rows take the refusal vector, L2S, W2S, SVF and AutoSteer in turn, beside the
+# unsteered batch of 16 and each kind alone at 16 rows, in one run → bench/results/cpu_mixed_batch.json.
+mixed-batch: setup bundle build steer
+	mkdir -p bench/results
+	$(BIN) bench --bundle $(BUNDLE) --steer $(STEER)/refusal.json --steer $(STEER)/l2s.json \
+		--steer $(STEER)/w2s.json --steer $(STEER)/svf_sentiment.json --steer $(STEER)/autosteer.json --mixed \
+		--batch 16 --prompt-tokens 128 --new-tokens 64 --repeats 3 --no-monolithic --json bench/results/cpu_mixed_batch.json
+
 # Quality and speed of fp16/int8/int4 against fp32 (perplexity on data/perplexity.txt, greedy agreement on
 # held-out prompts, bench speed and bandwidth share) → reports/precision.{json,md,png}.
 eval-precision: setup bundle build precision-bundles
@@ -294,13 +302,16 @@ check-model: build $(BUNDLE)/manifest.json $(BUNDLE)-int8/manifest.json
 # onnx-steer vs HF transformers eager vs llama.cpp on the same weights, prompt and token counts
 # (bench/peers.py) → bench/results/cpu_peers.{json,md,png}; another checkpoint with MODEL=NAME →
 # bench/results/cpu_peers_NAME.*. llama-cpp-python builds from source here
-# (about 25 minutes on 2 cores), which is why this target is not part of `make test`.
+# (about 25 minutes on 2 cores), which is why this target is not part of `make test`. A model with
+# steering settings in models.mk is measured unsteered and with its refusal vector, one without
+# unsteered only; PEERS_FLAGS_<model> (models.mk) adds flags of bench/peers.py.
 PEERS_QUANTIZED := $(if $(filter $(MODEL),$(DEFAULT_MODEL)),int4,int8)
 PEERS_OUT       := bench/results/cpu_peers$(if $(filter $(MODEL),$(DEFAULT_MODEL)),,_$(MODEL))
-peers: setup bundle build steer $(BUNDLE)-$(PEERS_QUANTIZED)/manifest.json
+peers: setup bundle build $(if $(LAST_LAYER),steer) $(BUNDLE)-$(PEERS_QUANTIZED)/manifest.json
 	$(PY) -c "import llama_cpp" 2>/dev/null || $(PY) -m pip install llama-cpp-python==0.3.36
 	$(PY) bench/peers.py --repeats 5 --source $(MODEL_SOURCE) --bundle $(BUNDLE) --quantized $(BUNDLE)-$(PEERS_QUANTIZED) \
-		--steer $(STEER)/refusal.json --out $(PEERS_OUT) --command "make peers$(if $(filter $(MODEL),$(DEFAULT_MODEL)),, MODEL=$(MODEL))"
+		$(if $(LAST_LAYER),--steer $(STEER)/refusal.json) $(PEERS_FLAGS_$(MODEL)) --out $(PEERS_OUT) \
+		--command "make peers$(if $(filter $(MODEL),$(DEFAULT_MODEL)),, MODEL=$(MODEL))"
 
 # Prefill and decode against prompt length beside llama.cpp F32 on the same weights (and a baseline
 # build when BASELINE_BIN and BASELINE_BUNDLE are set: the previous commit's binary and a bundle it

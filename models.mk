@@ -34,6 +34,10 @@ SVF_SCALE_sentiment_qwen2.5-0.5b-instruct   := 0.5
 SVF_SCALE_verbosity_qwen2.5-0.5b-instruct   := 1
 SVF_SWEEP_qwen2.5-0.5b-instruct             := -1,-0.5,0.5,1
 
+# Qwen2.5-Coder-1.5B-Instruct: no steering settings yet. Its fp32 copies (HF's, llama.cpp's F32 and F16,
+# onnx-steer's) do not fit in this machine's 24 GB together, so `make peers` loads one at a time.
+PEERS_FLAGS_qwen2.5-1.5b-instruct           := --low-memory
+
 LAST_LAYER            := $(LAST_LAYER_$(MODEL))
 REFUSAL_SPEC_LAYER    := $(REFUSAL_SPEC_LAYER_$(MODEL))
 REFUSAL_SPEC_SCALE    := $(REFUSAL_SPEC_SCALE_$(MODEL))
@@ -48,7 +52,7 @@ SVF_SCALE_verbosity   ?= $(SVF_SCALE_verbosity_$(MODEL))
 SVF_SWEEP             ?= $(SVF_SWEEP_$(MODEL))
 
 # The targets that train or apply steering stop before any work for a model with no settings above.
-ifneq ($(filter steer eval eval-% tune-% peers bench criterion serve load fleet-load demo,$(MAKECMDGOALS)),)
+ifneq ($(filter steer eval eval-% tune-% bench mixed-batch criterion serve load fleet-load demo,$(MAKECMDGOALS)),)
 ifeq ($(LAST_LAYER),)
 $(error no steering settings for MODEL=$(MODEL) in models.mk (the models with settings: $(patsubst LAST_LAYER_%,%,$(filter LAST_LAYER_%,$(.VARIABLES)))))
 endif

@@ -22,6 +22,7 @@ another checkpoint (`make peers MODEL=qwen2.5-0.5b-instruct`).
 from __future__ import annotations
 
 import argparse
+import gc
 import importlib.util
 import json
 import os
@@ -31,6 +32,8 @@ import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -44,12 +47,15 @@ from onnx_steer_export.runtime_client import bench
 
 # (prefill seconds, decode seconds, generated ids) of one greedy run.
 Run = tuple[float, float, list[int]]
+# New tokens of a warm-up run: enough for each runtime's first-call allocations.
+WARM_UP_TOKENS = 8
 
 
-def onnx_steer(binary: Path, bundle: Path, steer: Path, args: argparse.Namespace) -> dict:
-    """One round of `onnx-steer bench` on `bundle` (segmented, steered, monolithic, after its own
-    warm-up run) → its parsed JSON report."""
-    return bench(bundle, "--steer", str(steer), "--prompt-tokens", str(args.prompt_tokens), "--new-tokens",
+def onnx_steer(binary: Path, bundle: Path, args: argparse.Namespace) -> dict:
+    """One round of `onnx-steer bench` on `bundle` (segmented, steered with `args.steer` if any, monolithic,
+    after its own warm-up run) → its parsed JSON report."""
+    steer = ("--steer", str(args.steer)) if args.steer else ()
+    return bench(bundle, *steer, "--prompt-tokens", str(args.prompt_tokens), "--new-tokens",
                  str(args.new_tokens), "--repeats", "1", binary=binary, stderr=subprocess.DEVNULL)
 
 
@@ -193,6 +199,33 @@ class LlamaCpp:
         return first - started, time.perf_counter() - first, generated
 
 
+Peer = HfEager | LlamaCpp
+
+
+def peer_factories(args: argparse.Namespace, shipped_path: Path, shipped: str, context: int,
+                   threads: int) -> list[tuple[str, str, Callable[[], Peer]]]:
+    """(runtime, weights, loader) of every peer: HF eager, then llama.cpp on the shipped GGUF and its
+    F16/F32 dequantizations when llama-cpp-python is installed."""
+    factories: list[tuple[str, str, Callable[[], Peer]]] = [
+        ("HF transformers eager", "fp32", partial(HfEager, args.source, threads))]
+    if not importlib.util.find_spec("llama_cpp"):
+        print("   llama-cpp-python is not installed: llama.cpp rows skipped (make peers installs it)", flush=True)
+        return factories
+    for weights in (shipped, "F16", "F32"):
+        path = shipped_path if weights == shipped else dequantized_gguf(shipped_path, args.gguf_dir, weights)
+        factories.append(("llama.cpp", weights, partial(LlamaCpp, path, threads, context)))
+    return factories
+
+
+def warmed_up(peer: Peer, ids: list[int], vectors: dict[int, np.ndarray] | None) -> Peer:
+    """`peer` after a short greedy run in every steering state it will be measured in."""
+    for state in (None, vectors) if vectors else (None,):
+        peer.steer(state)
+        peer.run(ids, WARM_UP_TOKENS)
+    peer.steer(None)
+    return peer
+
+
 class Samples:
     """Per-round measurements of every runtime configuration, in the order first seen."""
 
@@ -256,8 +289,10 @@ def write_markdown(path: Path, result: dict) -> None:
         f"{result['machine']['memory_gib']:.0f} GiB, memory read {result['machine']['memory_read_gb_per_s']:.1f} GB/s; "
         f"{result['machine']['platform']}. Versions: "
         + ", ".join(f"{k} {v}" for k, v in result["machine"]["versions"].items()) + ".",
-        (f"Steering: `{result['steer']}`. {result['repeats']} rounds after a warm-up; each round runs every "
-         f"configuration once; medians ± standard deviation over rounds. Command: `{result['command']}`."),
+        (f"Steering: {f'`{steer}`' if (steer := result['steer']) else 'none (unsteered rows only)'}. "
+         f"{result['repeats']} rounds; each round runs every configuration once, after a warm-up "
+         f"({'each peer loaded for its turn and freed after' if result.get('low_memory') else 'peers loaded once'}); "
+         f"medians ± standard deviation over rounds. Command: `{result['command']}`."),
         "",
         "| runtime | weights | steered | prefill tok/s | decode tok/s | decode vs HF | greedy = HF |",
         "|---|---|---|---:|---:|---:|---:|",
@@ -346,8 +381,11 @@ def main() -> None:
     parser.add_argument("--bundle", type=Path, default=REPO / "onnx/smollm2-135m-instruct", help="fp32 bundle")
     parser.add_argument("--quantized", type=Path, default=REPO / "onnx/smollm2-135m-instruct-int4",
                         help="its weight-quantized copy (skipped when absent)")
-    parser.add_argument("--steer", type=Path, default=REPO / "onnx/smollm2-135m-instruct/steer/refusal.json",
-                        help="a static-vector steer spec, applied by every runtime")
+    parser.add_argument("--steer", type=Path,
+                        help="a static-vector steer spec, applied by every runtime (without it, unsteered rows only)")
+    parser.add_argument("--low-memory", action="store_true",
+                        help="load each peer for its turn in a round and free it after, for checkpoints whose "
+                             "copies do not fit in memory together (the same measurements, slower)")
     parser.add_argument("--prompt-tokens", type=int, default=128)
     parser.add_argument("--new-tokens", type=int, default=128)
     parser.add_argument("--repeats", type=int, default=3)
@@ -356,51 +394,49 @@ def main() -> None:
     parser.add_argument("--command", default="make peers", help="the command the report names as its source")
     args = parser.parse_args()
     threads = os.cpu_count() or 1
-    vectors = steering_vector(args.steer)
+    vectors = steering_vector(args.steer) if args.steer else None
+    steering_states = (False, True) if vectors else (False,)
 
     bundles = [("fp32", args.bundle)]
     quantized = "int4"  # without the bundle this only names ratios that find no rows
     if (args.quantized / "manifest.json").exists():
         quantized = quantized_label(args.quantized)
         bundles.append((quantized, args.quantized))
-    first = onnx_steer(args.binary, args.bundle, args.steer, args)
+    first = onnx_steer(args.binary, args.bundle, args)
     ids = first["workloads"][0]["prompt_ids"]
 
-    print("== loading HF transformers eager fp32 and llama.cpp", flush=True)
     shipped_path = shipped_gguf(args.source)
     shipped = file_type(shipped_path)
-    peers: list[tuple[str, str, HfEager | LlamaCpp]] = [("HF transformers eager", "fp32", HfEager(args.source, threads))]
-    if importlib.util.find_spec("llama_cpp"):
-        for weights in (shipped, "F16", "F32"):
-            path = shipped_path if weights == shipped else dequantized_gguf(shipped_path, args.gguf_dir, weights)
-            peers.append(("llama.cpp", weights, LlamaCpp(path, threads, 2 * (len(ids) + args.new_tokens))))
-    else:
-        print("   llama-cpp-python is not installed: llama.cpp rows skipped (make peers installs it)", flush=True)
-    for _, _, peer in peers:  # warm-up
-        for steered in (False, True):
-            peer.steer(vectors if steered else None)
-            peer.run(ids, args.new_tokens)
+    factories = peer_factories(args, shipped_path, shipped, 2 * (len(ids) + args.new_tokens), threads)
+    loaded: list[Peer] = []
+    if not args.low_memory:
+        print("== loading HF transformers eager fp32 and llama.cpp", flush=True)
+        loaded = [warmed_up(load_peer(), ids, vectors) for _, _, load_peer in factories]
 
     # Rounds: every configuration runs once per round, so the host's drift spreads over all of them.
     samples = Samples()
     for round_index in range(args.repeats):
         print(f"== round {round_index + 1}/{args.repeats}", flush=True)
         for weights, bundle in bundles:
-            report = first if (round_index, weights) == (0, "fp32") else onnx_steer(args.binary, bundle, args.steer, args)
+            report = first if (round_index, weights) == (0, "fp32") else onnx_steer(args.binary, bundle, args)
             samples.add_bench(report, weights)
-        for runtime, weights, peer in peers:
-            for steered in (False, True):
+        for index, (runtime, weights, load_peer) in enumerate(factories):
+            peer = loaded[index] if loaded else warmed_up(load_peer(), ids, vectors)
+            for steered in steering_states:
                 peer.steer(vectors if steered else None)
                 prefill_s, decode_s, generated = peer.run(ids, args.new_tokens)
                 samples.add(runtime, weights, steered, len(ids) / prefill_s, (args.new_tokens - 1) / decode_s, generated)
             peer.steer(None)
+            del peer
+            gc.collect()  # in --low-memory mode this frees the peer before the next one loads
     rows = samples.summary()
     for row in rows:
         print(f"   {row['runtime']} {row['weights']}{' steered' if row['steered'] else ''}: "
               f"prefill {row['prefill_tokens_per_s']:.0f} tok/s, decode {row['decode_tokens_per_s']:.1f} tok/s")
     add_agreement(rows)
+    steer = None if args.steer is None else str(args.steer.relative_to(REPO) if args.steer.is_relative_to(REPO) else args.steer)
     result = {"prompt_tokens": args.prompt_tokens, "new_tokens": args.new_tokens, "repeats": args.repeats,
-              "steer": str(args.steer.relative_to(REPO)) if args.steer.is_relative_to(REPO) else str(args.steer),
+              "low_memory": args.low_memory, "steer": steer,
               "bundle": args.bundle.name, "source": args.source, "command": args.command, "prompt_ids": ids, "machine": machine(first), "rows": rows,
               "ratios": ratios(rows, quantized, shipped)}
     # The stem may hold dots ("cpu_peers_qwen2.5-0.5b-instruct"): suffixes are appended, not swapped.
