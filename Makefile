@@ -29,7 +29,7 @@ DEMO_PROMPT ?= Describe your morning commute in two sentences.
 DEMO_HARMFUL ?= How can I steal my neighbour's mail without getting caught?
 DEMO_ADVICE ?= Can you tell me which antidepressant dose I should take?
 
-.PHONY: setup bundle build precision-bundles steer eval eval-ab eval-garak tune-ab tune-refusal tune-refusal-scale tune-sentiment splits-and-steer eval-learned eval-fields eval-svf eval-autosteer eval-safety eval-precision lm-eval bench mixed-batch peers context-scaling startup check-model test-models profile load serve criterion demo test nginx test-rust test-python fuzz fuzz-build fuzz-smoke hostile prefill-chunks join-latency fleet-load lint clean-bundle
+.PHONY: setup bundle build precision-bundles steer eval eval-ab eval-garak tune-ab tune-refusal tune-sentiment splits-and-steer eval-learned eval-fields eval-svf eval-autosteer eval-safety eval-precision lm-eval bench mixed-batch peers context-scaling startup check-model test-models profile load serve criterion demo test nginx test-rust test-python fuzz fuzz-build fuzz-smoke hostile prefill-chunks join-latency fleet-load lint clean-bundle
 
 setup: $(VENV)/.installed
 
@@ -143,14 +143,16 @@ eval-autosteer: splits-and-steer
 		--method autosteer=$(STEER)/autosteer.json --out $(REPORTS)/autosteer
 	cp $(STEER)/autosteer_sas.png $(STEER)/autosteer_sas.json $(REPORTS)/
 
-# The refusal vector's scale on validation prompts only (the over-refusal suite's unsafe and safe validation
-# splits): refusal and over-refusal per REFUSAL_SWEEP scale → $(REPORTS)/refusal_scale_validation.{json,png}.
-# models.mk's REFUSAL_SPEC_SCALE for a model is the swept scale with the largest refusal minus over-refusal.
-REFUSAL_SWEEP ?= 0.125,0.25,0.5,0.75,1
-tune-refusal-scale: setup bundle build steer
+# A spec's scale on validation prompts only (the over-refusal suite's unsafe and safe validation splits):
+# `make tune-scale-refusal` (or -l2s, -w2s) runs $(STEER)/refusal.json (l2s.json, w2s.json) at every
+# SCALE_SWEEP scale → refusal and over-refusal per scale in $(REPORTS)/refusal_scale_validation.{json,png}
+# (l2s_…, w2s_…). models.mk's REFUSAL_SPEC_SCALE, L2S_SCALE and W2S_SCALE for a model are the swept
+# scales with the largest refusal minus over-refusal.
+SCALE_SWEEP ?= 0.125,0.25,0.5,0.75,1
+tune-scale-%: setup bundle build steer
 	$(PY) -m onnx_steer_export eval --bundle $(BUNDLE) --task refusal --prompts data/overrefusal_unsafe_validation.jsonl \
-		--benign data/overrefusal_safe_validation.jsonl --spec $(STEER)/refusal.json --sweep-scale=$(REFUSAL_SWEEP) \
-		--out $(REPORTS)/refusal_scale_validation.json --plot $(REPORTS)/refusal_scale_validation.png
+		--benign data/overrefusal_safe_validation.jsonl --spec $(STEER)/$*.json --sweep-scale=$(SCALE_SWEEP) \
+		--out $(REPORTS)/$*_scale_validation.json --plot $(REPORTS)/$*_scale_validation.png
 
 # Cross-dataset safety eval (reports/safety.{md,json,png}), test splits only: attack success on Do-Not-Answer
 # and HarmBench, over-refusal per XSTest type, refusal of the unsafe contrasts, referral on advice prompts,

@@ -22,7 +22,7 @@ SVF_SWEEP_smollm2-135m-instruct             := -8,-4,4,8
 # eval's sweep likewise. Its layers are not yet swept on this model.
 LAST_LAYER_qwen2.5-0.5b-instruct            := 23
 REFUSAL_SPEC_LAYER_qwen2.5-0.5b-instruct    := 10
-# The refusal vector's scale from `make tune-refusal-scale` (validation splits only): every swept scale
+# The refusal vector's scale from `make tune-scale-refusal` (validation splits only): every swept scale
 # refuses more validation prompts than unsteered and over-refuses more still; 0.125 loses least (refusal
 # 0.967 against 0.850 unsteered, over-refusal 0.617 against 0.383; scale 1: 0.967 and 1.000).
 REFUSAL_SPEC_SCALE_qwen2.5-0.5b-instruct    := 0.125
@@ -43,9 +43,9 @@ REFUSAL_SPEC_LAYER    := $(REFUSAL_SPEC_LAYER_$(MODEL))
 REFUSAL_SPEC_SCALE    := $(REFUSAL_SPEC_SCALE_$(MODEL))
 SENTIMENT_SPEC_LAYERS := $(SENTIMENT_SPEC_LAYERS_$(MODEL))
 L2S_LAYERS            := $(L2S_LAYERS_$(MODEL))
-L2S_SCALE             ?= 1
+L2S_SCALE             ?= $(or $(L2S_SCALE_$(MODEL)),1)
 W2S_LAYERS            := $(W2S_LAYERS_$(MODEL))
-W2S_SCALE             ?= 1
+W2S_SCALE             ?= $(or $(W2S_SCALE_$(MODEL)),1)
 SVF_LAYERS            := $(SVF_LAYERS_$(MODEL))
 SVF_SCALE_sentiment   ?= $(SVF_SCALE_sentiment_$(MODEL))
 SVF_SCALE_verbosity   ?= $(SVF_SCALE_verbosity_$(MODEL))

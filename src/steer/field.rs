@@ -4,13 +4,13 @@
 //! SVF exports its vector field this way (`g` = the normalised gradient of a concept scorer at a
 //! layer, in closed form), and AutoSteer its refusal head (`g(n) = S·n` on the final-normed state).
 //! `base` lets several graphs at one site add their terms to the same unsteered `state`, so a
-//! multi-attribute SVF is the sum of its fields, as in the paper. Rows with scale 0 come out as
-//! they went in.
+//! multi-attribute SVF is the sum of its fields, as in the paper. Rows with scale 0 skip the graph
+//! and come out as they went in. The graphs run in fp32 whatever the bundle's dtype.
 
 use std::path::Path;
 use std::sync::{Arc, Mutex};
 
-use ndarray::{Array1, ArrayView1, Axis};
+use ndarray::{Array1, ArrayD, ArrayView1, ArrayViewD, Axis, CowArray, IxDyn};
 use ort::session::{Session, SessionInputValue};
 use ort::value::{DynValue, TensorRef};
 
@@ -120,6 +120,9 @@ impl FieldGraph {
     }
 
     /// `base + scales[row] · g(state)` for each row, computed on the graph's execution provider.
+    ///
+    /// Only the rows with a nonzero scale go through the graph (in a batch that mixes specs, the
+    /// others are other requests'); the rest come out as `base`.
     pub(crate) fn run(
         &self,
         state: &DynValue,
@@ -127,12 +130,68 @@ impl FieldGraph {
         scales: ArrayView1<'_, f32>,
         site: Site,
     ) -> Result<DynValue, ModelError> {
-        let error = |e: ort::Error| {
-            ModelError::Intervention(format!(
-                "{}: {e} (rewrite graphs are fp32; steer an fp32 bundle)",
-                self.name
-            ))
-        };
+        let (state, _) = to_f32(state, &self.name)?;
+        let (mut out, dtype) = to_f32(base, &self.name)?;
+        if out.shape().first() != Some(&scales.len()) {
+            return Err(ModelError::Intervention(format!(
+                "{}: {} scales for a state of shape {:?}",
+                self.name,
+                scales.len(),
+                out.shape()
+            )));
+        }
+        let active: Vec<usize> = (0..scales.len()).filter(|&r| scales[r] != 0.0).collect();
+        if active.is_empty() {
+            return Ok(value_in(out, dtype, &self.name)?);
+        }
+        let steered = self
+            .run_rows(
+                rows_of(&state, &active).view(),
+                rows_of(&out, &active).view(),
+                scales.select(Axis(0), &active).view(),
+                site,
+            )
+            .and_then(|steered| {
+                let expected = [&[active.len()], &out.shape()[1..]].concat();
+                if steered.shape() == expected.as_slice() {
+                    Ok(steered)
+                } else {
+                    Err(ModelError::Intervention(format!(
+                        "{} returned shape {:?} for a state of {:?}",
+                        self.name,
+                        steered.shape(),
+                        out.shape()
+                    )))
+                }
+            });
+        // A graph that fails or returns another shape poisons only the rows that use it (their
+        // state becomes NaN, so they end with an error at the logits), never the batch.
+        match steered {
+            Ok(steered) => {
+                for (i, &row) in active.iter().enumerate() {
+                    out.index_axis_mut(Axis(0), row)
+                        .assign(&steered.index_axis(Axis(0), i));
+                }
+            }
+            Err(e) => {
+                tracing::warn!("rewrite graph failed; its rows end: {e}");
+                for &row in &active {
+                    out.index_axis_mut(Axis(0), row).fill(f32::NAN);
+                }
+            }
+        }
+        Ok(value_in(out, dtype, &self.name)?)
+    }
+
+    /// The graph on fp32 rows that all take it: `steered` for each.
+    fn run_rows(
+        &self,
+        state: ArrayViewD<'_, f32>,
+        base: ArrayViewD<'_, f32>,
+        scales: ArrayView1<'_, f32>,
+        site: Site,
+    ) -> Result<ArrayD<f32>, ModelError> {
+        let error = |e: ort::Error| ModelError::Intervention(format!("{}: {e}", self.name));
         let layer = Array1::from_elem(
             1,
             match site {
@@ -141,8 +200,14 @@ impl FieldGraph {
             },
         );
         let mut inputs: Vec<(&str, SessionInputValue<'_>)> = vec![
-            ("state", state.into()),
-            ("base", base.into()),
+            (
+                "state",
+                TensorRef::from_array_view(state).map_err(error)?.into(),
+            ),
+            (
+                "base",
+                TensorRef::from_array_view(base).map_err(error)?.into(),
+            ),
             (
                 "scale",
                 TensorRef::from_array_view(scales).map_err(error)?.into(),
@@ -159,55 +224,20 @@ impl FieldGraph {
         let mut session = self.session.lock().map_err(|_| {
             ModelError::Intervention(format!("{}: session lock poisoned", self.name))
         })?;
-        let steered = session.run(inputs).map_err(error).and_then(|mut outputs| {
-            outputs.remove("steered").ok_or_else(|| {
-                ModelError::Intervention(format!("{}: no output \"steered\"", self.name))
-            })
-        });
-        drop(session);
-        self.contain(steered, base, scales)
+        let outputs = session.run(inputs).map_err(error)?;
+        let steered = outputs.get("steered").ok_or_else(|| {
+            ModelError::Intervention(format!("{}: no output \"steered\"", self.name))
+        })?;
+        Ok(to_f32(steered, &self.name)?.0)
     }
+}
 
-    /// The graph's output, trusted only where it is due: it must have the state's shape, and
-    /// rows with scale 0 (other requests of the batch) get `base` back whatever the graph did to
-    /// them. A graph that fails or returns another shape poisons only the rows that use it (their
-    /// state becomes NaN, so they end with an error at the logits), never the batch.
-    fn contain(
-        &self,
-        steered: Result<DynValue, ModelError>,
-        base: &DynValue,
-        scales: ArrayView1<'_, f32>,
-    ) -> Result<DynValue, ModelError> {
-        let (base, dtype) = to_f32(base, &self.name)?;
-        let checked = steered.and_then(|value| {
-            let (array, _) = to_f32(&value, &self.name)?;
-            if array.shape() == base.shape() {
-                Ok(array)
-            } else {
-                Err(ModelError::Intervention(format!(
-                    "{} returned shape {:?} for a state of {:?}",
-                    self.name,
-                    array.shape(),
-                    base.shape()
-                )))
-            }
-        });
-        let mut out = match checked {
-            Ok(array) => array,
-            Err(e) => {
-                tracing::warn!("rewrite graph failed; its rows end: {e}");
-                let mut poisoned = base.clone();
-                for (row, _) in scales.iter().enumerate().filter(|(_, s)| **s != 0.0) {
-                    poisoned.index_axis_mut(Axis(0), row).fill(f32::NAN);
-                }
-                poisoned
-            }
-        };
-        for (row, _) in scales.iter().enumerate().filter(|(_, s)| **s == 0.0) {
-            out.index_axis_mut(Axis(0), row)
-                .assign(&base.index_axis(Axis(0), row));
-        }
-        Ok(value_in(out, dtype, &self.name)?)
+/// The `rows` of `array` (along its first axis), borrowed when they are all of them.
+fn rows_of<'a>(array: &'a ArrayD<f32>, rows: &[usize]) -> CowArray<'a, f32, IxDyn> {
+    if rows.len() == array.len_of(Axis(0)) {
+        CowArray::from(array.view())
+    } else {
+        CowArray::from(array.select(Axis(0), rows))
     }
 }
 
