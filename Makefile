@@ -77,12 +77,14 @@ AUTOSTEER_THRESHOLD_SAFE := data/overrefusal_safe_validation.jsonl data/transcod
 # harmful prompts within the false-positive bound (a prober per layer; the README compares it with the SAS).
 AUTOSTEER_READ := --pool mean --read-layer validation
 
-# Every trained steering artifact for the default bundle, each with a ready steer spec, in $(STEER)/.
+# Every trained steering artifact for $(MODEL)'s bundle, each with a ready steer spec, in $(STEER)/.
 # A vector NAME is trained from data/NAME_pairs.jsonl (mean difference, every layer) and also
 # written as a GGUF control vector; the specs choose layers and scales. L2S and W2S learn from
 # data/behaviour_pairs.jsonl (refuse harmful, refer advice questions, answer benign). SVF fields
 # (svf_NAME.json, with the matched static vector svf_NAME_vector.json) learn from data/NAME_pairs.jsonl;
 # AutoSteer (autosteer.json) from harmful_train.jsonl, the benign files and the refusals of behaviour_pairs.
+# The specs take models.mk's scales: L2S_SCALE and W2S_SCALE are set in the trained specs where they lie,
+# so a scale chosen later needs no retraining (the W2S router keeps the labels of its training scale).
 steer: $(STEER)/sentiment.safetensors $(STEER)/refusal.safetensors $(STEER)/l2s.json $(STEER)/w2s.json \
 		$(STEER)/svf_sentiment.json $(STEER)/svf_verbosity.json $(STEER)/autosteer.json
 	echo '{"interventions": [{"kind": "vector", "path": "sentiment.safetensors", "scale": -0.7, "layers": [$(SENTIMENT_SPEC_LAYERS)]}]}' \
@@ -91,6 +93,10 @@ steer: $(STEER)/sentiment.safetensors $(STEER)/refusal.safetensors $(STEER)/l2s.
 		> $(STEER)/sentiment_positive.json
 	echo '{"interventions": [{"kind": "vector", "path": "refusal.safetensors", "scale": $(REFUSAL_SPEC_SCALE), "layers": [$(REFUSAL_SPEC_LAYER)]}]}' \
 		> $(STEER)/refusal.json
+	for spec in l2s l2s_mean; do $(PY) -m onnx_steer_export compose-specs $(STEER)/$$spec.json --scale $(L2S_SCALE) \
+		--out $(STEER)/$$spec.json; done
+	for spec in w2s w2s_fixed; do $(PY) -m onnx_steer_export compose-specs $(STEER)/$$spec.json --scale $(W2S_SCALE) \
+		--out $(STEER)/$$spec.json; done
 	$(PY) -m onnx_steer_export compose-specs $(STEER)/autosteer.json $(STEER)/l2s.json --out $(STEER)/autosteer_l2s.json
 
 $(STEER)/%.safetensors: data/%_pairs.jsonl $(BUNDLE)/manifest.json | build

@@ -41,6 +41,11 @@ def run_binary(args: list[str], binary: Path | None = None, **options: Any) -> s
     return subprocess.run([str(binary or find_binary()), *args], check=True, **options)
 
 
+def set_strength(intervention: dict, scale: float) -> None:
+    """Set an intervention's strength: its `scale` (AutoSteer's is `strength`)."""
+    intervention["strength" if intervention["kind"] == "autosteer" else "scale"] = scale
+
+
 def compose_spec(parts: Sequence[tuple[Path, float | None]], out: Path) -> Path:
     """One spec holding the interventions of every `(spec, scale)` part, each with its strength set to
     `scale` (unchanged for None; AutoSteer's is `strength`) and its paths made absolute."""
@@ -48,7 +53,7 @@ def compose_spec(parts: Sequence[tuple[Path, float | None]], out: Path) -> Path:
     for spec, scale in parts:
         for intervention in json.loads(spec.read_text())["interventions"]:
             if scale is not None:
-                intervention["strength" if intervention["kind"] == "autosteer" else "scale"] = scale
+                set_strength(intervention, scale)
             for key in SPEC_PATH_KEYS:
                 if key in intervention:
                     intervention[key] = str((spec.parent / intervention[key]).resolve())

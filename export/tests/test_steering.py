@@ -14,6 +14,7 @@ import pytest
 import torch
 from safetensors.numpy import load_file
 
+from onnx_steer_export.__main__ import main
 from onnx_steer_export.data.pairs import load_pairs
 from onnx_steer_export.data.tokens import bundle_tokenizer
 from onnx_steer_export.export.source import LoadedModel
@@ -199,3 +200,17 @@ def test_capture_batches_by_length_and_keeps_the_prompts_order(binary: Path, bun
                 np.testing.assert_allclose(rows, expected if mode == "all" else expected[-1:], atol=1e-4, rtol=1e-5,
                                            err_msg=f"{mode} {text!r} layer {layer}")
             start += ids.shape[1]
+
+
+def test_compose_specs_sets_a_validation_scale_in_place(tmp_path: Path) -> None:
+    """`compose-specs SPEC --scale S --out SPEC` rescales a spec where it lies (AutoSteer's strength too)."""
+    vector = tmp_path / "refusal.json"
+    vector.write_text(json.dumps({"interventions": [
+        {"kind": "vector", "path": "refusal.safetensors", "scale": 1.0, "layers": [12]}]}))
+    gate = tmp_path / "autosteer.json"
+    gate.write_text(json.dumps({"interventions": [{"kind": "autosteer", "prober": "p.onnx", "strength": 1.0}]}))
+    assert main(["compose-specs", str(vector), str(gate), "--scale", "0.25", "--out", str(vector)]) == 0
+    interventions = json.loads(vector.read_text())["interventions"]
+    assert [i.get("scale", i.get("strength")) for i in interventions] == [0.25, 0.25]
+    assert interventions[0]["path"] == "refusal.safetensors", "paths stay relative to the spec's folder"
+    assert "scale" not in interventions[1]

@@ -87,6 +87,7 @@ def cmd_train_autosteer(args: argparse.Namespace, parser: argparse.ArgumentParse
 
 
 def cmd_compose_specs(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
+    from ..runtime_client import set_strength
     from ..train.common import write_spec
 
     out = Path(args.out)
@@ -99,6 +100,9 @@ def cmd_compose_specs(args: argparse.Namespace, parser: argparse.ArgumentParser)
             interventions += json.loads(spec.read_text())["interventions"]
         except (json.JSONDecodeError, KeyError, TypeError) as e:
             parser.error(f"{spec} is not a steer spec with an interventions list ({e})")
+    if args.scale is not None:
+        for intervention in interventions:
+            set_strength(intervention, args.scale)
     write_spec(out, interventions)
     print(f"wrote {out} ({len(interventions)} interventions from {len(args.specs)} specs)")
 
@@ -220,4 +224,7 @@ def register(commands: Commands) -> None:
         "folder (their file paths are relative to it).",
     )
     compose.add_argument("specs", nargs="+", type=existing_file, metavar="SPEC", help="steer spec JSON files")
-    compose.add_argument("--out", required=True, help="the composed spec")
+    compose.add_argument("--out", required=True, help="the composed spec (it may be one of the SPECs)")
+    compose.add_argument("--scale", type=float,
+                         help="set every intervention's scale (AutoSteer's strength) to SCALE, e.g. a scale "
+                              "chosen on validation prompts")
