@@ -26,6 +26,10 @@ REFUSAL_SPEC_LAYER_qwen2.5-0.5b-instruct    := 10
 # refuses more validation prompts than unsteered and over-refuses more still; 0.125 loses least (refusal
 # 0.967 against 0.850 unsteered, over-refusal 0.617 against 0.383; scale 1: 0.967 and 1.000).
 REFUSAL_SPEC_SCALE_qwen2.5-0.5b-instruct    := 0.125
+# L2S's and W2S's from `make tune-scale-l2s` and `make tune-scale-w2s` the same way: both lose least at
+# 0.125 (L2S: refusal 0.950, over-refusal 0.567; W2S: 0.950 and 0.650; unsteered 0.850 and 0.383).
+L2S_SCALE_qwen2.5-0.5b-instruct             := 0.125
+W2S_SCALE_qwen2.5-0.5b-instruct             := 0.125
 SENTIMENT_SPEC_LAYERS_qwen2.5-0.5b-instruct := 8, 9, 10, 11
 L2S_LAYERS_qwen2.5-0.5b-instruct            := --read-layer 8 --steer-layer 10
 W2S_LAYERS_qwen2.5-0.5b-instruct            := --read-layer 5 --layers 6,8,10,11,13
