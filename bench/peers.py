@@ -217,9 +217,13 @@ def peer_factories(args: argparse.Namespace, shipped_path: Path, shipped: str, c
     return factories
 
 
-def warmed_up(peer: Peer, ids: list[int], vectors: dict[int, np.ndarray] | None) -> Peer:
+# Steered or not → the vectors a peer applies (None: unsteered); only False without a steer spec.
+SteeringStates = dict[bool, dict[int, np.ndarray] | None]
+
+
+def warmed_up(peer: Peer, ids: list[int], states: SteeringStates) -> Peer:
     """`peer` after a short greedy run in every steering state it will be measured in."""
-    for state in (None, vectors) if vectors else (None,):
+    for state in states.values():
         peer.steer(state)
         peer.run(ids, WARM_UP_TOKENS)
     peer.steer(None)
@@ -394,8 +398,9 @@ def main() -> None:
     parser.add_argument("--command", default="make peers", help="the command the report names as its source")
     args = parser.parse_args()
     threads = os.cpu_count() or 1
-    vectors = steering_vector(args.steer) if args.steer else None
-    steering_states = (False, True) if vectors else (False,)
+    states: SteeringStates = {False: None}
+    if args.steer:
+        states[True] = steering_vector(args.steer)
 
     bundles = [("fp32", args.bundle)]
     quantized = "int4"  # without the bundle this only names ratios that find no rows
@@ -411,7 +416,7 @@ def main() -> None:
     loaded: list[Peer] = []
     if not args.low_memory:
         print("== loading HF transformers eager fp32 and llama.cpp", flush=True)
-        loaded = [warmed_up(load_peer(), ids, vectors) for _, _, load_peer in factories]
+        loaded = [warmed_up(load_peer(), ids, states) for _, _, load_peer in factories]
 
     # Rounds: every configuration runs once per round, so the host's drift spreads over all of them.
     samples = Samples()
@@ -421,14 +426,15 @@ def main() -> None:
             report = first if (round_index, weights) == (0, "fp32") else onnx_steer(args.binary, bundle, args)
             samples.add_bench(report, weights)
         for index, (runtime, weights, load_peer) in enumerate(factories):
-            peer = loaded[index] if loaded else warmed_up(load_peer(), ids, vectors)
-            for steered in steering_states:
-                peer.steer(vectors if steered else None)
+            peer = loaded[index] if loaded else warmed_up(load_peer(), ids, states)
+            for steered, state in states.items():
+                peer.steer(state)
                 prefill_s, decode_s, generated = peer.run(ids, args.new_tokens)
                 samples.add(runtime, weights, steered, len(ids) / prefill_s, (args.new_tokens - 1) / decode_s, generated)
             peer.steer(None)
-            del peer
-            gc.collect()  # in --low-memory mode this frees the peer before the next one loads
+            if args.low_memory:  # free this peer before the next one loads
+                del peer
+                gc.collect()
     rows = samples.summary()
     for row in rows:
         print(f"   {row['runtime']} {row['weights']}{' steered' if row['steered'] else ''}: "
